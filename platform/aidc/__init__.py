@@ -1,0 +1,6 @@
+"""aidc: a Ray-based platform to preprocess data, train, tune and serve models on your own cluster."""
+
+from aidc.errors import AidcError, ConfigError, DataError, RegistryError, RequestError
+
+__version__ = "0.1.0"
+__all__ = ["AidcError", "ConfigError", "DataError", "RegistryError", "RequestError", "__version__"]

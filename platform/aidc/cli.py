@@ -1,0 +1,122 @@
+"""`aidc` command: thin; each subcommand parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aidc.errors import AidcError
+
+
+def _cluster(args) -> int:
+    from aidc.cluster import format_summary, inspect_cluster
+
+    summary = inspect_cluster(args.path)
+    if args.action == "describe":
+        print(format_summary(summary))
+    else:
+        print(f"{args.path}: valid ({summary.provider} provider, {len(summary.node_types)} node types)")
+        for w in summary.warnings:
+            print(f"  warning: {w}")
+    return 0
+
+
+def _data(args) -> int:
+    from aidc import storage
+    from aidc.data.dataset import open_dataset, versions
+    from aidc.data.pipeline import summary_lines
+
+    root = storage.storage_root(args.storage)
+    if args.action == "list":
+        fs, inner = storage.filesystem(storage.join(root, "datasets"))
+        import pyarrow.fs as pafs
+
+        names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+                       if i.type == pafs.FileType.Directory)
+        if not names:
+            print(f"no datasets under {root}; run python -m jobs.preprocess --config jobs/configs/digits.yaml")
+        for name in names:
+            print(f"{name}: {', '.join(versions(root, name))}")
+        return 0
+    name, _, version = args.dataset.partition("@")
+    dv = open_dataset(root, name, version or None)
+    print("\n".join(summary_lines(dv, reused=True)))
+    sample = dv.read_numpy("train")
+    print("  sample rows (train):")
+    for i in range(min(3, len(sample["id"]))):
+        print("   ", {k: (v[i].tolist() if k != "image" else f"<{v[i].shape} array>") for k, v in sample.items()})
+    return 0
+
+
+def _predict(args) -> int:
+    """Send held-out rows of a dataset to a served model over HTTP and report accuracy."""
+    import numpy as np
+    import requests
+
+    from aidc import storage
+    from aidc.data.dataset import open_dataset
+
+    name, _, version = args.dataset.partition("@")
+    dv = open_dataset(storage.storage_root(args.storage), name, version or None)
+    rows = dv.read_numpy(args.split)
+    x, y = rows["image"][: args.limit], rows["label"][: args.limit]
+    resp = requests.post(args.url, json={"instances": x.tolist()}, timeout=60)
+    if resp.status_code != 200:
+        print(f"error: HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
+        return 1
+    body = resp.json()
+    preds = np.array([p["class"] for p in body["predictions"]])
+    for i in range(min(len(preds), args.show)):
+        conf = max(body["predictions"][i]["probabilities"])
+        mark = "ok " if preds[i] == y[i] else "BAD"
+        print(f"  {mark} digit #{rows['id'][i]}: true {y[i]}  predicted {preds[i]}  (p={conf:.3f})")
+    acc = float((preds == y).mean())
+    model = body["model"]
+    print(f"{model['name']} v{model['version']}: accuracy {acc:.4f} on {len(y)} held-out {args.split} digits "
+          f"from {dv.uri} via {args.url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aidc", description="aidc: preprocess, train and serve on a Ray cluster")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("cluster", help="check and summarise a cluster.yaml")
+    c.add_argument("action", choices=["describe", "validate"])
+    c.add_argument("path", nargs="?", default="cluster.yaml")
+    c.set_defaults(fn=_cluster)
+
+    d = sub.add_parser("data", help="list and inspect versioned datasets")
+    d.add_argument("action", choices=["list", "inspect"])
+    d.add_argument("dataset", nargs="?", help="name or name@version (inspect)")
+    d.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
+    d.set_defaults(fn=_data)
+
+    pr = sub.add_parser("predict", help="send held-out rows to a served model and report accuracy")
+    pr.add_argument("--url", default="http://127.0.0.1:8000/digits/predict")
+    pr.add_argument("--dataset", default="digits", help="name or name@version")
+    pr.add_argument("--split", default="test")
+    pr.add_argument("--limit", type=int, default=100)
+    pr.add_argument("--show", type=int, default=10, help="predictions to print")
+    pr.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
+    pr.set_defaults(fn=_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aidc.telemetry import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging("WARNING")
+    if args.command == "data" and args.action == "inspect" and not args.dataset:
+        print("error: aidc data inspect needs a dataset name, e.g. aidc data inspect digits", file=sys.stderr)
+        return 2
+    try:
+        return args.fn(args)
+    except AidcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

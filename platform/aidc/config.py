@@ -1,0 +1,186 @@
+"""Pydantic models for every job config, YAML loading and `--set a.b=value` overrides.
+
+A bad config fails at load time with the file, the field path, the bad value and what
+is allowed, so nothing starts on the cluster with a config that cannot work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aidc.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SplitConfig(Strict):
+    train: float = Field(0.8, gt=0, lt=1, description="Fraction of rows in the training split.")
+    val: float = Field(0.1, gt=0, lt=1, description="Fraction of rows in the validation split.")
+    test: float = Field(0.1, gt=0, lt=1, description="Fraction of rows in the held-out test split.")
+    seed: int = Field(0, description="Salt of the row-key hash that assigns splits; same seed, same split.")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"train + val + test must add up to 1.0, got {total:g}; e.g. train: 0.8, val: 0.1, test: 0.1"
+            )
+        return self
+
+
+class DataConfig(Strict):
+    source: Literal["digits"] = Field("digits", description="Named dataset to read (scikit-learn's bundled digits).")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split.")
+    version: str | None = Field(
+        None, description="Dataset version to train on (a folder under datasets/<name>/); default: the latest."
+    )
+    cache: Literal["auto"] | bool = Field(
+        "auto",
+        description="Hold the transformed splits in the object store for all epochs instead of re-reading "
+        "them each epoch; auto = when they are small (< cache_max_mb on disk).",
+    )
+    cache_max_mb: int = Field(256, ge=0, description="Largest dataset (MB of Parquet) that cache=auto holds.")
+
+
+class ModelConfig(Strict):
+    arch: Literal["cnn"] = Field("cnn", description="Model architecture, from aidc.models.")
+    channels: list[int] = Field([32, 64], min_length=1, description="Output channels of each conv block.")
+    hidden: int = Field(128, ge=1, description="Width of the hidden fully connected layer.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier head.")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(15, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(32, ge=1, description="Samples per step on each worker.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed of model init and data order; same seed, same run.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by val_loss).")
+
+
+class ResourcesConfig(Strict):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers (0 runs the loop in the driver).")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs per worker; fractions leave room for Ray Data reads on small nodes."
+    )
+    use_gpu: Literal["auto"] | bool = Field(
+        "auto", description="Put one GPU on each worker: auto = when the cluster has GPUs."
+    )
+
+
+class RunConfig(Strict):
+    name: str | None = Field(
+        None, description="Run name; reuse a name to resume that run from its latest checkpoint. Default: generated."
+    )
+    storage: str | None = Field(None, description="Storage root; default $AIDC_STORAGE or ~/.aidc.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under the storage root.")
+    experiment: str = Field("aidc", min_length=1, description="MLflow experiment the run is logged to.")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the latest checkpoint after a crash.")
+
+
+class RegistryConfig(Strict):
+    model_name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Registered model name.")
+    alias: str = Field(
+        "champion", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Alias moved to the new version."
+    )
+
+    @model_validator(mode="after")
+    def _alias_not_reserved(self) -> "RegistryConfig":
+        if self.alias.lower() == "latest" or self.alias.lower().startswith("v") and self.alias[1:].isdigit():
+            raise ValueError(f"alias {self.alias!r} is reserved by MLflow; use e.g. 'champion' or 'staging'")
+        return self
+
+
+class JobConfig(Strict):
+    """One config tree drives every stage of a workload: preprocess, train, serve."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Workload name; names datasets.")
+    task: Literal["image_classification"] = Field(..., description="Workload type, from aidc.tasks.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the data comes from and how it splits.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture and size.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Workers and devices.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name, storage and tracking.")
+    registry: RegistryConfig = Field(..., description="Where the trained model is registered.")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so numbers and lists keep their type)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.split(".")):
+        raise ConfigError(f"bad override {text!r}: write it as --set section.field=value, e.g. --set train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown field; remove it or check its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required field is missing")
+        else:
+            lines.append(f"  {loc}: got {e.get('input')!r}: {msg}")
+    lines.append("Fix the file, or override a field with --set section.field=value.")
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing file, e.g. --config jobs/configs/digits.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict, model: type[BaseModel] = JobConfig, source: str = "config") -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, model: type[BaseModel] = JobConfig) -> Any:
+    """Load a YAML job config, apply `--set` overrides and validate it."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    source = str(path) + (f" (with --set {' --set '.join(overrides)})" if overrides else "")
+    return validate(raw, model, source)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,62 @@
+"""What every job entrypoint shares: arguments, config loading, exit codes, Ray start-up.
+
+`python -m jobs.<job> --config FILE [--set a.b=v ...] [--dry-run]`: a bad config exits 2 before
+anything starts; other aidc errors exit 1 with their message, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from aidc.config import JobConfig, load_config, to_yaml
+from aidc.errors import AidcError
+from aidc.telemetry import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help="job config YAML, e.g. jobs/configs/digits.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                   help="override a config field (repeatable), e.g. --set train.epochs=3")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, start nothing")
+    return p
+
+
+def run_job(
+    prog: str,
+    description: str,
+    run: Callable[[JobConfig, argparse.Namespace], None],
+    dry_run: Callable[[JobConfig], None] | None = None,
+    argv: list[str] | None = None,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    parser = job_parser(prog, description)
+    if extra_args:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            if dry_run:
+                dry_run(cfg)
+            return 0
+        from aidc.runtime import init_ray
+
+        init_ray()
+        run(cfg, args)
+        return 0
+    except AidcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,49 @@
+"""One root exception with subclasses; every message says what is wrong and what to do.
+
+Exceptions travel between Ray processes, so each one pickles through `__reduce__`
+with the plain message it was built from.
+"""
+
+from __future__ import annotations
+
+
+class AidcError(Exception):
+    """Root of every error aidc raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(AidcError):
+    """A config file or override is invalid; raised before anything starts."""
+
+    exit_code = 2
+
+
+class DataError(AidcError):
+    """Input data is missing, malformed or inconsistent with the config."""
+
+
+class RegistryError(AidcError):
+    """A model version cannot be found, or its files fail their integrity check."""
+
+
+class RequestError(AidcError):
+    """An inference request is malformed; carries the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.status, self.field))

@@ -1,0 +1,212 @@
+"""Model versions, aliases and integrity manifests in the MLflow Model Registry.
+
+A registered version is a folder of plain files: weights as safetensors, the model/transform
+description as JSON, the resolved job config, and a sha256 manifest of them all. Loading rebuilds
+the model through aidc.models and refuses files whose hashes do not match (no pickle involved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from aidc import storage
+from aidc.errors import RegistryError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+SPEC = "model.json"
+CONFIG = "config.yaml"
+MANIFEST = "MANIFEST.sha256.json"
+
+
+def tracking_uri(explicit: str | None = None, root: str | None = None) -> str:
+    """An explicit URI, else $MLFLOW_TRACKING_URI, else a SQLite file under the storage root."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = storage.storage_root(root)
+    storage.ensure_dir(root)
+    return f"sqlite:///{root}/mlflow.db"
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, name: str, root: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri:
+        location = Path(root, "mlartifacts").as_uri()  # not ./mlruns of whatever cwd a job has
+    return client.create_experiment(name, artifact_location=location)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> dict:
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(files, indent=2))
+    return files
+
+
+def verify_manifest(directory: Path) -> None:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise RegistryError(f"{directory} has no {MANIFEST}: not an aidc model, or it was tampered with")
+    expected = json.loads(path.read_text())
+    present = {p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST}
+    if present != set(expected):
+        raise RegistryError(
+            f"model files in {directory} differ from its manifest: "
+            f"missing {sorted(set(expected) - present)}, unexpected {sorted(present - set(expected))}"
+        )
+    for name, digest in expected.items():
+        actual = sha256_file(directory / name)
+        if actual != digest:
+            raise RegistryError(f"{name} in {directory} fails its sha256 check ({actual[:12]} != {digest[:12]}); "
+                                "refusing to load a modified model")
+
+
+def export_model_dir(directory: Path, *, state_dict: dict, spec: dict, config_yaml: str) -> dict:
+    """Write a self-describing model folder (weights, spec, config, manifest)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, str(directory / WEIGHTS))
+    (directory / SPEC).write_text(json.dumps(spec, indent=2))
+    (directory / CONFIG).write_text(config_yaml)
+    return write_manifest(directory)
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    alias: str
+    run_id: str
+    tracking_uri: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.alias}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def register(cfg, outcome, extra_artifacts: list[Path] = ()) -> RegisteredVersion:
+    """Log the run (params, per-epoch metrics, artifacts) and register its final model under an alias."""
+    from aidc.config import to_yaml
+    from aidc.train import checkpoint as ckpt
+
+    root = storage.storage_root(cfg.run.storage)
+    uri = tracking_uri(cfg.run.tracking_uri, root)
+    client = _client(uri)
+    manifest = outcome.dataset.manifest()
+    with tempfile.TemporaryDirectory() as tmp:
+        from ray.train import Checkpoint
+
+        with Checkpoint(outcome.checkpoint_path).as_directory() as d:
+            state = ckpt.load(d)
+        spec = {
+            "task": cfg.task,
+            "model": cfg.model.model_dump(mode="json"),
+            "features": manifest["features"],
+            "transform": manifest["transform"],
+            "dataset": outcome.dataset.uri,
+            "dataset_fingerprint": manifest["fingerprint"],
+            "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
+        }
+        model_dir = Path(tmp, "model")
+        hashes = export_model_dir(model_dir, state_dict=state["model"], spec=spec, config_yaml=to_yaml(cfg))
+
+        exp_id = _experiment_id(client, cfg.run.experiment, root)
+        run = client.create_run(exp_id, run_name=outcome.run_name, tags={"aidc.dataset": outcome.dataset.uri})
+        run_id = run.info.run_id
+        for k, v in _flatten(cfg.model_dump(mode="json")).items():
+            client.log_param(run_id, k, str(v)[:500])
+        for row in outcome.history:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    client.log_metric(run_id, k, float(v), step=int(row["epoch"]))
+        client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+        for path in extra_artifacts:
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id)
+
+    try:
+        client.get_registered_model(cfg.registry.model_name)
+    except Exception:
+        client.create_registered_model(cfg.registry.model_name, description=f"aidc {cfg.task} model")
+    source = f"{run.info.artifact_uri}/model"
+    mv = client.create_model_version(
+        cfg.registry.model_name, source=source, run_id=run_id,
+        tags={"dataset": outcome.dataset.uri, "weights_sha256": hashes[WEIGHTS], "train_run": outcome.run_name},
+    )
+    client.set_registered_model_alias(cfg.registry.model_name, cfg.registry.alias, mv.version)
+    logger.info("registered %s version %s as @%s", cfg.registry.model_name, mv.version, cfg.registry.alias)
+    return RegisteredVersion(cfg.registry.model_name, str(mv.version), cfg.registry.alias, run_id, uri)
+
+
+_REF = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")
+
+
+def resolve(ref: str, uri: str):
+    """'name@alias', 'name/3' or 'name' (the newest version) -> MLflow ModelVersion."""
+    m = _REF.match(ref or "")
+    if not m:
+        raise RegistryError(f"bad model reference {ref!r}; use name@alias (digits-cnn@champion) or name/version")
+    client = _client(uri)
+    name = m["name"]
+    try:
+        if m["alias"]:
+            return client.get_model_version_by_alias(name, m["alias"])
+        if m["version"]:
+            return client.get_model_version(name, m["version"])
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise RegistryError(f"model {name!r} has no versions in {uri}")
+        return max(versions, key=lambda v: int(v.version))
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(
+            f"model {ref!r} not found in registry {uri}: {str(exc).splitlines()[0]}. "
+            "Train one first (python -m jobs.train --config ...) or check the name/alias and AIDC_STORAGE."
+        ) from None
+
+
+def fetch(ref: str, uri: str, dst: str | None = None) -> tuple[object, Path]:
+    """Download a registered version's files and verify their sha256 manifest."""
+    import mlflow
+
+    mv = resolve(ref, uri)
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst or tempfile.mkdtemp()))
+    verify_manifest(local)
+    return mv, local

@@ -1,0 +1,64 @@
+"""Load a registered model for inference: verified files -> aidc.models -> eval mode on the best device."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
+from aidc.tasks import Task, get_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    task: Task
+    spec: dict
+    model: torch.nn.Module
+    device: torch.device
+
+    @classmethod
+    def from_dir(cls, directory: Path, name: str = "local", version: str = "0") -> "LoadedModel":
+        from safetensors.torch import load_file
+
+        spec = json.loads((directory / SPEC).read_text())
+        task = get_task(spec["task"])
+        model = task.build_model(spec["model"], spec["features"])
+        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
+        return cls(name, version, task, spec, model, device)
+
+    def predict(self, raw: np.ndarray) -> list[dict]:
+        """Raw features (as a client sends them) -> predictions, through the training-time transform."""
+        batch = self.task.transform_batch({self.task.feature_column: raw}, self.spec["transform"])
+        with torch.inference_mode():
+            return self.task.predict(self.model, torch.from_numpy(batch["x"]).to(self.device))
+
+    def metadata(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.spec["task"],
+            "dataset": self.spec.get("dataset"),
+            "features": self.spec["features"],
+            "metrics": self.spec.get("metrics", {}),
+            "device": str(self.device),
+        }
+
+
+def load_model(ref: str, uri: str | None = None) -> LoadedModel:
+    """Load `name@alias` (or `name/version`) from the registry, verifying every file's sha256."""
+    uri = tracking_uri(uri)
+    mv, directory = fetch(ref, uri)
+    loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
+    logger.info("loaded %s version %s on %s", mv.name, mv.version, loaded.device)
+    return loaded

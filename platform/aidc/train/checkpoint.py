@@ -1,0 +1,50 @@
+"""Checkpoint state: model, optimizer, scheduler, epoch/step, RNG state, history and the resolved config."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (its state_dict keys carry no 'module.' prefix)."""
+    return getattr(model, "module", model)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(directory: str | Path, *, model, optimizer, scheduler, epoch: int, step: int, history: list, config: dict):
+    directory = Path(directory)
+    torch.save(
+        {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "history": history,
+            "rng": rng_state(),
+        },
+        directory / STATE_FILE,
+    )
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def load(directory: str | Path) -> dict:
+    # weights_only=False: our own checkpoints hold numpy RNG state; never load untrusted files here.
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)

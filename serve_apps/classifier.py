@@ -1,0 +1,62 @@
+"""Classifier over HTTP: POST {"instances": [...]} -> predicted class and probabilities per instance.
+
+Serve config: serve_apps/config.yaml (import_path: serve_apps.classifier:app_builder).
+No `from __future__ import annotations` here: FastAPI must see real types on Serve ingress methods.
+"""
+
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from aidc.errors import RequestError
+from aidc.serving import error_body, load_model, parse_json_body
+from aidc.serving.http import require
+
+logger = logging.getLogger(__name__)
+api = FastAPI(title="aidc classifier", description="Predictions from a model in the aidc registry")
+
+
+class ClassifierArgs(BaseModel):
+    """Application arguments (the `args:` block of the Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., description="Registered model: name@alias or name/version.")
+    tracking_uri: str | None = Field(None, description="MLflow registry; default sqlite under $AIDC_STORAGE.")
+    max_batch_size: int = Field(256, ge=1, description="Most instances in one request (413 above).")
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above).")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(api)
+class Classifier:
+    def __init__(self, args: dict):
+        self.args = ClassifierArgs.model_validate(args)
+        self.loaded = load_model(self.args.model, self.args.tracking_uri)
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> JSONResponse:
+        try:
+            body = parse_json_body(await request.body(), self.args.max_body_bytes)
+            instances = require(body, "instances", allowed={"instances"})
+            x = self.loaded.task.parse_instances(instances, self.loaded.spec["features"], self.args.max_batch_size)
+        except RequestError as exc:
+            return JSONResponse(error_body(exc.message, exc.status, exc.field), status_code=exc.status)
+        return JSONResponse({"model": {"name": self.loaded.name, "version": self.loaded.version},
+                             "predictions": self.loaded.predict(x)})
+
+    @api.get("/metadata")
+    def metadata(self) -> dict:
+        return self.loaded.metadata()
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "model": f"{self.loaded.name}/{self.loaded.version}"}
+
+
+def app_builder(args: dict):
+    ClassifierArgs.model_validate(args)  # fail at deploy time, with the field named
+    return Classifier.bind(args)
