@@ -1,0 +1,78 @@
+import copy
+
+import pytest
+import yaml
+
+from aidc.cli import main as aidc_main
+from aidc.cluster import inspect_cluster, load_cluster_yaml, prepare_and_validate, summarize
+from aidc.errors import ConfigError
+from tests.conftest import REPO
+
+CLOUD = REPO / "cluster.yaml"
+ONPREM = REPO / "platform" / "clusters" / "onprem.yaml"
+
+
+def test_cloud_cluster_passes_rays_validation_and_has_gpu_workers():
+    summary = inspect_cluster(CLOUD)
+    heads = [t for t in summary.node_types if t.is_head]
+    gpu_workers = [t for t in summary.node_types if not t.is_head and t.gpus]
+    assert len(heads) == 1 and heads[0].gpus == 0
+    assert gpu_workers and all(t.cpus and t.memory_gib for t in gpu_workers)
+    assert summary.gpus_at_full_scale == sum(t.gpus * t.max_workers for t in gpu_workers)
+    assert summary.warnings == []  # dashboard on loopback, token auth, pinned metrics port
+
+
+def test_onprem_cluster_passes_validation_with_detected_resources():
+    summary = inspect_cluster(ONPREM)
+    assert summary.provider == "local"
+    assert summary.gpus_at_full_scale is None
+    workers = [t for t in summary.node_types if not t.is_head]
+    assert workers[0].max_workers == len(load_cluster_yaml(ONPREM)["provider"]["worker_ips"])
+
+
+def test_every_bad_field_is_named():
+    raw = load_cluster_yaml(CLOUD)
+    raw["available_node_types"]["head"]["bogus"] = 1
+    raw["max_workers"] = "ten"
+    with pytest.raises(ConfigError) as err:
+        prepare_and_validate(raw, "broken.yaml")
+    msg = str(err.value)
+    assert "available_node_types.head: Additional properties are not allowed ('bogus'" in msg
+    assert "max_workers: 'ten' is not of type 'integer'" in msg
+
+
+def test_min_workers_over_global_max_is_rejected_by_ray():
+    raw = load_cluster_yaml(CLOUD)
+    raw["available_node_types"]["gpu-l4x4"]["min_workers"] = 50
+    with pytest.raises(ConfigError, match="max_workers"):
+        prepare_and_validate(raw)
+
+
+def test_local_provider_rejects_node_types():
+    raw = load_cluster_yaml(ONPREM)
+    raw["available_node_types"] = copy.deepcopy(load_cluster_yaml(CLOUD)["available_node_types"])
+    with pytest.raises(ConfigError, match="rejected by Ray"):
+        prepare_and_validate(raw)
+
+
+def test_insecure_start_commands_are_flagged():
+    raw = load_cluster_yaml(CLOUD)
+    raw["head_start_ray_commands"] = ["ray start --head --dashboard-host=0.0.0.0"]
+    summary = summarize(raw, prepare_and_validate(raw))
+    text = " ".join(summary.warnings)
+    assert "--dashboard-host=127.0.0.1" in text and "RAY_AUTH_MODE=token" in text and "metrics-export-port" in text
+
+
+def test_cli_describe_and_validate(tmp_path, capsys):
+    assert aidc_main(["cluster", "describe", str(CLOUD)]) == 0
+    out = capsys.readouterr().out
+    assert "gpu-a100x8" in out and "total GPUs at full scale: 56" in out
+    assert aidc_main(["cluster", "describe", str(ONPREM)]) == 0
+    assert "detected at start" in capsys.readouterr().out
+
+    raw = yaml.safe_load(CLOUD.read_text())
+    raw["provider"]["type"] = 7
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert aidc_main(["cluster", "validate", str(bad)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
