@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	@if nvidia-smi -L >/dev/null 2>&1; then echo "NVIDIA GPU found: torch comes with CUDA"; \
 	elif ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); fi
+	  $(BIN)/python -m pip install -q --no-deps --retries 0 --timeout 15 "torch==$(TORCH_VERSION)" \
+	    --extra-index-url $(TORCH_CPU_INDEX); fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 

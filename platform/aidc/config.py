@@ -7,7 +7,7 @@ is allowed, so nothing starts on the cluster with a config that cannot work.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,9 +20,14 @@ class Strict(BaseModel):
 
 
 class SplitConfig(Strict):
-    train: float = Field(0.8, gt=0, lt=1, description="Fraction of rows in the training split.")
+    strategy: Literal["hash", "predefined", "time"] = Field(
+        "hash",
+        description="hash: by a hash of each row's key; predefined: the dataset's own test set (MNIST), the "
+        "rest hashed into train/val; time: per user, the latest ratings go to val/test (recommenders).",
+    )
+    train: float = Field(0.8, gt=0, le=1, description="Fraction of rows in the training split.")
     val: float = Field(0.1, gt=0, lt=1, description="Fraction of rows in the validation split.")
-    test: float = Field(0.1, gt=0, lt=1, description="Fraction of rows in the held-out test split.")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction of rows in the held-out test split (0 with predefined).")
     seed: int = Field(0, description="Salt of the row-key hash that assigns splits; same seed, same split.")
 
     @model_validator(mode="after")
@@ -32,12 +37,50 @@ class SplitConfig(Strict):
             raise ValueError(
                 f"train + val + test must add up to 1.0, got {total:g}; e.g. train: 0.8, val: 0.1, test: 0.1"
             )
+        if self.strategy == "predefined" and self.test != 0:
+            raise ValueError("with strategy: predefined the dataset's own test set is used: set test: 0")
+        if self.strategy != "predefined" and self.test == 0:
+            raise ValueError("test must be > 0 (a held-out split), unless strategy: predefined")
         return self
 
 
+class CleanConfig(Strict):
+    dedup: bool = Field(True, description="Reject exact duplicate rows (the first occurrence is kept).")
+    nulls: Literal["drop", "fill"] = Field("drop", description="Rows with missing/NaN values: reject or fill.")
+    fill_value: float = Field(0.0, description="Value that replaces missing numbers when nulls: fill.")
+
+
+class TextConfig(Strict):
+    tokenizer: Literal["bpe", "char"] = Field("bpe", description="Byte-level BPE (HF tokenizers) or characters.")
+    vocab_size: int = Field(2000, ge=64, le=262144, description="BPE vocabulary size (special tokens included).")
+    max_length: int = Field(64, ge=4, description="Classifier inputs are truncated/padded to this many tokens.")
+    block_size: int = Field(128, ge=8, description="Language-model training blocks, in tokens.")
+    lowercase: bool = Field(False, description="Lower-case text before tokenizing.")
+
+
+class AugmentConfig(Strict):
+    enabled: bool = Field(False, description="Random augmentation of training images, on the stream.")
+    max_shift: int = Field(2, ge=0, description="Largest random shift in pixels (x and y).")
+    max_rotate: float = Field(10.0, ge=0, le=180, description="Largest random rotation in degrees.")
+    flip: bool = Field(False, description="Random horizontal flips (off for digits: a flipped 2 is not a 2).")
+
+
 class DataConfig(Strict):
-    source: Literal["digits"] = Field("digits", description="Named dataset to read (scikit-learn's bundled digits).")
+    source: Literal["digits", "mnist", "sms-spam", "tinyshakespeare", "movielens", "files"] = Field(
+        "digits", description="A named dataset, or 'files' for your own Parquet/CSV/JSONL at data.path."
+    )
+    mirror: str | None = Field(
+        None, description="Directory or URL mirroring named datasets; default $AIDC_DATA_MIRROR, else upstream."
+    )
+    path: str | None = Field(None, description="source: files: a file, directory or glob (local, s3://, gs://).")
+    format: Literal["csv", "parquet", "jsonl"] | None = Field(None, description="source: files: the file format.")
+    features: list[str] = Field([], description="source: files: numeric feature columns.")
+    categorical: list[str] = Field([], description="source: files: categorical feature columns (index-mapped).")
+    label: str | None = Field(None, description="source: files: the integer class label column.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split.")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Row cleaning rules.")
+    text: TextConfig = Field(default_factory=TextConfig, description="Tokenization (text workloads).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Image augmentation (training only).")
     version: str | None = Field(
         None, description="Dataset version to train on (a folder under datasets/<name>/); default: the latest."
     )
@@ -48,13 +91,62 @@ class DataConfig(Strict):
     )
     cache_max_mb: int = Field(256, ge=0, description="Largest dataset (MB of Parquet) that cache=auto holds.")
 
+    @model_validator(mode="after")
+    def _files_need_a_path(self) -> "DataConfig":
+        if self.source == "files":
+            missing = [k for k in ("path", "format", "label") if getattr(self, k) is None]
+            if missing or not (self.features or self.categorical):
+                raise ValueError(
+                    f"source: files needs path, format, label and features/categorical (missing: "
+                    f"{missing or ['features']}); e.g. path: data/*.csv, format: csv, features: [x1, x2], label: y"
+                )
+        return self
 
-class ModelConfig(Strict):
-    arch: Literal["cnn"] = Field("cnn", description="Model architecture, from aidc.models.")
+
+class CNNConfig(Strict):
+    arch: Literal["cnn"] = Field("cnn", description="Convolutional image classifier.")
     channels: list[int] = Field([32, 64], min_length=1, description="Output channels of each conv block.")
     hidden: int = Field(128, ge=1, description="Width of the hidden fully connected layer.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier head.")
 
+
+class MLPConfig(Strict):
+    arch: Literal["mlp"] = Field(..., description="Multi-layer perceptron for tabular data.")
+    hidden: list[int] = Field([128, 64], min_length=1, description="Width of each hidden layer.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
+    embed_dim: int = Field(8, ge=1, description="Embedding width of each categorical column.")
+
+
+class TransformerConfig(Strict):
+    arch: Literal["transformer"] = Field(..., description="Transformer-encoder text classifier.")
+    d_model: int = Field(64, ge=8, description="Model width.")
+    heads: int = Field(4, ge=1, description="Attention heads (must divide d_model).")
+    layers: int = Field(2, ge=1, description="Encoder layers.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in attention and feed-forward blocks.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class GPTConfig(TransformerConfig):
+    arch: Literal["gpt"] = Field(..., description="GPT-style decoder-only language model.")
+    d_model: int = Field(128, ge=8, description="Model width (768 for GPT-2 small).")
+    layers: int = Field(4, ge=1, description="Decoder blocks (12 for GPT-2 small).")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+
+
+class MFConfig(Strict):
+    arch: Literal["mf"] = Field(..., description="Matrix factorization with user/item biases.")
+    dim: int = Field(32, ge=1, description="Embedding width of users and items.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the embeddings.")
+
+
+ModelConfig = Annotated[
+    Union[CNNConfig, MLPConfig, TransformerConfig, GPTConfig, MFConfig], Field(discriminator="arch")
+]
 
 class TrainConfig(Strict):
     epochs: int = Field(15, ge=1, description="Passes over the training split.")
@@ -102,13 +194,31 @@ class JobConfig(Strict):
     """One config tree drives every stage of a workload: preprocess, train, serve."""
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Workload name; names datasets.")
-    task: Literal["image_classification"] = Field(..., description="Workload type, from aidc.tasks.")
+    task: Literal[
+        "image_classification", "text_classification", "language_model", "recommendation", "tabular_classification"
+    ] = Field(..., description="Workload type, from aidc.tasks.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data comes from and how it splits.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture and size.")
+    model: ModelConfig = Field(default_factory=CNNConfig, description="Model architecture and size.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Workers and devices.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run name, storage and tracking.")
     registry: RegistryConfig = Field(..., description="Where the trained model is registered.")
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> "JobConfig":
+        allowed = TASK_ARCHS[self.task]
+        if self.model.arch not in allowed:
+            raise ValueError(f"model.arch {self.model.arch!r} does not fit task {self.task!r}; use one of {allowed}")
+        return self
+
+
+TASK_ARCHS = {
+    "image_classification": ["cnn"],
+    "text_classification": ["transformer"],
+    "language_model": ["gpt"],
+    "recommendation": ["mf"],
+    "tabular_classification": ["mlp"],
+}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -138,8 +248,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    archs = {a for names in TASK_ARCHS.values() for a in names}
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # A tagged union adds its tag to the path (model.cnn.hidden): show the field as written.
+        parts = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "model" and p in archs)]
+        loc = ".".join(str(p) for p in parts) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown field; remove it or check its spelling")

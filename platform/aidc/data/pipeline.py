@@ -1,4 +1,10 @@
-"""The preprocessing pipeline: source -> validate -> split -> fit on train -> versioned Parquet + manifest."""
+"""The preprocessing pipeline: source -> validate -> dedup -> split -> fit on train -> encode ->
+versioned Parquet per split (+ rejected rows with reasons) + manifest.json.
+
+Named datasets are small enough to clean in memory; Ray Data then encodes (tokenizes, packs, maps
+ids) and writes every split in parallel. Your own tabular files stream end to end through Ray Data
+(`preprocess_streaming`), so inputs far larger than memory work.
+"""
 
 from __future__ import annotations
 
@@ -9,47 +15,68 @@ import logging
 import numpy as np
 
 from aidc import storage
-from aidc.data.clean import REASON, reason_counts, validate_features
+from aidc.data.clean import REASON, mark_duplicates, reason_counts
 from aidc.data.dataset import DatasetVersion
-from aidc.data.sources import SOURCES
-from aidc.data.split import SPLITS, assign_splits
+from aidc.data.sources import SOURCES, RawData
+from aidc.data.split import SPLITS, assign_splits, predefined_splits, time_splits
+from aidc.errors import ConfigError, DataError
 from aidc.provenance import code_version, now_iso
 
 logger = logging.getLogger(__name__)
 
 # Bump when the pipeline's output for the same input and config changes.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
+ENCODE_BATCH = 4096
 
 
 def dataset_fingerprint(source_fingerprint: str, cfg) -> str:
     """Same input + same preprocessing settings + same pipeline -> same fingerprint (and version)."""
+    d = cfg.data
     settings = {
-        "source": cfg.data.source,
-        "split": cfg.data.split.model_dump(),
-        "task": cfg.task,
-        "pipeline": PIPELINE_VERSION,
-        "input": source_fingerprint,
+        "source": d.source, "path": d.path, "format": d.format, "features": d.features,
+        "categorical": d.categorical, "label": d.label, "split": d.split.model_dump(), "clean": d.clean.model_dump(),
+        "text": d.text.model_dump(), "augment": d.augment.model_dump(), "task": cfg.task,
+        "pipeline": PIPELINE_VERSION, "input": source_fingerprint,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _to_ray_dataset(columns: dict[str, np.ndarray], num_blocks: int):
+def to_ray_dataset(columns: dict[str, np.ndarray], num_blocks: int):
+    """A column table as a Ray dataset of `num_blocks` blocks (ndarray columns become tensor columns)."""
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray
 
-    arrays = {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v) for k, v in columns.items()}
+    arrays = {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v.tolist() if v.dtype == object else v)
+              for k, v in columns.items()}
     table = pa.table(arrays)
-    step = max(1, -(-table.num_rows // num_blocks))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    step = max(1, -(-table.num_rows // max(1, num_blocks)))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
 
 
-def _select(ds, column: str, value: str, drop: tuple[str, ...] = ()):
-    def keep(batch: dict) -> dict:
-        mask = batch[column] == value
-        return {k: v[mask] for k, v in batch.items() if k not in drop}
+def _assign(raw: RawData, cfg) -> np.ndarray:
+    s, cols = cfg.data.split, raw.columns
+    if s.strategy == "predefined":
+        if "origin" not in cols:
+            raise ConfigError(f"data.split.strategy: predefined needs a dataset with its own test set; "
+                              f"{cfg.data.source} has none: use strategy: hash")
+        return predefined_splits(cols["id"], cols["origin"], s.train, s.seed)
+    if s.strategy == "time":
+        if "timestamp" not in cols:
+            raise ConfigError(f"data.split.strategy: time needs user/timestamp columns; {cfg.data.source} has none")
+        return time_splits(cols["user"], cols["timestamp"], s.val, s.test)
+    return assign_splits(cols["id"], s.train, s.val, s.seed)
 
-    return ds.map_batches(keep, batch_format="numpy")
+
+def _take(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in columns.items()}
+
+
+def _row_count(path: str) -> int:
+    import pyarrow.dataset as pads
+
+    fs, inner = storage.filesystem(path)
+    return pads.dataset(inner, format="parquet", filesystem=fs).count_rows()
 
 
 def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[DatasetVersion, bool]:
@@ -58,7 +85,11 @@ def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[Datas
 
     task = get_task(cfg.task)
     root = storage.storage_root(root or cfg.run.storage)
-    raw = SOURCES[cfg.data.source]()
+    if getattr(task, "streaming", False):
+        return preprocess_streaming(cfg, task, root, force)
+    if cfg.data.source not in SOURCES:
+        raise ConfigError(f"data.source {cfg.data.source!r} does not fit task {cfg.task}")
+    raw = SOURCES[cfg.data.source](cfg)
     fingerprint = dataset_fingerprint(raw.fingerprint, cfg)
     dv = DatasetVersion(root, cfg.name, fingerprint[:12])
     if dv.exists() and not force:
@@ -66,72 +97,148 @@ def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[Datas
         return dv, True
     _clear(dv.dir)
 
-    lo, hi = raw.feature_range
-    split = cfg.data.split
-    n_read = len(raw.columns["id"])
-
-    def label_rows(batch: dict) -> dict:
-        batch = validate_features(batch, task.feature_column, lo, hi, raw.num_classes)
-        return {**batch, "split": assign_splits(batch["id"], split.train, split.val, split.seed)}
-
-    ds = _to_ray_dataset(raw.columns, num_blocks=4).map_batches(label_rows, batch_format="numpy").materialize()
-    labels = ds.select_columns([REASON, "split"]).to_pandas()
-    reasons = labels[REASON].to_numpy(dtype=object)
+    cols = raw.columns
+    n_read = len(cols["id"])
+    reasons = np.asarray(task.validate(cols, cfg, raw.meta), dtype=object)
+    if cfg.data.clean.dedup:
+        reasons = mark_duplicates(task.content_key(cols), cols["id"], reasons)
+    splits = _assign(raw, cfg)
     good = reasons == ""
-    split_counts = {s: int(((labels["split"] == s).to_numpy() & good).sum()) for s in SPLITS}
+    train_mask = good & (splits == "train")
+    if not train_mask.any():
+        raise DataError(f"no usable training rows in {cfg.data.source}: {reason_counts(reasons)}")
+    state = task.fit(_take(cols, train_mask), cfg, raw.meta)
 
-    kept = _select(ds, REASON, "", drop=(REASON,))
+    split_rows, examples, details = {}, {}, {}
+    blocks = max(2, n_read // 20000)
     for s in SPLITS:
-        if split_counts[s]:
-            _select(kept, "split", s, drop=("split",)).write_parquet(dv.path(s))
-    rejected_counts = reason_counts(reasons)
-    if rejected_counts:
-        ds.filter(lambda row: row[REASON] != "").write_parquet(dv.path("rejected"))
+        mask = good & (splits == s)
+        split_rows[s] = int(mask.sum())
+        if not split_rows[s]:
+            continue
+        sub = _take(cols, mask)
+        (to_ray_dataset(sub, blocks)
+         .map_batches(task.encode_batch, fn_kwargs={"state": state}, batch_format="numpy", batch_size=ENCODE_BATCH)
+         .write_parquet(dv.path(s)))
+        examples[s] = _row_count(dv.path(s))
+        if hasattr(task, "describe_split"):
+            details[s] = task.describe_split(task.encode_batch(sub, state))
+    rejected = reason_counts(reasons)
+    if rejected:
+        rej = _take(cols, ~good)
+        rej[REASON] = reasons[~good].astype(str)
+        to_ray_dataset(rej, 1).write_parquet(dv.path("rejected"))
 
-    state = task.fit(ray_read_split(dv, "train")) if split_counts["train"] else None
-    if state is None:
-        from aidc.errors import DataError
-
-        raise DataError(f"no usable training rows in {cfg.data.source}: every row was rejected ({rejected_counts})")
-
-    n_kept = int(good.sum())
-    manifest = {
-        "name": cfg.name,
-        "version": dv.version,
-        "fingerprint": fingerprint,
-        "created_at": now_iso(),
-        "code_version": code_version(),
-        "task": cfg.task,
-        "source": {"name": cfg.data.source, "description": raw.description, "fingerprint": raw.fingerprint},
-        "schema": {k: f"{v.dtype}{list(v.shape[1:]) if v.ndim > 1 else ''}" for k, v in raw.columns.items()},
-        "counts": {
-            "read": n_read,
-            "kept": n_kept,
-            "rejected": n_read - n_kept,
-            "rejected_by_reason": rejected_counts,
-            "splits": split_counts,
-        },
-        "features": task.features(raw),
-        "transform": state,
-        "config": cfg.model_dump(mode="json"),
-    }
-    assert manifest["counts"]["read"] == n_kept + sum(rejected_counts.values()), "row accounting must balance"
-    dv.write_manifest(manifest)
-    logger.info("wrote dataset %s to %s", dv.uri, dv.dir)
+    counts = {"read": n_read, "kept": int(good.sum()), "rejected": int((~good).sum()), "rejected_by_reason": rejected,
+              "splits": split_rows, "examples": examples, **({"split_details": details} if details else {})}
+    _finish(dv, cfg, fingerprint, counts, task.features(raw.meta, state), state,
+            {"name": cfg.data.source, "description": raw.description, "fingerprint": raw.fingerprint,
+             "terms": raw.terms},
+            {k: f"{v.dtype}{list(v.shape[1:]) if v.ndim > 1 else ''}" for k, v in cols.items()})
     return dv, False
 
 
-def ray_read_split(dv: DatasetVersion, split: str):
+def _finish(dv, cfg, fingerprint, counts, features, state, source, schema) -> None:
+    assert counts["read"] == counts["kept"] + sum(counts["rejected_by_reason"].values()), "accounting must balance"
+    dv.write_manifest({
+        "name": cfg.name, "version": dv.version, "fingerprint": fingerprint, "created_at": now_iso(),
+        "code_version": code_version(), "task": cfg.task, "source": source, "schema": schema, "counts": counts,
+        "features": features, "transform": state, "config": cfg.model_dump(mode="json"),
+    })
+    logger.info("wrote dataset %s to %s", dv.uri, dv.dir)
+
+
+def _files_fingerprint(path: str) -> tuple[str, list[str]]:
+    """Identity of a file input: every file's path, size and modification time (no full re-read)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.Directory:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
+    elif info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        raise DataError(f"data.path {path} not found")
+    h = hashlib.sha256()
+    for i in sorted(infos, key=lambda i: i.path):
+        h.update(f"{i.path}|{i.size}|{i.mtime_ns}\n".encode())
+    return h.hexdigest(), [i.path for i in infos]
+
+
+def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVersion, bool]:
+    """Your own tabular files, streamed: read -> clean -> [dedup] -> split by content hash -> one
+    partitioned Parquet write; the fit then streams over the training split."""
     import ray.data
 
-    return ray.data.read_parquet(dv.path(split))
+    from aidc.data.readers import check_tabular_header
+    from aidc.tasks.base import row_hashes
+
+    d = cfg.data
+    columns = task.columns(cfg)
+    check_tabular_header(d.path, d.format, columns)
+    input_fp, files = _files_fingerprint(d.path)
+    fingerprint = dataset_fingerprint(input_fp, cfg)
+    dv = DatasetVersion(root, cfg.name, fingerprint[:12])
+    if dv.exists() and not force:
+        logger.info("dataset %s already exists for this input and config: reusing it", dv.uri)
+        return dv, True
+    _clear(dv.dir)
+
+    readers = {"csv": ray.data.read_csv, "parquet": ray.data.read_parquet,
+               "jsonl": lambda p: ray.data.read_json(p, lines=True)}
+    ds = readers[d.format](d.path).select_columns(columns)
+    split = d.split
+
+    def clean_and_split(batch):
+        batch = task.clean_batch(batch, cfg)
+        keys = row_hashes(*[batch[c].to_numpy() for c in columns])
+        batch["split"] = np.where(batch[REASON].to_numpy() == "", assign_splits(keys, split.train, split.val,
+                                                                                 split.seed), "rejected")
+        if d.clean.dedup:
+            batch["_key"] = keys
+        return batch
+
+    ds = ds.map_batches(clean_and_split, batch_format="pandas")
+    if d.clean.dedup:  # identical rows hash to the same split; keep one per group, reject the rest
+        def keep_one(group):
+            dup = np.arange(len(group)) > 0
+            group.loc[dup & (group["split"] != "rejected").to_numpy(), REASON] = "duplicate row"
+            group.loc[dup, "split"] = "rejected"
+            return group.drop(columns=["_key"])
+
+        ds = ds.groupby("_key").map_groups(keep_one, batch_format="pandas")
+    staged = storage.join(dv.dir, "_staged")
+    ds.write_parquet(staged, partition_cols=["split"])
+    fs, _ = storage.filesystem(dv.dir)
+    for s in (*SPLITS, "rejected"):
+        src = storage.filesystem(storage.join(staged, f"split={s}"))[1]
+        if fs.get_file_info(src).type != __import__("pyarrow.fs").fs.FileType.NotFound:
+            fs.move(src, storage.filesystem(dv.path(s))[1])
+    fs.delete_dir(storage.filesystem(staged)[1])
+
+    split_rows = {s: (_row_count(dv.path(s)) if storage.exists(dv.path(s)) else 0) for s in SPLITS}
+    if not split_rows["train"]:
+        raise DataError(f"no usable training rows in {d.path}")
+    rejected = {}
+    if storage.exists(dv.path("rejected")):
+        reasons = ray.data.read_parquet(dv.path("rejected")).select_columns([REASON]).to_pandas()[REASON]
+        rejected = {str(k): int(v) for k, v in reasons.value_counts().sort_index().items()}
+    kept = sum(split_rows.values())
+    state = task.fit(ray.data.read_parquet(dv.path("train")), cfg, {})
+    counts = {"read": kept + sum(rejected.values()), "kept": kept, "rejected": sum(rejected.values()),
+              "rejected_by_reason": rejected, "splits": split_rows, "examples": split_rows}
+    _finish(dv, cfg, fingerprint, counts, task.features({}, state), state,
+            {"name": "files", "description": f"{len(files)} {d.format} file(s) at {d.path}", "fingerprint": input_fp,
+             "terms": None}, {c: "numeric" if c in d.features else "categorical/label" for c in columns})
+    return dv, False
 
 
 def _clear(path: str) -> None:
     """Remove a half-written version (no manifest) before writing it again."""
-    fs, inner = storage.filesystem(path)
     import pyarrow.fs as pafs
 
+    fs, inner = storage.filesystem(path)
     if fs.get_file_info(inner).type != pafs.FileType.NotFound:
         fs.delete_dir(inner)
 
@@ -142,9 +249,14 @@ def summary_lines(dv: DatasetVersion, reused: bool) -> list[str]:
     lines = [
         f"dataset {dv.uri} ({'reused: same input and config' if reused else 'new version'}) at {dv.dir}",
         f"  rows read {c['read']} = kept {c['kept']} + rejected {c['rejected']}",
-        "  splits: " + ", ".join(f"{k} {v}" for k, v in c["splits"].items()),
+        "  splits (rows): " + ", ".join(f"{k} {v}" for k, v in c["splits"].items()),
     ]
+    if c.get("examples") and c["examples"] != c["splits"]:
+        lines.append("  training examples: " + ", ".join(f"{k} {v}" for k, v in c["examples"].items()))
+    for s, detail in c.get("split_details", {}).items():
+        lines.append(f"  {s}: " + ", ".join(f"{k} {v}" for k, v in detail.items()))
     for reason, n in c["rejected_by_reason"].items():
         lines.append(f"  rejected {n}: {reason}")
-    lines.append(f"  fitted transform: {json.dumps(m['transform'])}")
+    state = json.dumps(m["transform"])
+    lines.append(f"  fitted transform: {state[:300]}{'...' if len(state) > 300 else ''}")
     return lines

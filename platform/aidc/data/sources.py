@@ -1,30 +1,31 @@
-"""Named data sources. Each yields rows with a stable key, a feature column and a label.
+"""Named data sources -> column tables with a stable integer `id` per row, plus what describes them.
 
-A source also reports a fingerprint of its raw input, so the same input gives the same
-dataset version and a changed input gives a new one.
+Small public datasets load into memory (they are tens of MB at most); your own large tabular files
+stream through Ray Data instead (see pipeline.preprocess_streaming).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+
+from aidc.data.catalog import CATALOG, fetch
+from aidc.data.readers import read_delimited, read_idx, read_text
 
 
-@dataclass(frozen=True)
+@dataclass
 class RawData:
-    """An in-memory raw table (small sources); large sources return Ray datasets instead."""
-
     columns: dict[str, np.ndarray]
     fingerprint: str
     description: str
-    feature_range: tuple[float, float]  # valid raw value range of the features
-    num_classes: int
+    meta: dict = field(default_factory=dict)
+    terms: str | None = None
 
 
-def _fingerprint(*arrays: np.ndarray) -> str:
+def _hash_arrays(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
         h.update(str(a.dtype).encode() + str(a.shape).encode())
@@ -32,20 +33,77 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def load_digits() -> RawData:
-    """scikit-learn's bundled handwritten digits: 1797 8x8 images, pixel values 0..16, always offline."""
+def _files_fingerprint(name: str) -> str:
+    return hashlib.sha256("".join(f.sha256 for f in CATALOG[name].files).encode()).hexdigest()
+
+
+def load_digits(cfg) -> RawData:
+    """scikit-learn's bundled handwritten digits: 1797 8x8 images, values 0..16, always offline."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
-    images = bunch.images.astype(np.float32)  # (n, 8, 8)
-    labels = bunch.target.astype(np.int64)
-    return RawData(
-        columns={"id": np.arange(len(labels), dtype=np.int64), "image": images, "label": labels},
-        fingerprint=_fingerprint(images, labels),
-        description="scikit-learn digits (UCI ML hand-written digits, 1797 images 8x8, values 0..16)",
-        feature_range=(0.0, 16.0),
-        num_classes=10,
-    )
+    images, labels = bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+    return RawData({"id": np.arange(len(labels)), "image": images, "label": labels}, _hash_arrays(images, labels),
+                   "scikit-learn digits (UCI ML hand-written digits, 1797 images 8x8, values 0..16)",
+                   {"image_shape": [8, 8], "num_classes": 10, "raw_range": [0.0, 16.0]})
 
 
-SOURCES: dict[str, Callable[[], RawData]] = {"digits": load_digits}
+def load_mnist(cfg) -> RawData:
+    p = fetch("mnist", cfg.data.mirror)
+    train_x = read_idx(p["train-images-idx3-ubyte.gz"], 3)
+    train_y = read_idx(p["train-labels-idx1-ubyte.gz"], 1)
+    test_x = read_idx(p["t10k-images-idx3-ubyte.gz"], 3)
+    test_y = read_idx(p["t10k-labels-idx1-ubyte.gz"], 1)
+    for x, y, n in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if len(x) != len(y):
+            from aidc.errors import DataError
+
+            raise DataError(f"MNIST {n}: {len(x)} images but {len(y)} labels")
+    images = np.concatenate([train_x, test_x])
+    labels = np.concatenate([train_y, test_y]).astype(np.int64)
+    origin = np.array(["train"] * len(train_x) + ["test"] * len(test_x), dtype=object)
+    return RawData({"id": np.arange(len(labels)), "image": images, "label": labels, "origin": origin},
+                   _files_fingerprint("mnist"), CATALOG["mnist"].description,
+                   {"image_shape": [28, 28], "num_classes": 10, "raw_range": [0.0, 255.0]}, CATALOG["mnist"].terms)
+
+
+SMS_CLASSES = ["ham", "spam"]
+
+
+def load_sms_spam(cfg) -> RawData:
+    p = fetch("sms-spam", cfg.data.mirror)["SMSSpamCollection"]
+    table = read_delimited(p, ["label", "text"], delimiter="\t", header=False,
+                           types={"label": pa.string(), "text": pa.string()})
+    names = table.column("label").to_numpy(zero_copy_only=False)
+    labels = np.array([SMS_CLASSES.index(n) if n in SMS_CLASSES else -1 for n in names], dtype=np.int64)
+    text = table.column("text").to_numpy(zero_copy_only=False).astype(object)
+    return RawData({"id": np.arange(len(labels)), "text": text, "label": labels}, _files_fingerprint("sms-spam"),
+                   CATALOG["sms-spam"].description, {"class_names": SMS_CLASSES}, CATALOG["sms-spam"].terms)
+
+
+def load_tinyshakespeare(cfg) -> RawData:
+    """One row per speech (blocks separated by a blank line), so splits never cut a speech in two."""
+    text = read_text(fetch("tinyshakespeare", cfg.data.mirror)["input.txt"])
+    docs = np.array([d.strip("\n") + "\n" for d in text.split("\n\n")], dtype=object)
+    return RawData({"id": np.arange(len(docs)), "text": docs}, _files_fingerprint("tinyshakespeare"),
+                   CATALOG["tinyshakespeare"].description, {}, CATALOG["tinyshakespeare"].terms)
+
+
+def load_movielens(cfg) -> RawData:
+    p = fetch("movielens", cfg.data.mirror)["ratings.csv"]
+    t = read_delimited(p, ["userId", "movieId", "rating", "timestamp"],
+                       types={"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(),
+                              "timestamp": pa.int64()})
+    cols = {k: t.column(c).to_numpy() for k, c in
+            (("user", "userId"), ("item", "movieId"), ("rating", "rating"), ("timestamp", "timestamp"))}
+    return RawData({"id": np.arange(t.num_rows), **cols}, _files_fingerprint("movielens"),
+                   CATALOG["movielens"].description, {"rating_range": [0.5, 5.0]}, CATALOG["movielens"].terms)
+
+
+SOURCES = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "sms-spam": load_sms_spam,
+    "tinyshakespeare": load_tinyshakespeare,
+    "movielens": load_movielens,
+}

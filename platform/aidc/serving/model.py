@@ -37,11 +37,13 @@ class LoadedModel:
         model.to(device).eval()
         return cls(name, version, task, spec, model, device)
 
-    def predict(self, raw: np.ndarray) -> list[dict]:
-        """Raw features (as a client sends them) -> predictions, through the training-time transform."""
-        batch = self.task.transform_batch({self.task.feature_column: raw}, self.spec["transform"])
+    def predict(self, raw) -> list[dict]:
+        """Raw inputs (as a client sends them) -> predictions, through the training-time transform."""
+        batch = raw if isinstance(raw, dict) else {self.task.input_column: raw}
+        batch = self.task.transform_batch(batch, self.spec["transform"])
+        tensors = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
-            return self.task.predict(self.model, torch.from_numpy(batch["x"]).to(self.device))
+            return self.task.predict(self.model, tensors)
 
     def metadata(self) -> dict:
         return {

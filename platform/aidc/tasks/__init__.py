@@ -5,8 +5,15 @@ TASKS maps the `task` field of a job config to its implementation.
 
 from aidc.tasks.base import Task
 from aidc.tasks.image import ImageClassification
+from aidc.tasks.lm import LanguageModel
+from aidc.tasks.recsys import Recommendation
+from aidc.tasks.tabular import TabularClassification
+from aidc.tasks.text import TextClassification
 
-TASKS: dict[str, Task] = {"image_classification": ImageClassification()}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (ImageClassification(), TextClassification(), LanguageModel(), Recommendation(), TabularClassification())
+}
 
 
 def get_task(name: str) -> Task:

@@ -1,52 +1,124 @@
-"""The contract every workload implements; the pipeline, train loop and server only call these."""
+"""The contract every workload implements; the pipeline, train loop and server only call these.
+
+Preprocessing works on column tables (dict of numpy arrays): `validate` -> `content_key` (dedup) ->
+`fit` on the training rows only -> `encode_batch` (stored). Training and serving both apply
+`transform_batch` with the fitted state, so they cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+Table = dict[str, np.ndarray]
+
+
+def row_hashes(*columns: np.ndarray) -> np.ndarray:
+    """A content hash per row over the given columns (for exact-duplicate detection)."""
+    n = len(columns[0])
+    out = np.empty(n, dtype=object)
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=16)
+        for col in columns:
+            v = col[i]
+            h.update(v.tobytes() if isinstance(v, np.ndarray) else str(v).encode())
+            h.update(b"\x1f")
+        out[i] = h.hexdigest()
+    return out
+
 
 class Task:
-    """A workload: how to fit its transforms, feed its model, score it and answer requests."""
+    """A workload: how to clean and encode its data, feed and score its model, and answer requests."""
 
     name: str = ""
-    feature_column: str = ""
-    primary_metric: str = "val_loss"  # lower is better; used to keep the best checkpoints
+    primary_metric: str = "val_loss"  # lower is better; picks the best checkpoints
+    input_column: str = ""  # raw column that requests carry
 
     # -- preprocessing --------------------------------------------------------------
-    def fit(self, train_ds) -> dict:
-        """Fitted transform state from the training split only (stored in the manifest)."""
+    def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
+        """Reject reason per row ('' = keep)."""
         raise NotImplementedError
 
-    def features(self, raw: Any) -> dict:
-        """Static facts about the features (shapes, classes, raw value range) for the manifest."""
+    def content_key(self, table: Table) -> np.ndarray:
+        """Rows with equal keys are duplicates."""
+        raise NotImplementedError
+
+    def fit(self, train: Table, cfg, meta: dict) -> dict:
+        """Fitted transform state from the training rows only (stored in the manifest)."""
+        raise NotImplementedError
+
+    def encode_batch(self, batch: dict, state: dict) -> dict:
+        """What is stored per split (e.g. token ids); identity by default."""
+        return batch
+
+    def features(self, meta: dict, state: dict) -> dict:
+        """Static facts the model and the server need (shapes, vocabulary and class counts)."""
         raise NotImplementedError
 
     # -- training ---------------------------------------------------------------------
-    def transform_batch(self, batch: dict, state: dict) -> dict:
-        """Raw numpy batch -> model-ready {'x': ..., 'y': ...}; the same function serves requests."""
-        raise NotImplementedError
+    def transform_batch(self, batch: dict, state: dict, training: bool = False) -> dict:
+        """Stored batch -> model-ready tensors as numpy; the same function serves requests."""
+        return batch
 
     def build_model(self, model_cfg: dict, features: dict) -> nn.Module:
         raise NotImplementedError
 
-    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["x"])
+
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def eval_sums(self, outputs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def eval_sums(self, outputs: torch.Tensor, batch: dict) -> dict[str, float]:
         """Additive statistics of a batch (summed across batches and workers)."""
         raise NotImplementedError
 
     def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def count(self, batch: dict) -> int:
+        return len(next(iter(batch.values())))
+
     # -- serving ----------------------------------------------------------------------
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:
         """Validate a request's instances; raise RequestError naming the problem."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> list[dict]:
+    def predict(self, model: nn.Module, batch: dict) -> list[dict]:
         raise NotImplementedError
+
+
+def classification_sums(outputs: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Loss, accuracy and per-class confusion counts (for F1) of a classification batch."""
+    from torch.nn import functional as F
+
+    pred = outputs.argmax(dim=1)
+    sums = {
+        "loss_sum": float(F.cross_entropy(outputs.float(), y, reduction="sum")),
+        "correct": float((pred == y).sum()),
+        "count": float(len(y)),
+    }
+    for c in range(num_classes):
+        sums[f"tp{c}"] = float(((pred == c) & (y == c)).sum())
+        sums[f"fp{c}"] = float(((pred == c) & (y != c)).sum())
+        sums[f"fn{c}"] = float(((pred != c) & (y == c)).sum())
+    return sums
+
+
+def classification_metrics(sums: dict[str, float], prefix: str, num_classes: int,
+                           class_names: list[str] | None = None) -> dict[str, float]:
+    n = max(sums["count"], 1.0)
+    out = {f"{prefix}_loss": sums["loss_sum"] / n, f"{prefix}_accuracy": sums["correct"] / n}
+    f1s = []
+    for c in range(num_classes):
+        tp, fp, fn = sums[f"tp{c}"], sums[f"fp{c}"], sums[f"fn{c}"]
+        f1 = 2 * tp / max(2 * tp + fp + fn, 1e-9)
+        f1s.append(f1)
+        if class_names:
+            out[f"{prefix}_f1_{class_names[c]}"] = f1
+    out[f"{prefix}_macro_f1"] = float(np.mean(f1s))
+    return out

@@ -1,4 +1,4 @@
-"""Image classification (digits, MNIST): standardized pixels -> CNN -> class probabilities."""
+"""Image classification (digits, MNIST): standardized pixels (+ augmentation when training) -> CNN."""
 
 from __future__ import annotations
 
@@ -10,67 +10,68 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aidc.data.transforms import fit_standardizer, standardize
+from aidc.data.transforms import augment_images, fit_scalar_standardizer, standardize
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import Task
+from aidc.tasks.base import Table, Task, classification_metrics, classification_sums, row_hashes
 
 
 class ImageClassification(Task):
     name = "image_classification"
-    feature_column = "image"
+    input_column = "image"
 
-    def fit(self, train_ds) -> dict:
-        return {"standardize": fit_standardizer(train_ds, self.feature_column)}
+    def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
+        x = table["image"].reshape(len(table["image"]), -1).astype(np.float64)
+        y = table["label"]
+        lo, hi = meta["raw_range"]
+        reason = np.full(len(y), "", dtype=object)
+        reason[(y < 0) | (y >= meta["num_classes"])] = f"label outside 0..{meta['num_classes'] - 1}"
+        reason[((x < lo) | (x > hi)).any(axis=1)] = f"pixel value outside {lo:g}..{hi:g}"
+        reason[~np.isfinite(x).all(axis=1)] = "pixel is NaN or infinite"
+        return reason
 
-    def features(self, raw) -> dict:
-        shape = list(raw.columns[self.feature_column].shape[1:])
-        return {"image_shape": shape, "num_classes": raw.num_classes, "raw_range": list(raw.feature_range)}
+    def content_key(self, table: Table) -> np.ndarray:
+        return row_hashes(table["image"])
 
-    def transform_batch(self, batch: dict, state: dict) -> dict:
-        x = standardize(batch[self.feature_column], state["standardize"])
-        out = {"x": x[:, None, :, :]}  # (n, 1, H, W): one grey channel
+    def fit(self, train: Table, cfg, meta: dict) -> dict:
+        return {"standardize": fit_scalar_standardizer(train["image"]), "augment": cfg.data.augment.model_dump()}
+
+    def features(self, meta: dict, state: dict) -> dict:
+        return {"image_shape": list(meta["image_shape"]), "num_classes": meta["num_classes"],
+                "raw_range": list(meta["raw_range"])}
+
+    def transform_batch(self, batch: dict, state: dict, training: bool = False) -> dict:
+        x = standardize(batch["image"], state["standardize"])[:, None, :, :]  # (n, 1, H, W)
+        if training and state["augment"]["enabled"]:
+            x = augment_images(x, state["augment"], np.random.default_rng())
+        out = {"x": x}
         if "label" in batch:
             out["y"] = np.asarray(batch["label"], dtype=np.int64)
         return out
 
     def build_model(self, model_cfg: dict, features: dict) -> nn.Module:
-        cfg = dict(model_cfg)
-        arch = cfg.pop("arch")
-        height, width = features["image_shape"]
-        return MODELS[arch](in_channels=1, image_size=height, num_classes=features["num_classes"], **cfg)
+        cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
+        return MODELS["cnn"](in_channels=1, image_size=features["image_shape"][0],
+                             num_classes=features["num_classes"], **cfg)
 
-    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, y)
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(outputs, batch["y"])
 
-    def eval_sums(self, outputs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        return {
-            "loss_sum": float(F.cross_entropy(outputs.float(), y, reduction="sum")),
-            "correct": float((outputs.argmax(dim=1) == y).sum()),
-            "count": float(len(y)),
-        }
+    def eval_sums(self, outputs: torch.Tensor, batch: dict) -> dict[str, float]:
+        return classification_sums(outputs, batch["y"], outputs.shape[1])
 
     def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
-        n = max(sums["count"], 1.0)
-        return {f"{prefix}_loss": sums["loss_sum"] / n, f"{prefix}_accuracy": sums["correct"] / n}
+        k = sum(1 for key in sums if key.startswith("tp"))
+        return classification_metrics(sums, prefix, k)
 
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:
         height, width = features["image_shape"]
         lo, hi = features["raw_range"]
-        if not isinstance(instances, list):
-            raise RequestError("'instances' must be a list of images", field="instances")
-        if not instances:
-            raise RequestError("'instances' is empty: send at least one image", field="instances")
-        if len(instances) > max_batch:
-            raise RequestError(
-                f"batch of {len(instances)} images is over the limit of {max_batch}; split it into smaller requests",
-                status=413, field="instances",
-            )
+        check_batch(instances, max_batch, "images")
         out = np.empty((len(instances), height, width), dtype=np.float32)
         for i, inst in enumerate(instances):
-            where = f"instances[{i}]"
-            flat = _flatten_numbers(inst, where, height, width)
-            out[i] = np.asarray(flat, dtype=np.float32).reshape(height, width)
+            out[i] = np.asarray(_flatten_numbers(inst, f"instances[{i}]", height, width), np.float32).reshape(
+                height, width)
         bad = np.argwhere((out < lo) | (out > hi))
         if len(bad):
             i, r, c = bad[0]
@@ -80,9 +81,21 @@ class ImageClassification(Task):
             )
         return out
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> list[dict]:
-        probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
+    def predict(self, model: nn.Module, batch: dict) -> list[dict]:
+        probs = torch.softmax(model(batch["x"]).float(), dim=1).cpu().numpy()
         return [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]
+
+
+def check_batch(instances: Any, max_batch: int, what: str) -> None:
+    if not isinstance(instances, list):
+        raise RequestError(f"'instances' must be a list of {what}", field="instances")
+    if not instances:
+        raise RequestError(f"'instances' is empty: send at least one of the {what}", field="instances")
+    if len(instances) > max_batch:
+        raise RequestError(
+            f"batch of {len(instances)} {what} is over the limit of {max_batch}; split it into smaller requests",
+            status=413, field="instances",
+        )
 
 
 def _flatten_numbers(inst: Any, where: str, height: int, width: int) -> list[float]:

@@ -36,7 +36,7 @@ def evaluate(model, task, shard, batch_size: int, device, prefix: str) -> dict[s
     sums: dict[str, float] = {}
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            for k, v in task.eval_sums(model(batch["x"]), batch["y"]).items():
+            for k, v in task.eval_sums(task.forward(model, batch), batch).items():
                 sums[k] = sums.get(k, 0.0) + v
     return task.metrics_from_sums(_all_reduce_sums(sums, device), prefix)
 
@@ -93,14 +93,14 @@ def train_loop_per_worker(config: dict) -> None:
             batch_size=batch_size, device=device, local_shuffle_buffer_size=batch_size * 8,
             local_shuffle_seed=train_cfg["seed"] * 1000 + epoch,
         ):
-            loss = task.loss(model(batch["x"]), batch["y"])
+            loss = task.loss(task.forward(model, batch), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             step += 1
             batches += 1
-            seen += len(batch["y"])
+            seen += task.count(batch)
             loss_sum += float(loss)
         elapsed = time.perf_counter() - t0
         metrics = {

@@ -43,14 +43,16 @@ def run_training(cfg) -> TrainOutcome:
     state = manifest["transform"]
     ray.data.DataContext.get_current().enable_progress_bars = False  # epochs are the progress; keep logs readable
     datasets = {
-        s: dv.read(s).map_batches(task.transform_batch, fn_kwargs={"state": state}, batch_format="numpy")
+        s: dv.read(s).map_batches(task.transform_batch, fn_kwargs={"state": state, "training": s == "train"},
+                                  batch_format="numpy")
         for s in SPLITS
     }
     cache = cfg.data.cache
     if cache == "auto":
         cache = dv.size_bytes() <= cfg.data.cache_max_mb * 2**20
-    if cache:  # read + transform once; every epoch then streams from the object store
-        datasets = {s: ds.materialize() for s, ds in datasets.items()}
+    if cache:  # read + transform once (train-time augmentation stays per epoch); epochs then stream from memory
+        datasets = {s: ds if s == "train" and state.get("augment", {}).get("enabled") else ds.materialize()
+                    for s, ds in datasets.items()}
 
     res = cfg.resources
     use_gpu = cluster_has_gpus() if res.use_gpu == "auto" else res.use_gpu
@@ -65,7 +67,7 @@ def run_training(cfg) -> TrainOutcome:
         train_loop_config={
             "job": cfg.model_dump(mode="json"),
             "features": manifest["features"],
-            "train_rows": manifest["counts"]["splits"]["train"],
+            "train_rows": manifest["counts"].get("examples", manifest["counts"]["splits"])["train"],
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
@@ -93,9 +95,16 @@ def run_training(cfg) -> TrainOutcome:
 def describe_model(cfg) -> None:
     """--dry-run: build the model from the config (no cluster) and print its size."""
     from aidc.data.sources import SOURCES
+    from aidc.errors import DataError
 
     task = get_task(cfg.task)
-    features = task.features(SOURCES[cfg.data.source]())
+    try:  # the features (vocabulary, shapes) come from the dataset's manifest
+        features = open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version).manifest()["features"]
+    except DataError:
+        if cfg.data.source != "digits":
+            print("# model not built: preprocess the dataset first (its vocabulary/shapes size the model)")
+            return
+        features = task.features(SOURCES["digits"](cfg).meta, {})
     model = task.build_model(cfg.model.model_dump(mode="json"), features)
     params = sum(p.numel() for p in model.parameters())
     print(f"# model {cfg.model.arch}: {params:,} parameters; features {features}")

@@ -1,0 +1,84 @@
+"""Text classification (SMS spam): BPE/char tokens truncated/padded -> transformer encoder -> classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from aidc.data.text import encode, pad_truncate, train_tokenizer
+from aidc.errors import RequestError
+from aidc.models import MODELS
+from aidc.tasks.base import Table, Task, classification_metrics, classification_sums, row_hashes
+from aidc.tasks.image import check_batch
+
+MAX_CHARS = 5000
+
+
+class TextClassification(Task):
+    name = "text_classification"
+    input_column = "text"
+
+    def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
+        reason = np.full(len(table["text"]), "", dtype=object)
+        reason[table["label"] < 0] = "unknown label"
+        reason[np.array([not str(t).strip() for t in table["text"]], dtype=bool)] = "empty text"
+        return reason
+
+    def content_key(self, table: Table) -> np.ndarray:
+        return row_hashes(table["text"])
+
+    def fit(self, train: Table, cfg, meta: dict) -> dict:
+        t = cfg.data.text
+        tok = train_tokenizer(list(train["text"]), t.tokenizer, t.vocab_size, t.lowercase)
+        return {"tokenizer": tok, "max_length": t.max_length, "class_names": meta["class_names"]}
+
+    def encode_batch(self, batch: dict, state: dict) -> dict:
+        ids = pad_truncate(encode(batch["text"], state["tokenizer"]), state["max_length"],
+                           state["tokenizer"]["pad_id"])
+        return {"id": batch["id"], "input_ids": ids, "label": batch["label"]}
+
+    def features(self, meta: dict, state: dict) -> dict:
+        return {"vocab_size": state["tokenizer"]["vocab_size"], "max_length": state["max_length"],
+                "num_classes": len(meta["class_names"]), "class_names": meta["class_names"]}
+
+    def transform_batch(self, batch: dict, state: dict, training: bool = False) -> dict:
+        if "input_ids" not in batch:  # raw text (serving): same encoder as preprocessing
+            batch = {**batch, "input_ids": pad_truncate(encode(batch["text"], state["tokenizer"]),
+                                                         state["max_length"], state["tokenizer"]["pad_id"])}
+        out = {"x": np.asarray(batch["input_ids"], dtype=np.int64)}
+        if "label" in batch:
+            out["y"] = np.asarray(batch["label"], dtype=np.int64)
+        return out
+
+    def build_model(self, model_cfg: dict, features: dict) -> nn.Module:
+        cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
+        return MODELS["transformer"](vocab_size=features["vocab_size"], max_length=features["max_length"],
+                                     num_classes=features["num_classes"], **cfg)
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs, batch["y"])
+
+    def eval_sums(self, outputs, batch):
+        return classification_sums(outputs, batch["y"], outputs.shape[1])
+
+    def metrics_from_sums(self, sums, prefix):
+        names = ["ham", "spam"] if sum(1 for k in sums if k.startswith("tp")) == 2 else None
+        return classification_metrics(sums, prefix, sum(1 for k in sums if k.startswith("tp")), names)
+
+    def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:
+        check_batch(instances, max_batch, "texts")
+        for i, t in enumerate(instances):
+            if not isinstance(t, str) or not t.strip():
+                raise RequestError(f"instances[{i}] must be a non-empty string", field=f"instances[{i}]")
+            if len(t) > MAX_CHARS:
+                raise RequestError(f"instances[{i}] has {len(t)} characters; the limit is {MAX_CHARS}",
+                                   status=413, field=f"instances[{i}]")
+        return np.array(instances, dtype=object)
+
+    def predict(self, model, batch):
+        probs = torch.softmax(model(batch["x"]).float(), dim=1).cpu().numpy()
+        return [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]
