@@ -150,21 +150,55 @@ ModelConfig = Annotated[
 
 class TrainConfig(Strict):
     epochs: int = Field(15, ge=1, description="Passes over the training split.")
-    batch_size: int = Field(32, ge=1, description="Samples per step on each worker.")
+    batch_size: int = Field(32, ge=1, description="Samples per micro-step on each worker.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step (gradient accumulation).")
     lr: float = Field(3e-3, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
-    seed: int = Field(0, description="Seed of model init and data order; same seed, same run.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by val_loss).")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear LR warmup.")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Cosine decay floor, as a fraction of lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null = off.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU; fp16 uses a grad "
+        "scaler (GPU; on CPU it falls back to bf16)."
+    )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: replicate the model; fsdp: shard parameters/gradients/optimizer (FSDP2)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without a better validation metric; null = off."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest decrease that counts as better.")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap optimizer steps per epoch (smoke tests, debugging); null = the whole split."
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Also checkpoint every N optimizer steps (mid-epoch); epoch ends always are."
+    )
+    seed: int = Field(0, description="Seed of model init, dropout and data order; same seed, same run.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by val loss).")
 
 
 class ResourcesConfig(Strict):
-    num_workers: int = Field(2, ge=0, description="Ray Train workers (0 runs the loop in the driver).")
+    num_workers: int | tuple[int, int] = Field(
+        2, description="Ray Train workers (0 runs the loop in the driver), or [min, max] for elastic training "
+        "that starts with the workers that fit and continues on fewer when a node is lost."
+    )
     cpus_per_worker: float = Field(
         0.5, gt=0, description="CPUs per worker; fractions leave room for Ray Data reads on small nodes."
     )
     use_gpu: Literal["auto"] | bool = Field(
         "auto", description="Put one GPU on each worker: auto = when the cluster has GPUs."
     )
+
+
+    @model_validator(mode="after")
+    def _workers_valid(self) -> "ResourcesConfig":
+        n = self.num_workers
+        if isinstance(n, tuple) and not (1 <= n[0] <= n[1]):
+            raise ValueError(f"num_workers [min, max] needs 1 <= min <= max, got {list(n)}")
+        if isinstance(n, int) and n < 0:
+            raise ValueError(f"num_workers must be >= 0, got {n}")
+        return self
 
 
 class RunConfig(Strict):

@@ -92,7 +92,8 @@ def export_model_dir(directory: Path, *, state_dict: dict, spec: dict, config_ya
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, str(directory / WEIGHTS))
+    # Clones: tied weights (GPT head = token embedding) share storage, which safetensors refuses.
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}, str(directory / WEIGHTS))
     (directory / SPEC).write_text(json.dumps(spec, indent=2))
     (directory / CONFIG).write_text(config_yaml)
     return write_manifest(directory)
@@ -133,6 +134,8 @@ def register(cfg, outcome, extra_artifacts: list[Path] = ()) -> RegisteredVersio
 
         with Checkpoint(outcome.checkpoint_path).as_directory() as d:
             state = ckpt.load(d)
+        if state.get("best"):  # the registered weights are the best epoch's (what test metrics scored)
+            state["model"] = state["best"]["model"]
         spec = {
             "task": cfg.task,
             "model": cfg.model.model_dump(mode="json"),

@@ -28,16 +28,19 @@ class TabularClassification(Task):
     def clean_batch(self, batch: pd.DataFrame, cfg) -> pd.DataFrame:
         """Coerce types, fill or reject nulls, reject bad labels; adds `reject_reason` (streaming)."""
         d = cfg.data
+        # Ray may hand Arrow-backed dtypes, whose NA handling differs from numpy's: start from plain objects.
+        batch = pd.DataFrame({c: pd.Series(batch[c].to_numpy(dtype=object, na_value=None), dtype=object)
+                              for c in batch.columns})
         reason = np.full(len(batch), "", dtype=object)
         for col in d.features:
             raw = batch[col]
-            num = pd.to_numeric(raw, errors="coerce")
+            num = pd.to_numeric(raw, errors="coerce").astype("float64")
             bad_type = num.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
             if d.clean.nulls == "fill":
                 num = num.where(~num.isna() | bad_type, d.clean.fill_value)
             reason[(num.isna() & ~bad_type).to_numpy() & (reason == "")] = f"{col} is missing"
             reason[bad_type.to_numpy() & (reason == "")] = f"{col} is not a number"
-            reason[np.isinf(num.to_numpy(dtype=np.float64, na_value=0.0)) & (reason == "")] = f"{col} is infinite"
+            reason[np.isinf(num.fillna(0.0).to_numpy(dtype=np.float64)) & (reason == "")] = f"{col} is infinite"
             batch[col] = num.astype("float64")
         for col in d.categorical:
             missing = batch[col].isna().to_numpy()
@@ -46,7 +49,7 @@ class TabularClassification(Task):
             else:
                 reason[missing & (reason == "")] = f"{col} is missing"
             batch[col] = batch[col].astype(str)
-        label = pd.to_numeric(batch[d.label], errors="coerce")
+        label = pd.to_numeric(batch[d.label], errors="coerce").astype("float64")
         bad_label = (label.isna() | (label < 0) | (label != label.round())).to_numpy()
         reason[bad_label & (reason == "")] = f"{d.label} is not a non-negative integer class"
         batch[d.label] = label.fillna(-1).astype("int64")

@@ -1,4 +1,5 @@
-"""Checkpoint state: model, optimizer, scheduler, epoch/step, RNG state, history and the resolved config."""
+"""Checkpoint state: model, optimizer, scheduler, epoch/step, RNG state, history, the best model so far
+and the resolved config."""
 
 from __future__ import annotations
 
@@ -13,11 +14,6 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (its state_dict keys carry no 'module.' prefix)."""
-    return getattr(model, "module", model)
-
-
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -28,20 +24,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save(directory: str | Path, *, model, optimizer, scheduler, epoch: int, step: int, history: list, config: dict):
+def save(directory: str | Path, state: dict, config: dict) -> None:
     directory = Path(directory)
-    torch.save(
-        {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "history": history,
-            "rng": rng_state(),
-        },
-        directory / STATE_FILE,
-    )
+    torch.save({**state, "rng": rng_state()}, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 

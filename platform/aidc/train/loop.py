@@ -1,15 +1,18 @@
 """The per-worker training loop: one function for every workload, parametrised by its task.
 
-It is a plain function of a config dict. Ray Train runs it on each worker (DDP over gloo on
-CPU, NCCL on GPU); with `num_workers=0` it runs in the driver, which unit tests use.
+A plain function of a config dict. Ray Train runs it on each worker (DDP over gloo on CPU, NCCL on
+GPU, or FSDP2); with `num_workers=0` it runs in the driver. Checkpoints hold everything needed to
+continue exactly: model, optimizer, scheduler, RNG, step within the epoch, history and best model.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,6 +20,8 @@ import ray.train
 import ray.train.torch
 from aidc.tasks import get_task
 from aidc.train import checkpoint as ckpt
+from aidc.train.parallel import (autocast, full_state, grad_scaler, load_full_state, no_sync, parallelize,
+                                 resolve_precision)
 
 logger = logging.getLogger(__name__)
 
@@ -30,94 +35,155 @@ def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, t.tolist()))
 
 
-def evaluate(model, task, shard, batch_size: int, device, prefix: str) -> dict[str, float]:
+def evaluate(model, task, shard, batch_size: int, device, prefix: str, precision: str) -> dict[str, float]:
     """Task metrics over this worker's shard, summed across all workers."""
     model.eval()
     sums: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, device):
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
             for k, v in task.eval_sums(task.forward(model, batch), batch).items():
                 sums[k] = sums.get(k, 0.0) + v
     return task.metrics_from_sums(_all_reduce_sums(sums, device), prefix)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
+def _maybe_inject_fault(marker: str | None, step: int) -> None:
+    """Test hook for fault tolerance: `<file>:<step>` kills this worker process once, at that step."""
+    if not marker:
+        return
+    path, _, at = marker.rpartition(":")
+    if step == int(at) and Path(path).exists():
+        Path(path).unlink()
+        logger.warning("fault injection: worker exiting at step %d", step)
+        os._exit(1)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    job, features, train_rows = config["job"], config["features"], config["train_rows"]
-    train_cfg = job["train"]
+    job, features = config["job"], config["features"]
+    tc = job["train"]
     task = get_task(job["task"])
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    precision = resolve_precision(tc["precision"], device)
+    strategy = tc["parallelism"]
 
-    torch.manual_seed(train_cfg["seed"])
-    model = ray.train.torch.prepare_model(task.build_model(job["model"], features).to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    steps_per_epoch = max(1, train_rows // (train_cfg["batch_size"] * max(world, 1)))
-    total_steps = steps_per_epoch * train_cfg["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, warmup_steps=max(1, total_steps // 20))
-    )
+    torch.manual_seed(tc["seed"])
+    model = parallelize(task.build_model(job["model"], features).to(device), strategy, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    micro_per_epoch = max(1, config["train_rows"] // (tc["batch_size"] * max(world, 1)))
+    if tc["max_steps_per_epoch"]:
+        micro_per_epoch = min(micro_per_epoch, tc["max_steps_per_epoch"] * tc["grad_accum_steps"])
+    steps_per_epoch = max(1, micro_per_epoch // tc["grad_accum_steps"])
+    total_steps = steps_per_epoch * tc["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        total_steps, max(1, int(total_steps * tc["warmup_fraction"])), tc["min_lr_ratio"]))
+    scaler = grad_scaler(precision, device)
 
-    start_epoch, step, history = 0, 0, []
+    state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "history": [], "best": None, "finished": False,
+             "resumes": []}
     resume_from = ray.train.get_checkpoint()
     if resume_from:
         with resume_from.as_directory() as d:
-            state = ckpt.load(d)
-        ckpt.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+            saved = ckpt.load(d)
+        load_full_state(model, optimizer, saved["model"], saved["optimizer"], strategy)
+        scheduler.load_state_dict(saved["scheduler"])
+        ckpt.set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in state}
+        state["resumes"].append({"epoch": state["epoch"], "step": state["step"]})
         if rank == 0:
-            logger.info("resuming from checkpoint after epoch %d (step %d)", state["epoch"], step)
+            logger.info("resuming at epoch %d, step %d", state["epoch"], state["step"])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    test_shard = ray.train.get_dataset_shard("test")
-    batch_size = train_cfg["batch_size"]
-
-    for epoch in range(start_epoch, train_cfg["epochs"]):
-        model.train()
-        t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=batch_size, device=device, local_shuffle_buffer_size=batch_size * 8,
-            local_shuffle_seed=train_cfg["seed"] * 1000 + epoch,
-        ):
-            loss = task.loss(task.forward(model, batch), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            batches += 1
-            seen += task.count(batch)
-            loss_sum += float(loss)
-        elapsed = time.perf_counter() - t0
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": loss_sum / max(batches, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "samples_per_s": seen * world / max(elapsed, 1e-9),
-            **evaluate(model, task, val_shard, batch_size * 4, device, "val"),
-        }
-        if epoch == train_cfg["epochs"] - 1 and test_shard is not None:
-            metrics.update(evaluate(model, task, test_shard, batch_size * 4, device, "test"))
-        history.append(metrics)
+    def report(metrics: dict) -> None:
+        """Report metrics with a checkpoint (written by rank 0; gathering state is collective)."""
+        model_sd, optim_sd = full_state(model, optimizer, strategy)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                ckpt.save(d, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, step=step,
-                          history=history, config=job)
+                ckpt.save(d, {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                              **state}, job)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+    shards = {s: ray.train.get_dataset_shard(s) for s in ("train", "val", "test")}
+    bs, accum = tc["batch_size"], tc["grad_accum_steps"]
+    primary = task.primary_metric
+    stale = 0 if state["best"] is None else state["epoch"] - 1 - state["best"]["epoch"]
+
+    while state["epoch"] < tc["epochs"] and not state["finished"]:
+        epoch = state["epoch"]
+        model.train()
+        t0, seen, loss_sum, micro = time.perf_counter(), 0, 0.0, 0
+        skip = state["micro_in_epoch"]  # resuming mid-epoch: pass over what was already trained on
+        for batch in shards["train"].iter_torch_batches(
+            batch_size=bs, device=device, local_shuffle_buffer_size=bs * 8, local_shuffle_seed=tc["seed"] * 1000 + epoch,
+        ):
+            if micro < skip:
+                micro += 1
+                continue
+            if micro >= micro_per_epoch:  # equal step counts on every worker; drain (never abandon) the split
+                continue
+            last_micro = (micro + 1) % accum == 0
+            with no_sync(model, not last_micro), autocast(precision, device):
+                loss = task.loss(task.forward(model, batch), batch)
+            scaler.scale(loss / accum).backward()
+            micro += 1
+            seen += task.count(batch)
+            loss_sum += float(loss)
+            if not last_micro:
+                continue
+            if tc["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["micro_in_epoch"] = micro
+            _maybe_inject_fault(config.get("fault_marker"), state["step"])
+            every = tc["checkpoint_every_steps"]
+            if every and state["step"] % every == 0 and micro < micro_per_epoch:
+                report({"epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
+                        "lr": scheduler.get_last_lr()[0], f"{primary}": float("inf")})
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
+            "lr": scheduler.get_last_lr()[0], "samples_per_s": seen * world / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed, "precision": precision,
+            **evaluate(model, task, shards["val"], bs * 4, device, "val", precision),
+        }
+        state["history"].append(metrics)
+        if state["best"] is None or metrics[primary] < state["best"]["value"] - tc["early_stopping_min_delta"]:
+            model_sd, _ = full_state(model, optimizer, strategy)
+            state["best"] = {"epoch": epoch, "value": metrics[primary], "model": model_sd}
+            stale = 0
+        else:
+            stale += 1
+        patience = tc["early_stopping_patience"]
+        if patience and stale >= patience:
+            state["finished"] = True
+            if rank == 0:
+                logger.info("early stopping after epoch %d: no better %s for %d epochs", epoch, primary, patience)
+        state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
+        if rank == 0:
+            logger.info("epoch %d/%d step %d train_loss %.4f %s %.4f", epoch + 1, tc["epochs"], state["step"],
+                        metrics["train_loss"], primary, metrics[primary])
+        report(metrics)
+
+    # Final: the best weights, scored once on the held-out test split, are the run's result.
+    load_full_state(model, optimizer, state["best"]["model"], None, strategy)
+    final = {**state["history"][-1], "best_epoch": state["best"]["epoch"], primary: state["best"]["value"],
+             "resumes": len(state["resumes"]),
+             **evaluate(model, task, shards["test"], bs * 4, device, "test", precision)}
+    state["finished"] = True
+    report(final)

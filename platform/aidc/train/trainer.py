@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 from dataclasses import dataclass
 
 from aidc import storage
@@ -23,6 +24,7 @@ class TrainOutcome:
     metrics: dict
     checkpoint_path: str
     history: list
+    resumes: list
 
 
 def default_run_name(job_name: str) -> str:
@@ -41,7 +43,9 @@ def run_training(cfg) -> TrainOutcome:
     manifest = dv.manifest()
     task = get_task(cfg.task)
     state = manifest["transform"]
-    ray.data.DataContext.get_current().enable_progress_bars = False  # epochs are the progress; keep logs readable
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False  # epochs are the progress; keep job logs readable
+    data_ctx.execution_options.preserve_order = True  # same seed, same batches: resumed runs match uninterrupted ones
     datasets = {
         s: dv.read(s).map_batches(task.transform_batch, fn_kwargs={"state": state, "training": s == "train"},
                                   batch_format="numpy")
@@ -68,6 +72,7 @@ def run_training(cfg) -> TrainOutcome:
             "job": cfg.model_dump(mode="json"),
             "features": manifest["features"],
             "train_rows": manifest["counts"].get("examples", manifest["counts"]["splits"])["train"],
+            "fault_marker": os.environ.get("AIDC_FAULT_MARKER"),  # test hook: <file>:<step> kills a worker once
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
@@ -88,8 +93,8 @@ def run_training(cfg) -> TrainOutcome:
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
-        history = ckpt.load(d)["history"]
-    return TrainOutcome(run_name, dv, dict(result.metrics), result.checkpoint.path, history)
+        final = ckpt.load(d)  # the final checkpoint holds every epoch's metrics
+    return TrainOutcome(run_name, dv, dict(result.metrics), result.checkpoint.path, final["history"], final["resumes"])
 
 
 def describe_model(cfg) -> None:

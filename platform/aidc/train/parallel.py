@@ -1,0 +1,96 @@
+"""How a model is spread over workers and which precision it runs in: the one place that applies
+DDP or FSDP2 (`fully_shard`), autocast and the grad scaler, and gathers full state for checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision actually used: GPUs get bf16 where supported; CPUs fp32 unless asked otherwise."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        logger.warning("precision fp16 needs a GPU (grad scaler); using bf16 autocast on %s", device.type)
+        return "bf16"
+    return requested
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device):
+    """fp16 needs loss scaling; bf16/fp32 do not (a disabled scaler is a no-op)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    """DDP through Ray Train's prepare_model (gloo on CPU, NCCL on GPU), or FSDP2 over each block then the root."""
+    import ray.train.torch
+
+    if strategy == "ddp" or not is_distributed():
+        return ray.train.torch.prepare_model(model)
+    from torch.distributed.fsdp import fully_shard
+
+    model = ray.train.torch.prepare_model(model, parallel_strategy=None)  # device placement only
+    for module in model.modules():
+        blocks = getattr(module, "blocks", None) or getattr(getattr(module, "encoder", None), "layers", None)
+        if isinstance(blocks, nn.ModuleList):
+            for block in blocks:
+                fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def full_state(model: nn.Module, optimizer, strategy: str) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on CPU (a collective under FSDP: every rank calls it)."""
+    if strategy == "fsdp" and is_distributed():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, optimizer.state_dict()
+
+
+def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None, strategy: str) -> None:
+    if strategy == "fsdp" and is_distributed():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        # With cpu_offload the full state lives on rank 0 only (full_state): rank 0 broadcasts it.
+        # It also rewrites the dict it is given (into DTensors): hand it copies, keep the caller's intact.
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, dict(model_sd), options=opts)
+        if optim_sd is not None:
+            set_optimizer_state_dict(model, optimizer, copy.deepcopy(optim_sd), options=opts)
+        return
+    unwrap(model).load_state_dict(model_sd)
+    if optim_sd is not None:
+        optimizer.load_state_dict(optim_sd)
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """Skip DDP's gradient all-reduce on micro-steps that are not the last of an accumulation."""
+    if skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
