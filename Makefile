@@ -13,7 +13,7 @@ DASHBOARD := http://127.0.0.1:8265
 SERVE_URL := http://127.0.0.1:8000
 RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token
 
-.PHONY: setup demo test test-unit stop bench clean
+.PHONY: setup demo test test-unit stop bench bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -65,6 +65,9 @@ stop:
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+bench-quality: setup
+	AIDC_DATA_MIRROR=$${AIDC_DATA_MIRROR:-$(CURDIR)/../shared/data} $(BIN)/python -m benchmarks.quality
 
 clean: stop
 	rm -rf .aidc

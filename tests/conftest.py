@@ -29,6 +29,7 @@ def _no_leaking_storage(monkeypatch, tmp_path_factory):
     """No test writes to ~/.aidc: each session gets its own storage root unless a test sets one."""
     if "AIDC_STORAGE" not in __import__("os").environ:
         monkeypatch.setenv("AIDC_STORAGE", str(tmp_path_factory.getbasetemp() / "storage"))
+    monkeypatch.setenv("AIDC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 

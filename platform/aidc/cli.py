@@ -26,6 +26,16 @@ def _data(args) -> int:
     from aidc.data.dataset import open_dataset, versions
     from aidc.data.pipeline import summary_lines
 
+    if args.action == "prepare":
+        from aidc.data.pipeline import preprocess
+        from aidc.entry import run_job
+
+        def prepare(cfg, job_args) -> None:
+            dv, reused = preprocess(cfg, force=job_args.force)
+            print("\n".join(summary_lines(dv, reused)))
+
+        return run_job("aidc data prepare", "Preprocess a dataset into a versioned Parquet dataset", prepare,
+                       argv=args.rest, extra_args=lambda p: p.add_argument("--force", action="store_true"))
     root = storage.storage_root(args.storage)
     if args.action == "list":
         fs, inner = storage.filesystem(storage.join(root, "datasets"))
@@ -43,8 +53,10 @@ def _data(args) -> int:
     print("\n".join(summary_lines(dv, reused=True)))
     sample = dv.read_numpy("train")
     print("  sample rows (train):")
-    for i in range(min(3, len(sample["id"]))):
-        print("   ", {k: (v[i].tolist() if k != "image" else f"<{v[i].shape} array>") for k, v in sample.items()})
+    for i in range(min(3, len(next(iter(sample.values()))))):
+        row = {k: (f"<{v[i].shape} array>" if getattr(v[i], "ndim", 0) else v[i].item() if hasattr(v[i], "item")
+                   else v[i]) for k, v in sample.items()}
+        print("   ", row)
     return 0
 
 
@@ -86,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", nargs="?", default="cluster.yaml")
     c.set_defaults(fn=_cluster)
 
-    d = sub.add_parser("data", help="list and inspect versioned datasets")
-    d.add_argument("action", choices=["list", "inspect"])
+    d = sub.add_parser("data", help="prepare, list and inspect versioned datasets",
+                       epilog="prepare takes the job options: --config FILE [--set a.b=v] [--force] [--dry-run]")
+    d.add_argument("action", choices=["prepare", "list", "inspect"])
     d.add_argument("dataset", nargs="?", help="name or name@version (inspect)")
     d.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
     d.set_defaults(fn=_data)
@@ -106,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from aidc.telemetry import setup_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not (args.command == "data" and args.action == "prepare"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest + ([args.dataset] if getattr(args, "dataset", None) and args.action == "prepare" else [])
+    if args.command == "data" and args.action == "prepare":
+        return args.fn(args)
     setup_logging("WARNING")
     if args.command == "data" and args.action == "inspect" and not args.dataset:
         print("error: aidc data inspect needs a dataset name, e.g. aidc data inspect digits", file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aidc.errors import ConfigError
 
@@ -191,14 +191,14 @@ class ResourcesConfig(Strict):
     )
 
 
-    @model_validator(mode="after")
-    def _workers_valid(self) -> "ResourcesConfig":
-        n = self.num_workers
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_valid(cls, n):
         if isinstance(n, tuple) and not (1 <= n[0] <= n[1]):
-            raise ValueError(f"num_workers [min, max] needs 1 <= min <= max, got {list(n)}")
+            raise ValueError(f"[min, max] needs 1 <= min <= max, e.g. [1, 4]; got {list(n)}")
         if isinstance(n, int) and n < 0:
-            raise ValueError(f"num_workers must be >= 0, got {n}")
-        return self
+            raise ValueError("must be >= 0 (0 runs the loop in the driver)")
+        return n
 
 
 class RunConfig(Strict):

@@ -112,6 +112,32 @@ class RegisteredVersion:
         return f"{self.name}@{self.alias}"
 
 
+def plot_curves(history: list[dict], path: Path) -> Path:
+    """A PNG of the per-epoch training curves (losses, and the validation metrics besides loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    metrics = sorted({k for h in history for k, v in h.items()
+                      if k.startswith("val_") and k != "val_loss" and isinstance(v, (int, float))})
+    fig, axes = plt.subplots(1, 1 + bool(metrics), figsize=(11 if metrics else 6, 4), squeeze=False)
+    for key in ("train_loss", "val_loss"):
+        axes[0][0].plot(epochs, [h.get(key) for h in history], marker="o", label=key)
+    axes[0][0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[0][0].legend()
+    for key in metrics:
+        axes[0][-1].plot(epochs, [h.get(key) for h in history], marker="o", label=key)
+    if metrics:
+        axes[0][-1].set(xlabel="epoch", title="validation metrics")
+        axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -158,6 +184,7 @@ def register(cfg, outcome, extra_artifacts: list[Path] = ()) -> RegisteredVersio
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     client.log_metric(run_id, k, float(v), step=int(row["epoch"]))
         client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+        client.log_artifact(run_id, str(plot_curves(outcome.history, Path(tmp, "curves.png"))))
         for path in extra_artifacts:
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id)

@@ -81,7 +81,7 @@ def test_training_reaches_target_accuracy_and_registers_the_model(trained, cfg, 
 def test_serve_predicts_over_http_and_rejects_bad_requests(trained, cfg, root, dataset):
     from ray import serve
 
-    from serve_apps.classifier import app_builder
+    from serve_apps.predictor import app_builder
 
     _, version = trained
     port = free_port()

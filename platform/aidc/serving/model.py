@@ -39,6 +39,8 @@ class LoadedModel:
 
     def predict(self, raw) -> list[dict]:
         """Raw inputs (as a client sends them) -> predictions, through the training-time transform."""
+        if hasattr(self.task, "generate"):  # language models answer prompts with text
+            return [{"text": t} for t in self.task.generate(self.model, list(raw), self.spec["transform"])]
         batch = raw if isinstance(raw, dict) else {self.task.input_column: raw}
         batch = self.task.transform_batch(batch, self.spec["transform"])
         tensors = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}

@@ -1,6 +1,7 @@
-"""Classifier over HTTP: POST {"instances": [...]} -> predicted class and probabilities per instance.
+"""Any registered aidc model over HTTP: POST {"instances": [...]} -> one prediction per instance.
 
-Serve config: serve_apps/config.yaml (import_path: serve_apps.classifier:app_builder).
+Images and texts get a class with probabilities, user/item pairs a rating, prompts a continuation.
+Serve config: serve_apps/config.yaml (import_path: serve_apps.predictor:app_builder).
 No `from __future__ import annotations` here: FastAPI must see real types on Serve ingress methods.
 """
 
@@ -17,10 +18,10 @@ from aidc.serving import error_body, load_model, parse_json_body
 from aidc.serving.http import require
 
 logger = logging.getLogger(__name__)
-api = FastAPI(title="aidc classifier", description="Predictions from a model in the aidc registry")
+api = FastAPI(title="aidc predictor", description="Predictions from a model in the aidc registry")
 
 
-class ClassifierArgs(BaseModel):
+class PredictorArgs(BaseModel):
     """Application arguments (the `args:` block of the Serve config)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -32,9 +33,9 @@ class ClassifierArgs(BaseModel):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
-class Classifier:
+class Predictor:
     def __init__(self, args: dict):
-        self.args = ClassifierArgs.model_validate(args)
+        self.args = PredictorArgs.model_validate(args)
         self.loaded = load_model(self.args.model, self.args.tracking_uri)
 
     @api.post("/predict")
@@ -58,5 +59,5 @@ class Classifier:
 
 
 def app_builder(args: dict):
-    ClassifierArgs.model_validate(args)  # fail at deploy time, with the field named
-    return Classifier.bind(args)
+    PredictorArgs.model_validate(args)  # fail at deploy time, with the field named
+    return Predictor.bind(args)

@@ -1,0 +1,60 @@
+"""Helpers shared by the benchmarks: a fresh local Ray per measurement, timing, peak RSS sampling."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: float, **kwargs):
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class PeakRSS:
+    """Samples the resident memory of this process and of Ray's worker processes (by name)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.driver, self.workers, self._stop = interval, 0, 0, threading.Event()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process(os.getpid())
+        while not self._stop.is_set():
+            self.driver = max(self.driver, me.memory_info().rss)
+            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "ray::" in (p.info["name"] or "") or "ray::" in cmd or "default_worker.py" in cmd:
+                    self.workers = max(self.workers, p.info["memory_info"].rss if p.info["memory_info"] else 0)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t

@@ -1,0 +1,20 @@
+"""Run every side-by-side benchmark in turn (each prints its JSON figures).
+
+    python -m benchmarks.run [--quick]
+"""
+
+import sys
+
+from benchmarks import data_streaming, data_throughput, train_vs_torchrun
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for bench in (data_throughput, data_streaming, train_vs_torchrun):
+        print(f"== {bench.__name__}", flush=True)
+        bench.main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Each benchmark's --quick mode runs, so benchmarks cannot rot (figures are for issue notes, not asserts)."""
+
+import pytest
+
+pytestmark = pytest.mark.e2e  # each starts and stops its own local Ray, so it runs outside the integration tier
+
+
+def test_data_throughput_quick():
+    from benchmarks.data_throughput import main
+
+    r = main(["--quick"])
+    assert r["text_pandas_rows_per_s"] > 0 and r["text_ray_2cpu_rows_per_s"] > 0
+
+
+def test_data_streaming_quick():
+    from benchmarks.data_streaming import main
+
+    r = main(["--quick"])
+    assert r["input_rows"] == sum(r["splits"].values())
+
+
+def test_train_vs_torchrun_quick():
+    from benchmarks.train_vs_torchrun import main
+
+    r = main(["--quick"])
+    assert r["ray_train_samples_per_s"] > 0 and r["torchrun_samples_per_s"] > 0
