@@ -7,7 +7,6 @@ the model through aidc.models and refuses files whose hashes do not match (no pi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aidc import storage
+from aidc.storage import sha256_file
 from aidc.errors import RegistryError
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,6 @@ def _experiment_id(client, name: str, root: str) -> str:
     if client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri:
         location = Path(root, "mlartifacts").as_uri()  # not ./mlruns of whatever cwd a job has
     return client.create_experiment(name, artifact_location=location)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(directory: Path) -> dict:

@@ -66,6 +66,17 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def ensure_dir(path: str) -> None:
     fs, inner = filesystem(path)
     fs.create_dir(inner, recursive=True)

@@ -8,7 +8,6 @@ terms are shown once, the first time a dataset is fetched.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aidc.errors import DataError
+from aidc.storage import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +96,12 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, "~/.cache/aidc")).expanduser() / "datasets"
 
 
 def _verify(path: Path, f: RemoteFile, origin: str) -> Path:
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != f.sha256:
         raise DataError(
             f"{path} (from {origin}) fails its sha256 check: got {actual}, expected {f.sha256}. "

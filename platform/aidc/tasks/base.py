@@ -31,6 +31,13 @@ def row_hashes(*columns: np.ndarray) -> np.ndarray:
     return out
 
 
+def empty_text_reasons(texts: np.ndarray) -> np.ndarray:
+    """Reject reason per text row: '' to keep, 'empty text' for blank ones."""
+    reason = np.full(len(texts), "", dtype=object)
+    reason[np.array([not str(t).strip() for t in texts], dtype=bool)] = "empty text"
+    return reason
+
+
 class Task:
     """A workload: how to clean and encode its data, feed and score its model, and answer requests."""
 

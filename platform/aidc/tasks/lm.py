@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from aidc.data.text import decode, encode, pack_blocks, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import Table, Task, row_hashes
+from aidc.tasks.base import Table, Task, empty_text_reasons, row_hashes
 from aidc.tasks.image import check_batch
 
 
@@ -22,9 +22,7 @@ class LanguageModel(Task):
     input_column = "text"
 
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
-        reason = np.full(len(table["text"]), "", dtype=object)
-        reason[np.array([not str(t).strip() for t in table["text"]], dtype=bool)] = "empty text"
-        return reason
+        return empty_text_reasons(table["text"])
 
     def content_key(self, table: Table) -> np.ndarray:
         return row_hashes(table["text"])

@@ -12,7 +12,8 @@ from torch.nn import functional as F
 from aidc.data.text import encode, pad_truncate, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import Table, Task, classification_metrics, classification_sums, row_hashes
+from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, empty_text_reasons,
+                             row_hashes)
 from aidc.tasks.image import check_batch
 
 MAX_CHARS = 5000
@@ -23,9 +24,8 @@ class TextClassification(Task):
     input_column = "text"
 
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
-        reason = np.full(len(table["text"]), "", dtype=object)
-        reason[table["label"] < 0] = "unknown label"
-        reason[np.array([not str(t).strip() for t in table["text"]], dtype=bool)] = "empty text"
+        reason = empty_text_reasons(table["text"])
+        reason[(table["label"] < 0) & (reason == "")] = "unknown label"
         return reason
 
     def content_key(self, table: Table) -> np.ndarray:
