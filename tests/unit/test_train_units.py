@@ -31,6 +31,21 @@ def test_precision_selects_itself_from_the_device():
     assert not grad_scaler("bf16", cpu).is_enabled()
 
 
+def test_full_state_is_a_snapshot_not_a_view_of_live_weights():
+    from aidc.train.parallel import full_state
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    snap, opt_snap = full_state(model, opt, "ddp")
+    before = snap["weight"].clone()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert torch.equal(snap["weight"], before) and not torch.equal(model.weight.detach(), before)
+    assert opt_snap["state"][0]["step"] == 1
+
+
 def test_model_must_fit_the_task():
     with pytest.raises(ConfigError, match="model.arch 'gpt' does not fit task 'image_classification'"):
         load_config(CONFIGS / "digits.yaml", ["model={arch: gpt}"])

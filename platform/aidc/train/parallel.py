@@ -69,7 +69,9 @@ def full_state(model: nn.Module, optimizer, strategy: str) -> tuple[dict, dict]:
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, optimizer.state_dict()
+    # clone(): on CPU, .cpu() returns the live tensor itself, and a snapshot must not follow training.
+    model_sd = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return model_sd, copy.deepcopy(optimizer.state_dict())
 
 
 def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None, strategy: str) -> None:
