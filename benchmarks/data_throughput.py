@@ -61,11 +61,16 @@ def load_texts(rows: int) -> pd.DataFrame:
     return pd.DataFrame({"text": [f"{t} #{i}" for i in range(reps) for t in texts][:rows]})
 
 
+def split_frame(df: pd.DataFrame, blocks: int) -> list[pd.DataFrame]:
+    step = -(-len(df) // blocks)
+    return [df.iloc[i:i + step] for i in range(0, len(df), step)]
+
+
 def ray_run(df: pd.DataFrame, fn, fn_kwargs: dict, cpus: int, blocks: int) -> float:
     with local_ray(cpus) as ray:
-        ds = ray.data.from_pandas(np.array_split(df, blocks))
+        ds = ray.data.from_pandas(split_frame(df, blocks))
         ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pandas", batch_size=1024).materialize()  # warm-up
-        ds = ray.data.from_pandas(np.array_split(df, blocks))
+        ds = ray.data.from_pandas(split_frame(df, blocks))
         _, secs = timed(lambda: ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pandas",
                                                batch_size=1024).materialize())
     return secs

@@ -172,7 +172,6 @@ def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVers
     import ray.data
 
     from aidc.data.readers import check_tabular_header
-    from aidc.tasks.base import row_hashes
 
     d = cfg.data
     columns = task.columns(cfg)
@@ -191,12 +190,17 @@ def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVers
     split = d.split
 
     def clean_and_split(batch):
+        import pandas as pd
+
         batch = task.clean_batch(batch, cfg)
-        keys = row_hashes(*[batch[c].to_numpy() for c in columns])
-        batch["split"] = np.where(batch[REASON].to_numpy() == "", assign_splits(keys, split.train, split.val,
-                                                                                 split.seed), "rejected")
+        # A seeded 64-bit hash of each row's content: identical rows land in the same split (so dedup
+        # can keep one), and the same row always gets the same split, whatever the file order.
+        keys = pd.util.hash_pandas_object(batch[columns], index=False, hash_key=f"aidc{split.seed:012d}"[:16])
+        u = keys.to_numpy(dtype=np.uint64) / float(2**64)
+        names = np.where(u < split.train, "train", np.where(u < split.train + split.val, "val", "test"))
+        batch["split"] = np.where(batch[REASON].to_numpy() == "", names, "rejected")
         if d.clean.dedup:
-            batch["_key"] = keys
+            batch["_key"] = keys.to_numpy(dtype=np.uint64)
         return batch
 
     ds = ds.map_batches(clean_and_split, batch_format="pandas")

@@ -13,18 +13,36 @@ def fit_scalar_standardizer(values: np.ndarray) -> dict:
     return {"kind": "standardize", "mean": float(v.mean()), "std": std if std > 1e-12 else 1.0}
 
 
-def fit_column_standardizer(train_ds, columns: list[str]) -> dict:
-    """Per-column mean/std over a Ray dataset, in one streaming aggregation."""
-    from ray.data.aggregate import Mean, Std
+def fit_table_statistics(train_ds, numeric: list[str], distinct: list[str]) -> tuple[dict, dict[str, list]]:
+    """One streaming pass over a Ray dataset: per-column mean/std of `numeric` columns (merged from
+    per-block partials with Chan's parallel formula) and the distinct values of `distinct` columns."""
+    import json
 
-    if not columns:
-        return {"kind": "standardize_columns", "columns": [], "mean": [], "std": []}
-    aggs = [Mean(c) for c in columns] + [Std(c, ddof=0) for c in columns]
-    out = train_ds.aggregate(*aggs)
-    means = [float(out[f"mean({c})"]) for c in columns]
-    stds = [float(out[f"std({c})"] or 0.0) for c in columns]
-    return {"kind": "standardize_columns", "columns": columns, "mean": means,
-            "std": [s if s > 1e-12 else 1.0 for s in stds]}
+    import pandas as pd
+
+    def partial(batch: pd.DataFrame) -> pd.DataFrame:
+        row = {"n": [len(batch)]}
+        for c in numeric:
+            v = batch[c].to_numpy(dtype=np.float64)
+            row[f"mean:{c}"], row[f"m2:{c}"] = [v.mean() if len(v) else 0.0], [((v - v.mean()) ** 2).sum() if len(v) else 0.0]
+        for c in distinct:
+            row[f"set:{c}"] = [json.dumps(sorted({x.item() if hasattr(x, "item") else x for x in batch[c].unique()}))]
+        return pd.DataFrame(row)
+
+    parts = train_ds.map_batches(partial, batch_format="pandas").to_pandas()
+    means, stds = [], []
+    for c in numeric:
+        n, mean, m2 = 0, 0.0, 0.0
+        for nb, mb, m2b in zip(parts["n"], parts[f"mean:{c}"], parts[f"m2:{c}"]):
+            if not nb:
+                continue
+            delta, total = mb - mean, n + nb
+            mean, m2, n = mean + delta * nb / total, m2 + m2b + delta**2 * n * nb / total, total
+        std = float(np.sqrt(m2 / n)) if n else 1.0
+        means.append(float(mean))
+        stds.append(std if std > 1e-12 else 1.0)
+    values = {c: sorted({v for cell in parts[f"set:{c}"] for v in json.loads(cell)}) for c in distinct}
+    return {"kind": "standardize_columns", "columns": numeric, "mean": means, "std": stds}, values
 
 
 def standardize(values: np.ndarray, state: dict) -> np.ndarray:

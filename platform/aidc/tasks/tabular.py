@@ -11,9 +11,19 @@ import pandas as pd
 from torch import nn
 from torch.nn import functional as F
 
-from aidc.data.transforms import apply_index_map, fit_column_standardizer, fit_index_map, standardize
+from aidc.data.transforms import apply_index_map, fit_index_map, fit_table_statistics, standardize
 from aidc.models import MODELS
 from aidc.tasks.base import Task, classification_metrics, classification_sums, row_hashes
+
+
+def _as_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values with NaN for missing, mask of present values that are not numbers)."""
+    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan), np.zeros(len(series), dtype=bool)
+    raw = pd.Series(series.to_numpy(dtype=object, na_value=None), dtype=object)
+    num = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    present = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
+    return num, np.isnan(num) & present
 
 
 class TabularClassification(Task):
@@ -26,45 +36,48 @@ class TabularClassification(Task):
         return [*cfg.data.features, *cfg.data.categorical, cfg.data.label]
 
     def clean_batch(self, batch: pd.DataFrame, cfg) -> pd.DataFrame:
-        """Coerce types, fill or reject nulls, reject bad labels; adds `reject_reason` (streaming)."""
+        """Coerce types, fill or reject nulls, reject bad labels; adds `reject_reason` (streaming, vectorised)."""
         d = cfg.data
-        # Ray may hand Arrow-backed dtypes, whose NA handling differs from numpy's: start from plain objects.
-        batch = pd.DataFrame({c: pd.Series(batch[c].to_numpy(dtype=object, na_value=None), dtype=object)
-                              for c in batch.columns})
+        out = {}
         reason = np.full(len(batch), "", dtype=object)
+
+        def reject(mask: np.ndarray, why: str) -> None:
+            reason[mask & (reason == "")] = why
+
         for col in d.features:
-            raw = batch[col]
-            num = pd.to_numeric(raw, errors="coerce").astype("float64")
-            bad_type = num.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+            num, bad_type = _as_float(batch[col])
+            missing = np.isnan(num) & ~bad_type
             if d.clean.nulls == "fill":
-                num = num.where(~num.isna() | bad_type, d.clean.fill_value)
-            reason[(num.isna() & ~bad_type).to_numpy() & (reason == "")] = f"{col} is missing"
-            reason[bad_type.to_numpy() & (reason == "")] = f"{col} is not a number"
-            reason[np.isinf(num.fillna(0.0).to_numpy(dtype=np.float64)) & (reason == "")] = f"{col} is infinite"
-            batch[col] = num.astype("float64")
-        for col in d.categorical:
-            missing = batch[col].isna().to_numpy()
-            if d.clean.nulls == "fill":
-                batch[col] = batch[col].astype(object).where(~missing, "<missing>")
+                num = np.where(missing, d.clean.fill_value, num)
             else:
-                reason[missing & (reason == "")] = f"{col} is missing"
-            batch[col] = batch[col].astype(str)
-        label = pd.to_numeric(batch[d.label], errors="coerce").astype("float64")
-        bad_label = (label.isna() | (label < 0) | (label != label.round())).to_numpy()
-        reason[bad_label & (reason == "")] = f"{d.label} is not a non-negative integer class"
-        batch[d.label] = label.fillna(-1).astype("int64")
-        batch["reject_reason"] = reason
-        return batch
+                reject(missing, f"{col} is missing")
+            reject(bad_type, f"{col} is not a number")
+            reject(np.isinf(num), f"{col} is infinite")
+            out[col] = num
+        for col in d.categorical:
+            values = batch[col].to_numpy(dtype=object, na_value=None)
+            missing = pd.isna(values)
+            if d.clean.nulls == "fill":
+                values = np.where(missing, "<missing>", values)
+            else:
+                reject(missing, f"{col} is missing")
+            out[col] = values.astype(str)
+        label, bad = _as_float(batch[d.label])
+        bad = bad | np.isnan(label) | (label < 0) | (label != np.round(label))
+        reject(bad, f"{d.label} is not a non-negative integer class")
+        out[d.label] = np.where(bad, -1, label).astype(np.int64)
+        out["reject_reason"] = reason
+        return pd.DataFrame(out)
 
     def content_key(self, table) -> np.ndarray:
         return row_hashes(*[np.asarray(v) for v in table.values()])
 
     def fit(self, train_ds, cfg, meta: dict) -> dict:
         d = cfg.data
-        cats = {c: fit_index_map(train_ds.unique(c)) for c in d.categorical}
-        classes = sorted(int(v) for v in train_ds.unique(d.label))
-        return {"numeric": fit_column_standardizer(train_ds, d.features), "categorical": cats,
-                "label": d.label, "classes": classes}
+        numeric, distinct = fit_table_statistics(train_ds, d.features, [*d.categorical, d.label])
+        cats = {c: fit_index_map(distinct[c]) for c in d.categorical}
+        return {"numeric": numeric, "categorical": cats, "label": d.label,
+                "classes": sorted(int(v) for v in distinct[d.label])}
 
     def features(self, meta: dict, state: dict) -> dict:
         return {"numeric": state["numeric"]["columns"], "categorical": list(state["categorical"]),
