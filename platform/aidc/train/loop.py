@@ -122,11 +122,14 @@ def train_loop_per_worker(config: dict) -> None:
     while state["epoch"] < tc["epochs"] and not state["finished"]:
         epoch = state["epoch"]
         model.train()
-        t0, seen, loss_sum, micro = time.perf_counter(), 0, 0.0, 0
+        t0, seen, loss_sum, micro, first_batch_s = time.perf_counter(), 0, 0.0, 0, None
         skip = state["micro_in_epoch"]  # resuming mid-epoch: pass over what was already trained on
         for batch in shards["train"].iter_torch_batches(
             batch_size=bs, device=device, local_shuffle_buffer_size=bs * 8, local_shuffle_seed=tc["seed"] * 1000 + epoch,
+            prefetch_batches=2,
         ):
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - t0  # the data pipeline's start-up for this epoch
             if micro < skip:
                 micro += 1
                 continue
@@ -159,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {
             "epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
             "lr": scheduler.get_last_lr()[0], "samples_per_s": seen * world / max(elapsed, 1e-9),
-            "epoch_time_s": elapsed, "precision": precision,
+            "epoch_time_s": elapsed, "first_batch_s": first_batch_s or 0.0, "precision": precision,
             **evaluate(model, task, shards["val"], bs * 4, device, "val", precision),
         }
         state["history"].append(metrics)
