@@ -72,7 +72,12 @@ def _predict(args) -> int:
     dv = open_dataset(storage.storage_root(args.storage), name, version or None)
     rows = dv.read_numpy(args.split)
     x, y = rows["image"][: args.limit], rows["label"][: args.limit]
-    resp = requests.post(args.url, json={"instances": x.tolist()}, timeout=60)
+    try:
+        resp = requests.post(args.url, json={"instances": x.tolist()}, timeout=60)
+    except requests.RequestException as exc:
+        print(f"error: cannot reach {args.url}: {exc.__class__.__name__}; is the Serve app deployed "
+              "(serve deploy serve_apps/config.yaml) and the URL right?", file=sys.stderr)
+        return 1
     if resp.status_code != 200:
         print(f"error: HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
         return 1
@@ -121,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and not (args.command == "data" and args.action == "prepare"):
+    preparing = args.command == "data" and args.action == "prepare"  # takes the job options, parsed by run_job
+    if rest and not preparing:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest + ([args.dataset] if getattr(args, "dataset", None) and args.action == "prepare" else [])
-    if args.command == "data" and args.action == "prepare":
+    if preparing:
+        args.rest = rest + ([args.dataset] if args.dataset else [])
         return args.fn(args)
     setup_logging("WARNING")
     if args.command == "data" and args.action == "inspect" and not args.dataset:

@@ -63,6 +63,16 @@ def test_insecure_start_commands_are_flagged():
     assert "--dashboard-host=127.0.0.1" in text and "RAY_AUTH_MODE=token" in text and "metrics-export-port" in text
 
 
+def test_cli_rejects_stray_arguments_and_parses_every_subcommand(capsys):
+    from aidc.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        aidc_main(["cluster", "describe", str(CLOUD), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    args = build_parser().parse_args(["predict", "--url", "http://x/predict", "--limit", "5"])
+    assert args.limit == 5 and args.fn.__name__ == "_predict"
+
+
 def test_cli_describe_and_validate(tmp_path, capsys):
     assert aidc_main(["cluster", "describe", str(CLOUD)]) == 0
     out = capsys.readouterr().out

@@ -63,7 +63,7 @@ def run_training(cfg) -> TrainOutcome:
     resources_per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_name = cfg.run.name or default_run_name(cfg.name)
     logger.info(
-        "training %s on dataset %s with %d worker(s) (%s), run %s",
+        "training %s on dataset %s with %s worker(s) (%s), run %s",
         cfg.name, dv.uri, res.num_workers, "GPU" if use_gpu else "CPU", run_name,
     )
     trainer = TorchTrainer(
