@@ -148,7 +148,7 @@ def _finish(dv, cfg, fingerprint, counts, features, state, source, schema) -> No
     logger.info("wrote dataset %s to %s", dv.uri, dv.dir)
 
 
-def _files_fingerprint(path: str) -> tuple[str, list[str]]:
+def _input_files_fingerprint(path: str) -> tuple[str, list[str]]:
     """Identity of a file input: every file's path, size and modification time (no full re-read)."""
     import pyarrow.fs as pafs
 
@@ -169,6 +169,7 @@ def _files_fingerprint(path: str) -> tuple[str, list[str]]:
 def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVersion, bool]:
     """Your own tabular files, streamed: read -> clean -> [dedup] -> split by content hash -> one
     partitioned Parquet write; the fit then streams over the training split."""
+    import pyarrow.fs as pafs
     import ray.data
 
     from aidc.data.readers import check_tabular_header
@@ -176,7 +177,7 @@ def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVers
     d = cfg.data
     columns = task.columns(cfg)
     check_tabular_header(d.path, d.format, columns)
-    input_fp, files = _files_fingerprint(d.path)
+    input_fp, files = _input_files_fingerprint(d.path)
     fingerprint = dataset_fingerprint(input_fp, cfg)
     dv = DatasetVersion(root, cfg.name, fingerprint[:12])
     if dv.exists() and not force:
@@ -217,7 +218,7 @@ def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVers
     fs, _ = storage.filesystem(dv.dir)
     for s in (*SPLITS, "rejected"):
         src = storage.filesystem(storage.join(staged, f"split={s}"))[1]
-        if fs.get_file_info(src).type != __import__("pyarrow.fs").fs.FileType.NotFound:
+        if fs.get_file_info(src).type != pafs.FileType.NotFound:
             fs.move(src, storage.filesystem(dv.path(s))[1])
     fs.delete_dir(storage.filesystem(staged)[1])
 
