@@ -20,7 +20,7 @@ TARGETS = {
     "digits": ("test_accuracy", ">=", 0.97, []),
     "mnist": ("test_accuracy", ">=", 0.99, []),
     "sms-spam": ("test_f1_spam", ">=", 0.93, []),
-    "shakespeare-gpt": ("test_loss", "<=", 1.6, []),
+    "shakespeare-gpt": ("test_loss", "<=", 1.6, ["train.epochs=20"]),  # the shipped 5 epochs reach ~1.86
     "movielens": ("test_rmse", "<=", 0.90, []),
 }
 QUICK = ["train.epochs=1", "train.max_steps_per_epoch=5"]
