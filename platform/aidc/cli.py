@@ -23,7 +23,7 @@ def _cluster(args) -> int:
 
 def _data(args) -> int:
     from aidc import storage
-    from aidc.data.dataset import open_dataset, versions
+    from aidc.data.dataset import names, open_dataset, versions
     from aidc.data.pipeline import summary_lines
 
     if args.action == "prepare":
@@ -38,14 +38,10 @@ def _data(args) -> int:
                        argv=args.rest, extra_args=lambda p: p.add_argument("--force", action="store_true"))
     root = storage.storage_root(args.storage)
     if args.action == "list":
-        fs, inner = storage.filesystem(storage.join(root, "datasets"))
-        import pyarrow.fs as pafs
-
-        names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-                       if i.type == pafs.FileType.Directory)
-        if not names:
+        found = names(root)
+        if not found:
             print(f"no datasets under {root}; run python -m jobs.preprocess --config jobs/configs/digits.yaml")
-        for name in names:
+        for name in found:
             print(f"{name}: {', '.join(versions(root, name))}")
         return 0
     name, _, version = args.dataset.partition("@")

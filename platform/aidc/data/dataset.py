@@ -84,15 +84,21 @@ class DatasetVersion:
         return {k: v[order] for k, v in out.items()}
 
 
-def versions(root: str, name: str) -> list[str]:
-    fs, inner = storage.filesystem(storage.join(root, "datasets", name))
+def _subdirs(path: str) -> list[str]:
     import pyarrow.fs as pafs
 
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(inner))
-    except FileNotFoundError:
-        return []
+    fs, inner = storage.filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def names(root: str) -> list[str]:
+    """Datasets that have been preprocessed under `root`."""
+    return _subdirs(storage.join(root, "datasets"))
+
+
+def versions(root: str, name: str) -> list[str]:
+    return _subdirs(storage.join(root, "datasets", name))
 
 
 def open_dataset(root: str, name: str, version: str | None = None) -> DatasetVersion:

@@ -116,8 +116,14 @@ def classification_sums(outputs: torch.Tensor, y: torch.Tensor, num_classes: int
     return sums
 
 
-def classification_metrics(sums: dict[str, float], prefix: str, num_classes: int,
+def num_classes_in(sums: dict[str, float]) -> int:
+    """Classes counted by classification_sums (one tp<c> entry per class)."""
+    return sum(1 for key in sums if key.startswith("tp"))
+
+
+def classification_metrics(sums: dict[str, float], prefix: str,
                            class_names: list[str] | None = None) -> dict[str, float]:
+    num_classes = num_classes_in(sums)
     n = max(sums["count"], 1.0)
     out = {f"{prefix}_loss": sums["loss_sum"] / n, f"{prefix}_accuracy": sums["correct"] / n}
     f1s = []

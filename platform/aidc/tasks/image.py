@@ -61,8 +61,7 @@ class ImageClassification(Task):
         return classification_sums(outputs, batch["y"], outputs.shape[1])
 
     def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
-        k = sum(1 for key in sums if key.startswith("tp"))
-        return classification_metrics(sums, prefix, k)
+        return classification_metrics(sums, prefix)
 
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:
         height, width = features["image_shape"]

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from aidc.data.transforms import apply_index_map, fit_index_map, fit_table_statistics, standardize
 from aidc.models import MODELS
-from aidc.tasks.base import Task, classification_metrics, classification_sums, row_hashes
+from aidc.tasks.base import Task, classification_metrics, classification_sums
 
 
 def _as_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -69,9 +69,6 @@ class TabularClassification(Task):
         out["reject_reason"] = reason
         return pd.DataFrame(out)
 
-    def content_key(self, table) -> np.ndarray:
-        return row_hashes(*[np.asarray(v) for v in table.values()])
-
     def fit(self, train_ds, cfg, meta: dict) -> dict:
         d = cfg.data
         numeric, distinct = fit_table_statistics(train_ds, d.features, [*d.categorical, d.label])
@@ -111,4 +108,4 @@ class TabularClassification(Task):
         return classification_sums(outputs, batch["y"], outputs.shape[1])
 
     def metrics_from_sums(self, sums, prefix):
-        return classification_metrics(sums, prefix, sum(1 for k in sums if k.startswith("tp")))
+        return classification_metrics(sums, prefix)

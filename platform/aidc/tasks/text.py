@@ -13,7 +13,7 @@ from aidc.data.text import encode, pad_truncate, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
 from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, empty_text_reasons,
-                             row_hashes)
+                             num_classes_in, row_hashes)
 from aidc.tasks.image import check_batch
 
 MAX_CHARS = 5000
@@ -66,8 +66,7 @@ class TextClassification(Task):
         return classification_sums(outputs, batch["y"], outputs.shape[1])
 
     def metrics_from_sums(self, sums, prefix):
-        names = ["ham", "spam"] if sum(1 for k in sums if k.startswith("tp")) == 2 else None
-        return classification_metrics(sums, prefix, sum(1 for k in sums if k.startswith("tp")), names)
+        return classification_metrics(sums, prefix, ["ham", "spam"] if num_classes_in(sums) == 2 else None)
 
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:
         check_batch(instances, max_batch, "texts")

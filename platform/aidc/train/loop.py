@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
             every = tc["checkpoint_every_steps"]
             if every and state["step"] % every == 0 and micro < micro_per_epoch:
                 report({"epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
-                        "lr": scheduler.get_last_lr()[0], f"{primary}": float("inf")})
+                        "lr": scheduler.get_last_lr()[0], primary: float("inf")})
         elapsed = time.perf_counter() - t0
         metrics = {
             "epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
