@@ -20,3 +20,11 @@ def ray_session(tmp_path_factory):
             yield ray
         finally:
             ray.shutdown()
+
+
+def workload_config(name: str, root: str, *overrides: str):
+    """A shipped workload config on this tier's storage root, reading datasets from the shared mirror."""
+    from aidc.config import load_config
+    from tests.conftest import CONFIGS, SHARED_DATA
+
+    return load_config(CONFIGS / f"{name}.yaml", [f"run.storage={root}", f"data.mirror={SHARED_DATA}", *overrides])

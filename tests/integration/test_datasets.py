@@ -9,6 +9,7 @@ import pytest
 from aidc.config import load_config
 from aidc.data.pipeline import preprocess
 from tests.conftest import CONFIGS, SHARED_DATA
+from tests.integration.conftest import workload_config
 
 pytestmark = pytest.mark.integration
 
@@ -19,8 +20,7 @@ def root(ray_session, tmp_path_factory):
 
 
 def _prep(name, root, *overrides):
-    cfg = load_config(CONFIGS / f"{name}.yaml", [f"run.storage={root}", f"data.mirror={SHARED_DATA}", *overrides])
-    dv, _ = preprocess(cfg)
+    dv, _ = preprocess(workload_config(name, root, *overrides))
     return dv, dv.manifest()
 
 

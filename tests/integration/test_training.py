@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from aidc.config import load_config
 from aidc.data.pipeline import preprocess
 from aidc.registry import register, tracking_uri
 from aidc.serving.model import load_model
 from aidc.train.trainer import run_training
-from tests.conftest import CONFIGS, SHARED_DATA
+from tests.integration.conftest import workload_config
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +20,7 @@ def root(ray_session, tmp_path_factory):
 
 
 def _cfg(name, root, *overrides):
-    cfg = load_config(CONFIGS / f"{name}.yaml", [f"run.storage={root}", f"data.mirror={SHARED_DATA}", *overrides])
+    cfg = workload_config(name, root, *overrides)
     preprocess(cfg)
     return cfg
 
