@@ -1,10 +1,13 @@
-"""The way a user drives aidc: `ray start`, `ray job submit` (preprocess, train), `serve deploy`, HTTP, `ray stop`."""
+"""The way a user drives aidc: `ray start`, `ray job submit` (preprocess, train), `serve deploy`, HTTP, then stop."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_local_ray
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -30,13 +33,22 @@ def cluster(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "AIDC_STORAGE": str(tmp_path / "storage")}
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
-    _run([BIN / "ray", "start", "--head", f"--port={free_port()}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
-          f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats"], env)
+    # The cluster's own token, 0600, never the user's ~/.ray/auth_token (absent on a fresh machine).
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    dash, gcs = free_port(), free_port()
+    # A short temp dir of its own (socket paths must stay under 108 bytes): stopping it ends only this cluster.
+    temp_dir = tempfile.mkdtemp(prefix="aidc-e2e-", dir="/tmp")
+    _run([BIN / "ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
+          f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
+          f"--temp-dir={temp_dir}"], env)
     try:
         yield env, f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_local_ray(temp_dir, gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_submit_jobs_deploy_and_predict_over_http(cluster, tmp_path):
