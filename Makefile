@@ -13,9 +13,18 @@ DASHBOARD := http://127.0.0.1:8265
 SERVE_URL := http://127.0.0.1:8000
 RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token
 
-.PHONY: setup demo test test-unit stop bench bench-quality clean
+.PHONY: setup clients demo test test-unit stop bench bench-quality clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed clients
+
+# Outside clients whose pins clash with the project venv (tritonclient[grpc] needs protobuf<7): their own venv.
+CLIENTS_VENV := .venv-clients
+clients: $(CLIENTS_VENV)/.installed
+
+$(CLIENTS_VENV)/.installed:
+	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install -q "tritonclient[grpc]>=2.40,<3" numpy
+	@touch $@
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +49,12 @@ demo: setup
 	@echo "== 3/5 train on Ray Train, 2 DDP workers, register in MLflow (ray job submit)"
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.train --config jobs/configs/digits.yaml
+	@echo "== LLM 1/2: a small character GPT on tiny-shakespeare for the OpenAI-compatible llm app (ray job submit)"
+	@MIRROR=$${AIDC_DATA_MIRROR:-$$(cd ../shared/data 2>/dev/null && pwd)}; \
+	  GPT="--config jobs/configs/shakespeare-gpt.yaml $${MIRROR:+--set data.mirror=$$MIRROR}"; \
+	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.preprocess $$GPT && \
+	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.train $$GPT \
+	    --set train.epochs=1 --set train.max_steps_per_epoch=150
 	@echo "== 4/5 deploy the Serve app (serve deploy serve_apps/config.yaml)"
 	$(RAY_ENV) $(BIN)/serve deploy serve_apps/config.yaml --address $(DASHBOARD)
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/digits/healthz >/dev/null && break; sleep 1; done; \
@@ -47,6 +62,11 @@ demo: setup
 	  $(RAY_ENV) $(BIN)/serve status --address $(DASHBOARD); exit 1; }
 	@echo "== 5/5 HTTP predictions for held-out digits"
 	$(BIN)/aidc predict --url $(SERVE_URL)/digits/predict --dataset digits --split test --limit 170
+	@echo "== LLM 2/2: a streamed chat completion from the llm app (official openai client: aidc chat)"
+	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/v1/health >/dev/null && break; sleep 1; done
+	$(BIN)/aidc chat --url $(SERVE_URL)/v1 --model shakespeare-gpt "Speak, good sir: what news from the court?"
+	@echo "Try the LLM: curl -sN $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "              -d '{\"model\": \"shakespeare-gpt\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"What news?\"}]}'"
 	@echo
 	@echo "Dashboard:  $(DASHBOARD)"
 	@echo "Try it:     curl -s -X POST $(SERVE_URL)/digits/predict -H 'Content-Type: application/json' \\"

@@ -5,12 +5,12 @@
 
 import sys
 
-from benchmarks import data_streaming, data_throughput, train_vs_torchrun
+from benchmarks import data_streaming, data_throughput, llm_kv_cache, llm_serving, train_vs_torchrun
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for bench in (data_throughput, data_streaming, train_vs_torchrun):
+    for bench in (data_throughput, data_streaming, train_vs_torchrun, llm_kv_cache, llm_serving):
         print(f"== {bench.__name__}", flush=True)
         bench.main(argv)
     return 0

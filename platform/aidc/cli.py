@@ -90,6 +90,59 @@ def _predict(args) -> int:
     return 0
 
 
+def _model(args) -> int:
+    from aidc.hf import import_hf_model
+
+    version = import_hf_model(args.path, args.name, args.alias, uri=args.tracking_uri, root=args.storage)
+    print(f"registered {version.name} version {version.version} as {version.ref}; serve it with the llm app "
+          f"(args: models: [{version.ref}])")
+    return 0
+
+
+def _chat(args) -> int:
+    """Stream a chat completion from the OpenAI-compatible llm app with the official openai client."""
+    import openai
+
+    client = openai.OpenAI(base_url=args.url, api_key="unused", max_retries=0, timeout=120)
+    try:
+        stream = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": args.message}],
+                                                max_completion_tokens=args.max_tokens, temperature=args.temperature,
+                                                seed=args.seed, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+    except openai.APIConnectionError:
+        print(f"error: cannot reach {args.url}; is the llm app deployed (serve deploy serve_apps/config.yaml)?",
+              file=sys.stderr)
+        return 1
+    except openai.APIStatusError as exc:
+        print(f"error: HTTP {exc.status_code}: {exc.message}", file=sys.stderr)
+        return 1
+    print()
+    return 0
+
+
+def _sweeps(args) -> int:
+    from aidc.tune.results import leaderboard_lines, list_sweeps, load_sweep
+
+    if args.action == "list":
+        found = list_sweeps(args.storage)
+        if not found:
+            print("no sweeps yet; run python -m jobs.tune --config jobs/configs/digits.yaml")
+        for s in found:
+            print(f"{s['name']}: {s['trials']} trials ({s['search']}/{s['scheduler']}), best {s.get('best_trial')}, "
+                  f"registered {s.get('registered', '-')}")
+        return 0
+    if not args.name:
+        print("error: aidc sweeps show needs a sweep name (see aidc sweeps list)", file=sys.stderr)
+        return 2
+    info, table = load_sweep(args.storage, args.name)
+    print(f"sweep {info['name']}: {info['trials']} trials, {info['search']} search, {info['scheduler']} scheduler, "
+          f"{info['mode']} {info['metric']}; registered {info.get('registered', '-')}")
+    print("\n".join(leaderboard_lines(table, info["metric"], top=args.top)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aidc", description="aidc: preprocess, train and serve on a Ray cluster")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +167,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--show", type=int, default=10, help="predictions to print")
     pr.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
     pr.set_defaults(fn=_predict)
+
+    sw = sub.add_parser("sweeps", help="list Ray Tune sweeps; show a sweep's leaderboard")
+    sw.add_argument("action", choices=["list", "show"])
+    sw.add_argument("name", nargs="?", help="sweep name (run.name of the jobs.tune run)")
+    sw.add_argument("--top", type=int, default=20, help="leaderboard rows to print")
+    sw.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
+    sw.set_defaults(fn=_sweeps)
+
+    ch = sub.add_parser("chat", help="stream a chat completion from the OpenAI-compatible llm app")
+    ch.add_argument("message", help="the user message")
+    ch.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL of the llm app")
+    ch.add_argument("--model", default="shakespeare-gpt", help="served model name (GET /v1/models)")
+    ch.add_argument("--max-tokens", type=int, default=120)
+    ch.add_argument("--temperature", type=float, default=0.8)
+    ch.add_argument("--seed", type=int, default=0)
+    ch.set_defaults(fn=_chat)
+
+    m = sub.add_parser("model", help="import a Hugging Face GPT-2 folder into the model registry")
+    m.add_argument("action", choices=["import"])
+    m.add_argument("path", help="folder with config.json, model.safetensors and tokenizer.json")
+    m.add_argument("--name", required=True, help="registered model name")
+    m.add_argument("--alias", default="champion", help="alias to point at the new version")
+    m.add_argument("--tracking-uri", help="MLflow registry (default $MLFLOW_TRACKING_URI or sqlite under storage)")
+    m.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
+    m.set_defaults(fn=_model)
     return p
 
 

@@ -136,6 +136,7 @@ class GPTConfig(TransformerConfig):
     d_model: int = Field(128, ge=8, description="Model width (768 for GPT-2 small).")
     layers: int = Field(4, ge=1, description="Decoder blocks (12 for GPT-2 small).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    gelu: Literal["none", "tanh"] = Field("none", description="GELU form: exact, or GPT-2's tanh approximation.")
 
 
 class MFConfig(Strict):
@@ -224,6 +225,88 @@ class RegistryConfig(Strict):
         return self
 
 
+class ParamSpec(Strict):
+    """One dimension of a search space: a distribution over one config field."""
+
+    type: Literal["uniform", "loguniform", "quniform", "randint", "choice", "grid"] = Field(
+        ..., description="uniform/loguniform/quniform: floats in [low, high]; randint: integers in [low, high) "
+        "(high exclusive, as in Ray Tune); choice: sample one of values; grid: try every one of values."
+    )
+    low: float | None = Field(None, description="Lower bound (uniform, loguniform, quniform, randint).")
+    high: float | None = Field(None, description="Upper bound (uniform, loguniform, quniform; randint: exclusive).")
+    q: float | None = Field(None, gt=0, description="quniform: round samples to a multiple of q.")
+    values: list[Any] | None = Field(None, min_length=1, description="choice/grid: the values to pick from.")
+
+    @model_validator(mode="after")
+    def _bounds_or_values(self) -> "ParamSpec":
+        if self.type in ("choice", "grid"):
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError(f"{self.type} takes values: [...] (no low/high), e.g. {{type: {self.type}, "
+                                 "values: [0.001, 0.003]}")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise ValueError(f"{self.type} takes low and high (no values), e.g. {{type: {self.type}, low: 1, high: 4}}")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low:g}; e.g. low: 1.0e-4")
+        if self.type == "quniform" and self.q is None:
+            raise ValueError("quniform needs q (the rounding step), e.g. q: 0.05")
+        if self.type == "randint" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("randint needs integer low/high")
+        return self
+
+
+class TuneConfig(Strict):
+    """A Ray Tune sweep over this job's own training (python -m jobs.tune)."""
+
+    space: dict[str, ParamSpec] = Field(
+        ..., min_length=1, description="Search space: dotted config path (train.lr, model.layers, ...) -> "
+        "distribution."
+    )
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: sample the space (grid entries are crossed with the samples); grid: "
+        "every combination of grid entries; optuna: Optuna's TPE."
+    )
+    scheduler: Literal["fifo", "asha", "median", "pbt"] = Field(
+        "asha", description="fifo: run every trial to the end; asha/median: stop weak trials early (on the "
+        "reported epoch); pbt: population based training (weak trials copy strong ones and perturb)."
+    )
+    metric: str | None = Field(None, description="Metric to optimise; default: the task's primary validation metric.")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max; default: min for losses, else max.")
+    num_samples: int = Field(8, ge=1, description="Trials to sample (search: grid: repeats of the whole grid).")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once; default: as many as the cluster's CPUs/GPUs fit."
+    )
+    cpus_per_trial: float | None = Field(
+        None, gt=0, description="CPUs of a num_workers: 0 trial (the loop runs in it); default resources.cpus_per_worker."
+    )
+    max_failures: int = Field(1, ge=0, description="Retries of a failing trial, each from its latest checkpoint.")
+    grace_period: int = Field(1, ge=1, description="asha/median: epochs every trial runs before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor of trials at each rung.")
+    perturbation_interval: int = Field(1, ge=1, description="pbt: epochs between exploit/explore decisions.")
+    seed: int | None = Field(0, description="Seed of the searcher (random/optuna); null = a different sweep each time.")
+    register_alias: str = Field(
+        "tuned", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Alias the best trial's model gets."
+    )
+
+    @model_validator(mode="after")
+    def _search_fits_space(self) -> "TuneConfig":
+        grid = [p for p, s in self.space.items() if s.type == "grid"]
+        if self.search == "grid" and len(grid) != len(self.space):
+            other = [p for p in self.space if p not in grid]
+            raise ValueError(f"search: grid tries every combination, so every space entry must be type: grid; "
+                             f"{other} are not (use search: random to sample them at each grid point)")
+        if self.search == "optuna" and grid:
+            raise ValueError(f"search: optuna cannot take grid entries ({grid}); use type: choice instead")
+        if self.scheduler == "pbt" and self.search != "random":
+            raise ValueError(f"scheduler: pbt needs search: random (it samples and perturbs the population itself), "
+                             f"got search: {self.search}")
+        if self.scheduler == "pbt" and grid:
+            raise ValueError(f"scheduler: pbt perturbs sampled values; {grid} are grid entries: use choice or a range")
+        return self
+
+
 class JobConfig(Strict):
     """One config tree drives every stage of a workload: preprocess, train, serve."""
 
@@ -237,6 +320,7 @@ class JobConfig(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Workers and devices.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run name, storage and tracking.")
     registry: RegistryConfig = Field(..., description="Where the trained model is registered.")
+    tune: TuneConfig | None = Field(None, description="Hyperparameter sweep settings (python -m jobs.tune).")
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> "JobConfig":

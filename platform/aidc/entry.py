@@ -34,7 +34,9 @@ def run_job(
     dry_run: Callable[[JobConfig], None] | None = None,
     argv: list[str] | None = None,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    check: Callable[[JobConfig], None] | None = None,
 ) -> int:
+    """check: more validation of the loaded config (raise ConfigError), before the dry run or Ray start."""
     parser = job_parser(prog, description)
     if extra_args:
         extra_args(parser)
@@ -42,6 +44,8 @@ def run_job(
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        if check:
+            check(cfg)
         if args.dry_run:
             print(to_yaml(cfg), end="")
             if dry_run:

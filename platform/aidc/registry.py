@@ -138,8 +138,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def register(cfg, outcome, extra_artifacts: list[Path] = ()) -> RegisteredVersion:
-    """Log the run (params, per-epoch metrics, artifacts) and register its final model under an alias."""
+def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None = None,
+             parent_run_id: str | None = None) -> RegisteredVersion:
+    """Log the run (params, per-epoch metrics, artifacts) and register its final model under an alias.
+
+    alias: default cfg.registry.alias; parent_run_id: log the run as a child of that run (a sweep's).
+    """
+    alias = alias or cfg.registry.alias
     from aidc.config import to_yaml
     from aidc.train import checkpoint as ckpt
 
@@ -167,7 +172,8 @@ def register(cfg, outcome, extra_artifacts: list[Path] = ()) -> RegisteredVersio
         hashes = export_model_dir(model_dir, state_dict=state["model"], spec=spec, config_yaml=to_yaml(cfg))
 
         exp_id = _experiment_id(client, cfg.run.experiment, root)
-        run = client.create_run(exp_id, run_name=outcome.run_name, tags={"aidc.dataset": outcome.dataset.uri})
+        tags = {"aidc.dataset": outcome.dataset.uri, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        run = client.create_run(exp_id, run_name=outcome.run_name, tags=tags)
         run_id = run.info.run_id
         for k, v in _flatten(cfg.model_dump(mode="json")).items():
             client.log_param(run_id, k, str(v)[:500])
@@ -190,9 +196,33 @@ def register(cfg, outcome, extra_artifacts: list[Path] = ()) -> RegisteredVersio
         cfg.registry.model_name, source=source, run_id=run_id,
         tags={"dataset": outcome.dataset.uri, "weights_sha256": hashes[WEIGHTS], "train_run": outcome.run_name},
     )
-    client.set_registered_model_alias(cfg.registry.model_name, cfg.registry.alias, mv.version)
-    logger.info("registered %s version %s as @%s", cfg.registry.model_name, mv.version, cfg.registry.alias)
-    return RegisteredVersion(cfg.registry.model_name, str(mv.version), cfg.registry.alias, run_id, uri)
+    client.set_registered_model_alias(cfg.registry.model_name, alias, mv.version)
+    logger.info("registered %s version %s as @%s", cfg.registry.model_name, mv.version, alias)
+    return RegisteredVersion(cfg.registry.model_name, str(mv.version), alias, run_id, uri)
+
+
+def register_model_dir(model_dir: Path, name: str, alias: str, *, uri: str | None = None, root: str | None = None,
+                       experiment: str = "imports", run_name: str | None = None, tags: dict | None = None,
+                       description: str = "imported model") -> RegisteredVersion:
+    """Register a folder written by `export_model_dir` (e.g. a converted Hugging Face checkpoint) as a new
+    version of `name`, pointing `alias` at it: the same files, manifest and MLflow records as `register`."""
+    verify_manifest(model_dir)
+    root = storage.storage_root(root)
+    uri = tracking_uri(uri, root)
+    client = _client(uri)
+    run = client.create_run(_experiment_id(client, experiment, root), run_name=run_name or f"import-{name}")
+    client.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description=description)
+    weights = json.loads((model_dir / MANIFEST).read_text())[WEIGHTS]
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                     tags={"weights_sha256": weights, **(tags or {})})
+    client.set_registered_model_alias(name, alias, mv.version)
+    logger.info("registered %s version %s as @%s", name, mv.version, alias)
+    return RegisteredVersion(name, str(mv.version), alias, run.info.run_id, uri)
 
 
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")

@@ -63,6 +63,7 @@ def test_submit_jobs_deploy_and_predict_over_http(cluster, tmp_path):
     serve_cfg = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
     port = free_port()
     serve_cfg["http_options"]["port"] = port
+    serve_cfg["grpc_options"]["port"] = free_port()
     cfg_path = tmp_path / "serve.yaml"
     cfg_path.write_text(yaml.safe_dump(serve_cfg))
     _run([BIN / "serve", "deploy", str(cfg_path), "--address", dashboard], env)

@@ -60,7 +60,10 @@ def encode(texts, state: dict) -> list[list[int]]:
 
 
 def decode(ids, state: dict) -> str:
-    ids = [int(i) for i in ids if int(i) > 2]
+    """Token ids -> text, dropping special tokens: the state's `special_ids` (an imported tokenizer's own,
+    e.g. GPT-2's 50256), else ours, 0..2."""
+    specials = set(state.get("special_ids", range(len(SPECIALS))))
+    ids = [int(i) for i in ids if int(i) not in specials]
     if state["kind"] == "bpe":
         return _bpe(state["json"]).decode(ids)
     vocab = state["vocab"]

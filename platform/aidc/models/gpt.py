@@ -30,31 +30,48 @@ class CausalSelfAttention(nn.Module):
         ) if cache is None or t > 1 else F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).contiguous().view(b, t, c)), (k, v)
 
+    def step(self, x: torch.Tensor, pos: torch.Tensor, kv: tuple, slots: torch.Tensor, mask: torch.Tensor):
+        """Inference over a slot-indexed cache: row r writes its keys/values at (slots[r], pos[r]) and
+        attends to its own slot's positions allowed by `mask` (b, t, span)."""
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads) for z in self.qkv(x).split(c, dim=2))
+        kbuf, vbuf = kv
+        kbuf[slots[:, None], :, pos] = k  # (b, t, heads, hd) into (slots, heads, block, hd)
+        vbuf[slots[:, None], :, pos] = v
+        span = mask.shape[-1]
+        keys, values = kbuf[slots, :, :span], vbuf[slots, :, :span]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, heads: int, dropout: float):
+    def __init__(self, d_model: int, heads: int, dropout: float, gelu: str = "none"):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(approximate=gelu),
+                                 nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, cache: tuple | None = None):
         a, new_cache = self.attn(self.ln1(x), cache)
         x = x + a
         return x + self.mlp(self.ln2(x)), new_cache
 
+    def step(self, x, pos, kv, slots, mask):
+        x = x + self.attn.step(self.ln1(x), pos, kv, slots, mask)
+        return x + self.mlp(self.ln2(x))
+
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, d_model: int = 128, heads: int = 4, layers: int = 4,
-                 dropout: float = 0.1, activation_checkpointing: bool = False):
+                 dropout: float = 0.1, activation_checkpointing: bool = False, gelu: str = "none"):
         super().__init__()
         self.block_size = block_size
         self.activation_checkpointing = activation_checkpointing
         self.tokens = nn.Embedding(vocab_size, d_model)
         self.positions = nn.Embedding(block_size, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, dropout, gelu) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.tokens.weight  # weight tying
@@ -84,6 +101,27 @@ class GPT(nn.Module):
                 new_caches.append(kv)
         logits = self.head(self.ln_f(x))
         return logits if caches is None else (logits, new_caches)
+
+    def new_cache(self, slots: int, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Empty key/value buffers, (slots, heads, block_size, head_dim) per layer, for `step`."""
+        attn = self.blocks[0].attn
+        shape = (slots, self.block_size, attn.heads, self.tokens.embedding_dim // attn.heads)
+        w = self.tokens.weight
+        return [tuple(torch.zeros(shape, dtype=dtype or w.dtype, device=w.device).transpose(1, 2)
+                      for _ in range(2)) for _ in self.blocks]
+
+    @torch.no_grad()
+    def step(self, idx: torch.Tensor, pos: torch.Tensor, cache: list, slots: torch.Tensor) -> torch.Tensor:
+        """One batched inference step for continuous batching. Row r holds tokens `idx[r]` at positions
+        `pos[r]` (b, t) of the sequence living in cache slot `slots[r]`; every row has its own length and
+        attends only to its own cache. Prefill passes whole (right-padded) prompts, decode one token per
+        row. Returns logits (b, t, vocab)."""
+        span = int(pos.max()) + 1
+        mask = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]
+        x = self.tokens(idx) + self.positions(pos)
+        for block, kv in zip(self.blocks, cache):
+            x = block.step(x, pos, kv, slots, mask)
+        return self.head(self.ln_f(x))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -47,6 +47,17 @@ class LoadedModel:
         with torch.inference_mode():
             return self.task.predict(self.model, tensors)
 
+    def tensor_signature(self) -> dict:
+        """Open Inference Protocol inputs/outputs (name, datatype, shape) of this model's task."""
+        return self.task.tensor_signature(self.spec["features"])
+
+    def infer_tensors(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named raw input arrays -> named output arrays, through the training-time transform."""
+        batch = self.task.transform_batch(inputs, self.spec["transform"])
+        tensors = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
+        with torch.inference_mode():
+            return self.task.infer_tensors(self.model, tensors, self.spec["transform"])
+
     def metadata(self) -> dict:
         return {
             "name": self.name,

@@ -98,6 +98,32 @@ class Task:
     def predict(self, model: nn.Module, batch: dict) -> list[dict]:
         raise NotImplementedError
 
+    # -- tensor serving (Open Inference Protocol v2) -----------------------------------
+    def tensor_signature(self, features: dict) -> dict:
+        """{"inputs": [...], "outputs": [...]}, each {name, datatype, shape} with -1 for a variable dimension.
+
+        Input names are the raw batch columns `transform_batch` takes, so a tensor request goes through
+        exactly the training-time preprocessing.
+        """
+        raise NotImplementedError(f"task {self.name!r} has no tensor signature")
+
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
+        """Value checks beyond datatype and shape (ranges, empty strings); raise RequestError."""
+
+    def infer_tensors(self, model: nn.Module, batch: dict, state: dict) -> dict[str, np.ndarray]:
+        """Model-ready torch batch (from transform_batch) -> named output arrays of the signature."""
+        raise NotImplementedError(f"task {self.name!r} has no tensor signature")
+
+
+def tensor_spec(name: str, datatype: str, shape: list[int]) -> dict:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def classification_tensors(logits: torch.Tensor) -> dict[str, np.ndarray]:
+    """Softmax probabilities (FP32, [n, classes]) and the argmax class index (INT64, [n])."""
+    probs = torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32)
+    return {"probabilities": probs, "class": probs.argmax(axis=1).astype(np.int64)}
+
 
 def classification_sums(outputs: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Loss, accuracy and per-class confusion counts (for F1) of a classification batch."""

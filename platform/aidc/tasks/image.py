@@ -13,7 +13,8 @@ from torch.nn import functional as F
 from aidc.data.transforms import augment_images, fit_scalar_standardizer, standardize
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import Table, Task, classification_metrics, classification_sums, row_hashes
+from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, classification_tensors,
+                             row_hashes, tensor_spec)
 
 
 class ImageClassification(Task):
@@ -83,6 +84,24 @@ class ImageClassification(Task):
     def predict(self, model: nn.Module, batch: dict) -> list[dict]:
         probs = torch.softmax(model(batch["x"]).float(), dim=1).cpu().numpy()
         return [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]
+
+    def tensor_signature(self, features: dict) -> dict:
+        height, width = features["image_shape"]
+        return {"inputs": [tensor_spec("image", "FP32", [-1, height, width])],
+                "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
+                            tensor_spec("class", "INT64", [-1])]}
+
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
+        lo, hi = features["raw_range"]
+        x = inputs["image"]
+        bad = np.argwhere(~np.isfinite(x) | (x < lo) | (x > hi))
+        if len(bad):
+            i, r, c = bad[0]
+            raise RequestError(f"image[{i}] pixel ({r},{c}) = {x[i, r, c]:g} is outside the trained range "
+                               f"{lo:g}..{hi:g}", field="image")
+
+    def infer_tensors(self, model: nn.Module, batch: dict, state: dict) -> dict[str, np.ndarray]:
+        return classification_tensors(model(batch["x"]))
 
 
 def check_batch(instances: Any, max_batch: int, what: str) -> None:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from aidc.data.transforms import apply_index_map, fit_index_map
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import Table, Task, row_hashes
+from aidc.tasks.base import Table, Task, row_hashes, tensor_spec
 from aidc.tasks.image import check_batch
 
 
@@ -95,3 +95,11 @@ class Recommendation(Task):
         lo, hi = 0.5, 5.0
         pred = model(batch["user"], batch["item"]).float().clamp(lo, hi).cpu().numpy()
         return [{"rating": round(float(p), 4)} for p in pred]
+
+    def tensor_signature(self, features: dict) -> dict:
+        return {"inputs": [tensor_spec("user", "INT64", [-1]), tensor_spec("item", "INT64", [-1])],
+                "outputs": [tensor_spec("rating", "FP32", [-1])]}  # raw ids; unseen ones get biases only
+
+    def infer_tensors(self, model, batch, state):
+        lo, hi = state["rating_range"]
+        return {"rating": self.forward(model, batch).float().clamp(lo, hi).cpu().numpy().astype(np.float32)}

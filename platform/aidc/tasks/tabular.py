@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from aidc.data.transforms import apply_index_map, fit_index_map, fit_table_statistics, standardize
 from aidc.models import MODELS
-from aidc.tasks.base import Task, classification_metrics, classification_sums
+from aidc.errors import RequestError
+from aidc.tasks.base import Task, classification_metrics, classification_sums, classification_tensors, tensor_spec
 
 
 def _as_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -109,3 +110,20 @@ class TabularClassification(Task):
 
     def metrics_from_sums(self, sums, prefix):
         return classification_metrics(sums, prefix)
+
+    def tensor_signature(self, features: dict) -> dict:
+        """One input per column: numeric ones FP32, categorical ones BYTES (index-mapped server-side)."""
+        return {"inputs": [*(tensor_spec(c, "FP32", [-1]) for c in features["numeric"]),
+                           *(tensor_spec(c, "BYTES", [-1]) for c in features["categorical"])],
+                "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
+                            tensor_spec("class", "INT64", [-1])]}  # class = the label value, not its index
+
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
+        for c in features["numeric"]:
+            if not np.isfinite(inputs[c]).all():
+                raise RequestError(f"input {c!r} has NaN or infinite values; send finite numbers", field=c)
+
+    def infer_tensors(self, model, batch, state):
+        out = classification_tensors(self.forward(model, batch))
+        out["class"] = np.asarray(state["classes"], dtype=np.int64)[out["class"]]
+        return out

@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from aidc.data.text import encode, pad_truncate, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, empty_text_reasons,
-                             num_classes_in, row_hashes)
+from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, classification_tensors,
+                             empty_text_reasons, num_classes_in, row_hashes, tensor_spec)
 from aidc.tasks.image import check_batch
 
 MAX_CHARS = 5000
@@ -81,3 +81,21 @@ class TextClassification(Task):
     def predict(self, model, batch):
         probs = torch.softmax(model(batch["x"]).float(), dim=1).cpu().numpy()
         return [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]
+
+    def tensor_signature(self, features: dict) -> dict:
+        return {"inputs": [tensor_spec("text", "BYTES", [-1])],  # raw strings, tokenized server-side
+                "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
+                            tensor_spec("class", "INT64", [-1]), tensor_spec("label", "BYTES", [-1])]}
+
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
+        for i, t in enumerate(inputs["text"]):
+            if not str(t).strip():
+                raise RequestError(f"text[{i}] is empty: send a non-empty string", field="text")
+            if len(t) > MAX_CHARS:
+                raise RequestError(f"text[{i}] has {len(t)} characters; the limit is {MAX_CHARS}", status=413,
+                                   field="text")
+
+    def infer_tensors(self, model, batch, state):
+        out = classification_tensors(model(batch["x"]))
+        out["label"] = np.array([state["class_names"][c] for c in out["class"]], dtype=object)
+        return out

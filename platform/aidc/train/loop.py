@@ -67,18 +67,40 @@ def _maybe_inject_fault(marker: str | None, step: int) -> None:
         os._exit(1)
 
 
+def apply_hyperparameters(optimizer, scheduler, tc: dict) -> None:
+    """Continue another run's state under this config: its weights and optimizer moments, this lr/weight decay.
+
+    A PBT exploit restarts a trial from a better trial's checkpoint with perturbed hyperparameters;
+    the LR schedule keeps its position (step) and applies it to the new peak lr.
+    """
+    scheduler.base_lrs = [tc["lr"]] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = tc["lr"]
+        group["weight_decay"] = tc["weight_decay"]
+        group["lr"] = tc["lr"] * factor(scheduler.last_epoch)
+
+
 def train_loop_per_worker(config: dict) -> None:
     job, features = config["job"], config["features"]
     tc = job["train"]
     task = get_task(job["task"])
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    device = ray.train.torch.get_device()
+    # A num_workers: 0 Tune trial calls this loop directly in its own process, with its datasets
+    # (ray.train's per-worker API is not available inside a Tune function).
+    local = config.get("local_datasets")
+    if local is None:
+        ctx = ray.train.get_context()
+        world, rank = ctx.get_world_size(), ctx.get_world_rank()
+        device = ray.train.torch.get_device()
+    else:
+        world, rank = 1, 0
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(tc["precision"], device)
     strategy = tc["parallelism"]
 
     torch.manual_seed(tc["seed"])
-    model = parallelize(task.build_model(job["model"], features).to(device), strategy, device)
+    model = task.build_model(job["model"], features).to(device)
+    if local is None:
+        model = parallelize(model, strategy, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     micro_per_epoch = max(1, config["train_rows"] // (tc["batch_size"] * max(world, 1)))
     if tc["max_steps_per_epoch"]:
@@ -91,17 +113,27 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "history": [], "best": None, "finished": False,
              "resumes": []}
-    resume_from = ray.train.get_checkpoint()
-    if resume_from:
-        with resume_from.as_directory() as d:
-            saved = ckpt.load(d)
+    resume_from = ray.train.get_checkpoint() if local is None else None
+    # A Tune trial starts from a state of its own (restored trial) or of a PBT donor, under its own config.
+    start_from = None if resume_from else config.get("init_checkpoint")
+    if resume_from or start_from:
+        if resume_from:
+            with resume_from.as_directory() as d:
+                saved = ckpt.load(d)
+        else:
+            saved = ckpt.load(start_from)
         load_full_state(model, optimizer, saved["model"], saved["optimizer"], strategy)
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
         state["resumes"].append({"epoch": state["epoch"], "step": state["step"]})
+        if start_from:
+            apply_hyperparameters(optimizer, scheduler, tc)
+            state["finished"] = state["epoch"] >= tc["epochs"]
         if rank == 0:
             logger.info("resuming at epoch %d, step %d", state["epoch"], state["step"])
+
+    tune_report = config.get("tune_report")  # a num_workers: 0 Tune trial reports straight to Tune
 
     def report(metrics: dict) -> None:
         """Report metrics with a checkpoint (written by rank 0; gathering state is collective)."""
@@ -112,12 +144,19 @@ def train_loop_per_worker(config: dict) -> None:
                 ckpt.save(d, {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
                               **state}, job)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            if tune_report:
+                tune_report(metrics, d)
+            else:
+                ray.train.report(metrics, checkpoint=checkpoint)
 
-    shards = {s: ray.train.get_dataset_shard(s) for s in ("train", "val", "test")}
+    shards = {s: ray.train.get_dataset_shard(s) if local is None else local[s].iterator()
+              for s in ("train", "val", "test")}
     bs, accum = tc["batch_size"], tc["grad_accum_steps"]
     primary = task.primary_metric
     stale = 0 if state["best"] is None else state["epoch"] - 1 - state["best"]["epoch"]
+    # Where a started-from state stands on this worker's data before any training under the new config.
+    start_metrics = ({f"start_{primary}": evaluate(model, task, shards["val"], bs * 4, device, "val", precision)[primary]}
+                     if start_from else {})
 
     while state["epoch"] < tc["epochs"] and not state["finished"]:
         epoch = state["epoch"]
@@ -162,9 +201,10 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {
             "epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
             "lr": scheduler.get_last_lr()[0], "samples_per_s": seen * world / max(elapsed, 1e-9),
-            "epoch_time_s": elapsed, "first_batch_s": first_batch_s or 0.0, "precision": precision,
-            **evaluate(model, task, shards["val"], bs * 4, device, "val", precision),
+            "epoch_time_s": elapsed, "first_batch_s": first_batch_s or 0.0, "precision": precision, "world_size": world,
+            **evaluate(model, task, shards["val"], bs * 4, device, "val", precision), **start_metrics,
         }
+        start_metrics = {}
         state["history"].append(metrics)
         if state["best"] is None or metrics[primary] < state["best"]["value"] - tc["early_stopping_min_delta"]:
             model_sd, _ = full_state(model, optimizer, strategy)

@@ -31,15 +31,11 @@ def default_run_name(job_name: str) -> str:
     return f"{job_name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_training(cfg) -> TrainOutcome:
+def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVersion, dict, dict]:
+    """The dataset version, its manifest and the transformed Ray Datasets of every split (cached when small)."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from aidc.train import checkpoint as ckpt
-
-    root = storage.storage_root(cfg.run.storage)
-    dv = open_dataset(root, cfg.name, cfg.data.version)
+    dv = dv or open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version)
     manifest = dv.manifest()
     task = get_task(cfg.task)
     state = manifest["transform"]
@@ -57,38 +53,67 @@ def run_training(cfg) -> TrainOutcome:
     if cache:  # read + transform once (train-time augmentation stays per epoch); epochs then stream from memory
         datasets = {s: ds if s == "train" and state.get("augment", {}).get("enabled") else ds.materialize()
                     for s, ds in datasets.items()}
+    return dv, manifest, datasets
+
+
+def use_gpus(cfg) -> bool:
+    return cluster_has_gpus() if cfg.resources.use_gpu == "auto" else cfg.resources.use_gpu
+
+
+def loop_config(cfg, manifest: dict) -> dict:
+    """The train loop's config: the resolved job, the dataset's features and training-split size."""
+    return {
+        "job": cfg.model_dump(mode="json"),
+        "features": manifest["features"],
+        "train_rows": manifest["counts"].get("examples", manifest["counts"]["splits"])["train"],
+        "fault_marker": os.environ.get("AIDC_FAULT_MARKER"),  # test hook: <file>:<step> kills a worker once
+    }
+
+
+def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage_path: str,
+                  callbacks: list | None = None, loop_extras: dict | None = None):
+    """The TorchTrainer of one training run: jobs.train fits it directly; each Tune trial builds and fits one.
+
+    loop_extras go into the loop's config (a Tune trial passes the checkpoint to start from and its reporter).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
     res = cfg.resources
-    use_gpu = cluster_has_gpus() if res.use_gpu == "auto" else res.use_gpu
+    use_gpu = use_gpus(cfg)
     resources_per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    run_name = cfg.run.name or default_run_name(cfg.name)
-    logger.info(
-        "training %s on dataset %s with %s worker(s) (%s), run %s",
-        cfg.name, dv.uri, res.num_workers, "GPU" if use_gpu else "CPU", run_name,
-    )
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": cfg.model_dump(mode="json"),
-            "features": manifest["features"],
-            "train_rows": manifest["counts"].get("examples", manifest["counts"]["splits"])["train"],
-            "fault_marker": os.environ.get("AIDC_FAULT_MARKER"),  # test hook: <file>:<step> kills a worker once
-        },
+        train_loop_config={**loop_config(cfg, manifest), **(loop_extras or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage.join(root, "runs"),
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute=task.primary_metric,
+                checkpoint_score_attribute=get_task(cfg.task).primary_metric,
                 checkpoint_score_order="min",
             ),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
     )
+
+
+def run_training(cfg) -> TrainOutcome:
+    from aidc.train import checkpoint as ckpt
+
+    root = storage.storage_root(cfg.run.storage)
+    dv, manifest, datasets = prepare_datasets(cfg)
+    run_name = cfg.run.name or default_run_name(cfg.name)
+    logger.info(
+        "training %s on dataset %s with %s worker(s) (%s), run %s",
+        cfg.name, dv.uri, cfg.resources.num_workers, "GPU" if use_gpus(cfg) else "CPU", run_name,
+    )
+    trainer = build_trainer(cfg, manifest, datasets, run_name=run_name, storage_path=storage.join(root, "runs"))
     result = trainer.fit()
     if result.error:
         raise result.error

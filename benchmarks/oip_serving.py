@@ -1,0 +1,174 @@
+"""OIP v2 tensor serving under load: an MNIST-shaped CNN (1x28x28, channels [32, 64]) on Ray Serve.
+
+Side by side on the same machine: dynamic batching on vs off, 1 vs 2 replicas, at concurrency
+1/8/32/64 (req/s, p50, p99), and the same model behind a plain FastAPI + uvicorn process (p50 at c=1,
+req/s at c=32). The client shares the machine with the server: figures are ratios, not absolutes.
+
+    python -m benchmarks.oip_serving [--quick] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import ROOT, local_ray
+
+MODEL = "mnist-cnn"
+
+
+def register_random_cnn(root: Path) -> str:
+    """A registry version of an untrained MNIST-shaped CNN (speed does not depend on the weights)."""
+    import torch
+    from mlflow import MlflowClient
+
+    from aidc.registry import export_model_dir, tracking_uri
+    from aidc.tasks import get_task
+
+    features = {"image_shape": [28, 28], "num_classes": 10, "raw_range": [0, 255]}
+    spec = {"task": "image_classification", "model": {"arch": "cnn", "channels": [32, 64], "hidden": 128,
+                                                      "dropout": 0.1},
+            "features": features, "transform": {"standardize": {"mean": 33.3, "std": 78.6},
+                                                "augment": {"enabled": False}}}
+    torch.manual_seed(0)
+    model = get_task("image_classification").build_model(spec["model"], features)
+    directory = root / "model"
+    export_model_dir(directory, state_dict=model.state_dict(), spec=spec, config_yaml="benchmark: true\n")
+    uri = tracking_uri(None, str(root))
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("bench", artifact_location=(root / "art").as_uri()))
+    client.log_artifacts(run.info.run_id, str(directory), artifact_path="model")
+    client.create_registered_model(MODEL)
+    mv = client.create_model_version(MODEL, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(MODEL, "champion", mv.version)
+    return uri
+
+
+async def drive(url: str, concurrency: int, seconds: float) -> dict:
+    """Closed loop: `concurrency` clients each send one 1-image request after the previous answer."""
+    import aiohttp
+
+    image = np.random.default_rng(0).integers(0, 256, size=(1, 28, 28)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
+                                   "data": image.ravel().tolist()}], "outputs": [{"name": "class"}]})
+    headers = {"Content-Type": "application/json"}
+    latencies, errors = [], 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
+        for _ in range(3):  # warm up
+            async with client.post(url, data=body, headers=headers) as r:
+                await r.read()
+        end = time.perf_counter() + seconds
+
+        async def worker():
+            nonlocal errors
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                async with client.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    ok = r.status == 200
+                if ok:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {"req_per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "errors": errors}
+
+
+def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float, setups: list[tuple[str, int, int]]) -> dict:
+    from ray import serve
+
+    from serve_apps.tensors import app_builder
+    from tests.conftest import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    out = {}
+    try:
+        for label, batch, replicas in setups:
+            args = {"tracking_uri": uri, "storage": str(root), "models": [{
+                "name": MODEL, "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.004},
+                "deployment": {"num_cpus": 0.5, "num_replicas": replicas, "max_ongoing_requests": 128}}]}
+            serve.run(app_builder(args), name="tensors", route_prefix="/v2")
+            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+            out[label] = {f"c{c}": asyncio.run(drive(url, c, seconds)) for c in levels}
+            print(label, json.dumps(out[label]), flush=True)
+    finally:
+        serve.shutdown()
+    return out
+
+
+def plain_fastapi(model_dir: Path, levels: list[int], seconds: float) -> dict:
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.oip_plain_server", str(model_dir), str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import requests
+
+        for _ in range(120):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+        return {f"c{c}": asyncio.run(drive(url, c, seconds)) for c in levels}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="Two levels, one setup, 1.5 s each (smoke test).")
+    p.add_argument("--seconds", type=float, default=8.0, help="Load duration per concurrency level.")
+    a = p.parse_args(argv)
+    levels = [1, 8] if a.quick else [1, 8, 32, 64]
+    seconds = 1.5 if a.quick else a.seconds
+    setups = [("batched_1r", 32, 1)] if a.quick else [
+        ("unbatched_1r", 1, 1), ("batched_1r", 32, 1), ("unbatched_2r", 1, 2), ("batched_2r", 32, 2)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        uri = register_random_cnn(root)
+        with local_ray(4, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}):
+            result = serve_sweep(uri, root, levels, seconds, setups)
+        result["plain_fastapi"] = plain_fastapi(root / "model", [1] if a.quick else [1, 32], seconds)
+    result["figures"] = figures(result, a.quick)
+    print(json.dumps(result["figures"], indent=2))
+    return result
+
+
+def figures(r: dict, quick: bool) -> dict:
+    f = {"note": "closed-loop client on the same (shared, loaded) 2-core machine; compare ratios"}
+    f["serve_minus_plain_p50_ms_c1"] = round(r["batched_1r"]["c1"]["p50_ms"] - r["plain_fastapi"]["c1"]["p50_ms"], 2)
+    if quick:
+        return f
+    for reps in ("1r", "2r"):
+        b, u = r[f"batched_{reps}"], r[f"unbatched_{reps}"]
+        f[f"batched_over_unbatched_c32_{reps}"] = round(b["c32"]["req_per_s"] / max(u["c32"]["req_per_s"], 1e-9), 2)
+        best = max(b[c]["req_per_s"] for c in ("c1", "c8", "c32"))
+        f[f"batched_c64_over_best_{reps}"] = round(b["c64"]["req_per_s"] / best, 2)
+    f["serve_unbatched_minus_plain_p50_ms_c1"] = round(
+        r["unbatched_1r"]["c1"]["p50_ms"] - r["plain_fastapi"]["c1"]["p50_ms"], 2)
+    f["serve_batched_over_plain_req_per_s_c32"] = round(
+        r["batched_1r"]["c32"]["req_per_s"] / max(r["plain_fastapi"]["c32"]["req_per_s"], 1e-9), 2)
+    return f
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Sweep hyperparameters with Ray Tune (each trial a Ray Train run) and register the best model.
+
+    python -m jobs.tune --config jobs/configs/digits.yaml [--set tune.num_samples=4] [--resume] [--dry-run]
+"""
+
+import sys
+
+from aidc.entry import run_job
+from aidc.tune.space import validate_sweep
+
+
+def _run(cfg, args) -> None:
+    from aidc.tune.results import leaderboard_lines
+    from aidc.tune.sweep import tune_job
+
+    spec = validate_sweep(cfg)
+    out = tune_job(spec, resume=args.resume)
+    print(f"sweep {out.name}: {len(out.records)} trials -> {out.directory}")
+    print("\n".join(leaderboard_lines(out.table, spec.metric)))
+    if out.version:
+        print(f"registered {out.version.name} version {out.version.version} as {out.version.ref} "
+              f"(best trial {out.best.trial_id})")
+
+
+def _dry_run(cfg) -> None:
+    from aidc.tune.sweep import dry_run_lines
+
+    print("\n".join(dry_run_lines(validate_sweep(cfg))))
+
+
+def main(argv=None) -> int:
+    return run_job("python -m jobs.tune", __doc__.splitlines()[0], _run, dry_run=_dry_run, argv=argv,
+                   check=validate_sweep, extra_args=lambda p: p.add_argument(
+                       "--resume", action="store_true", help="continue the sweep named by run.name"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

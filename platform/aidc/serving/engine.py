@@ -1,0 +1,326 @@
+"""Continuous (iteration-level) batching for aidc GPT models, testable without Serve.
+
+One asyncio loop per model: every iteration drops aborted sequences, admits waiting ones into free
+cache slots (their prompts prefilled together in one right-padded forward), then advances every
+running sequence by one token in one batched decode step. A request joins the batch at the next
+iteration and leaves the moment it finishes or its consumer goes away; each sequence owns a slot of
+the preallocated key/value cache and its own `torch.Generator`, so a seeded request samples the same
+tokens alone or in a busy batch. The forward passes run in a worker thread so the event loop keeps
+streaming tokens out while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from aidc.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RequestError):
+    """The engine's waiting queue is full: answered 429 with Retry-After."""
+
+    def __init__(self, message: str, status: int = 429, field: str | None = None):
+        super().__init__(message, status, field)
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is sampled (validated by the protocol layer before it gets here)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo scoring)
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class TokenEvent:
+    """One step of a sequence: a sampled token (None when nothing was generated) and, last, the reason."""
+
+    token: int | None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    prompt_logprobs: list | None = None  # on the first event only: [(logprob | None, top | None), ...]
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    queue: asyncio.Queue
+    arrived: float = field(default_factory=time.perf_counter)
+    out: list[int] = field(default_factory=list)
+    slot: int = -1
+    fed: int = 0  # tokens written to the cache
+    last_token_at: float = 0.0
+    finish_reason: str | None = None
+    aborted: bool = False
+
+
+class NoMetrics:
+    """Engine metrics sink that records nothing (the Serve app passes aidc.serving.lm_metrics.LMMetrics)."""
+
+    def admitted(self, seq: Sequence, now: float) -> None: ...
+    def token(self, seq: Sequence, now: float) -> None: ...
+    def state(self, running: int, waiting: int, kv_used: float) -> None: ...
+
+
+class Engine:
+    """Continuous batching over one GPT (`aidc.models.gpt.GPT`: `new_cache` + `step`)."""
+
+    def __init__(self, model, eos_id: int | None, max_seqs: int = 32, max_waiting: int = 256,
+                 max_prefill_tokens: int = 4096, metrics=None, timeout_s: float | None = None):
+        self.model, self.eos_id, self.timeout_s = model, eos_id, timeout_s
+        self.max_seqs, self.max_waiting, self.max_prefill_tokens = max_seqs, max_waiting, max_prefill_tokens
+        self.block_size = model.block_size
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_seqs)
+        self.free_slots = list(range(max_seqs))[::-1]
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.metrics = metrics or NoMetrics()
+        self.generated_tokens = 0
+        self.steps = 0
+        self.recent: collections.deque[dict] = collections.deque(maxlen=64)
+        self._ids = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    # -- public -------------------------------------------------------------------------
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        """A sequence's last token is never fed back, so prompt + max_tokens may reach block_size + 1."""
+        if prompt_len < 1:
+            raise RequestError("the prompt is empty; send at least one token", status=400, field="prompt")
+        if prompt_len + max_tokens > self.block_size + 1:
+            raise RequestError(
+                f"this model's context is {self.block_size} tokens; the prompt has {prompt_len} and max_tokens "
+                f"asks for {max_tokens} more. Shorten the prompt or lower max_tokens to at most "
+                f"{max(self.block_size + 1 - prompt_len, 0)}", status=400, field="max_tokens")
+
+    def add(self, prompt: list[int], params: SamplingParams, queue: asyncio.Queue | None = None) -> Sequence:
+        """Queue a sequence; its (sequence, TokenEvent) pairs go to `queue` (its own one by default)."""
+        self.check_length(len(prompt), params.max_tokens)
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting; retry shortly")
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        seq = Sequence(next(self._ids), list(prompt), params, gen, queue if queue is not None else asyncio.Queue())
+        self.waiting.append(seq)
+        self._ensure_loop()
+        self._wake.set()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence (its consumer went away); its slot is freed before the next step."""
+        if seq.finish_reason is None:
+            seq.aborted = True
+            if self._wake is not None:
+                self._wake.set()
+
+    async def generate(self, prompt: list[int], params: SamplingParams):
+        """Async iterator of TokenEvents for one sequence; closing or cancelling it aborts the sequence."""
+        seq = self.add(prompt, params)
+        try:
+            while True:
+                _, event = await seq.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.abort(seq)
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "max_seqs": self.max_seqs,
+                "generated_tokens": self.generated_tokens, "steps": self.steps,
+                "kv_cache_used": self._kv_used(), "recent": list(self.recent)}
+
+    # -- loop ---------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self._drop_aborted()
+                if not self.running and not self.waiting:
+                    self._publish_state()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                admitted = self._admit()
+                decoding = [s for s in self.running if s not in admitted]
+                events = await asyncio.to_thread(self._compute, admitted, decoding)
+                self._deliver(events)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not leave every caller hanging
+                logger.exception("engine step failed")
+                for seq in [*self.running, *self.waiting]:
+                    seq.queue.put_nowait((seq, TokenEvent(None, finish_reason="error")))
+                    seq.finish_reason = "error"
+                    self._release(seq, repr(exc))
+                self.running.clear()
+                self.waiting.clear()
+
+    def _drop_aborted(self) -> None:
+        if self.timeout_s is not None:  # over the request timeout: end it as if max_tokens were reached
+            late = time.perf_counter() - self.timeout_s
+            for seq in [s for s in self.running if s.arrived < late and not s.aborted]:
+                self.running.remove(seq)
+                seq.finish_reason = "length"
+                seq.queue.put_nowait((seq, TokenEvent(None, finish_reason="length")))
+                self._release(seq, "timeout")
+        for seq in [s for s in self.running if s.aborted]:
+            self.running.remove(seq)
+            seq.finish_reason = "abort"
+            self._release(seq, "abort")
+        for seq in [s for s in self.waiting if s.aborted]:
+            self.waiting.remove(seq)
+            seq.finish_reason = "abort"
+            self._release(seq, "abort")
+
+    def _admit(self) -> list[Sequence]:
+        admitted, longest = [], 0
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            longest2 = max(longest, len(seq.prompt))
+            if admitted and longest2 * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            self.waiting.popleft()
+            longest = longest2
+            seq.slot = self.free_slots.pop()
+            admitted.append(seq)
+            self.running.append(seq)
+            self.metrics.admitted(seq, time.perf_counter())
+        return admitted
+
+    def _release(self, seq: Sequence, reason: str) -> None:
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+        self.recent.append({"id": seq.id, "finish_reason": reason, "generated": len(seq.out),
+                            "prompt_tokens": len(seq.prompt)})
+
+    def _kv_used(self) -> float:
+        return sum(s.fed for s in self.running) / (self.max_seqs * self.block_size)
+
+    def _publish_state(self) -> None:
+        self.metrics.state(len(self.running), len(self.waiting), self._kv_used())
+
+    # -- compute (worker thread) ----------------------------------------------------------
+    @torch.inference_mode()
+    def _compute(self, admitted: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
+        events = []
+        if decoding:
+            idx = torch.tensor([[s.out[-1]] for s in decoding], device=self.device)
+            pos = torch.tensor([[s.fed] for s in decoding], device=self.device)
+            slots = torch.tensor([s.slot for s in decoding], device=self.device)
+            logits = self.model.step(idx, pos, self.cache, slots)[:, -1].float()
+            for row, seq in enumerate(decoding):
+                seq.fed += 1
+                events.append((seq, self._sample(seq, logits[row])))
+        if admitted:
+            events.extend(self._prefill(admitted))
+        self.steps += 1
+        return events
+
+    def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
+        # With nothing to generate the last prompt token is only scored, never fed.
+        feeds = [s.prompt if s.params.max_tokens > 0 else s.prompt[:-1] for s in seqs]
+        t = max(1, max(len(f) for f in feeds))
+        idx = torch.zeros((len(seqs), t), dtype=torch.long, device=self.device)
+        for row, f in enumerate(feeds):
+            idx[row, :len(f)] = torch.tensor(f, dtype=torch.long)
+        pos = torch.arange(t, device=self.device)[None].expand(len(seqs), t)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model.step(idx, pos, self.cache, slots).float()
+        events = []
+        for row, (seq, f) in enumerate(zip(seqs, feeds)):
+            seq.fed = len(f)
+            prompt_lps = None
+            if seq.params.prompt_logprobs is not None:
+                prompt_lps = [(None, None)] + _scores(logits[row, :len(seq.prompt) - 1], seq.prompt[1:],
+                                                      seq.params.prompt_logprobs)
+            if seq.params.max_tokens == 0:
+                event = TokenEvent(None, finish_reason="length")
+            else:
+                event = self._sample(seq, logits[row, len(f) - 1])
+            event.prompt_logprobs = prompt_lps
+            events.append((seq, event))
+        return events
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
+        p = seq.params
+        if p.temperature <= 0:
+            token = int(torch.argmax(logits))
+        else:
+            x = logits / p.temperature
+            if p.top_k and p.top_k < x.shape[-1]:
+                x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
+            if p.top_p < 1.0:
+                sorted_x, order = torch.sort(x, descending=True)
+                cum = torch.cumsum(F.softmax(sorted_x, dim=-1), dim=-1)
+                drop = cum - F.softmax(sorted_x, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
+                x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+            token = int(torch.multinomial(F.softmax(x, dim=-1), 1, generator=seq.generator))
+        lp, top = (None, None)
+        if p.logprobs is not None:
+            (lp, top), = _scores(logits[None], [token], p.logprobs)
+        seq.out.append(token)
+        reason = None
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.out) >= p.max_tokens:
+            reason = "length"
+        return TokenEvent(token, lp, top, reason)
+
+    # -- back on the event loop ------------------------------------------------------------
+    def _deliver(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
+        now = time.perf_counter()
+        for seq, event in events:
+            if event.token is not None:
+                self.generated_tokens += 1
+                self.metrics.token(seq, now)
+            seq.last_token_at = now
+            seq.queue.put_nowait((seq, event))
+            if event.finish_reason is not None:
+                seq.finish_reason = event.finish_reason
+                if seq in self.running:
+                    self.running.remove(seq)
+                self._release(seq, event.finish_reason)
+        self._publish_state()
+
+
+def _scores(logits: torch.Tensor, targets: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the target's log-probability and the `top` most likely (token, logprob) pairs."""
+    if not targets:
+        return []
+    lps = F.log_softmax(logits.float(), dim=-1)
+    chosen = lps.gather(-1, torch.tensor(targets, device=lps.device)[:, None])[:, 0].tolist()
+    if top > 0:
+        values, ids = torch.topk(lps, min(top, lps.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in targets]
+    return list(zip(chosen, tops))

@@ -1,0 +1,166 @@
+"""The Tune trial: one real Ray Train run of the platform's own loop, reporting every epoch to Tune.
+
+Train V2 pattern: a Tune function trainable builds a TorchTrainer (aidc.train.trainer.build_trainer, the
+same construction as jobs.train) and fits it. Each epoch's metrics go to Tune together with a Tune
+checkpoint that is a copy of the loop's state (weights, optimizer, scheduler, RNG, history). That copy
+is what makes the rest work: a restored or retried trial continues from it, and PBT's exploit hands a
+donor's copy to a weaker trial, which continues from it under its perturbed hyperparameters.
+
+- `num_workers: 0`: Train's local mode runs the loop in the trial process; the loop calls the reporter.
+- `num_workers: N`: N Train workers; a Train callback forwards each report (metrics + the registered
+  Train checkpoint) through a queue to the trial, which copies the checkpoint and reports to Tune.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ray.train.v2.api.callback import UserCallback
+
+from aidc import storage
+from aidc.config import JobConfig
+from aidc.tune.space import apply_params
+
+logger = logging.getLogger(__name__)
+
+ORIGIN = "origin.json"  # in each Tune checkpoint: which trial and epoch the state comes from
+
+
+class TrialReporter:
+    """Turns the loop's reports into Tune results with a Tune checkpoint (the loop's state + its origin)."""
+
+    def __init__(self, trial_id: str, origin: dict | None):
+        self.trial_id = trial_id
+        self.origin = origin  # set when this run started from a checkpoint (its own, or a PBT donor's)
+
+    def __call__(self, metrics: dict, directory: str | None) -> None:
+        from ray import tune
+
+        final = "best_epoch" in metrics
+        if "epoch_time_s" not in metrics and not final:
+            return  # a mid-epoch checkpoint report carries no validation metrics: nothing for schedulers
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        out = {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+        out["epochs_done"] = int(metrics["epoch"]) + 1  # what schedulers key on, stable across restores
+        out["completed"] = int(final)
+        if self.origin:  # first report after starting from a checkpoint: say whose state it was
+            out["init_trial"], out["init_epoch"] = self.origin["trial_id"], int(self.origin["epoch"])
+            out.update({f"init_{k}": v for k, v in self.origin.get("metrics", {}).items()})
+            self.origin = None
+        if directory is None:
+            tune.report(out)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = Path(tmp, "state")
+            shutil.copytree(directory, dst)
+            val = {k: v for k, v in out.items() if k.startswith("val_") and isinstance(v, float)}
+            (dst / ORIGIN).write_text(json.dumps({"trial_id": self.trial_id, "epoch": int(metrics["epoch"]),
+                                                  "metrics": val}))
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(dst)))
+
+
+class ForwardToTrial(UserCallback):
+    """Train callback (runs in the Train controller): hands rank 0's report and checkpoint to the trial."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.queue.put((dict(metrics[0]), checkpoint))
+
+
+def _fit_multi_worker(trainer_factory, reporter: TrialReporter) -> None:
+    """Fit in a thread while this (the trial's) thread reports what the Train callback forwards."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = trainer_factory([ForwardToTrial(queue)])
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="aidc-trial-fit", daemon=True)
+    thread.start()
+    while True:
+        try:
+            metrics, checkpoint = queue.get(timeout=0.5)
+        except Empty:
+            if not thread.is_alive() and queue.empty():
+                break
+            continue
+        if checkpoint is None:
+            reporter(metrics, None)
+        else:
+            with checkpoint.as_directory() as d:
+                reporter(metrics, d)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def run_trial(params: dict, sweep: dict) -> None:
+    """Tune function trainable. `sweep`: the base job config dict, the train-runs path, shared datasets."""
+    from ray import tune
+
+    from aidc.train.trainer import build_trainer, prepare_datasets
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = JobConfig.model_validate(apply_params(sweep["job"], params))
+    if sweep.get("datasets") is None:  # the space changes preprocessing (data.*): this trial's own version
+        from aidc.data.pipeline import preprocess
+
+        dv, _ = preprocess(cfg)
+        _, manifest, datasets = prepare_datasets(cfg, dv)
+    else:
+        manifest, datasets = sweep["manifest"], sweep["datasets"]
+
+    extras: dict = {}
+    origin = None
+    start = tune.get_checkpoint()
+    workdir = tempfile.mkdtemp(prefix="aidc-trial-")
+    try:
+        if start is not None:  # restored/retried trial, or a PBT exploit: continue from this state
+            local = start.to_directory(str(Path(workdir, "start")))
+            origin = json.loads(Path(local, ORIGIN).read_text())
+            extras["init_checkpoint"] = local
+            logger.info("trial %s starts from trial %s's epoch %d", trial_id, origin["trial_id"], origin["epoch"])
+        reporter = TrialReporter(trial_id, origin)
+        run_name = f"{trial_id}-{time.strftime('%H%M%S')}"  # one Train run per start of this trial
+
+        def make_trainer(callbacks):
+            return build_trainer(cfg, manifest, datasets, run_name=run_name, storage_path=sweep["train_runs"],
+                                 callbacks=callbacks, loop_extras=extras)
+
+        if cfg.resources.num_workers == 0:  # the loop itself, in this process (no Train worker group)
+            from aidc.train.trainer import loop_config
+            from aidc.train.loop import train_loop_per_worker
+
+            train_loop_per_worker({**loop_config(cfg, manifest), **extras, "tune_report": reporter,
+                                   "local_datasets": datasets})
+        else:
+            _fit_multi_worker(make_trainer, reporter)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def trial_payload(spec, root: str, sweep_name: str, share_datasets: bool) -> dict:
+    """What every trial receives (through tune.with_parameters: put in the object store once)."""
+    payload = {"job": spec.job.model_dump(mode="json"),
+               "train_runs": storage.join(root, "sweeps", sweep_name, "train-runs")}
+    if share_datasets:
+        from aidc.train.trainer import prepare_datasets
+
+        dv, manifest, datasets = prepare_datasets(spec.job)
+        payload.update(manifest=manifest, datasets=datasets, dataset_uri=dv.uri)
+    return payload

@@ -1,0 +1,57 @@
+"""OIP gRPC checks with tritonclient[grpc], run by the integration tests from the test-clients venv.
+
+tritonclient[grpc] pins protobuf<7 (older than the project venv's), so it lives in .venv-clients
+(`make clients`). Usage: oip_grpc_client.py HOST:PORT PINNED_VERSION; prints one JSON line.
+Serve's gRPC proxy routes by the `application` metadata when several apps run: send it on every call.
+"""
+
+import json
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+HEADERS = {"application": "tensors"}
+
+
+def infer(client, model, name, array, datatype, version=""):
+    inp = grpcclient.InferInput(name, list(array.shape), datatype)
+    inp.set_data_from_numpy(array)
+    return client.infer(model, [inp], model_version=version, headers=HEADERS, request_id="g1")
+
+
+def status_of(fn):
+    try:
+        fn()
+    except InferenceServerException as exc:
+        return exc.status().replace("StatusCode.", ""), exc.message()
+    return "OK", ""
+
+
+def main(url: str, pinned: str) -> None:
+    client = grpcclient.InferenceServerClient(url)
+    images = np.random.default_rng(0).uniform(0, 16, size=(4, 8, 8)).astype(np.float32)
+    meta = client.get_model_metadata("digits-cnn", headers=HEADERS)
+    res = infer(client, "digits-cnn", "image", images, "FP32")
+    text = infer(client, "sms-spam-transformer", "text", np.array([b"win a free prize now"], dtype=object), "BYTES")
+    pinned_res = infer(client, "digits-cnn", "image", images[:1], "FP32", version=pinned)
+    errors, wrong_msg = {}, ""
+    errors["unknown_model"], _ = status_of(lambda: infer(client, "nope", "image", images, "FP32"))
+    errors["wrong_datatype"], wrong_msg = status_of(
+        lambda: infer(client, "digits-cnn", "image", images.astype(np.int64), "INT64"))
+    errors["bad_shape"], _ = status_of(
+        lambda: infer(client, "digits-cnn", "image", images.reshape(4, 64), "FP32"))
+    print(json.dumps({
+        "live": client.is_server_live(headers=HEADERS), "ready": client.is_server_ready(headers=HEADERS),
+        "model_ready": client.is_model_ready("digits-cnn", headers=HEADERS),
+        "metadata_inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
+        "classes": res.as_numpy("class").tolist(), "id": res.get_response().id,
+        "text_labels": [v.decode() for v in text.as_numpy("label")],
+        "pinned_version": pinned_res.get_response().model_version,
+        "errors": errors, "wrong_datatype_message": wrong_msg,
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

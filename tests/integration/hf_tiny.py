@@ -1,0 +1,33 @@
+"""A tiny randomly initialised Hugging Face GPT-2 folder made locally (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "to be or not to be, that is the question",
+             "all the world's a stage, and all the men and women merely players", "hello world"] * 4
+
+
+def make_tiny_gpt2(directory: Path, n_positions: int = 64, n_embd: int = 32, n_layer: int = 2,
+                   n_head: int = 4) -> Path:
+    """config.json + model.safetensors (GPT2LMHeadModel.save_pretrained) + a byte-level BPE tokenizer.json
+    trained on a few sentences, whose end-of-text token is its last id (as in GPT-2)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(SENTENCES, trainer=trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
+    eos = tok.token_to_id("<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, bos_token_id=eos, eos_token_id=eos)
+    directory.mkdir(parents=True, exist_ok=True)
+    GPT2LMHeadModel(cfg).save_pretrained(str(directory))
+    tok.save(str(directory / "tokenizer.json"))
+    return directory

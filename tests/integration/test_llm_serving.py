@@ -1,0 +1,271 @@
+"""The OpenAI-compatible `llm` Serve app on the shared local Ray, driven by the official `openai` client:
+a char GPT trained here (registry reference) and a Hugging Face GPT-2 folder made here and imported with
+`aidc model import`, both served by one app with continuous batching."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+from aidc.cli import main as aidc_main
+from aidc.data.pipeline import preprocess
+from aidc.registry import register, tracking_uri
+from aidc.train.trainer import run_training
+from tests.conftest import free_port
+from tests.integration.conftest import workload_config
+from tests.integration.hf_tiny import make_tiny_gpt2
+
+pytestmark = pytest.mark.integration
+
+# One 0.5-CPU worker: the num_workers=0 local mode leaves no final checkpoint for run_training to read back.
+TINY = ["resources.num_workers=1", "resources.cpus_per_worker=0.5", "train.epochs=1", "model.d_model=32",
+        "model.layers=1", "model.heads=2", "train.max_steps_per_epoch=30", "run.name=llm-tiny",
+        "registry.alias=serving"]
+
+
+@pytest.fixture(scope="module")
+def root(ray_session, tmp_path_factory):
+    return str(tmp_path_factory.mktemp("llm"))
+
+
+@pytest.fixture(scope="module")
+def char_gpt(root):
+    cfg = workload_config("shakespeare-gpt", root, *TINY)
+    dataset, _ = preprocess(cfg)
+    outcome = run_training(cfg)
+    return register(cfg, outcome), dataset, outcome.metrics
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(root, tmp_path_factory):
+    folder = make_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", n_positions=4096)
+    rc = aidc_main(["model", "import", str(folder), "--name", "tiny-gpt2", "--alias", "imported",
+                    "--storage", root])
+    assert rc == 0
+    return "tiny-gpt2@imported", folder
+
+
+@pytest.fixture(scope="module")
+def server(root, char_gpt, hf_gpt2):
+    from ray import serve
+
+    from serve_apps.llm import LLMServer, app_builder
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    uri = tracking_uri(None, root)
+    try:
+        serve.run(app_builder({"models": [char_gpt[0].ref, hf_gpt2[0]], "tracking_uri": uri, "max_num_seqs": 16,
+                               "max_body_bytes": 200_000}), name="llm", route_prefix="/v1")
+        busy = LLMServer.options(ray_actor_options={"num_cpus": 0.25}).bind(
+            {"models": [hf_gpt2[0]], "tracking_uri": uri, "max_num_seqs": 1, "max_waiting": 1, "metrics": False})
+        serve.run(busy, name="llm-busy", route_prefix="/busy/v1")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+MODEL = "shakespeare-gpt"
+
+
+def test_models_health_and_openapi(server, client):
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {MODEL, "tiny-gpt2"}
+    health = requests.get(f"{server}/v1/health").json()
+    assert health["status"] == "ok" and health["models"][MODEL]["running"] == 0
+    doc = requests.get(f"{server}/v1/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest", "CompletionResponse", "ChatCompletionResponse",
+                 "TokenizeRequest", "DetokenizeResponse", "ErrorResponse", "ModelList"):
+        assert name in schemas
+    assert {"/completions", "/chat/completions", "/tokenize", "/detokenize", "/models", "/health"} <= {
+        p.removeprefix("/v1") for p in doc["paths"]}
+
+
+def test_completion_plain_and_streamed_are_the_same_text(client):
+    kw = dict(model=MODEL, prompt="ROMEO:\n", max_tokens=40, seed=11, temperature=0.9)
+    plain = client.completions.create(**kw)
+    choice = plain.choices[0]
+    assert plain.object == "text_completion" and plain.model == MODEL and choice.finish_reason in ("stop", "length")
+    assert plain.usage.prompt_tokens == 7 and plain.usage.completion_tokens <= 40
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == choice.text
+    assert chunks[-2].choices[0].finish_reason == choice.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
+
+
+def test_chat_plain_and_streamed(client):
+    kw = dict(model=MODEL, messages=[{"role": "system", "content": "Speak as a king."},
+                                     {"role": "user", "content": "What news?"}],
+              max_completion_tokens=30, seed=5)
+    plain = client.chat.completions.create(**kw)
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    # the chat template is applied with the tokenizer fitted at preprocessing
+    tok = requests.post(f"{client.base_url}tokenize", json={"model": MODEL, "messages": kw["messages"]}).json()
+    assert plain.usage.prompt_tokens == tok["count"]
+    text = requests.post(f"{client.base_url}detokenize", json={"model": MODEL, "tokens": tok["tokens"]}).json()
+    assert text["prompt"] == "system: Speak as a king.\nuser: What news?\nassistant:"
+
+
+def test_n_stop_and_chat_logprobs(client):
+    many = client.completions.create(model=MODEL, prompt=["KING:", "QUEEN:"], n=3, max_tokens=12, seed=1)
+    assert sorted(c.index for c in many.choices) == list(range(6))
+    assert len({c.text for c in many.choices}) > 1  # different seeds per choice
+    free = client.completions.create(model=MODEL, prompt="KING:", max_tokens=30, seed=2, temperature=0)
+    stop = free.choices[0].text[3:5]
+    cut = client.completions.create(model=MODEL, prompt="KING:", max_tokens=30, seed=2, temperature=0, stop=[stop])
+    assert cut.choices[0].text == free.choices[0].text[:free.choices[0].text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          logprobs=True, top_logprobs=3, temperature=0)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+
+
+def test_echo_logprobs_score_like_lm_eval_harness(client):
+    """lm-evaluation-harness local-completions: echo, logprobs=1, max_tokens=1, token-id prompts."""
+    prompts = [[12, 40, 41, 1 + 2, 50], [20, 21, 22]]
+    out = client.completions.create(model=MODEL, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    for choice, prompt in zip(sorted(out.choices, key=lambda c: c.index), prompts):
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(prompt) + 1 and lp.token_logprobs[0] is None
+        assert all(x <= 0 for x in lp.token_logprobs[1:]) and lp.top_logprobs[0] is None
+        assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+
+
+def test_perplexity_through_the_api_equals_offline_test_perplexity(client, char_gpt):
+    _, dataset, metrics = char_gpt
+    blocks = dataset.read_numpy("test")["tokens"].tolist()  # (block_size + 1)-token windows, as evaluated
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), 64):
+        out = client.completions.create(model=MODEL, prompt=blocks[i:i + 64], echo=True, logprobs=0, max_tokens=0)
+        for c in out.choices:
+            total += sum(c.logprobs.token_logprobs[1:])
+            count += len(c.logprobs.token_logprobs) - 1
+    assert count == len(blocks) * (len(blocks[0]) - 1)
+    assert math.exp(-total / count) == pytest.approx(metrics["test_perplexity"], rel=1e-3)
+
+
+def test_sixteen_concurrent_streams_match_their_seeded_plain_runs(client):
+    async def go():
+        aclient = openai.AsyncOpenAI(base_url=str(client.base_url), api_key="unused", max_retries=0, timeout=120)
+
+        async def stream(i):
+            chunks = await aclient.completions.create(model=MODEL, prompt="First Citizen:\n" * (1 + i % 3),
+                                                      max_tokens=20 + 3 * i, seed=i, stream=True)
+            return "".join([c.choices[0].text async for c in chunks])
+
+        texts = await asyncio.gather(*(stream(i) for i in range(16)))
+        await aclient.close()
+        return texts
+
+    texts = asyncio.run(go())
+    for i in (0, 7, 15):  # the same seed alone gives the same text as inside the busy batch
+        alone = client.completions.create(model=MODEL, prompt="First Citizen:\n" * (1 + i % 3),
+                                          max_tokens=20 + 3 * i, seed=i)
+        assert texts[i] == alone.choices[0].text
+
+
+def test_imported_gpt2_is_served_the_same_way(server, client, hf_gpt2):
+    from transformers import GPT2LMHeadModel
+    import torch
+
+    _, folder = hf_gpt2
+    out = client.completions.create(model="tiny-gpt2", prompt="the quick brown", max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    ids = requests.post(f"{server}/v1/tokenize", json={"model": "tiny-gpt2", "prompt": "the quick brown"}).json()
+    hf = GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+    seq = list(ids["tokens"])
+    with torch.no_grad():  # greedy decoding with Hugging Face's own implementation of the same weights
+        for _ in range(8):
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    expected = requests.post(f"{server}/v1/detokenize", json={"model": "tiny-gpt2", "tokens": seq[len(ids["tokens"]):]})
+    assert out.choices[0].text == expected.json()["prompt"]
+    assert ids["max_model_len"] == 4096
+
+
+def test_client_disconnect_stops_generation_and_frees_the_slot(server):
+    body = {"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    resp = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60)
+    assert resp.status_code == 200
+    lines = resp.iter_lines()
+    got = [line for line, _ in zip(lines, range(6))]
+    assert got[0].startswith(b"data: ")
+    assert requests.get(f"{server}/v1/health").json()["models"]["tiny-gpt2"]["running"] == 1
+    resp.close()  # the client goes away mid-stream
+    for _ in range(100):  # the disconnect reaches the replica; the engine drops the sequence
+        state = requests.get(f"{server}/v1/health").json()["models"]["tiny-gpt2"]
+        if state["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert state["running"] == 0
+    last = state["recent"][-1]
+    assert last["finish_reason"] == "abort" and last["generated"] < 4000
+    time.sleep(0.5)
+    after = requests.get(f"{server}/v1/health").json()["models"]["tiny-gpt2"]
+    assert after["generated_tokens"] == state["generated_tokens"]  # nothing more generated for it
+
+
+def _error(resp, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+    return err
+
+
+def test_every_error_case_is_an_openai_error_envelope(server, client):
+    url = f"{server}/v1/completions"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x")
+    assert _error(requests.post(url, json={"model": "nope", "prompt": "x"}), 404, "model")["code"] == "model_not_found"
+    _error(requests.post(url, json={"model": MODEL, "prompt": "a" * 120, "max_tokens": 50}), 400, "max_tokens")
+    _error(requests.post(url, json={"model": MODEL, "prompt": "a", "max_tokens": 500}), 400, "max_tokens")
+    _error(requests.post(url, json={"model": MODEL, "prompt": "x", "temperature": "hot"}), 400, "temperature")
+    _error(requests.post(url, json={"model": MODEL, "prompt": {"a": 1}}), 400)
+    _error(requests.post(url, json={"model": MODEL, "prompt": [10 ** 6]}), 400, "prompt[0]")
+    _error(requests.post(url, json={"model": MODEL, "prompt": "x", "bogus": 1}), 400, "bogus")
+    _error(requests.post(url, data=b"{not json", headers={"content-type": "application/json"}), 400)
+    _error(requests.post(url, json={"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}), 400)
+    _error(requests.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": []}), 400, "messages")
+    too_big = requests.post(url, json={"model": MODEL, "prompt": "x" * 300_000})
+    assert _error(too_big, 413)["code"] == "request_too_large"
+    # accepted-and-ignored fields other servers take are not errors
+    ok = requests.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": 2, "repetition_penalty": 1.2,
+                               "presence_penalty": 0.5, "user": "u", "min_tokens": 1})
+    assert ok.status_code == 200, ok.text
+
+
+def test_queue_full_is_429_with_retry_after(server):
+    url = f"{server}/busy/v1/completions"
+    body = {"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 2000, "ignore_eos": True}
+
+    def burst():
+        with ThreadPoolExecutor(6) as pool:
+            return list(pool.map(lambda _: requests.post(url, json=body, timeout=120), range(6)))
+
+    responses = burst()  # one runs, one waits, the rest find the queue full
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+    busy = [r for r in responses if r.status_code == 429]
+    assert busy and busy[0].headers["retry-after"] == "1"
+    assert _error(busy[0], 429)["code"] == "rate_limit_exceeded"

@@ -1,0 +1,456 @@
+"""Open Inference Protocol v2 on Ray Serve, end to end: four tiny registered models (image, text, recommender,
+tabular) served by the `tensors` app over REST and gRPC, driven by plain HTTP and tritonclient."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+
+from aidc.config import validate
+from aidc.data.pipeline import preprocess
+from aidc.registry import register, tracking_uri
+from aidc.serving.model import load_model
+from aidc.train.trainer import run_training
+from tests.conftest import REPO, free_port
+from tests.integration.conftest import workload_config
+
+pytestmark = pytest.mark.integration
+CLIENTS_PY = REPO / ".venv-clients" / "bin" / "python"
+# num_workers: 0 (loop in the driver) loses its final checkpoint in run_training today; one worker is safe.
+FAST = ["train.epochs=1", "resources.num_workers=1", "train.max_steps_per_epoch=15"]
+TINY = {
+    "digits": ["model.channels=[8]", "model.hidden=16"],
+    "sms-spam": ["model.d_model=32", "model.layers=1", "data.text.vocab_size=500"],
+    "movielens": ["model.dim=8"],
+}
+
+
+@pytest.fixture(scope="module")
+def root(ray_session, tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tensors"))
+
+
+def _train(cfg):
+    preprocess(cfg)
+    return cfg, run_training(cfg)
+
+
+@pytest.fixture(scope="module")
+def models(root, tmp_path_factory):
+    """name -> registered version; digits twice (v1 @champion, v2 for pinned/canary/rolling tests)."""
+    out = {}
+    for name, extra in TINY.items():
+        cfg, outcome = _train(workload_config(name, root, *FAST, *extra, f"run.name=oip-{name}"))
+        out[name] = register(cfg, outcome)
+        if name == "digits":
+            out["digits-v2"] = register(cfg, outcome)
+            for small in ("tiny-a", "tiny-b"):  # small models for multiplexing: same weights, own names
+                out[small] = register(cfg.model_copy(update={"registry": cfg.registry.model_copy(
+                    update={"model_name": small})}), outcome)
+    csv = tmp_path_factory.mktemp("tabular") / "rows.csv"
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.normal(size=300), rng.normal(size=300)
+    color = rng.choice(["red", "green", "blue"], size=300)
+    label = ((x1 + (color == "red")) > 0.5).astype(int) * 3  # classes 0 and 3: served as the label values
+    csv.write_text("x1,x2,color,y\n" + "\n".join(f"{a:.4f},{b:.4f},{c},{y}" for a, b, c, y in
+                                                  zip(x1, x2, color, label)))
+    cfg, outcome = _train(validate({
+        "name": "rows", "task": "tabular_classification",
+        "data": {"source": "files", "path": str(csv), "format": "csv", "features": ["x1", "x2"],
+                 "categorical": ["color"], "label": "y", "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
+        "model": {"arch": "mlp", "hidden": [16]}, "train": {"epochs": 1, "max_steps_per_epoch": 15},
+        "resources": {"num_workers": 1}, "run": {"storage": root, "name": "oip-rows"},
+        "registry": {"model_name": "rows-mlp"}}))
+    out["rows"] = register(cfg, outcome)
+    # @champion back on digits v1: v2 is the pinned/canary version
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri(None, root)).set_registered_model_alias("digits-cnn", "champion", out["digits"].version)
+    return out
+
+
+def _model_args(**overrides) -> dict:
+    return {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
+            "deployment": {"num_cpus": 0.2}, **overrides}
+
+
+@pytest.fixture(scope="module")
+def server(models, root):
+    from ray import serve
+
+    from aidc.serving.oip_grpc import SERVICER
+    from serve_apps.tensors import app_builder
+
+    http, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
+    args = {"tracking_uri": tracking_uri(None, root), "storage": root, "canary_seed": 0, "models": [
+        _model_args(name="digits-cnn", versions=[models["digits-v2"].version]),
+        _model_args(name="sms-spam-transformer"),
+        _model_args(name="movielens-mf", unknown_users="popular", deployment={"num_cpus": 0.2, "autoscaling_config": {
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.5}}),
+        _model_args(name="rows-mlp", deployment={"num_cpus": 0.2, "max_ongoing_requests": 1,
+                                                 "max_queued_requests": 1},
+                    batching={"max_batch_size": 1, "batch_wait_timeout_s": 0}),
+    ], "multiplexed": {"models": ["tiny-a", "tiny-b"], "max_models_per_replica": 1,
+                       "deployment": {"num_cpus": 0.2}}}
+    serve.run(app_builder(args), name="tensors", route_prefix="/v2")
+    try:
+        yield {"url": f"http://127.0.0.1:{http}/v2", "http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}",
+               "args": args}
+    finally:
+        serve.shutdown()
+
+
+def _infer(url, model, inputs, version=None, **extra):
+    path = f"{url}/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    return requests.post(path, json={"inputs": inputs, **extra}, timeout=60)
+
+
+def _local(models, root, key):
+    return load_model(f"{models[key].name}/{models[key].version}", tracking_uri(None, root))
+
+
+def test_health_and_metadata(server, models):
+    url = server["url"]
+    assert requests.get(f"{url}/health/live", timeout=10).json() == {"live": True}
+    assert requests.get(f"{url}/health/ready", timeout=60).json() == {"ready": True}
+    meta = requests.get(url, timeout=10).json()
+    assert meta["name"] == "aidc" and "binary_tensor_data" in meta["extensions"]
+    m = requests.get(f"{url}/models/digits-cnn", timeout=30).json()
+    assert m["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8]}]
+    assert m["versions"] == sorted([models["digits"].version, models["digits-v2"].version], key=int)
+    assert {o["name"] for o in m["outputs"]} == {"probabilities", "class"}
+    text = requests.get(f"{url}/models/sms-spam-transformer", timeout=30).json()
+    assert text["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    rows = requests.get(f"{url}/models/rows-mlp", timeout=30).json()
+    assert [(t["name"], t["datatype"]) for t in rows["inputs"]] == [("x1", "FP32"), ("x2", "FP32"),
+                                                                      ("color", "BYTES")]
+    assert requests.get(f"{url}/models/digits-cnn/ready", timeout=30).json() == {"ready": True}
+    v2 = models["digits-v2"].version
+    assert requests.get(f"{url}/models/digits-cnn/versions/{v2}", timeout=30).json()["versions"] == [v2]
+
+
+def test_plain_http_every_model_type_matches_the_training_time_pipeline(server, models, root):
+    from sklearn.datasets import load_digits
+
+    url = server["url"]
+    images = load_digits().images[:20].astype(np.float32)
+    r = _infer(url, "digits-cnn", [{"name": "image", "shape": [20, 8, 8], "datatype": "FP32",
+                                    "data": images.tolist()}], id="req-1")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-1" and body["model_version"] == models["digits"].version
+    probs = np.array(next(o for o in body["outputs"] if o["name"] == "probabilities")["data"]).reshape(20, 10)
+    expected = _local(models, root, "digits").infer_tensors({"image": images})
+    np.testing.assert_allclose(probs, expected["probabilities"], atol=1e-5)
+
+    texts = ["WINNER!! claim your free prize now, text 80086", "see you at lunch tomorrow?"]
+    r = _infer(url, "sms-spam-transformer", [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}],
+               outputs=[{"name": "label"}])
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"]
+    assert [o["name"] for o in out] == ["label"]  # the outputs filter
+    local = _local(models, root, "sms-spam").infer_tensors({"text": np.array(texts, dtype=object)})
+    assert out[0]["data"] == [str(v) for v in local["label"]]
+
+    r = _infer(url, "movielens-mf", [{"name": "user", "shape": [3], "datatype": "INT32", "data": [1, 2, 999999]},
+                                     {"name": "item", "shape": [3], "datatype": "INT64", "data": [1, 50, 1]}])
+    assert r.status_code == 200, r.text
+    rating = r.json()["outputs"][0]
+    assert rating["datatype"] == "FP32" and rating["shape"] == [3]
+    local = _local(models, root, "movielens").infer_tensors({"user": np.array([1, 2, 999999]),
+                                                              "item": np.array([1, 50, 1])})
+    np.testing.assert_allclose(rating["data"], local["rating"], atol=1e-5)
+
+    r = _infer(url, "rows-mlp", [{"name": "x1", "shape": [2], "datatype": "FP64", "data": [2.0, -2.0]},
+                                 {"name": "x2", "shape": [2], "datatype": "FP32", "data": [0.0, 0.0]},
+                                 {"name": "color", "shape": [2], "datatype": "BYTES", "data": ["red", "purple"]}])
+    assert r.status_code == 200, r.text
+    classes = next(o for o in r.json()["outputs"] if o["name"] == "class")["data"]
+    assert set(classes) <= {0, 3}  # label values, not indices; an unseen category maps to the unknown index
+
+
+def test_tritonclient_http_binary_and_json(server, models, root):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server["http"])
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("digits-cnn")
+        assert client.get_model_metadata("sms-spam-transformer")["inputs"][0]["datatype"] == "BYTES"
+        images = np.random.default_rng(1).uniform(0, 16, size=(5, 8, 8)).astype(np.float32)
+        expected = _local(models, root, "digits").infer_tensors({"image": images})
+        for binary in (True, False):
+            inp = httpclient.InferInput("image", [5, 8, 8], "FP32")
+            inp.set_data_from_numpy(images, binary_data=binary)
+            outs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+                    httpclient.InferRequestedOutput("class", binary_data=binary)]
+            res = client.infer("digits-cnn", [inp], outputs=outs, request_id="t1")
+            np.testing.assert_allclose(res.as_numpy("probabilities"), expected["probabilities"], atol=1e-5)
+            assert (res.as_numpy("class") == expected["class"]).all()
+            assert res.get_response()["id"] == "t1"
+        # defaults: binary inputs, no outputs named -> every output in binary; BYTES both ways
+        text = httpclient.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([b"free entry win cash", b"ok see you"], dtype=object))
+        res = client.infer("sms-spam-transformer", [text])
+        assert res.as_numpy("label").shape == (2,) and res.as_numpy("probabilities").shape == (2, 2)
+        v2 = models["digits-v2"].version
+        inp = httpclient.InferInput("image", [1, 8, 8], "FP32")
+        inp.set_data_from_numpy(images[:1])
+        assert client.infer("digits-cnn", [inp], model_version=v2).get_response()["model_version"] == v2
+        with pytest.raises(Exception, match="takes FP32"):
+            bad = httpclient.InferInput("image", [1, 8, 8], "INT64")
+            bad.set_data_from_numpy(images[:1].astype(np.int64))
+            client.infer("digits-cnn", [bad])
+    finally:
+        client.close()
+
+
+BAD = [  # (model, body or raw bytes, status, fragment of the error)
+    ("digits-cnn", {"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "INT64", "data": [1] * 64}]},
+     400, "takes FP32"),
+    ("digits-cnn", {"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 63}]},
+     400, "needs 64"),
+    ("digits-cnn", {"inputs": [{"name": "image", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]},
+     400, "takes [-1, 8, 8]"),
+    ("digits-cnn", {"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+     400, "no input(s) ['pixels']"),
+    ("digits-cnn", {"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": ["a"] * 64}]},
+     400, "holds 'a'"),
+    ("digits-cnn", {"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [99.0] * 64}]},
+     422, "outside the trained range"),
+    ("digits-cnn", {"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}],
+                    "outputs": [{"name": "logits"}]}, 400, "no output(s) ['logits']"),
+    ("digits-cnn", {"inputs": []}, 400, "inputs"),
+    ("digits-cnn", {"instances": [[1]]}, 400, "instances"),
+    ("digits-cnn", b"{not json", 400, "not valid JSON"),
+    ("nope", {"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 404,
+     "not served here"),
+    ("movielens-mf", {"inputs": [{"name": "user", "shape": [1], "datatype": "INT64", "data": [1]}]}, 400,
+     "missing input(s) ['item']"),
+    ("movielens-mf", {"inputs": [{"name": "user", "shape": [2], "datatype": "INT64", "data": [1, 2]},
+                                 {"name": "item", "shape": [1], "datatype": "INT64", "data": [1]}]}, 400,
+     "disagree on the batch size"),
+    ("sms-spam-transformer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["  "]}]},
+     422, "is empty"),
+    ("digits-cnn", b"x" * 9_000_000, 413, "over the limit"),
+]
+
+
+@pytest.mark.parametrize("model,body,status,fragment", BAD, ids=[f"{b[0]}-{b[3][:20]}" for b in BAD])
+def test_malformed_requests_get_4xx_naming_the_problem(server, model, body, status, fragment):
+    path = f"{server['url']}/models/{model}/infer"
+    r = requests.post(path, data=body, timeout=60) if isinstance(body, bytes) else requests.post(path, json=body,
+                                                                                                     timeout=60)
+    assert r.status_code == status and fragment in r.json()["error"], r.text
+
+
+def test_unknown_version_and_binary_header_errors(server):
+    url = server["url"]
+    r = requests.post(f"{url}/models/digits-cnn/versions/999/infer", json={"inputs": [
+        {"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}]}, timeout=30)
+    assert r.status_code == 404 and "not served" in r.json()["error"]
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    r = requests.post(f"{url}/models/digits-cnn/infer", data=header + b"\0" * 100,
+                      headers={"Inference-Header-Content-Length": str(len(header))}, timeout=30)
+    assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
+
+
+def test_convenience_routes_classify_and_top_k(server, root):
+    from aidc.data.dataset import open_dataset
+
+    url = server["url"]
+    r = requests.post(f"{url}/models/sms-spam-transformer/classify", json={"texts": ["free cash now", "hi mum"]},
+                      timeout=30)
+    assert r.status_code == 200 and len(r.json()["labels"]) == 2, r.text
+    assert set(r.json()["labels"]) <= {"ham", "spam"}
+    train = open_dataset(root, "movielens").read_numpy("train")
+    user = int(train["user"][0])
+    rated = set(train["item"][train["user"] == user].tolist())
+    top = requests.get(f"{url}/models/movielens-mf/users/{user}/top", params={"k": 20}, timeout=60).json()
+    assert top["known_user"] and len(top["items"]) == 20
+    assert not rated & {i["item"] for i in top["items"]}  # nothing the user already rated
+    scores = [i["score"] for i in top["items"]]
+    assert scores == sorted(scores, reverse=True)
+    cold = requests.get(f"{url}/models/movielens-mf/users/987654321/top", params={"k": 3}, timeout=30).json()
+    assert cold["strategy"] == "popular" and len(cold["items"]) == 3
+    assert requests.get(f"{url}/models/digits-cnn/users/1/top", timeout=30).status_code == 404
+
+
+def test_backpressure_answers_503_with_retry_after(server):
+    body = {"inputs": [{"name": "x1", "shape": [1], "datatype": "FP32", "data": [0.1]},
+                       {"name": "x2", "shape": [1], "datatype": "FP32", "data": [0.2]},
+                       {"name": "color", "shape": [1], "datatype": "BYTES", "data": ["red"]}]}
+    with cf.ThreadPoolExecutor(48) as pool:
+        rs = list(pool.map(lambda _: requests.post(f"{server['url']}/models/rows-mlp/infer", json=body, timeout=60),
+                           range(96)))
+    codes = {r.status_code for r in rs}
+    assert codes <= {200, 503} and 200 in codes and 503 in codes, codes
+    rejected = next(r for r in rs if r.status_code == 503)
+    assert rejected.headers["Retry-After"] == "1" and "at capacity" in rejected.json()["error"]
+
+
+def test_grpc_with_tritonclient(server, models):
+    """tritonclient[grpc] pins protobuf<7, so it runs from the test-clients venv (make clients)."""
+    assert CLIENTS_PY.exists(), "run `make clients` (builds .venv-clients with tritonclient[grpc])"
+    script = REPO / "tests" / "clients" / "oip_grpc_client.py"
+    proc = subprocess.run([str(CLIENTS_PY), str(script), server["grpc"], models["digits-v2"].version],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["live"] and report["ready"] and report["model_ready"]
+    assert report["metadata_inputs"] == [["image", "FP32", [-1, 8, 8]]]
+    assert report["classes"] and len(report["classes"]) == 4 and report["text_labels"] in (["ham"], ["spam"])
+    assert report["pinned_version"] == models["digits-v2"].version
+    assert report["errors"] == {"unknown_model": "NOT_FOUND", "wrong_datatype": "INVALID_ARGUMENT",
+                                "bad_shape": "INVALID_ARGUMENT"}
+    assert "takes FP32" in report["wrong_datatype_message"]
+
+
+def _replicas(deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications["tensors"].deployments[deployment].replica_states
+    return states.get("RUNNING", 0)
+
+
+def test_multiplexed_models_share_a_replica_with_lru_eviction(server, models):
+    from ray import serve
+
+    url = server["url"]
+    image = [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}]
+    for name in ("tiny-a", "tiny-b", "tiny-a"):
+        r = _infer(url, name, image)
+        assert r.status_code == 200 and r.json()["model_name"] == name, r.text
+    assert requests.get(f"{url}/models/tiny-b", timeout=30).json()["inputs"][0]["name"] == "image"
+    loads = serve.get_deployment_handle("MultiplexedModels", "tensors").stats.remote().result()["loads"]
+    # one model per replica: a, b, then a again (it was evicted when b came in)
+    assert loads[-3:] == [f"tiny-a/{models['tiny-a'].version}", f"tiny-b/{models['tiny-b'].version}",
+                          f"tiny-a/{models['tiny-a'].version}"], loads
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server):
+    import threading
+    import time
+
+    deployment = "movielens-mf-v1"
+    assert _replicas(deployment) == 1
+    body = {"inputs": [{"name": "user", "shape": [256], "datatype": "INT64", "data": list(range(256))},
+                       {"name": "item", "shape": [256], "datatype": "INT64", "data": list(range(256))}]}
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            requests.post(f"{server['url']}/models/movielens-mf/infer", json=body, timeout=60)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        peak = 1
+        for _ in range(120):  # polls, not a timing assertion: scaling must happen within the load
+            peak = max(peak, _replicas(deployment))
+            if peak == 2:
+                break
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert peak == 2, "no second replica under load"
+    for _ in range(120):
+        if _replicas(deployment) == 1:
+            break
+        time.sleep(0.5)
+    assert _replicas(deployment) == 1, "the extra replica stayed after the load stopped"
+
+
+def _digits_version(url, **params) -> str:
+    r = _infer(url, "digits-cnn", [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}])
+    assert r.status_code == 200, r.text
+    return r.json()["model_version"]
+
+
+def test_canary_sends_the_configured_share_to_the_second_version(server, models):
+    from ray import serve
+
+    from serve_apps.tensors import app_builder
+
+    v1, v2 = models["digits"].version, models["digits-v2"].version
+    args = json.loads(json.dumps(server["args"]))
+    args["models"][0]["canary"] = {"version": v2, "percent": 30}
+    serve.run(app_builder(args), name="tensors", route_prefix="/v2")
+    with cf.ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(lambda _: _digits_version(server["url"]), range(400)))
+    share = seen.count(v2) / len(seen)
+    assert set(seen) == {v1, v2}
+    # binomial(400, 0.3): sd 0.023; 0.2..0.4 is over 4 sd either side
+    assert 0.2 < share < 0.4, share
+
+
+def test_config_update_rolls_to_the_new_version_without_failed_requests(server, models, root):
+    import threading
+
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from serve_apps.tensors import app_builder
+
+    v1, v2 = models["digits"].version, models["digits-v2"].version
+    statuses, versions, stop = [], [], threading.Event()
+
+    def light_load():
+        while not stop.is_set():
+            r = _infer(server["url"], "digits-cnn",
+                       [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}])
+            statuses.append(r.status_code if r.status_code == 200 else (r.status_code, r.text[:300]))
+            versions.append(r.json().get("model_version") if r.status_code == 200 else None)
+
+    threads = [threading.Thread(target=light_load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        MlflowClient(tracking_uri(None, root)).set_registered_model_alias("digits-cnn", "champion", v2)
+        args = json.loads(json.dumps(server["args"]))
+        args["models"][0]["versions"] = [v1]  # v1 stays reachable pinned; @champion now serves v2
+        serve.run(app_builder(args), name="tensors", route_prefix="/v2")
+        for _ in range(50):  # a few more requests on the new config
+            if versions[-1:] == [v2]:
+                break
+            _digits_version(server["url"])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert statuses and set(statuses) == {200}, [s for s in statuses if s != 200][:3]
+    assert versions[0] == v1 and versions[-1] == v2
+    assert _digits_version(server["url"]) == v2
+
+
+@pytest.fixture(scope="module")
+def oip_schema(server):
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(f"{server['url']}/openapi.json")
+    schema.config.base_url = server["url"]
+    return schema
+
+
+fuzz = __import__("schemathesis").pytest.from_fixture("oip_schema")
+
+
+@fuzz.parametrize()
+@__import__("hypothesis").settings(max_examples=15, deadline=None, derandomize=True,
+                                   suppress_health_check=list(__import__("hypothesis").HealthCheck))
+def test_fuzz_rest_api_from_its_openapi_document(case):
+    """Schemathesis sends schema-shaped and malformed requests: never a 5xx, every body as documented."""
+    case.call_and_validate()

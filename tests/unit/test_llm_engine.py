@@ -1,0 +1,221 @@
+"""The continuous-batching engine, the OpenAI protocol models, the chat template and the handlers,
+on a tiny random GPT with a character tokenizer: no Ray, seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from aidc.data.text import train_tokenizer
+from aidc.models.gpt import GPT
+from aidc.serving import openai as oa
+from aidc.serving.chat import render_chat
+from aidc.serving.engine import Engine, QueueFull, SamplingParams
+from aidc.serving.lm_server import LMService, ServedLM
+from aidc.errors import RequestError
+
+TOK = train_tokenizer(["hello world, the quick brown fox jumps over the lazy dog. ABC:\n"], "char", 0, False)
+
+
+def _model(block_size=64):
+    torch.manual_seed(0)
+    return GPT(TOK["vocab_size"], block_size, d_model=32, heads=4, layers=2, dropout=0.0).eval()
+
+
+def _service(**kw) -> LMService:
+    return LMService({"tiny": ServedLM("tiny", "1", TOK, Engine(_model(), TOK["eos_id"], **kw))})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def _ids(text):
+    return [TOK["vocab"].index(c) for c in text]
+
+
+def test_batched_step_matches_the_plain_forward():
+    model = _model()
+    a, b = torch.tensor([_ids("hello world")]), torch.tensor([_ids("the fox")])
+    cache = model.new_cache(4)
+    idx = torch.zeros((2, a.shape[1]), dtype=torch.long)
+    idx[0], idx[1, :b.shape[1]] = a[0], b[0]
+    pos = torch.arange(a.shape[1])[None].expand(2, -1)
+    logits = model.step(idx, pos, cache, torch.tensor([2, 0]))
+    with torch.no_grad():
+        assert torch.allclose(logits[0], model(a)[0], atol=1e-5)
+        assert torch.allclose(logits[1, :b.shape[1]], model(b)[0], atol=1e-5)
+        nxt = model.step(torch.tensor([[5], [6]]), torch.tensor([[a.shape[1]], [b.shape[1]]]), cache,
+                         torch.tensor([2, 0]))
+        assert torch.allclose(nxt[1, 0], model(torch.cat([b, torch.tensor([[6]])], 1))[0, -1], atol=1e-5)
+
+
+def test_kv_cache_generation_equals_recomputation_greedy():
+    model = _model()
+    engine = Engine(model, eos_id=None)
+    prompt = _ids("the quick")
+
+    async def go():
+        return [e.token async for e in engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0))]
+
+    tokens = run(go())
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert tokens == seq[len(prompt):]
+
+
+def test_seeded_sequence_is_the_same_alone_and_in_a_busy_batch():
+    engine = Engine(_model(), eos_id=None, max_seqs=8)
+    params = SamplingParams(max_tokens=30, temperature=1.0, top_k=20, seed=7)
+
+    async def one(prompt, p):
+        return [e.token async for e in engine.generate(prompt, p)]
+
+    async def go():
+        alone = await one(_ids("hello"), params)
+        others = [one(_ids("lazy dog" * (i % 3 + 1)), SamplingParams(max_tokens=5 + 6 * i, seed=i))
+                  for i in range(6)]
+        busy = await asyncio.gather(*others[:3], one(_ids("hello"), params), *others[3:])
+        return alone, busy[3], engine.steps
+
+    alone, busy, steps = run(go())
+    assert alone == busy and len(alone) == 30
+
+
+def test_requests_join_and_leave_the_running_batch():
+    engine = Engine(_model(), eos_id=None, max_seqs=2)
+    seen = []
+
+    async def go():
+        async def one(n):
+            out = []
+            async for e in engine.generate(_ids("abc"), SamplingParams(max_tokens=n, seed=1)):
+                seen.append(len(engine.running))
+                out.append(e.token)
+            return out
+        return await asyncio.gather(one(5), one(20), one(5))
+
+    outs = run(go())
+    assert [len(o) for o in outs] == [5, 20, 5]
+    assert max(seen) == 2  # never more than the slots; the third joined when the first left
+    assert engine.stats()["running"] == 0 and len(engine.free_slots) == 2
+
+
+def test_abort_frees_the_slot_and_stops_generation():
+    engine = Engine(_model(), eos_id=None, max_seqs=2)
+
+    async def go():
+        gen = engine.generate(_ids("hello"), SamplingParams(max_tokens=60, seed=0))
+        for _ in range(3):
+            await gen.__anext__()
+        await gen.aclose()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        return engine.stats()
+
+    stats = run(go())
+    assert stats["running"] == 0 and stats["recent"][-1]["finish_reason"] == "abort"
+    assert stats["recent"][-1]["generated"] < 60
+
+
+def test_queue_full_and_context_errors():
+    engine = Engine(_model(block_size=16), eos_id=None, max_waiting=1)
+    with pytest.raises(RequestError, match="context is 16 tokens") as e:
+        engine.check_length(10, 8)
+    assert e.value.status == 400
+    engine.check_length(10, 7)  # the last token is never fed back: 17 = block_size + 1 fits
+
+    async def go():
+        engine.add(_ids("ab"), SamplingParams(max_tokens=2))
+        engine.add(_ids("ab"), SamplingParams(max_tokens=2))
+
+    with pytest.raises(QueueFull) as e:
+        run(go())
+    assert e.value.status == 429
+
+
+def test_protocol_models_and_error_body():
+    assert oa.CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompt == [[1, 2], [3]]
+    assert oa.CompletionRequest(model="m", prompt="hi", repetition_penalty=1.1).prompt == "hi"
+    for bad in ({"prompt": "x", "stream_options": {"include_usage": True}}, {"prompt": "x", "temperature": 3},
+                {"prompt": "x", "not_a_field": 1}, {"prompt": []}, {"prompt": "x", "stop": list("abcde")}):
+        with pytest.raises(ValidationError):
+            oa.CompletionRequest(model="m", **bad)
+    with pytest.raises(ValidationError, match="top_logprobs requires logprobs"):
+        oa.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    body = oa.error_body("nope", 404, "model")
+    assert body == {"error": {"message": "nope", "type": "invalid_request_error", "param": "model",
+                              "code": "model_not_found"}}
+
+
+def test_chat_template_default_and_custom():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert render_chat(msgs, TOK) == "system: Be brief.\nuser: hi\nassistant:"
+    custom = {**TOK, "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}",
+              "eos_token": "</s>"}
+    assert render_chat(msgs, custom) == "<system>Be brief.<user>hi"
+
+
+def test_completion_echo_logprobs_match_the_model():
+    svc = _service()
+    prompt = _ids("hello world")
+    req = oa.CompletionRequest(model="tiny", prompt=[prompt], echo=True, logprobs=1, max_tokens=0)
+    out = run(svc.completion(req))
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt)
+    with torch.no_grad():
+        ref = torch.log_softmax(svc.models["tiny"].engine.model(torch.tensor([prompt]))[0], -1)
+    expected = [float(ref[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert out.choices[0].text == "hello world" and out.usage.completion_tokens == 0
+
+
+def test_stream_reassembles_to_the_plain_completion_with_stop_strings():
+    svc = _service()
+    base = dict(model="tiny", prompt="the ", max_tokens=40, seed=3, temperature=1.0, n=2)
+    plain = run(svc.completion(oa.CompletionRequest(**base)))
+
+    async def stream(**kw):
+        agen = await svc.completion(oa.CompletionRequest(**base, stream=True, **kw))
+        return [line async for line in agen]
+
+    lines = run(stream(stream_options={"include_usage": True}))
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(x[6:]) for x in lines[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == plain.usage.completion_tokens
+    for i in range(2):
+        text = "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"][0]["index"] == i)
+        assert text == plain.choices[i].text
+    stop = plain.choices[0].text[5:7]
+    stopped = run(svc.completion(oa.CompletionRequest(**{**base, "stop": stop})))
+    assert stopped.choices[0].text == plain.choices[0].text[:plain.choices[0].text.find(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_service_errors_name_the_problem():
+    svc = _service()
+    with pytest.raises(RequestError) as e:
+        run(svc.completion(oa.CompletionRequest(model="nope", prompt="x")))
+    assert e.value.status == 404
+    with pytest.raises(RequestError, match="outside this model's vocabulary") as e:
+        run(svc.completion(oa.CompletionRequest(model="tiny", prompt=[10_000])))
+    assert e.value.status == 400
+    with pytest.raises(RequestError, match="context is 64 tokens"):
+        run(svc.completion(oa.CompletionRequest(model="tiny", prompt="a" * 60, max_tokens=10)))
+
+
+def test_request_timeout_ends_a_running_sequence_with_length():
+    engine = Engine(_model(), eos_id=None, timeout_s=1e-9)
+
+    async def go():
+        return [e async for e in engine.generate(_ids("hello"), SamplingParams(max_tokens=40, seed=0))]
+
+    events = run(go())
+    assert [e.token is not None for e in events] == [True, False] and events[-1].finish_reason == "length"
+    assert engine.stats()["recent"][-1]["finish_reason"] == "timeout" and engine.stats()["running"] == 0
