@@ -67,6 +67,11 @@ demo: setup
 	$(BIN)/aidc chat --url $(SERVE_URL)/v1 --model shakespeare-gpt "Speak, good sir: what news from the court?"
 	@echo "Try the LLM: curl -sN $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "              -d '{\"model\": \"shakespeare-gpt\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"What news?\"}]}'"
+	@echo "== sweep: a short ASHA sweep on digits with Ray Tune (ray job submit), then its leaderboard"
+	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
+	  python -m jobs.tune --config jobs/configs/digits.yaml --set run.name=demo-sweep \
+	  --set resources.num_workers=0 --set train.epochs=4 --set train.max_steps_per_epoch=15 --set tune.num_samples=6
+	$(BIN)/aidc sweeps show demo-sweep
 	@echo
 	@echo "Dashboard:  $(DASHBOARD)"
 	@echo "Try it:     curl -s -X POST $(SERVE_URL)/digits/predict -H 'Content-Type: application/json' \\"

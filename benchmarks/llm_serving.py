@@ -99,7 +99,8 @@ async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream
         nonlocal tokens
         while todo:
             r = todo.pop()
-            body = {"model": model, **r, "ignore_eos": True, "stream": stream}
+            body = {"model": model, **r, "ignore_eos": True, "stream": stream,
+                    **({"stream_options": {"include_usage": True}} if stream else {})}
             t0 = time.perf_counter()
             async with session.post(f"{url}/completions", json=body) as resp:
                 assert resp.status == 200, await resp.text()
@@ -112,13 +113,16 @@ async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream
                 async for line in resp.content:
                     if not line.startswith(b"data: {"):
                         continue
+                    chunk = json.loads(line[6:])
+                    if not chunk["choices"]:  # the usage chunk: exact token count (some tokens print nothing)
+                        tokens += chunk["usage"]["completion_tokens"]
+                        continue
                     now = time.perf_counter()
                     if last is None:
                         ttft.append(now - t0)
                     else:
                         itl.append(now - last)
                     last = now
-                    tokens += 1
     start = time.perf_counter()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
@@ -138,6 +142,7 @@ def main(argv=None) -> dict:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=["continuous", "sequential", "static"])
+    p.add_argument("--no-stream", action="store_true", help="every variant non-streamed (throughput only)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -157,21 +162,23 @@ def main(argv=None) -> dict:
             port = sock.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
-            for variant in args.variants:
+            for variant in args.variants:  # all deployed first, then interleaved per level: a fair share of noise
                 if variant == "static":
                     app = static_app({"model": ref, "tracking_uri": uri, "batch": 16})
                 else:
                     app = LLMServer.bind({"models": [ref], "tracking_uri": uri, "metrics": False, "torch_threads": 1,
-                                          "max_num_seqs": 64 if variant == "continuous" else 1})
+                                          "max_num_seqs": 32 if variant == "continuous" else 1})
                 serve.run(app, name=variant, route_prefix=f"/{variant}")
-                url = f"http://127.0.0.1:{port}/{variant}"
-                asyncio.run(drive(url, "bench-gpt", workload(2, 99), 1, variant != "static"))  # warm up
-                for c in args.concurrency:
-                    reqs = workload(args.requests or max(16, 2 * c), seed=c)
-                    r = asyncio.run(drive(url, "bench-gpt", reqs, c, variant != "static"))
-                    results[f"{variant}_c{c}"] = r
-                    print(json.dumps({"variant": variant, "concurrency": c, **r}), flush=True)
-                serve.delete(variant)
+            stream = {v: v != "static" and not args.no_stream for v in args.variants}
+            url = {v: f"http://127.0.0.1:{port}/{v}" for v in args.variants}
+            for v in args.variants:
+                asyncio.run(drive(url[v], "bench-gpt", workload(2, 99), 1, stream[v]))  # warm up
+            for c in args.concurrency:
+                reqs = workload(args.requests or max(16, 2 * c), seed=c)
+                for v in args.variants:
+                    r = asyncio.run(drive(url[v], "bench-gpt", reqs, c, stream[v]))
+                    results[f"{v}_c{c}"] = r
+                    print(json.dumps({"variant": v, "concurrency": c, **r}), flush=True)
         finally:
             serve.shutdown()
     for c in args.concurrency:

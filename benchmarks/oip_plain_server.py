@@ -1,9 +1,8 @@
 """The baseline for benchmarks.oip_serving: the same model and OIP codec in one plain FastAPI + uvicorn process.
 
     python -m benchmarks.oip_plain_server MODEL_DIR PORT
+No `from __future__ import annotations`: FastAPI must see the real `Request` type.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path

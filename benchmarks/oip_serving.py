@@ -23,6 +23,7 @@ import numpy as np
 from benchmarks.common import ROOT, local_ray
 
 MODEL = "mnist-cnn"
+QUIET = {"enable_access_log": False, "log_level": "WARNING"}  # per-request logs cost CPU on both sides
 
 
 def register_random_cnn(root: Path) -> str:
@@ -88,7 +89,37 @@ async def drive(url: str, concurrency: int, seconds: float) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2), "errors": errors}
 
 
-def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float, setups: list[tuple[str, int, int]]) -> dict:
+def cold_start(uri: str, root: Path, port: int) -> dict:
+    """min_replicas: 0 — wait until the model deployment scales to zero, then time the first request."""
+    import requests
+    from ray import serve
+
+    from serve_apps.tensors import app_builder
+
+    args = {"tracking_uri": uri, "storage": str(root), "models": [{"name": MODEL, "deployment": {
+        "num_cpus": 0.5, "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1,
+                                                "downscale_delay_s": 2, "upscale_delay_s": 0,
+                                                "look_back_period_s": 1, "metrics_interval_s": 0.5}}}]}
+    serve.run(app_builder(args), name="tensors", route_prefix="/v2", logging_config=QUIET)
+    url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+    body = {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    requests.post(url, json=body, timeout=120).raise_for_status()  # warm: loads signature in the ingress
+    t = time.perf_counter()
+    warm = requests.post(url, json=body, timeout=120)
+    warm_ms = (time.perf_counter() - t) * 1000
+    for _ in range(240):
+        states = serve.status().applications["tensors"].deployments[f"{MODEL}-v1"].replica_states
+        if not states.get("RUNNING"):
+            break
+        time.sleep(0.5)
+    t = time.perf_counter()
+    cold = requests.post(url, json=body, timeout=300)
+    return {"warm_ms": round(warm_ms, 1), "cold_from_zero_ms": round((time.perf_counter() - t) * 1000, 1),
+            "ok": warm.ok and cold.ok}
+
+
+def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float, setups: list[tuple[str, int, int]],
+                cold: bool = False) -> dict:
     from ray import serve
 
     from serve_apps.tensors import app_builder
@@ -102,10 +133,13 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float, setups:
             args = {"tracking_uri": uri, "storage": str(root), "models": [{
                 "name": MODEL, "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.004},
                 "deployment": {"num_cpus": 0.5, "num_replicas": replicas, "max_ongoing_requests": 128}}]}
-            serve.run(app_builder(args), name="tensors", route_prefix="/v2")
+            serve.run(app_builder(args), name="tensors", route_prefix="/v2", logging_config=QUIET)
             url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
             out[label] = {f"c{c}": asyncio.run(drive(url, c, seconds)) for c in levels}
             print(label, json.dumps(out[label]), flush=True)
+        if cold:
+            out["cold_start"] = cold_start(uri, root, port)
+            print("cold_start", json.dumps(out["cold_start"]), flush=True)
     finally:
         serve.shutdown()
     return out
@@ -146,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         uri = register_random_cnn(root)
         with local_ray(4, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}):
-            result = serve_sweep(uri, root, levels, seconds, setups)
+            result = serve_sweep(uri, root, levels, seconds, setups, cold=not a.quick)
         result["plain_fastapi"] = plain_fastapi(root / "model", [1] if a.quick else [1, 32], seconds)
+        print("plain_fastapi", json.dumps(result["plain_fastapi"]), flush=True)
     result["figures"] = figures(result, a.quick)
     print(json.dumps(result["figures"], indent=2))
     return result

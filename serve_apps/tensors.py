@@ -9,6 +9,7 @@ No `from __future__ import annotations` here: FastAPI must see real types on Ser
 import logging
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -180,7 +181,13 @@ def error_response(exc: RequestError) -> JSONResponse:
     return JSONResponse(oip.oip_error(exc), status_code=exc.status, headers=headers)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# max_ongoing_requests: the ingress only awaits the model deployments, so it takes many requests at once;
+# with Serve's default (5) the proxy queues the rest and retries with growing back-off, and throughput
+# collapses under load. Queues are bounded at the model deployments instead (max_queued_requests -> 503).
+# graceful_shutdown_timeout_s: a config update that changes `args` restarts every deployment of the app
+# (Serve hashes app args into the code version) and a 1-replica deployment is stopped before its successor
+# starts: the old ingress must outlive that gap so its in-flight requests wait instead of failing.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024, graceful_shutdown_timeout_s=120)
 @serve.ingress(api)
 class TensorIngress:
     def __init__(self, args: dict, routes: dict, multiplexed=None):
@@ -205,16 +212,22 @@ class TensorIngress:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
     @api.get("/models/{name}", response_model=oip.ModelMetadataResponse, responses=ERRORS)
+    async def model_metadata(self, name: str):
+        return await self.model_version_metadata(name, None)
+
     @api.get("/models/{name}/versions/{version}", response_model=oip.ModelMetadataResponse, responses=ERRORS)
-    async def model_metadata(self, name: str, version: str | None = None):
+    async def model_version_metadata(self, name: str, version: str | None):
         try:
             return await self.plane.metadata(name, version)
         except RequestError as exc:
             return error_response(exc)
 
     @api.get("/models/{name}/ready", response_model=oip.ReadyResponse, responses=ERRORS)
+    async def model_ready(self, name: str):
+        return await self.model_version_ready(name, None)
+
     @api.get("/models/{name}/versions/{version}/ready", response_model=oip.ReadyResponse, responses=ERRORS)
-    async def model_ready(self, name: str, version: str | None = None):
+    async def model_version_ready(self, name: str, version: str | None):
         try:
             ok = await self.plane.ready(name, version)
         except RequestError as exc:
@@ -223,9 +236,12 @@ class TensorIngress:
 
     @api.post("/models/{name}/infer", response_model=oip.InferenceResponse, responses=ERRORS,
               openapi_extra=INFER_BODY)
+    async def infer(self, name: str, request: Request) -> Response:
+        return await self.infer_version(name, None, request)
+
     @api.post("/models/{name}/versions/{version}/infer", response_model=oip.InferenceResponse, responses=ERRORS,
               openapi_extra=INFER_BODY)
-    async def infer(self, name: str, request: Request, version: str | None = None) -> Response:
+    async def infer_version(self, name: str, version: str | None, request: Request) -> Response:
         try:
             req, arrays = oip.parse_rest_body(await request.body(), request.headers.get(oip.HEADER_LENGTH),
                                               self.args.max_body_bytes)
@@ -240,8 +256,6 @@ class TensorIngress:
     # -- convenience JSON routes -------------------------------------------------------------
     @api.post("/models/{name}/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(self, name: str, body: ClassifyRequest):
-        import numpy as np
-
         try:
             result = await self.plane.infer(name, None, {"text": np.array(body.texts, dtype=object)},
                                             {"text": "BYTES"}, ["label", "probabilities"])
@@ -257,7 +271,7 @@ class TensorIngress:
             if not 1 <= k <= 1000:
                 raise RequestError(f"k must be 1..1000, got {k}", status=400, field="k")
             route = self.plane.route(name)
-            if (await self.plane.describe(name))["task"] != "recommendation":
+            if route.multiplexed or (await self.plane.describe(name))["task"] != "recommendation":
                 raise RequestError(f"model {name!r} is not a recommender; top-K needs one", status=404)
             return await route.handles[route.default].top_k.remote(user, k)
         except RequestError as exc:
@@ -337,7 +351,7 @@ def app_builder(args: dict):
         mux = MultiplexedModels.options(**_deployment_options(mx.deployment)).bind(uri, mx.max_models_per_replica)
         for name in mx.models:
             v = str(resolve(f"{name}@{mx.alias}", uri).version)
-            routes[name] = {"name": name, "default": v, "handles": {v: f"{name}/{v}"}}
+            routes[name] = {"name": name, "default": v, "handles": {v: f"{name}/{v}"}, "multiplexed": True}
     for m in parsed.models:
         default = str(resolve(f"{m.name}@{m.alias}", uri).version)
         versions = dict.fromkeys([default, *m.versions, *([m.canary.version] if m.canary else [])])

@@ -105,9 +105,9 @@ def _chat(args) -> int:
 
     client = openai.OpenAI(base_url=args.url, api_key="unused", max_retries=0, timeout=120)
     try:
+        limit = {"max_completion_tokens": args.max_tokens} if args.max_tokens else {}  # default: the context left
         stream = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": args.message}],
-                                                max_completion_tokens=args.max_tokens, temperature=args.temperature,
-                                                seed=args.seed, stream=True)
+                                                temperature=args.temperature, seed=args.seed, stream=True, **limit)
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
@@ -116,7 +116,7 @@ def _chat(args) -> int:
               file=sys.stderr)
         return 1
     except openai.APIStatusError as exc:
-        print(f"error: HTTP {exc.status_code}: {exc.message}", file=sys.stderr)
+        print(f"error: HTTP {exc.status_code}: {exc.response.text[:500]}", file=sys.stderr)
         return 1
     print()
     return 0
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("message", help="the user message")
     ch.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL of the llm app")
     ch.add_argument("--model", default="shakespeare-gpt", help="served model name (GET /v1/models)")
-    ch.add_argument("--max-tokens", type=int, default=120)
+    ch.add_argument("--max-tokens", type=int, help="most tokens to generate (default: what the context leaves)")
     ch.add_argument("--temperature", type=float, default=0.8)
     ch.add_argument("--seed", type=int, default=0)
     ch.set_defaults(fn=_chat)

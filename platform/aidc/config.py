@@ -274,7 +274,10 @@ class TuneConfig(Strict):
     )
     metric: str | None = Field(None, description="Metric to optimise; default: the task's primary validation metric.")
     mode: Literal["min", "max"] | None = Field(None, description="min or max; default: min for losses, else max.")
-    num_samples: int = Field(8, ge=1, description="Trials to sample (search: grid: repeats of the whole grid).")
+    num_samples: int | None = Field(
+        None, ge=1, description="Trials to sample; with grid entries, repeats of the whole grid. Default: 8, or 1 "
+        "(one pass over the grid) with search: grid."
+    )
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials at once; default: as many as the cluster's CPUs/GPUs fit."
     )
@@ -304,6 +307,8 @@ class TuneConfig(Strict):
                              f"got search: {self.search}")
         if self.scheduler == "pbt" and grid:
             raise ValueError(f"scheduler: pbt perturbs sampled values; {grid} are grid entries: use choice or a range")
+        if self.num_samples is None:
+            self.num_samples = 1 if self.search == "grid" else 8
         return self
 
 

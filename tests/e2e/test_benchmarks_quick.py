@@ -45,3 +45,19 @@ def test_llm_serving_quick():
 
     r = main(["--quick"])
     assert all(r[f"{v}_c4"]["tokens_per_s"] > 0 for v in ("continuous", "sequential", "static"))
+
+
+def test_oip_serving_quick():
+    from benchmarks.oip_serving import main
+
+    r = main(["--quick"])
+    assert r["batched_1r"]["c8"]["req_per_s"] > 0 and r["plain_fastapi"]["c1"]["req_per_s"] > 0
+    assert r["batched_1r"]["c8"]["errors"] == 0
+
+
+def test_tune_search_quick():
+    from benchmarks.tune_search import main
+
+    r = main(["--quick"])
+    assert r["asha_vs_grid"]["grid_trial_epochs"] > 0 and r["asha_vs_grid"]["asha_trial_epochs"] > 0
+    assert {"random_best", "optuna_best"} <= set(r["tpe_vs_random"]["runs"][0])

@@ -128,9 +128,11 @@ def test_n_stop_and_chat_logprobs(client):
     many = client.completions.create(model=MODEL, prompt=["KING:", "QUEEN:"], n=3, max_tokens=12, seed=1)
     assert sorted(c.index for c in many.choices) == list(range(6))
     assert len({c.text for c in many.choices}) > 1  # different seeds per choice
-    free = client.completions.create(model=MODEL, prompt="KING:", max_tokens=30, seed=2, temperature=0)
+    greedy = dict(model=MODEL, prompt="KING:", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    free = client.completions.create(**greedy)
     stop = free.choices[0].text[3:5]
-    cut = client.completions.create(model=MODEL, prompt="KING:", max_tokens=30, seed=2, temperature=0, stop=[stop])
+    assert len(stop) == 2
+    cut = client.completions.create(**greedy, stop=[stop])
     assert cut.choices[0].text == free.choices[0].text[:free.choices[0].text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
@@ -269,3 +271,33 @@ def test_queue_full_is_429_with_retry_after(server):
     busy = [r for r in responses if r.status_code == 429]
     assert busy and busy[0].headers["retry-after"] == "1"
     assert _error(busy[0], 429)["code"] == "rate_limit_exceeded"
+
+
+def test_engine_metrics_reach_prometheus(server, client, ray_session):
+    """TTFT, inter-token latency, queue time, token counts, running/waiting and KV-cache use, as Ray metrics."""
+    client.completions.create(model=MODEL, prompt="KING:", max_tokens=8, seed=0)
+    node = next(n for n in ray_session.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = ["ray_aidc_llm_time_to_first_token_s_bucket", "ray_aidc_llm_inter_token_latency_s_bucket",
+              "ray_aidc_llm_queue_time_s_bucket", "ray_aidc_llm_prompt_tokens", "ray_aidc_llm_generated_tokens",
+              "ray_aidc_llm_running_sequences", "ray_aidc_llm_waiting_sequences", "ray_aidc_llm_kv_cache_usage"]
+    for _ in range(60):  # Ray exports on an interval (seconds)
+        text = requests.get(url, timeout=10).text
+        if all(f"{name}{{" in text or f"{name}_total{{" in text for name in wanted):
+            break
+        time.sleep(1)
+    missing = [n for n in wanted if f"{n}{{" not in text and f"{n}_total{{" not in text]
+    assert not missing, missing
+    generated = [line for line in text.splitlines()
+                 if line.startswith("ray_aidc_llm_generated_tokens") and f'model="{MODEL}"' in line]
+    assert generated and float(generated[0].rsplit(" ", 1)[1]) >= 8
+
+
+def test_aidc_chat_streams_a_reply_with_the_openai_client(server, client, capsys):
+    assert aidc_main(["chat", "What news?", "--url", f"{server}/v1", "--model", MODEL, "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What news?"}],
+                                           temperature=0.8, seed=3)
+    assert printed == reply.choices[0].message.content + "\n"
+    assert aidc_main(["chat", "hi", "--url", f"{server}/v1", "--model", "nope"]) == 1
+    assert "model_not_found" in capsys.readouterr().err

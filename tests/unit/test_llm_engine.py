@@ -178,12 +178,12 @@ def test_completion_echo_logprobs_match_the_model():
 
 def test_stream_reassembles_to_the_plain_completion_with_stop_strings():
     svc = _service()
-    base = dict(model="tiny", prompt="the ", max_tokens=40, seed=3, temperature=1.0, n=2)
+    base = dict(model="tiny", prompt="the ", max_tokens=40, seed=3, temperature=1.0, n=2, ignore_eos=True)
     plain = run(svc.completion(oa.CompletionRequest(**base)))
 
     async def stream(**kw):
         agen = await svc.completion(oa.CompletionRequest(**base, stream=True, **kw))
-        return [line async for line in agen]
+        return [f"{event}\n\n" for event in "".join([x async for x in agen]).split("\n\n") if event]
 
     lines = run(stream(stream_options={"include_usage": True}))
     assert lines[-1] == "data: [DONE]\n\n"
@@ -193,6 +193,7 @@ def test_stream_reassembles_to_the_plain_completion_with_stop_strings():
         text = "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"][0]["index"] == i)
         assert text == plain.choices[i].text
     stop = plain.choices[0].text[5:7]
+    assert len(stop) == 2
     stopped = run(svc.completion(oa.CompletionRequest(**{**base, "stop": stop})))
     assert stopped.choices[0].text == plain.choices[0].text[:plain.choices[0].text.find(stop)]
     assert stopped.choices[0].finish_reason == "stop"
@@ -219,3 +220,20 @@ def test_request_timeout_ends_a_running_sequence_with_length():
     events = run(go())
     assert [e.token is not None for e in events] == [True, False] and events[-1].finish_reason == "length"
     assert engine.stats()["recent"][-1]["finish_reason"] == "timeout" and engine.stats()["running"] == 0
+
+
+def test_shipped_serve_config_has_a_valid_llm_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_apps.llm import LLMArgs
+    from tests.conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(cfg)
+    app = next(a for a in cfg["applications"] if a["name"] == "llm")
+    assert app["route_prefix"] == "/v1" and app["import_path"] == "serve_apps.llm:app_builder"
+    assert LLMArgs.model_validate(app["args"]).models == ["shakespeare-gpt@champion"]
+    deployment = app["deployments"][0]
+    assert deployment["max_ongoing_requests"] > app["args"]["max_num_seqs"]  # the engine queues, not Serve
+    assert "autoscaling_config" in deployment and "num_gpus" in deployment["ray_actor_options"]

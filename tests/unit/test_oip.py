@@ -180,3 +180,23 @@ def test_dynamic_batches_split_back_per_request():
 
     parts = run_batch(Echo(), [{"a": np.array([1, 2])}, {"a": np.array([3])}, {"a": np.array([4, 5, 6])}])
     assert [p["double"].tolist() for p in parts] == [[2, 4], [6], [8, 10, 12]]
+
+
+def test_shipped_serve_config_tensors_args_validate_and_bad_ones_name_the_field():
+    import yaml
+    from pydantic import ValidationError
+
+    from serve_apps.tensors import TensorsArgs
+    from tests.conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
+    app = next(a for a in cfg["applications"] if a["name"] == "tensors")
+    assert app["route_prefix"] == "/v2" and "oip_grpc" in cfg["grpc_options"]["grpc_servicer_functions"][0]
+    args = TensorsArgs.model_validate(app["args"])
+    assert args.models[0].name == "digits-cnn"
+    with pytest.raises(ValidationError, match="percent"):
+        TensorsArgs.model_validate({"models": [{"name": "m", "canary": {"version": "2", "percent": 150}}]})
+    with pytest.raises(ValidationError, match="unique"):
+        TensorsArgs.model_validate({"models": [{"name": "m"}, {"name": "m"}]})
+    with pytest.raises(ValidationError, match="max_batchsize"):
+        TensorsArgs.model_validate({"models": [{"name": "m", "batching": {"max_batchsize": 4}}]})

@@ -36,10 +36,10 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = (z.view(b, t, self.heads, c // self.heads) for z in self.qkv(x).split(c, dim=2))
         kbuf, vbuf = kv
-        kbuf[slots[:, None], :, pos] = k  # (b, t, heads, hd) into (slots, heads, block, hd)
-        vbuf[slots[:, None], :, pos] = v
-        span = mask.shape[-1]
-        keys, values = kbuf[slots, :, :span], vbuf[slots, :, :span]
+        kbuf[slots[:, None], pos] = k  # (b, t, heads, hd) into (slots, block, heads, hd)
+        vbuf[slots[:, None], pos] = v
+        span = mask.shape[-1]  # gather whole contiguous rows: far cheaper than fancy-indexing a strided view
+        keys, values = (buf[:, :span].index_select(0, slots).transpose(1, 2) for buf in (kbuf, vbuf))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
@@ -103,12 +103,12 @@ class GPT(nn.Module):
         return logits if caches is None else (logits, new_caches)
 
     def new_cache(self, slots: int, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Empty key/value buffers, (slots, heads, block_size, head_dim) per layer, for `step`."""
+        """Empty key/value buffers, (slots, block_size, heads, head_dim) per layer, for `step`."""
         attn = self.blocks[0].attn
         shape = (slots, self.block_size, attn.heads, self.tokens.embedding_dim // attn.heads)
         w = self.tokens.weight
-        return [tuple(torch.zeros(shape, dtype=dtype or w.dtype, device=w.device).transpose(1, 2)
-                      for _ in range(2)) for _ in self.blocks]
+        return [tuple(torch.zeros(shape, dtype=dtype or w.dtype, device=w.device) for _ in range(2))
+                for _ in self.blocks]
 
     @torch.no_grad()
     def step(self, idx: torch.Tensor, pos: torch.Tensor, cache: list, slots: torch.Tensor) -> torch.Tensor:

@@ -308,6 +308,22 @@ class LMService:
                 for t, lp, top in entries]
 
     async def _stream(self, lm: ServedLM, run, rid: str, chat: bool, req) -> AsyncIterator[str]:
+        """The SSE lines, written together while more tokens are already waiting: when the engine runs
+        ahead of the transport, one write carries several events instead of one per token."""
+        queue, buf = run[1], []
+        events = self._sse(lm, run, rid, chat, req)
+        try:
+            async for line in events:
+                buf.append(line)
+                if queue.empty():
+                    yield "".join(buf)
+                    buf = []
+            if buf:
+                yield "".join(buf)
+        finally:
+            await events.aclose()
+
+    async def _sse(self, lm: ServedLM, run, rid: str, chat: bool, req) -> AsyncIterator[str]:
         """Server-sent events like OpenAI's: content chunks (finish_reason on each choice's last one),
         an optional usage chunk with no choices, then [DONE]."""
         created, choices = int(time.time()), run[3]

@@ -215,13 +215,7 @@ def decode_json(data: Any, datatype: str, shape: list[int], name: str) -> np.nda
         if not all(isinstance(v, str) for v in flat):
             raise RequestError(f"input {name!r} is BYTES: every element must be a string", status=400, field=name)
         return np.array(flat, dtype=object).reshape(shape)
-    if datatype == "BOOL":
-        ok = all(isinstance(v, bool) for v in flat)
-    elif datatype.startswith(("INT", "UINT")):
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in flat)
-    else:
-        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat)
-    if not ok:
+    if not all(_fits(v, datatype) for v in flat):
         bad = next(v for v in flat if not _fits(v, datatype))
         raise RequestError(f"input {name!r} is {datatype} but holds {bad!r}", status=400, field=name)
     try:

@@ -32,6 +32,7 @@ class ModelRoute:
     handles: dict[str, object]  # version -> handle of the deployment serving it
     canary: str | None = None
     canary_percent: float = 0.0
+    multiplexed: bool = False  # served from the shared multiplexed deployment (no top-K)
 
     def pick(self, version: str | None, rng: random.Random) -> str:
         if version is not None:

@@ -71,7 +71,7 @@ def candidate_values(spec: ParamSpec) -> list[Any]:
 
 
 def default_mode(metric: str) -> str:
-    return "min" if "loss" in metric or "perplexity" in metric else "max"
+    return "min" if any(k in metric for k in ("loss", "perplexity", "rmse", "mae", "error")) else "max"
 
 
 def validate_sweep(cfg: JobConfig) -> SweepSpec:

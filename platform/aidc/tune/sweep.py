@@ -195,7 +195,8 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
             run_config=tune.RunConfig(
                 name=name, storage_path=storage.join(root, "sweeps"),
                 failure_config=tune.FailureConfig(max_failures=tc.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # PBT hands checkpoints to other trials: keep them all (deleting one can break an exploit)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if tc.scheduler == "pbt" else 2),
                 verbose=0,
             ),
         )

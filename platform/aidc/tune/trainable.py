@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -50,7 +51,9 @@ class TrialReporter:
         out = {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
         out["epochs_done"] = int(metrics["epoch"]) + 1  # what schedulers key on, stable across restores
         out["completed"] = int(final)
-        if self.origin:  # first report after starting from a checkpoint: say whose state it was
+        if final:  # the final report repeats the last epoch's row: its start_* belong to that epoch
+            out = {k: v for k, v in out.items() if not k.startswith("start_")}
+        elif self.origin:  # first epoch after starting from a checkpoint: say whose state it was
             out["init_trial"], out["init_epoch"] = self.origin["trial_id"], int(self.origin["epoch"])
             out.update({f"init_{k}": v for k, v in self.origin.get("metrics", {}).items()})
             self.origin = None
@@ -125,7 +128,8 @@ def run_trial(params: dict, sweep: dict) -> None:
     else:
         manifest, datasets = sweep["manifest"], sweep["datasets"]
 
-    extras: dict = {}
+    # test hook as in jobs.train, from the sweep driver's environment: <file>:<step> kills this trial once
+    extras: dict = {"fault_marker": sweep.get("fault_marker")}
     origin = None
     start = tune.get_checkpoint()
     workdir = tempfile.mkdtemp(prefix="aidc-trial-")
@@ -156,7 +160,7 @@ def run_trial(params: dict, sweep: dict) -> None:
 
 def trial_payload(spec, root: str, sweep_name: str, share_datasets: bool) -> dict:
     """What every trial receives (through tune.with_parameters: put in the object store once)."""
-    payload = {"job": spec.job.model_dump(mode="json"),
+    payload = {"job": spec.job.model_dump(mode="json"), "fault_marker": os.environ.get("AIDC_FAULT_MARKER"),
                "train_runs": storage.join(root, "sweeps", sweep_name, "train-runs")}
     if share_datasets:
         from aidc.train.trainer import prepare_datasets

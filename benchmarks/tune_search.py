@@ -1,0 +1,137 @@
+"""Ray Tune sweeps on digits, side by side: ASHA vs the exhaustive grid over the same grid (compute each
+spends, and whether ASHA's best is within 0.5 accuracy points of the grid's best), and Optuna TPE vs random
+search (trials needed to reach a target validation accuracy). Trials are the platform's own training runs.
+
+    python -m benchmarks.tune_search [--quick] [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT
+
+GRID = {"train.lr": {"type": "grid", "values": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
+        "model.hidden": {"type": "grid", "values": [32, 128]}}
+RANGE = {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+         "model.hidden": {"type": "choice", "values": [16, 32, 64, 128]},
+         "model.dropout": {"type": "uniform", "low": 0.0, "high": 0.5}}
+
+
+def _sweep(root: str, name: str, space: dict, epochs: int, steps: int, **tune):
+    import yaml
+
+    from aidc.config import validate
+    from aidc.tune.space import validate_sweep
+    from aidc.tune.sweep import tune_job
+
+    raw = yaml.safe_load((ROOT / "jobs" / "configs" / "digits.yaml").read_text())
+    raw["model"].update(channels=[16, 32])
+    raw["train"].update(epochs=epochs, max_steps_per_epoch=steps, keep_checkpoints=1)
+    raw["resources"] = {"num_workers": 0, "cpus_per_worker": 0.5}
+    raw["run"] = {"storage": root, "name": name}
+    raw["tune"] = {"space": space, "metric": "val_accuracy", "mode": "max", **tune}
+    t0, wall0 = time.perf_counter(), time.time()
+    out = tune_job(validate_sweep(validate(raw)))
+    out.started = wall0
+    return out, time.perf_counter() - t0
+
+
+def _best(out) -> float:
+    return max(v for r in out.records for _, v in r.history)
+
+
+def _to_reach(out, target: float, t0: float) -> tuple[int | None, float | None]:
+    """Trial-epochs spent (all trials, in time order) and seconds until some trial first reached the target."""
+    rows = sorted((row["timestamp"], row["val_accuracy"]) for r in out.records for row in r.epoch_rows)
+    for n, (ts, acc) in enumerate(rows, start=1):
+        if acc >= target:
+            return n, ts - t0
+    return None, None
+
+
+def _trials_to_target(out, target: float) -> int | None:
+    """1-based index (in the order the searcher proposed them) of the first trial reaching the target."""
+    def started(r):  # trials run one at a time here: first report time = proposal order
+        return min((row["timestamp"] for row in r.epoch_rows), default=float("inf"))
+
+    for i, r in enumerate(sorted(out.records, key=started), start=1):
+        if r.history and max(v for _, v in r.history) >= target:
+            return i
+    return None
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sweeps: proves the script runs, not the figures")
+    p.add_argument("--seeds", type=int, default=1, help="searcher seeds for TPE vs random")
+    p.add_argument("--samples", type=int, default=12, help="trials per TPE/random sweep")
+    p.add_argument("--part", choices=["all", "asha"], default="all", help="asha: only ASHA vs grid")
+    p.add_argument("--target", type=float, default=0.95, help="validation accuracy TPE/random must reach")
+    args = p.parse_args(argv)
+
+    from aidc.config import load_config
+    from aidc.data.pipeline import preprocess
+    from aidc.runtime import init_ray
+    from aidc.telemetry import setup_logging
+
+    setup_logging("WARNING")
+    epochs, steps, samples = (2, 3, 2) if args.quick else (8, 20, args.samples)
+    grid = ({"train.lr": {"type": "grid", "values": [1e-3, 1e-2]}, "model.hidden": {"type": "grid", "values": [32]}}
+            if args.quick else GRID)
+    root = tempfile.mkdtemp(prefix="aidc-bench-tune-")
+    init_ray(num_cpus=4)
+    out: dict = {"machine": "shared, loaded 2-core machine (ratios only)", "epochs": epochs,
+                 "steps_per_epoch": steps}
+    try:
+        preprocess(load_config(ROOT / "jobs" / "configs" / "digits.yaml", [f"run.storage={root}"]))
+        full, full_s = _sweep(root, "grid-fifo", grid, epochs, steps, search="grid", scheduler="fifo",
+                              max_concurrent_trials=2)
+        asha, asha_s = _sweep(root, "grid-asha", grid, epochs, steps, search="grid", scheduler="asha",
+                              max_concurrent_trials=2, grace_period=1, reduction_factor=4)
+        te = {n: sum(len(r.history) for r in o.records) for n, o in (("grid", full), ("asha", asha))}
+        reach_epochs, reach_s = _to_reach(asha, _best(full) - 0.005, asha.started)
+        out["asha_vs_grid"] = {
+            "asha_trial_epochs_to_reach_grid_best": reach_epochs, "asha_s_to_reach_grid_best": reach_s,
+            "reach_ratio_trial_epochs": reach_epochs and round(reach_epochs / te["grid"], 3),
+            "reach_ratio_wall": reach_s and round(reach_s / full_s, 3),
+            "trials": len(full.records), "grid_best_val_accuracy": round(_best(full), 4),
+            "asha_best_val_accuracy": round(_best(asha), 4),
+            "asha_within_half_point": _best(asha) >= _best(full) - 0.005,
+            "grid_trial_epochs": te["grid"], "asha_trial_epochs": te["asha"],
+            "trial_epochs_ratio": round(te["asha"] / te["grid"], 3),
+            "grid_wall_s": round(full_s, 1), "asha_wall_s": round(asha_s, 1),
+            "wall_ratio": round(asha_s / full_s, 3),
+        }
+        print(json.dumps({"asha_vs_grid": out["asha_vs_grid"]}), flush=True)
+        rows = []
+        for seed in range(0 if args.part == "asha" else 1 if args.quick else args.seeds):
+            row = {"seed": seed}
+            for search in ("random", "optuna"):
+                o, secs = _sweep(root, f"{search}-{seed}", RANGE, epochs, steps, search=search, scheduler="fifo",
+                                 num_samples=samples, max_concurrent_trials=1, seed=seed)
+                row[f"{search}_trials_to_target"] = _trials_to_target(o, args.target)
+                row[f"{search}_best"] = round(_best(o), 4)
+                row[f"{search}_wall_s"] = round(secs, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        out["tpe_vs_random"] = {"target_val_accuracy": args.target, "samples": samples, "runs": rows}
+    finally:
+        import shutil
+
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,142 @@
+"""The tune: section (parsing, validation through the job models, Tune space), trial resources, results
+tables, PNGs and the leaderboard. No Ray cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aidc.config import validate
+from aidc.errors import ConfigError
+from aidc.tune.results import TrialRecord, best_record, leaderboard_lines, plot_curves, plot_params, table, write
+from aidc.tune.space import apply_params, candidate_values, describe_space, tune_space, validate_sweep
+from aidc.tune.sweep import trial_resources
+from tests.conftest import CONFIGS, REPO
+
+
+def _cfg(space: dict, **tune):
+    raw = yaml.safe_load((CONFIGS / "digits.yaml").read_text())
+    raw["tune"] = {"space": space, **tune}
+    return validate(raw)
+
+
+LR = {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}
+
+
+def test_shipped_digits_sweep_resolves_to_a_tune_space():
+    cfg = validate(yaml.safe_load((CONFIGS / "digits.yaml").read_text()))
+    spec = validate_sweep(cfg)
+    assert spec.metric == "val_loss" and spec.mode == "min" and spec.job.tune is None
+    space = tune_space(cfg)
+    assert set(space) == set(cfg.tune.space)
+    assert type(space["train.lr"]).__name__ == "Float" and type(space["model.hidden"]).__name__ == "Categorical"
+    assert describe_space(cfg)[0].startswith("train.lr: loguniform[")
+
+
+@pytest.mark.parametrize("space, tune, fragment", [
+    ({"train.nope": {"type": "uniform", "low": 0, "high": 1}}, {}, "train.nope: no such config field"),
+    ({"model": {"type": "choice", "values": [1]}}, {}, "is a section, not a field"),
+    ({"run.name": {"type": "choice", "values": ["a"]}}, {}, "run is not tunable"),
+    ({"model.hidden": {"type": "randint", "low": 0, "high": 4}}, {}, "randint can produce 0"),
+    ({"model.dropout": {"type": "uniform", "low": 0.5, "high": 1.0}}, {}, "uniform can produce 1.0"),
+    ({"train.epochs": {"type": "uniform", "low": 1, "high": 5}}, {}, "an integer field"),
+    ({"model.hidden": {"type": "choice", "values": [32, -1]}}, {}, "choice can produce -1"),
+    ({"model.hidden": {"type": "choice", "values": [32]}}, {"scheduler": "pbt"}, "pbt can only perturb"),
+    (LR, {"metric": "test_accuracy"}, "not a reported per-epoch metric"),
+    (LR, {"grace_period": 10}, "nothing can be stopped early"),
+])
+def test_bad_tune_sections_name_the_path_and_the_fix(space, tune, fragment):
+    with pytest.raises(ConfigError, match="invalid tune section") as err:
+        validate_sweep(_cfg(space, **tune))
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("space, tune, fragment", [
+    ({"train.lr": {"type": "loguniform", "low": 0, "high": 1}}, {}, "loguniform needs low > 0"),
+    ({"train.lr": {"type": "uniform", "low": 2, "high": 1}}, {}, "must be below high"),
+    ({"train.lr": {"type": "quniform", "low": 0.1, "high": 1}}, {}, "quniform needs q"),
+    ({"train.lr": {"type": "choice", "low": 0.1}}, {}, "takes values"),
+    ({"train.lr": {"type": "grid", "values": [0.1]}}, {"search": "optuna"}, "optuna cannot take grid"),
+    (LR, {"search": "grid"}, "every space entry must be type: grid"),
+    (LR, {"search": "optuna", "scheduler": "pbt"}, "pbt needs search: random"),
+    ({"train.lr": {"type": "gaussian", "low": 0, "high": 1}}, {}, "tune.space.train.lr.type"),
+])
+def test_structural_errors_fail_at_load(space, tune, fragment):
+    with pytest.raises(ConfigError, match="invalid config") as err:
+        _cfg(space, **tune)
+    assert fragment in str(err.value)
+
+
+def test_bad_tune_section_exits_2_before_anything_starts(tmp_path):
+    raw = yaml.safe_load((CONFIGS / "digits.yaml").read_text())
+    raw["tune"]["space"] = {"model.channel": {"type": "choice", "values": [[8]]}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    r = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", str(bad)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "tune.space.model.channel: no such config field" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dry_run_prints_space_resources_and_concurrency(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "AIDC_STORAGE": str(tmp_path), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", str(CONFIGS / "digits.yaml"), "--dry-run",
+                        "--set", "resources.num_workers=0"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train.lr: loguniform[0.0003, 0.03]" in r.stdout and "trial(s) at once" in r.stdout
+    assert "the loop runs in the trial process" in r.stdout
+
+
+def test_candidate_values_cover_bounds_and_every_choice():
+    from aidc.config import ParamSpec
+
+    assert candidate_values(ParamSpec(type="randint", low=1, high=5)) == [1, 2, 4]
+    assert candidate_values(ParamSpec(type="choice", values=[1, 2])) == [1, 2]
+    assert candidate_values(ParamSpec(type="loguniform", low=1e-4, high=1e-2))[1] == pytest.approx(1e-3)
+    assert apply_params({"a": {"b": 1}}, {"a.b": 2}) == {"a": {"b": 2}}
+
+
+def test_trial_resources_follow_the_cluster():
+    spec = validate_sweep(_cfg(LR))  # digits: 2 workers x 0.5 CPU
+    r = trial_resources(spec, {"CPU": 8})
+    assert r.per_trial == {"CPU": 0.2} and r.cpus_per_trial == pytest.approx(1.2) and r.concurrency == 5
+    local = validate_sweep(validate({**yaml.safe_load((CONFIGS / "digits.yaml").read_text()),
+                                     "resources": {"num_workers": 0, "cpus_per_worker": 1}, "tune": {"space": LR}}))
+    assert trial_resources(local, {"CPU": 4}).concurrency == 3  # one CPU stays free for Ray Data
+    gpu = trial_resources(local, {"CPU": 32, "GPU": 2})
+    assert gpu.per_trial == {"CPU": 1, "GPU": 1} and gpu.concurrency == 2
+    capped = validate_sweep(_cfg(LR, max_concurrent_trials=1))
+    assert trial_resources(capped, {"CPU": 64}).concurrency == 1
+
+
+def _records():
+    return [
+        TrialRecord("t1", "completed", {"train.lr": 0.01}, [(1, 1.0), (2, 0.5), (3, 0.4)],
+                    final={"test_accuracy": 0.9, "test_loss": 0.3}, checkpoint_path="/c1"),
+        TrialRecord("t2", "stopped early", {"train.lr": 0.0001}, [(1, 2.0)], checkpoint_path="/c2"),
+        TrialRecord("t3", "errored", {"train.lr": 0.1}, [], error="boom"),
+    ]
+
+
+def test_results_table_leaderboard_and_pngs(tmp_path):
+    import pandas as pd
+
+    df = table(_records(), "val_loss", "min")
+    assert list(df["trial_id"]) == ["t1", "t2", "t3"]
+    assert df.loc[0, "best_val_loss"] == 0.4 and df.loc[0, "epochs"] == 3 and df.loc[1, "epochs"] == 1
+    assert df.loc[0, "test_accuracy"] == 0.9 and df.loc[2, "error"] == "boom"
+    assert best_record(_records(), "val_loss", "min").trial_id == "t1"
+    lines = leaderboard_lines(df, "val_loss")
+    assert lines[0].split()[:4] == ["#", "trial", "status", "epochs"]
+    assert "stopped early" in lines[2] and lines[1].split()[1] == "t1"
+    out = write(_records(), str(tmp_path), "val_loss", "min", {"name": "s", "trials": 3})
+    assert len(pd.read_parquet(tmp_path / "results.parquet")) == 3 == len(out)
+    for png in ("curves.png", "params.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert plot_curves(_records(), "val_loss", tmp_path / "c.png").stat().st_size > 5000
+    assert plot_params(df, "val_loss", tmp_path / "p.png").stat().st_size > 5000
