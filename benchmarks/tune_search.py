@@ -71,8 +71,10 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sweeps: proves the script runs, not the figures")
     p.add_argument("--seeds", type=int, default=1, help="searcher seeds for TPE vs random")
     p.add_argument("--samples", type=int, default=12, help="trials per TPE/random sweep")
-    p.add_argument("--part", choices=["all", "asha"], default="all", help="asha: only ASHA vs grid")
-    p.add_argument("--target", type=float, default=0.95, help="validation accuracy TPE/random must reach")
+    p.add_argument("--part", choices=["all", "asha", "tpe"], default="all",
+                   help="asha: only ASHA vs grid; tpe: only TPE vs random")
+    p.add_argument("--target", type=float, default=0.97, help="validation accuracy TPE/random must reach")
+    p.add_argument("--tpe-epochs", type=int, default=2, help="epochs per TPE/random trial (short: a real search)")
     args = p.parse_args(argv)
 
     from aidc.config import load_config
@@ -90,37 +92,40 @@ def main(argv=None) -> dict:
                  "steps_per_epoch": steps}
     try:
         preprocess(load_config(ROOT / "jobs" / "configs" / "digits.yaml", [f"run.storage={root}"]))
-        full, full_s = _sweep(root, "grid-fifo", grid, epochs, steps, search="grid", scheduler="fifo",
-                              max_concurrent_trials=2)
-        asha, asha_s = _sweep(root, "grid-asha", grid, epochs, steps, search="grid", scheduler="asha",
-                              max_concurrent_trials=2, grace_period=1, reduction_factor=4)
-        te = {n: sum(len(r.history) for r in o.records) for n, o in (("grid", full), ("asha", asha))}
-        reach_epochs, reach_s = _to_reach(asha, _best(full) - 0.005, asha.started)
-        out["asha_vs_grid"] = {
-            "asha_trial_epochs_to_reach_grid_best": reach_epochs, "asha_s_to_reach_grid_best": reach_s,
-            "reach_ratio_trial_epochs": reach_epochs and round(reach_epochs / te["grid"], 3),
-            "reach_ratio_wall": reach_s and round(reach_s / full_s, 3),
-            "trials": len(full.records), "grid_best_val_accuracy": round(_best(full), 4),
-            "asha_best_val_accuracy": round(_best(asha), 4),
-            "asha_within_half_point": _best(asha) >= _best(full) - 0.005,
-            "grid_trial_epochs": te["grid"], "asha_trial_epochs": te["asha"],
-            "trial_epochs_ratio": round(te["asha"] / te["grid"], 3),
-            "grid_wall_s": round(full_s, 1), "asha_wall_s": round(asha_s, 1),
-            "wall_ratio": round(asha_s / full_s, 3),
-        }
-        print(json.dumps({"asha_vs_grid": out["asha_vs_grid"]}), flush=True)
+        if args.part in ("all", "asha"):
+            full, full_s = _sweep(root, "grid-fifo", grid, epochs, steps, search="grid", scheduler="fifo",
+                                  max_concurrent_trials=2)
+            asha, asha_s = _sweep(root, "grid-asha", grid, epochs, steps, search="grid", scheduler="asha",
+                                  max_concurrent_trials=2, grace_period=1, reduction_factor=4)
+            te = {n: sum(len(r.history) for r in o.records) for n, o in (("grid", full), ("asha", asha))}
+            reach_epochs, reach_s = _to_reach(asha, _best(full) - 0.005, asha.started)
+            out["asha_vs_grid"] = {
+                "asha_trial_epochs_to_reach_grid_best": reach_epochs, "asha_s_to_reach_grid_best": reach_s,
+                "reach_ratio_trial_epochs": reach_epochs and round(reach_epochs / te["grid"], 3),
+                "reach_ratio_wall": reach_s and round(reach_s / full_s, 3),
+                "trials": len(full.records), "grid_best_val_accuracy": round(_best(full), 4),
+                "asha_best_val_accuracy": round(_best(asha), 4),
+                "asha_within_half_point": _best(asha) >= _best(full) - 0.005,
+                "grid_trial_epochs": te["grid"], "asha_trial_epochs": te["asha"],
+                "trial_epochs_ratio": round(te["asha"] / te["grid"], 3),
+                "grid_wall_s": round(full_s, 1), "asha_wall_s": round(asha_s, 1),
+                "wall_ratio": round(asha_s / full_s, 3),
+            }
+            print(json.dumps({"asha_vs_grid": out["asha_vs_grid"]}), flush=True)
         rows = []
         for seed in range(0 if args.part == "asha" else 1 if args.quick else args.seeds):
             row = {"seed": seed}
             for search in ("random", "optuna"):
-                o, secs = _sweep(root, f"{search}-{seed}", RANGE, epochs, steps, search=search, scheduler="fifo",
+                o, secs = _sweep(root, f"{search}-{seed}", RANGE, 2 if args.quick else args.tpe_epochs, steps,
+                                 search=search, scheduler="fifo",
                                  num_samples=samples, max_concurrent_trials=1, seed=seed)
                 row[f"{search}_trials_to_target"] = _trials_to_target(o, args.target)
                 row[f"{search}_best"] = round(_best(o), 4)
                 row[f"{search}_wall_s"] = round(secs, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        out["tpe_vs_random"] = {"target_val_accuracy": args.target, "samples": samples, "runs": rows}
+        out["tpe_vs_random"] = {"target_val_accuracy": args.target, "samples": samples,
+                                "epochs": args.tpe_epochs, "runs": rows}
     finally:
         import shutil
 

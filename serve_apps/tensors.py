@@ -167,10 +167,14 @@ class MultiplexedModels:
     def stats(self) -> dict:
         return {"loads": self.loads}
 
+    def ready(self) -> bool:
+        return True
+
 
 api = FastAPI(title="aidc tensors (Open Inference Protocol v2)",
               description="KServe v2 REST: health, metadata, infer (JSON or Triton binary tensors).")
 ERRORS = {code: {"model": oip.ErrorResponse} for code in (400, 404, 413, 503)}
+READY = {**ERRORS, 400: {"model": oip.ReadyResponse | oip.ErrorResponse}}
 INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": oip.inline_schema(oip.InferenceRequest)},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
@@ -202,10 +206,11 @@ class TensorIngress:
     def live(self) -> dict:
         return {"live": True}
 
-    @api.get("/health/ready", response_model=oip.ReadyResponse, responses={503: {"model": oip.ReadyResponse}})
+    # Not ready is a 4xx (OIP: "200 indicates true, 4xx false"), as Triton answers: 400 with {"ready": false}.
+    @api.get("/health/ready", response_model=oip.ReadyResponse, responses={400: {"model": oip.ReadyResponse}})
     async def ready(self) -> JSONResponse:
         ok = await self.plane.ready()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 400)
 
     @api.get("/", response_model=oip.ServerMetadataResponse)
     def server_metadata(self) -> dict:
@@ -222,17 +227,17 @@ class TensorIngress:
         except RequestError as exc:
             return error_response(exc)
 
-    @api.get("/models/{name}/ready", response_model=oip.ReadyResponse, responses=ERRORS)
+    @api.get("/models/{name}/ready", response_model=oip.ReadyResponse, responses=READY)
     async def model_ready(self, name: str):
         return await self.model_version_ready(name, None)
 
-    @api.get("/models/{name}/versions/{version}/ready", response_model=oip.ReadyResponse, responses=ERRORS)
+    @api.get("/models/{name}/versions/{version}/ready", response_model=oip.ReadyResponse, responses=READY)
     async def model_version_ready(self, name: str, version: str | None):
         try:
             ok = await self.plane.ready(name, version)
         except RequestError as exc:
             return error_response(exc)
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 400)
 
     @api.post("/models/{name}/infer", response_model=oip.InferenceResponse, responses=ERRORS,
               openapi_extra=INFER_BODY)

@@ -37,11 +37,23 @@ def tracking_uri(explicit: str | None = None, root: str | None = None) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
-def _client(uri: str):
+def _set_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; keep the environment as it was, or a later
+    tracking_uri() for another storage root (another job or test module in this process) would land here."""
     import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def _client(uri: str):
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
+    _set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -258,7 +270,7 @@ def fetch(ref: str, uri: str, dst: str | None = None) -> tuple[object, Path]:
     import mlflow
 
     mv = resolve(ref, uri)
-    mlflow.set_tracking_uri(uri)
+    _set_tracking_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst or tempfile.mkdtemp()))
     verify_manifest(local)
     return mv, local

@@ -140,3 +140,11 @@ def test_results_table_leaderboard_and_pngs(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert plot_curves(_records(), "val_loss", tmp_path / "c.png").stat().st_size > 5000
     assert plot_params(df, "val_loss", tmp_path / "p.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_tune_section_validates(path):
+    cfg = validate(yaml.safe_load(path.read_text()))
+    if cfg.tune is not None:
+        spec = validate_sweep(cfg)
+        assert spec.metric.startswith("val_") and set(tune_space(cfg)) == set(cfg.tune.space)

@@ -87,12 +87,20 @@ class DataPlane:
         return {"name": name, "versions": versions, "platform": f"pytorch_{info['task']}",
                 "inputs": info["signature"]["inputs"], "outputs": info["signature"]["outputs"]}
 
-    async def ready(self, name: str | None = None, version: str | None = None, timeout_s: float = 2.0) -> bool:
-        """True once every targeted version's replica has loaded and verified its model."""
+    async def ready(self, name: str | None = None, version: str | None = None, timeout_s: float = 5.0) -> bool:
+        """True once every targeted version's replica has loaded and verified its model (multiplexed models
+        load on demand: their deployment answering is enough, so a probe never churns its LRU cache)."""
         targets = [(name, v) for v in ([version] if version else self.route(name).handles)] if name else \
             [(n, v) for n, r in self.routes.items() for v in r.handles]
+
+        async def check(n: str, v: str):
+            route = self.route(n)
+            if route.multiplexed and (n, v) not in self._info:
+                return await asyncio.wait_for(route.handles[route.pick(v, self._rng)].ready.remote(), timeout_s)
+            return await self.describe(n, v, timeout_s)
+
         try:
-            await asyncio.gather(*(self.describe(n, v, timeout_s) for n, v in targets))
+            await asyncio.gather(*(check(n, v) for n, v in targets))
             return True
         except RequestError:
             raise
