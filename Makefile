@@ -38,36 +38,38 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	@echo "== 1/5 local Ray head (dashboard $(DASHBOARD), token auth on)"
+	@echo "== 1/8 local Ray head (dashboard $(DASHBOARD), token auth on)"
 	@if $(RAY_ENV) $(BIN)/ray status >/dev/null 2>&1; then echo "a local Ray is already running: reusing it"; \
 	else $(RAY_ENV) $(BIN)/ray start --head --num-cpus=4 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
 	  --metrics-export-port=8080 --disable-usage-stats >/dev/null && echo "started"; fi
 	@chmod 600 $$HOME/.ray/auth_token 2>/dev/null || true
-	@echo "== 2/5 preprocess (ray job submit)"
-	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
-	  python -m jobs.preprocess --config jobs/configs/digits.yaml
-	@echo "== 3/5 train on Ray Train, 2 DDP workers, register in MLflow (ray job submit)"
+	@echo "== 2/8 preprocess digits (ray job submit)"
+	@# A head that just started may not have its job agent yet ("No available agent"): the first submit retries.
+	@for i in 1 2 3; do $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
+	  python -m jobs.preprocess --config jobs/configs/digits.yaml && break; \
+	  [ $$i = 3 ] && exit 1; echo "retrying in 10 s"; sleep 10; done
+	@echo "== 3/8 train on Ray Train, 2 DDP workers, register in MLflow (ray job submit)"
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.train --config jobs/configs/digits.yaml
-	@echo "== LLM 1/2: a small character GPT on tiny-shakespeare for the OpenAI-compatible llm app (ray job submit)"
+	@echo "== 4/8 a small character GPT on tiny-shakespeare for the OpenAI-compatible llm app (ray job submit)"
 	@MIRROR=$${AIDC_DATA_MIRROR:-$$(cd ../shared/data 2>/dev/null && pwd)}; \
 	  GPT="--config jobs/configs/shakespeare-gpt.yaml $${MIRROR:+--set data.mirror=$$MIRROR}"; \
 	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.preprocess $$GPT && \
 	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.train $$GPT \
 	    --set train.epochs=1 --set train.max_steps_per_epoch=150
-	@echo "== 4/5 deploy the Serve app (serve deploy serve_apps/config.yaml)"
+	@echo "== 5/8 deploy the Serve apps digits, tensors (OIP v2) and llm (OpenAI API): serve deploy serve_apps/config.yaml"
 	$(RAY_ENV) $(BIN)/serve deploy serve_apps/config.yaml --address $(DASHBOARD)
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/digits/healthz >/dev/null && break; sleep 1; done; \
 	  curl -sf $(SERVE_URL)/digits/healthz >/dev/null || { echo "Serve app did not become healthy"; \
 	  $(RAY_ENV) $(BIN)/serve status --address $(DASHBOARD); exit 1; }
-	@echo "== 5/5 HTTP predictions for held-out digits"
+	@echo "== 6/8 HTTP predictions for held-out digits"
 	$(BIN)/aidc predict --url $(SERVE_URL)/digits/predict --dataset digits --split test --limit 170
-	@echo "== LLM 2/2: a streamed chat completion from the llm app (official openai client: aidc chat)"
+	@echo "== 7/8 a streamed chat completion from the llm app (official openai client: aidc chat)"
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/v1/health >/dev/null && break; sleep 1; done
 	$(BIN)/aidc chat --url $(SERVE_URL)/v1 --model shakespeare-gpt "Speak, good sir: what news from the court?"
 	@echo "Try the LLM: curl -sN $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "              -d '{\"model\": \"shakespeare-gpt\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"What news?\"}]}'"
-	@echo "== sweep: a short ASHA sweep on digits with Ray Tune (ray job submit), then its leaderboard"
+	@echo "== 8/8 a short ASHA sweep on digits with Ray Tune (ray job submit), then its leaderboard"
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.tune --config jobs/configs/digits.yaml --set run.name=demo-sweep \
 	  --set resources.num_workers=0 --set train.epochs=4 --set train.max_steps_per_epoch=15 --set tune.num_samples=6
@@ -76,6 +78,7 @@ demo: setup
 	@echo "Dashboard:  $(DASHBOARD)"
 	@echo "Try it:     curl -s -X POST $(SERVE_URL)/digits/predict -H 'Content-Type: application/json' \\"
 	@echo "              -d '{\"instances\": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]]}'"
+	@echo "OIP v2:     curl -s $(SERVE_URL)/v2/models/digits-cnn    (tensor models for tritonclient / KServe clients)"
 	@echo "Stop it:    make stop"
 
 test: setup

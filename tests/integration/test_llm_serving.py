@@ -23,8 +23,8 @@ from tests.integration.hf_tiny import make_tiny_gpt2
 
 pytestmark = pytest.mark.integration
 
-# One 0.5-CPU worker: the num_workers=0 local mode leaves no final checkpoint for run_training to read back.
-TINY = ["resources.num_workers=1", "resources.cpus_per_worker=0.5", "train.epochs=1", "model.d_model=32",
+# num_workers: 0: the loop runs in the driver, no worker group to start.
+TINY = ["resources.num_workers=0", "train.epochs=1", "model.d_model=32",
         "model.layers=1", "model.heads=2", "train.max_steps_per_epoch=30", "run.name=llm-tiny",
         "registry.alias=serving"]
 

@@ -96,3 +96,22 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(root):
     out = run_training(cfg)
     assert [h["epoch"] for h in out.history] == [0, 1, 2]
     assert out.metrics["best_epoch"] == 0
+
+
+def test_driver_mode_run_keeps_its_checkpoints_and_resumes(root):
+    """num_workers: 0 (Ray Train's local mode persists nothing itself): the final checkpoint survives the run,
+    older ones are pruned to train.keep_checkpoints, and the same run name resumes from the latest."""
+    from pathlib import Path
+
+    cfg = _cfg("digits", root, "resources.num_workers=0", "train.epochs=2", "model.channels=[8]", "model.hidden=16",
+               "train.max_steps_per_epoch=10", "run.name=driver-mode")
+    first = run_training(cfg)
+    assert [h["epoch"] for h in first.history] == [0, 1] and first.metrics["test_accuracy"] > 0.3
+    kept = sorted(p.name for p in (Path(root) / "runs" / "driver-mode" / "local_checkpoints").iterdir())
+    assert len(kept) == cfg.train.keep_checkpoints and Path(first.checkpoint_path).name == kept[-1]
+    version = register(cfg, first)
+    assert load_model(version.ref, tracking_uri(None, root)).metadata()["version"] == version.version
+
+    again = run_training(cfg)  # same name: continues from the finished state, trains nothing more
+    assert len(again.resumes) == 1 and again.history == first.history
+    assert again.metrics["test_accuracy"] == pytest.approx(first.metrics["test_accuracy"])

@@ -33,3 +33,26 @@ def save(directory: str | Path, state: dict, config: dict) -> None:
 def load(directory: str | Path) -> dict:
     # weights_only=False: our own checkpoints hold numpy RNG state; never load untrusted files here.
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+# Ray Train's local mode (num_workers: 0) keeps only a reference to the last reported checkpoint, whose
+# temporary folder is gone by the end of the run, and persists nothing to resume from: such runs keep
+# their checkpoints themselves, in numbered folders under the run's storage.
+def numbered(root: str | Path) -> list[Path]:
+    root = Path(root)
+    found = [p for p in root.glob("checkpoint_*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def next_numbered(root: str | Path) -> Path:
+    existing = numbered(root)
+    path = Path(root) / f"checkpoint_{int(existing[-1].name.split('_')[1]) + 1 if existing else 0:06d}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def prune_numbered(root: str | Path, keep: int) -> None:
+    import shutil
+
+    for old in numbered(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

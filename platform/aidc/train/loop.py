@@ -114,6 +114,9 @@ def train_loop_per_worker(config: dict) -> None:
     state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "history": [], "best": None, "finished": False,
              "resumes": []}
     resume_from = ray.train.get_checkpoint() if local is None else None
+    local_dir = config.get("local_checkpoint_dir")  # set for num_workers: 0 (see checkpoint.numbered)
+    if resume_from is None and local_dir and ckpt.numbered(local_dir):
+        resume_from = ray.train.Checkpoint(str(ckpt.numbered(local_dir)[-1]))
     # A Tune trial starts from a state of its own (restored trial) or of a PBT donor, under its own config.
     start_from = None if resume_from else config.get("init_checkpoint")
     if resume_from or start_from:
@@ -138,12 +141,15 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict) -> None:
         """Report metrics with a checkpoint (written by rank 0; gathering state is collective)."""
         model_sd, optim_sd = full_state(model, optimizer, strategy)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint, d = None, tmp
             if rank == 0:
+                d = str(ckpt.next_numbered(local_dir)) if local_dir else tmp
                 ckpt.save(d, {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
                               **state}, job)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
+                if local_dir:
+                    ckpt.prune_numbered(local_dir, tc["keep_checkpoints"])
             if tune_report:
                 tune_report(metrics, d)
             else:

@@ -80,6 +80,9 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
     from ray.train.torch import TorchTrainer
 
     res = cfg.resources
+    if res.num_workers == 0:  # Ray Train's local mode persists no checkpoint: the loop keeps its own
+        loop_extras = {"local_checkpoint_dir": storage.join(storage_path, run_name, "local_checkpoints"),
+                       **(loop_extras or {})}
     use_gpu = use_gpus(cfg)
     resources_per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
