@@ -199,18 +199,21 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id)
 
+    return _new_version(client, uri, cfg.registry.model_name, alias, run, f"aidc {cfg.task} model",
+                        {"dataset": outcome.dataset.uri, "weights_sha256": hashes[WEIGHTS],
+                         "train_run": outcome.run_name})
+
+
+def _new_version(client, uri: str, name: str, alias: str, run, description: str, tags: dict) -> RegisteredVersion:
+    """A new version of `name` (created if new) from the run's `model/` artifacts, with `alias` moved to it."""
     try:
-        client.get_registered_model(cfg.registry.model_name)
+        client.get_registered_model(name)
     except Exception:
-        client.create_registered_model(cfg.registry.model_name, description=f"aidc {cfg.task} model")
-    source = f"{run.info.artifact_uri}/model"
-    mv = client.create_model_version(
-        cfg.registry.model_name, source=source, run_id=run_id,
-        tags={"dataset": outcome.dataset.uri, "weights_sha256": hashes[WEIGHTS], "train_run": outcome.run_name},
-    )
-    client.set_registered_model_alias(cfg.registry.model_name, alias, mv.version)
-    logger.info("registered %s version %s as @%s", cfg.registry.model_name, mv.version, alias)
-    return RegisteredVersion(cfg.registry.model_name, str(mv.version), alias, run_id, uri)
+        client.create_registered_model(name, description=description)
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags)
+    client.set_registered_model_alias(name, alias, mv.version)
+    logger.info("registered %s version %s as @%s", name, mv.version, alias)
+    return RegisteredVersion(name, str(mv.version), alias, run.info.run_id, uri)
 
 
 def register_model_dir(model_dir: Path, name: str, alias: str, *, uri: str | None = None, root: str | None = None,
@@ -225,16 +228,8 @@ def register_model_dir(model_dir: Path, name: str, alias: str, *, uri: str | Non
     run = client.create_run(_experiment_id(client, experiment, root), run_name=run_name or f"import-{name}")
     client.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
     client.set_terminated(run.info.run_id)
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        client.create_registered_model(name, description=description)
     weights = json.loads((model_dir / MANIFEST).read_text())[WEIGHTS]
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                     tags={"weights_sha256": weights, **(tags or {})})
-    client.set_registered_model_alias(name, alias, mv.version)
-    logger.info("registered %s version %s as @%s", name, mv.version, alias)
-    return RegisteredVersion(name, str(mv.version), alias, run.info.run_id, uri)
+    return _new_version(client, uri, name, alias, run, description, {"weights_sha256": weights, **(tags or {})})
 
 
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")
