@@ -5,12 +5,14 @@
 
 import sys
 
-from benchmarks import data_streaming, data_throughput, llm_kv_cache, llm_serving, train_vs_torchrun
+from benchmarks import (data_streaming, data_throughput, llm_engines, llm_kv_cache, llm_serving, oip_serving,
+                        train_vs_torchrun, tune_search)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for bench in (data_throughput, data_streaming, train_vs_torchrun, llm_kv_cache, llm_serving):
+    for bench in (data_throughput, data_streaming, train_vs_torchrun, tune_search, llm_kv_cache, llm_engines, llm_serving,
+                  oip_serving):
         print(f"== {bench.__name__}", flush=True)
         bench.main(argv)
     return 0
