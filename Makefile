@@ -56,7 +56,7 @@ demo: setup
 	  GPT="--config jobs/configs/shakespeare-gpt.yaml $${MIRROR:+--set data.mirror=$$MIRROR}"; \
 	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.preprocess $$GPT && \
 	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.train $$GPT \
-	    --set train.epochs=1 --set train.max_steps_per_epoch=150
+	    --set train.epochs=3
 	@echo "== 5/8 deploy the Serve apps digits, tensors (OIP v2) and llm (OpenAI API): serve deploy serve_apps/config.yaml"
 	$(RAY_ENV) $(BIN)/serve deploy serve_apps/config.yaml --address $(DASHBOARD)
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/digits/healthz >/dev/null && break; sleep 1; done; \

@@ -108,9 +108,13 @@ def _chat(args) -> int:
         limit = {"max_completion_tokens": args.max_tokens} if args.max_tokens else {}  # default: the context left
         stream = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": args.message}],
                                                 temperature=args.temperature, seed=args.seed, stream=True, **limit)
+        text, finish = "", None
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
                 print(chunk.choices[0].delta.content, end="", flush=True)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
     except openai.APIConnectionError:
         print(f"error: cannot reach {args.url}; is the llm app deployed (serve deploy serve_apps/config.yaml)?",
               file=sys.stderr)
@@ -119,6 +123,8 @@ def _chat(args) -> int:
         print(f"error: HTTP {exc.status_code}: {exc.response.text[:500]}", file=sys.stderr)
         return 1
     print()
+    if not text.strip():  # say so rather than leave a blank line: a small model may end its reply at once
+        print(f"(empty reply: the model ended it at once, finish_reason {finish!r}; try another --seed)")
     return 0
 
 

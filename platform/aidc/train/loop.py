@@ -186,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
             scaler.scale(loss / accum).backward()
             micro += 1
             seen += task.count(batch)
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             if not last_micro:
                 continue
             if tc["grad_clip"]:
