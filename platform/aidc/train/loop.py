@@ -113,18 +113,20 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "history": [], "best": None, "finished": False,
              "resumes": []}
+    # Where this run continues from: its own latest checkpoint (Ray Train's, or its own numbered ones for
+    # num_workers: 0, see checkpoint.numbered), else a state to start from under this config (a Tune trial's
+    # restore or a PBT donor's, passed as init_checkpoint).
     resume_from = ray.train.get_checkpoint() if local is None else None
-    local_dir = config.get("local_checkpoint_dir")  # set for num_workers: 0 (see checkpoint.numbered)
-    if resume_from is None and local_dir and ckpt.numbered(local_dir):
-        resume_from = ray.train.Checkpoint(str(ckpt.numbered(local_dir)[-1]))
-    # A Tune trial starts from a state of its own (restored trial) or of a PBT donor, under its own config.
-    start_from = None if resume_from else config.get("init_checkpoint")
-    if resume_from or start_from:
-        if resume_from:
-            with resume_from.as_directory() as d:
-                saved = ckpt.load(d)
-        else:
-            saved = ckpt.load(start_from)
+    local_dir = config.get("local_checkpoint_dir")
+    kept = ckpt.numbered(local_dir) if local_dir and resume_from is None else []
+    start_from = None if resume_from or kept else config.get("init_checkpoint")
+    saved = None
+    if resume_from:
+        with resume_from.as_directory() as d:
+            saved = ckpt.load(d)
+    elif kept or start_from:
+        saved = ckpt.load(kept[-1] if kept else start_from)
+    if saved:
         load_full_state(model, optimizer, saved["model"], saved["optimizer"], strategy)
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.set_rng_state(saved["rng"])
