@@ -37,6 +37,10 @@ class RegistryError(AidcError):
     """A model version cannot be found, or its files fail their integrity check."""
 
 
+class IntegrityError(RegistryError):
+    """A model's files fail their integrity check (manifest, signature): never load it."""
+
+
 class RequestError(AidcError):
     """An inference request is malformed; carries the HTTP status to answer with."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aidc import storage
 from aidc.storage import sha256_file
-from aidc.errors import RegistryError
+from aidc.errors import IntegrityError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +76,18 @@ def write_manifest(directory: Path) -> dict:
 def verify_manifest(directory: Path) -> None:
     path = directory / MANIFEST
     if not path.is_file():
-        raise RegistryError(f"{directory} has no {MANIFEST}: not an aidc model, or it was tampered with")
+        raise IntegrityError(f"{directory} has no {MANIFEST}: not an aidc model, or it was tampered with")
     expected = json.loads(path.read_text())
     present = {p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST}
     if present != set(expected):
-        raise RegistryError(
+        raise IntegrityError(
             f"model files in {directory} differ from its manifest: "
             f"missing {sorted(set(expected) - present)}, unexpected {sorted(present - set(expected))}"
         )
     for name, digest in expected.items():
         actual = sha256_file(directory / name)
         if actual != digest:
-            raise RegistryError(f"{name} in {directory} fails its sha256 check ({actual[:12]} != {digest[:12]}); "
+            raise IntegrityError(f"{name} in {directory} fails its sha256 check ({actual[:12]} != {digest[:12]}); "
                                 "refusing to load a modified model")
 
 
