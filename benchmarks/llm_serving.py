@@ -49,9 +49,12 @@ def register_random_gpt(root: str, d_model: int, layers: int, block: int) -> str
         return register_model_dir(Path(tmp, "m"), "bench-gpt", "bench", root=root).ref
 
 
-def static_app(args: dict):
+def static_app(args: dict, pad: bool = True):
     """Static batching: @serve.batch hands over whole requests; a batch runs until its last request ends,
-    and new requests wait for the next batch."""
+    and new requests wait for the next batch. With `pad` (static batching as in HF `generate` over a padded
+    batch, the baseline of the Orca/vLLM comparisons) every row is computed for as many steps as the
+    batch's longest request and the surplus tokens are dropped; without it a row that is done leaves the
+    batch early (request-level batching over our engine), a stronger baseline reported as `static-early-exit`."""
     from fastapi import FastAPI
     from ray import serve
 
@@ -73,8 +76,15 @@ def static_app(args: dict):
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
         async def run(self, reqs: list[dict]) -> list[dict]:
-            outs = await asyncio.gather(*(self.service.completion(oa.CompletionRequest(**r)) for r in reqs))
-            return [o.model_dump() for o in outs]
+            longest = max(r.get("max_tokens") or 16 for r in reqs)
+            outs = await asyncio.gather(*(self.service.completion(oa.CompletionRequest(
+                **{**r, "max_tokens": longest if pad else r.get("max_tokens")})) for r in reqs))
+            results = []
+            for r, o in zip(reqs, outs):
+                o = o.model_dump()
+                o["usage"]["completion_tokens"] = min(o["usage"]["completion_tokens"], r.get("max_tokens") or 16)
+                results.append(o)
+            return results
 
         @api.post("/completions")
         async def completions(self, body: dict) -> dict:
@@ -141,7 +151,8 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=0, help="per level (default max(16, 2 x concurrency))")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--variants", nargs="+", default=["continuous", "sequential", "static"])
+    p.add_argument("--variants", nargs="+", default=["continuous", "sequential", "static"],
+                   help="continuous, sequential, static (padded), static-early-exit")
     p.add_argument("--no-stream", action="store_true", help="every variant non-streamed (throughput only)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -163,13 +174,13 @@ def main(argv=None) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             for variant in args.variants:  # all deployed first, then interleaved per level: a fair share of noise
-                if variant == "static":
-                    app = static_app({"model": ref, "tracking_uri": uri, "batch": 16})
+                if variant.startswith("static"):
+                    app = static_app({"model": ref, "tracking_uri": uri, "batch": 16}, pad=variant == "static")
                 else:
                     app = LLMServer.bind({"models": [ref], "tracking_uri": uri, "metrics": False, "torch_threads": 1,
                                           "max_num_seqs": 32 if variant == "continuous" else 1})
                 serve.run(app, name=variant, route_prefix=f"/{variant}")
-            stream = {v: v != "static" and not args.no_stream for v in args.variants}
+            stream = {v: not v.startswith("static") and not args.no_stream for v in args.variants}
             url = {v: f"http://127.0.0.1:{port}/{v}" for v in args.variants}
             for v in args.variants:
                 asyncio.run(drive(url[v], "bench-gpt", workload(2, 99), 1, stream[v]))  # warm up
@@ -183,7 +194,7 @@ def main(argv=None) -> dict:
             serve.shutdown()
     for c in args.concurrency:
         cont = results.get(f"continuous_c{c}", {}).get("tokens_per_s")
-        for other in ("sequential", "static"):
+        for other in ("sequential", "static", "static-early-exit"):
             o = results.get(f"{other}_c{c}", {}).get("tokens_per_s")
             if cont and o:
                 results[f"continuous_vs_{other}_c{c}"] = round(cont / o, 2)

@@ -20,8 +20,11 @@ from starlette.exceptions import HTTPException
 
 from aidc.errors import AidcError, RequestError
 from aidc.serving import openai as oa
+from aidc.security.audit import record_quietly
+from aidc.serving.auth import ApiKeyAuth, AuthArgs, protect
 from aidc.serving.lm_server import BodyLimit, LMService, ServedLM
 from aidc.serving.model import load_model
+from aidc.ops.serving import RequestMetrics
 
 logger = logging.getLogger(__name__)
 ERRORS = {code: {"model": oa.ErrorResponse} for code in (400, 404, 413, 429)}
@@ -45,9 +48,12 @@ class LLMArgs(BaseModel):
     metrics: bool = Field(True, description="Export engine metrics through ray.util.metrics.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model; default: the replica's "
                                       "whole CPUs (at least 1) - more threads than cores collapse throughput.")
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
 
 
 api.add_middleware(BodyLimit)
+protect(api, "llm")  # API keys: infer:<body model> on generation/tokenizer routes; /health open
+api.add_middleware(RequestMetrics)  # requests, codes, latency (aidc.ops.serving); outermost: counts 401s too
 
 
 @api.exception_handler(RequestError)
@@ -82,6 +88,7 @@ class LLMServer:
     def __init__(self, args: dict):
         self.args = LLMArgs.model_validate(args)
         BodyLimit.max_body_bytes = self.args.max_body_bytes
+        ApiKeyAuth.configure("llm", self.args.auth)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(self.args.torch_threads or max(1, int(cpus)))
         served = {}
@@ -123,4 +130,5 @@ def app_builder(args: dict):
         LLMArgs.model_validate(args)  # fail at deploy time, with the field named
     except Exception as exc:
         raise AidcError(f"bad args for the llm app: {exc}") from None
+    record_quietly("serve.deploy", target="llm", details={"args": args})  # audit log
     return LLMServer.bind(args)

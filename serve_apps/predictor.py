@@ -15,10 +15,15 @@ from ray import serve
 
 from aidc.errors import RequestError
 from aidc.serving import error_body, load_model, parse_json_body
+from aidc.security.audit import record_quietly
+from aidc.serving.auth import ApiKeyAuth, AuthArgs, protect
 from aidc.serving.http import require
+from aidc.ops.serving import RequestMetrics, tag_request
 
 logger = logging.getLogger(__name__)
 api = FastAPI(title="aidc predictor", description="Predictions from a model in the aidc registry")
+protect(api, "predictor")  # API keys: infer:<model> on /predict and /metadata; /healthz open
+api.add_middleware(RequestMetrics)  # requests, codes, latency (aidc.ops.serving); outermost: counts 401s too
 
 
 class PredictorArgs(BaseModel):
@@ -29,6 +34,7 @@ class PredictorArgs(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow registry; default sqlite under $AIDC_STORAGE.")
     max_batch_size: int = Field(256, ge=1, description="Most instances in one request (413 above).")
     max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above).")
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -37,9 +43,11 @@ class Predictor:
     def __init__(self, args: dict):
         self.args = PredictorArgs.model_validate(args)
         self.loaded = load_model(self.args.model, self.args.tracking_uri)
+        ApiKeyAuth.configure("predictor", self.args.auth, model=self.loaded.name)
 
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
+        tag_request(self.loaded.name, self.loaded.version)  # request metrics by model/version (aidc.ops.serving)
         try:
             body = parse_json_body(await request.body(), self.args.max_body_bytes)
             instances = require(body, "instances", allowed={"instances"})
@@ -60,4 +68,5 @@ class Predictor:
 
 def app_builder(args: dict):
     PredictorArgs.model_validate(args)  # fail at deploy time, with the field named
+    record_quietly("serve.deploy", target="predictor", details={"args": args})  # audit log
     return Predictor.bind(args)

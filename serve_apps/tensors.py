@@ -18,6 +18,10 @@ from ray import serve
 from aidc.errors import RequestError
 from aidc.serving import load_model
 from aidc.serving import oip
+from aidc.serving.auth import ApiKeyAuth, AuthArgs, protect
+from aidc.security.audit import record_quietly
+from aidc.security.auth import grpc_check
+from aidc.ops.serving import RequestMetrics, grpc_request, observe_batch
 from aidc.serving.oip_plane import EXTENSIONS, SERVER_NAME, SERVER_VERSION, DataPlane, ModelRoute, run_batch
 
 logger = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ class TensorsArgs(Strict):
     storage: str | None = Field(None, description="Storage root of datasets (recommender history).")
     max_body_bytes: int = Field(8_000_000, ge=1024, description="Largest request body (413 above).")
     canary_seed: int | None = Field(None, description="Seed of the canary draw (tests); null = random.")
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -126,6 +131,7 @@ class TensorModel:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def infer_batch(self, requests: list) -> list:
+        observe_batch(self.loaded.name, self.loaded.version, len(requests))  # aidc.ops.serving
         return run_batch(self.loaded, requests)
 
     async def infer(self, inputs: dict) -> dict:
@@ -173,6 +179,8 @@ class MultiplexedModels:
 
 api = FastAPI(title="aidc tensors (Open Inference Protocol v2)",
               description="KServe v2 REST: health, metadata, infer (JSON or Triton binary tensors).")
+protect(api, "tensors")  # API keys: infer:<name> on /models/<name>/...; health and readiness open
+api.add_middleware(RequestMetrics)  # requests, codes, latency (aidc.ops.serving); outermost: counts 401s too
 ERRORS = {code: {"model": oip.ErrorResponse} for code in (400, 404, 413, 503)}
 READY = {**ERRORS, 400: {"model": oip.ReadyResponse | oip.ErrorResponse}}
 INFER_BODY = {"requestBody": {"required": True, "content": {
@@ -196,6 +204,7 @@ def error_response(exc: RequestError) -> JSONResponse:
 class TensorIngress:
     def __init__(self, args: dict, routes: dict, multiplexed=None):
         self.args = TensorsArgs.model_validate(args)
+        ApiKeyAuth.configure("tensors", self.args.auth)
         for r in routes.values():  # multiplexed models: one shared handle, the model id picks the model
             r["handles"] = {v: multiplexed.options(multiplexed_model_id=h) if isinstance(h, str) else h
                             for v, h in r["handles"].items()}
@@ -314,10 +323,15 @@ class TensorIngress:
         async def run():
             return model_metadata_response(await self.plane.metadata(request.name, request.version or None))
 
+        if not grpc_check(ApiKeyAuth.guard_for("tensors"), grpc_context, request.name):  # UNAUTHENTICATED...
+            return pb.ModelMetadataResponse()
         return await self._grpc(grpc_context, pb.ModelMetadataResponse, run)
 
     async def ModelInfer(self, request, grpc_context=None):
         from aidc.serving.oip_grpc import decode_infer_request, encode_infer_response, pb
+
+        if not grpc_check(ApiKeyAuth.guard_for("tensors"), grpc_context, request.model_name):  # UNAUTHENTICATED...
+            return pb.ModelInferResponse()
 
         async def run():
             arrays, types, outputs = decode_infer_request(request)
@@ -335,7 +349,8 @@ class TensorIngress:
         from aidc.serving.oip_grpc import GRPC_CODES
 
         try:
-            return await run()
+            with grpc_request(empty.__name__.removesuffix("Response")):  # metrics (aidc.ops.serving)
+                return await run()
         except RequestError as exc:
             if grpc_context is None:
                 raise
@@ -349,6 +364,7 @@ def app_builder(args: dict):
     from aidc.registry import resolve, tracking_uri
 
     parsed = TensorsArgs.model_validate(args)  # fail at deploy time, with the field named
+    record_quietly("serve.deploy", target="tensors", details={"args": args})  # audit log
     uri = tracking_uri(parsed.tracking_uri)
     routes, mux = {}, None
     if parsed.multiplexed:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from aidc.cli_security import add_parsers as add_security_parsers
 from aidc.errors import AidcError
 
 
@@ -69,7 +71,8 @@ def _predict(args) -> int:
     rows = dv.read_numpy(args.split)
     x, y = rows["image"][: args.limit], rows["label"][: args.limit]
     try:
-        resp = requests.post(args.url, json={"instances": x.tolist()}, timeout=60)
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        resp = requests.post(args.url, json={"instances": x.tolist()}, headers=headers, timeout=60)
     except requests.RequestException as exc:
         print(f"error: cannot reach {args.url}: {exc.__class__.__name__}; is the Serve app deployed "
               "(serve deploy serve_apps/config.yaml) and the URL right?", file=sys.stderr)
@@ -93,6 +96,14 @@ def _predict(args) -> int:
 def _model(args) -> int:
     from aidc.hf import import_hf_model
 
+    if args.action == "verify":
+        from aidc.cli_security import model_verify
+
+        return model_verify(args)
+    if not args.name:
+        print("error: aidc model import needs --name (the registered model name)", file=sys.stderr)
+        return 2
+
     version = import_hf_model(args.path, args.name, args.alias, uri=args.tracking_uri, root=args.storage)
     print(f"registered {version.name} version {version.version} as {version.ref}; serve it with the llm app "
           f"(args: models: [{version.ref}])")
@@ -103,7 +114,7 @@ def _chat(args) -> int:
     """Stream a chat completion from the OpenAI-compatible llm app with the official openai client."""
     import openai
 
-    client = openai.OpenAI(base_url=args.url, api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=args.url, api_key=args.api_key or "none", max_retries=0, timeout=120)
     try:
         limit = {"max_completion_tokens": args.max_tokens} if args.max_tokens else {}  # default: the context left
         stream = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": args.message}],
@@ -172,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--limit", type=int, default=100)
     pr.add_argument("--show", type=int, default=10, help="predictions to print")
     pr.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
+    pr.add_argument("--api-key", default=os.environ.get("AIDC_API_KEY"), help="API key (default $AIDC_API_KEY)")
     pr.set_defaults(fn=_predict)
 
     sw = sub.add_parser("sweeps", help="list Ray Tune sweeps; show a sweep's leaderboard")
@@ -188,16 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, help="most tokens to generate (default: what the context leaves)")
     ch.add_argument("--temperature", type=float, default=0.8)
     ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--api-key", default=os.environ.get("AIDC_API_KEY"), help="API key (default $AIDC_API_KEY)")
     ch.set_defaults(fn=_chat)
 
-    m = sub.add_parser("model", help="import a Hugging Face GPT-2 folder into the model registry")
-    m.add_argument("action", choices=["import"])
-    m.add_argument("path", help="folder with config.json, model.safetensors and tokenizer.json")
-    m.add_argument("--name", required=True, help="registered model name")
+    m = sub.add_parser("model", help="import a Hugging Face GPT-2 folder into the registry; verify a version")
+    m.add_argument("action", choices=["import", "verify"])
+    m.add_argument("path", help="import: folder with config.json, model.safetensors and tokenizer.json; "
+                   "verify: a model reference (name@alias or name/version)")
+    m.add_argument("--name", help="registered model name (import)")
     m.add_argument("--alias", default="champion", help="alias to point at the new version")
     m.add_argument("--tracking-uri", help="MLflow registry (default $MLFLOW_TRACKING_URI or sqlite under storage)")
     m.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
     m.set_defaults(fn=_model)
+    add_security_parsers(sub)  # aidc keys, aidc audit (aidc.cli_security)
     return p
 
 

@@ -190,6 +190,14 @@ class ResourcesConfig(Strict):
     use_gpu: Literal["auto"] | bool = Field(
         "auto", description="Put one GPU on each worker: auto = when the cluster has GPUs."
     )
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each worker (a num_workers: 0 Tune trial: the trial) "
+        "needs, e.g. {pool_a100: 1} to keep workers on nodes started with --resources '{\"pool_a100\": 8}'."
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0, gt=0, description="Elastic runs ([min, max] workers): seconds between checks whether more workers fit, "
+        "i.e. how soon a run grows back after a node returns (each resize restarts from the latest checkpoint)."
+    )
 
 
     @field_validator("num_workers")
@@ -202,6 +210,9 @@ class ResourcesConfig(Strict):
         return n
 
 
+ELASTIC_MAX_FAILURES = 10  # default run.max_failures of an elastic run: one per node loss it rides out
+
+
 class RunConfig(Strict):
     name: str | None = Field(
         None, description="Run name; reuse a name to resume that run from its latest checkpoint. Default: generated."
@@ -209,7 +220,11 @@ class RunConfig(Strict):
     storage: str | None = Field(None, description="Storage root; default $AIDC_STORAGE or ~/.aidc.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under the storage root.")
     experiment: str = Field("aidc", min_length=1, description="MLflow experiment the run is logged to.")
-    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the latest checkpoint after a crash.")
+    max_failures: int | None = Field(
+        None, ge=-1, description="Worker-group restarts from the latest checkpoint after a crash (-1: no limit). "
+        f"Default: 1, or {ELASTIC_MAX_FAILURES} for elastic runs (resources.num_workers: [min, max]), where every "
+        "node loss that shrinks the run counts as one failure (growing back does not)."
+    )
 
 
 class RegistryConfig(Strict):
@@ -312,6 +327,53 @@ class TuneConfig(Strict):
         return self
 
 
+class BatchInferConfig(Strict):
+    """Offline scoring with a registered model on a Ray Data actor pool (python -m jobs.batch_infer)."""
+
+    model: str | None = Field(
+        None, description="Registered model: name@alias or name/version; default registry.model_name@registry.alias."
+    )
+    split: Literal["train", "val", "test"] = Field("test", description="Dataset split to score when path is unset.")
+    path: str | None = Field(None, description="Your own file(s) to score instead: a file, directory or glob "
+                             "(local, s3://, gs://).")
+    format: Literal["csv", "parquet", "jsonl"] | None = Field(None, description="Format of the files at path.")
+    key: str = Field("id", min_length=1, description="Column that identifies each row; copied next to its prediction.")
+    output: str | None = Field(None, description="Output folder; default <storage>/predictions/<name>/<run id>.")
+    batch_size: int = Field(256, ge=1, description="Rows per model call in each actor.")
+    actors: int = Field(2, ge=1, description="Actors in the pool, each holding one copy of the model.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per actor; fractions leave room for the reads.")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="One GPU per actor: auto = when the cluster has GPUs.")
+    max_tokens: int = Field(32, ge=1, description="Language models: tokens to generate per prompt (as the API's).")
+    temperature: float = Field(1.0, ge=0, le=2, description="Language models: sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Language models: nucleus sampling mass.")
+    seed: int | None = Field(0, description="Language models: sampling seed of every prompt (same row, same text).")
+    stop: list[str] = Field([], max_length=4, description="Language models: strings that end a completion.")
+
+    @model_validator(mode="after")
+    def _path_needs_format(self) -> "BatchInferConfig":
+        if self.path and not self.format:
+            raise ValueError("path needs format: csv, parquet or jsonl, e.g. path: rows.csv, format: csv")
+        return self
+
+
+class CompressConfig(Strict):
+    """Make a smaller or faster version of a registered model (python -m jobs.compress)."""
+
+    method: Literal["int8", "prune", "distill"] = Field(
+        ..., description="int8: dynamic int8 quantization of linear layers (no training); prune: magnitude "
+        "pruning to `sparsity` + a short fine-tune (train section); distill: train this config's model (the "
+        "student) on the source model's soft targets."
+    )
+    source: str | None = Field(
+        None, description="Model to compress (the teacher for distill); default registry.model_name@registry.alias."
+    )
+    alias: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$",
+                              description="Alias of the new version; default int8 / pruned / distilled.")
+    sparsity: float = Field(0.5, gt=0, lt=1, description="prune: fraction of linear/conv weights set to zero.")
+    temperature: float = Field(2.0, gt=0, description="distill: softmax temperature of the soft targets.")
+    alpha: float = Field(0.5, ge=0, le=1, description="distill: weight of the soft-target loss (1 - alpha: labels).")
+
+
 class JobConfig(Strict):
     """One config tree drives every stage of a workload: preprocess, train, serve."""
 
@@ -326,6 +388,15 @@ class JobConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig, description="Run name, storage and tracking.")
     registry: RegistryConfig = Field(..., description="Where the trained model is registered.")
     tune: TuneConfig | None = Field(None, description="Hyperparameter sweep settings (python -m jobs.tune).")
+    batch_infer: BatchInferConfig = Field(default_factory=BatchInferConfig,
+                                          description="Offline scoring settings (python -m jobs.batch_infer).")
+    compress: CompressConfig | None = Field(None, description="Compression settings (python -m jobs.compress).")
+
+    @model_validator(mode="after")
+    def _failure_budget(self) -> "JobConfig":
+        if self.run.max_failures is None:
+            self.run.max_failures = ELASTIC_MAX_FAILURES if isinstance(self.resources.num_workers, tuple) else 1
+        return self
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> "JobConfig":

@@ -52,7 +52,9 @@ def run_job(
                 dry_run(cfg)
             return 0
         from aidc.runtime import init_ray
+        from aidc.security.audit import record_quietly
 
+        record_quietly("job.start", target=prog, details={"config": args.config, "overrides": args.overrides})
         init_ray()
         run(cfg, args)
         return 0

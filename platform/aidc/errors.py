@@ -33,6 +33,10 @@ class DataError(AidcError):
     """Input data is missing, malformed or inconsistent with the config."""
 
 
+class StorageError(AidcError):
+    """The storage root cannot hold this run's files safely (e.g. node-local on a multi-node cluster)."""
+
+
 class RegistryError(AidcError):
     """A model version cannot be found, or its files fail their integrity check."""
 

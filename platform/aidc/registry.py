@@ -18,6 +18,7 @@ from pathlib import Path
 from aidc import storage
 from aidc.storage import sha256_file
 from aidc.errors import IntegrityError, RegistryError
+from aidc.security.signing import SIGNATURE, record_registration, sign_model_dir, verify_or_refuse
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def _experiment_id(client, name: str, root: str) -> str:
 
 
 def write_manifest(directory: Path) -> dict:
-    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}  # model.sig signs the manifest, not vice versa
     (directory / MANIFEST).write_text(json.dumps(files, indent=2))
     return files
 
@@ -78,7 +80,7 @@ def verify_manifest(directory: Path) -> None:
     if not path.is_file():
         raise IntegrityError(f"{directory} has no {MANIFEST}: not an aidc model, or it was tampered with")
     expected = json.loads(path.read_text())
-    present = {p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST}
+    present = {p.name for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
     if present != set(expected):
         raise IntegrityError(
             f"model files in {directory} differ from its manifest: "
@@ -151,10 +153,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None = None,
-             parent_run_id: str | None = None) -> RegisteredVersion:
+             parent_run_id: str | None = None, spec_extra: dict | None = None,
+             tags: dict | None = None) -> RegisteredVersion:
     """Log the run (params, per-epoch metrics, artifacts) and register its final model under an alias.
 
-    alias: default cfg.registry.alias; parent_run_id: log the run as a child of that run (a sweep's).
+    alias: default cfg.registry.alias; parent_run_id: log the run as a child of that run (a sweep's);
+    spec_extra: more model.json entries (e.g. how a compressed version was made); tags: more version tags.
     """
     alias = alias or cfg.registry.alias
     from aidc.config import to_yaml
@@ -179,29 +183,37 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
             "dataset": outcome.dataset.uri,
             "dataset_fingerprint": manifest["fingerprint"],
             "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
+            **(spec_extra or {}),
         }
         model_dir = Path(tmp, "model")
         hashes = export_model_dir(model_dir, state_dict=state["model"], spec=spec, config_yaml=to_yaml(cfg))
+        sign_model_dir(model_dir)  # model-signing over every file (aidc.security.signing)
 
         exp_id = _experiment_id(client, cfg.run.experiment, root)
         tags = {"aidc.dataset": outcome.dataset.uri, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-        run = client.create_run(exp_id, run_name=outcome.run_name, tags=tags)
+        from aidc.ops.training import find_live_run
+
+        live = find_live_run(client, exp_id, outcome.run_name)  # the run the loop logged epochs into, live
+        run = live or client.create_run(exp_id, run_name=outcome.run_name, tags=tags)
         run_id = run.info.run_id
+        for k, v in (tags if live else {}).items():
+            client.set_tag(run_id, k, v)
         for k, v in _flatten(cfg.model_dump(mode="json")).items():
             client.log_param(run_id, k, str(v)[:500])
-        for row in outcome.history:
+        for row in ([] if live else outcome.history):  # a live run has every epoch's metrics already
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     client.log_metric(run_id, k, float(v), step=int(row["epoch"]))
         client.log_artifacts(run_id, str(model_dir), artifact_path="model")
         client.log_artifact(run_id, str(plot_curves(outcome.history, Path(tmp, "curves.png"))))
+        client.log_dict(run_id, {"resumes": outcome.resumes}, "resumes.json")  # restarts, with elastic resizes
         for path in extra_artifacts:
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id)
 
     return _new_version(client, uri, cfg.registry.model_name, alias, run, f"aidc {cfg.task} model",
                         {"dataset": outcome.dataset.uri, "weights_sha256": hashes[WEIGHTS],
-                         "train_run": outcome.run_name})
+                         "train_run": outcome.run_name, **(tags or {})})
 
 
 def _new_version(client, uri: str, name: str, alias: str, run, description: str, tags: dict) -> RegisteredVersion:
@@ -213,6 +225,7 @@ def _new_version(client, uri: str, name: str, alias: str, run, description: str,
     mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags)
     client.set_registered_model_alias(name, alias, mv.version)
     logger.info("registered %s version %s as @%s", name, mv.version, alias)
+    record_registration(name, str(mv.version), alias)  # audit log
     return RegisteredVersion(name, str(mv.version), alias, run.info.run_id, uri)
 
 
@@ -222,6 +235,7 @@ def register_model_dir(model_dir: Path, name: str, alias: str, *, uri: str | Non
     """Register a folder written by `export_model_dir` (e.g. a converted Hugging Face checkpoint) as a new
     version of `name`, pointing `alias` at it: the same files, manifest and MLflow records as `register`."""
     verify_manifest(model_dir)
+    sign_model_dir(model_dir)  # model-signing over every file (aidc.security.signing)
     root = storage.storage_root(root)
     uri = tracking_uri(uri, root)
     client = _client(uri)
@@ -261,11 +275,11 @@ def resolve(ref: str, uri: str):
 
 
 def fetch(ref: str, uri: str, dst: str | None = None) -> tuple[object, Path]:
-    """Download a registered version's files and verify their sha256 manifest."""
+    """Download a registered version's files and verify its signature (trusted keys) and sha256 manifest."""
     import mlflow
 
     mv = resolve(ref, uri)
     _set_tracking_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst or tempfile.mkdtemp()))
-    verify_manifest(local)
+    verify_or_refuse(local, f"{mv.name}/{mv.version}", then=verify_manifest)  # signature, then sha256 manifest
     return mv, local

@@ -33,7 +33,10 @@ def init_ray(num_cpus: float | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
         logger.info("RAY_ADDRESS is not set: starting an embedded local Ray")
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": a new Ray even when another one runs on this host (ray start, a test cluster);
+        # without it ray.init joins that one through /tmp/ray/ray_current_cluster and rejects num_cpus.
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
+                 logging_level=logging.WARNING)
 
 
 def cluster_has_gpus() -> bool:

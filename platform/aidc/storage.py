@@ -80,3 +80,60 @@ def sha256_file(path: str | Path) -> str:
 def ensure_dir(path: str) -> None:
     fs, inner = filesystem(path)
     fs.create_dir(inner, recursive=True)
+
+
+# --- shared storage on a multi-node cluster -------------------------------------------------------------
+# Checkpoints must be readable from every node: a worker restarted on another node resumes from them.
+# The driver writes a marker file under the storage root; one task pinned to each alive node looks for it.
+# A node that cannot see it has its own (node-local) copy of the path, and the run fails before training.
+SHARED_CHECK_DIR = ".aidc-shared-check"
+# Test hook, set in a node's environment (ray.cluster_utils.Cluster.add_node(env_vars=...)): that node
+# behaves as if the storage root were node-local. On one machine every simulated node shares the disk.
+SIMULATE_NODE_LOCAL_ENV = "AIDC_SIMULATE_NODE_LOCAL_STORAGE"
+
+
+def _sees_marker(path: str) -> tuple[str, bool]:
+    import ray
+
+    visible = not os.environ.get(SIMULATE_NODE_LOCAL_ENV) and exists(path)
+    return ray.get_runtime_context().get_node_id(), visible
+
+
+def check_shared(root: str, timeout_s: float = 60.0) -> None:
+    """Fail with StorageError when a node of the running (multi-node) Ray cluster cannot see `root`.
+
+    Object-store URIs (s3://, gs://) are shared by nature and one node needs no check; a local path
+    must be a filesystem every node mounts (NFS, Lustre, ...).
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from aidc.errors import StorageError
+
+    if is_uri(root) or not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    marker = join(root, SHARED_CHECK_DIR, uuid.uuid4().hex)
+    write_text(marker, "aidc shared-storage check\n")
+    probe = ray.remote(num_cpus=0, max_retries=0)(_sees_marker)
+    try:
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
+                for n in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        seen = dict(ray.get(ready))
+    finally:
+        fs, inner = filesystem(marker)
+        fs.delete_file(inner)
+    blind = [n for n in nodes if not seen.get(n["NodeID"], False)]
+    if blind:
+        where = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in blind)
+        raise StorageError(
+            f"storage root {root} is not shared: {len(blind)} of {len(nodes)} nodes cannot read it ({where}). "
+            "On a multi-node cluster checkpoints must live where every node can read them, or a worker restarted "
+            "on another node loses them: set AIDC_STORAGE (or run.storage) to a path all nodes mount (e.g. NFS) "
+            "or an object store URI (s3://bucket/aidc)."
+        )

@@ -6,13 +6,16 @@ Serve's gRPC proxy routes by the `application` metadata when several apps run: s
 """
 
 import json
+import os
 import sys
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-HEADERS = {"application": "tensors"}
+# The API key (auth is on by default) comes from $AIDC_API_KEY, as gRPC metadata `authorization: Bearer <key>`.
+HEADERS = {"application": "tensors",
+           **({"authorization": f"Bearer {os.environ['AIDC_API_KEY']}"} if os.environ.get("AIDC_API_KEY") else {})}
 
 
 def infer(client, model, name, array, datatype, version=""):

@@ -11,6 +11,7 @@ from aidc.data.pipeline import preprocess
 from aidc.registry import CONFIG, fetch, register, tracking_uri
 from aidc.train.trainer import run_training
 from tests.conftest import CONFIGS, free_port
+from tests.security_helpers import bearer, make_key
 
 pytestmark = pytest.mark.integration
 
@@ -90,15 +91,17 @@ def test_serve_predicts_over_http_and_rejects_bad_requests(trained, cfg, root, d
         serve.run(app_builder({"model": version.ref, "tracking_uri": tracking_uri(None, root), "max_batch_size": 64}),
                   name="digits", route_prefix="/digits")
         url = f"http://127.0.0.1:{port}/digits"
+        auth = bearer(make_key("infer:digits-cnn"))  # API keys are on by default
+        assert requests.post(f"{url}/predict", json={"instances": []}, timeout=30).status_code == 401
         test = dataset[0].read_numpy("test")
         x, y = test["image"][:64], test["label"][:64]
-        r = requests.post(f"{url}/predict", json={"instances": x.tolist()}, timeout=60)
+        r = requests.post(f"{url}/predict", json={"instances": x.tolist()}, headers=auth, timeout=60)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == {"name": "digits-cnn", "version": version.version}
         preds = np.array([p["class"] for p in body["predictions"]])
         assert (preds == y).mean() >= 0.95
-        assert requests.get(f"{url}/metadata", timeout=10).json()["features"]["image_shape"] == [8, 8]
+        assert requests.get(f"{url}/metadata", headers=auth, timeout=10).json()["features"]["image_shape"] == [8, 8]
 
         cases = [
             ({"instances": [[1, 2, 3]]}, 422, "expected 8 rows of 8"),
@@ -108,11 +111,11 @@ def test_serve_predicts_over_http_and_rejects_bad_requests(trained, cfg, root, d
             ({"images": []}, 422, "unknown field"),
         ]
         for payload, status, fragment in cases:
-            r = requests.post(f"{url}/predict", json=payload, timeout=30)
+            r = requests.post(f"{url}/predict", json=payload, headers=auth, timeout=30)
             assert r.status_code == status and fragment in r.json()["error"]["message"], (payload, r.text)
-        r = requests.post(f"{url}/predict", data=b'{"instances": [[NaN]]}', timeout=30)
+        r = requests.post(f"{url}/predict", data=b'{"instances": [[NaN]]}', headers=auth, timeout=30)
         assert r.status_code == 422 and "NaN" in r.json()["error"]["message"]
-        r = requests.post(f"{url}/predict", data=b"not json", timeout=30)
+        r = requests.post(f"{url}/predict", data=b"not json", headers=auth, timeout=30)
         assert r.status_code == 400
     finally:
         serve.shutdown()

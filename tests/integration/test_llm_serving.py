@@ -20,6 +20,7 @@ from aidc.train.trainer import run_training
 from tests.conftest import free_port
 from tests.integration.conftest import workload_config
 from tests.integration.hf_tiny import make_tiny_gpt2
+from tests.security_helpers import make_key, requests_send_key
 
 pytestmark = pytest.mark.integration
 
@@ -71,9 +72,16 @@ def server(root, char_gpt, hf_gpt2):
         serve.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def api_key(ray_session):
+    """API keys are on by default: every plain `requests` call here sends this one."""
+    with requests_send_key(make_key("infer:*", owner="llm-tests")) as key:
+        yield key
+
+
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(server, api_key):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
 MODEL = "shakespeare-gpt"
@@ -168,7 +176,7 @@ def test_perplexity_through_the_api_equals_offline_test_perplexity(client, char_
 
 def test_sixteen_concurrent_streams_match_their_seeded_plain_runs(client):
     async def go():
-        aclient = openai.AsyncOpenAI(base_url=str(client.base_url), api_key="unused", max_retries=0, timeout=120)
+        aclient = openai.AsyncOpenAI(base_url=str(client.base_url), api_key=client.api_key, max_retries=0, timeout=120)
 
         async def stream(i):
             chunks = await aclient.completions.create(model=MODEL, prompt="First Citizen:\n" * (1 + i % 3),
@@ -278,9 +286,10 @@ def test_engine_metrics_reach_prometheus(server, client, ray_session):
     client.completions.create(model=MODEL, prompt="KING:", max_tokens=8, seed=0)
     node = next(n for n in ray_session.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    wanted = ["ray_aidc_llm_time_to_first_token_s_bucket", "ray_aidc_llm_inter_token_latency_s_bucket",
-              "ray_aidc_llm_queue_time_s_bucket", "ray_aidc_llm_prompt_tokens", "ray_aidc_llm_generated_tokens",
-              "ray_aidc_llm_running_sequences", "ray_aidc_llm_waiting_sequences", "ray_aidc_llm_kv_cache_usage"]
+    wanted = ["ray_aidc_llm_time_to_first_token_seconds_bucket", "ray_aidc_llm_inter_token_latency_seconds_bucket",
+              "ray_aidc_llm_queue_time_seconds_bucket", "ray_aidc_llm_prompt_tokens", "ray_aidc_llm_generated_tokens",
+              "ray_aidc_llm_running_sequences", "ray_aidc_llm_waiting_sequences", "ray_aidc_llm_kv_cache_usage_ratio",
+              "ray_aidc_serve_requests_total", "ray_aidc_serve_request_duration_seconds_bucket"]  # + aidc.ops.serving
     for _ in range(60):  # Ray exports on an interval (seconds)
         text = requests.get(url, timeout=10).text
         if all(f"{name}{{" in text or f"{name}_total{{" in text for name in wanted):
@@ -294,10 +303,11 @@ def test_engine_metrics_reach_prometheus(server, client, ray_session):
 
 
 def test_aidc_chat_streams_a_reply_with_the_openai_client(server, client, capsys):
-    assert aidc_main(["chat", "What news?", "--url", f"{server}/v1", "--model", MODEL, "--seed", "3"]) == 0
+    key = ["--api-key", client.api_key]
+    assert aidc_main(["chat", "What news?", "--url", f"{server}/v1", "--model", MODEL, "--seed", "3", *key]) == 0
     printed = capsys.readouterr().out
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What news?"}],
                                            temperature=0.8, seed=3)
     assert printed == reply.choices[0].message.content + "\n"
-    assert aidc_main(["chat", "hi", "--url", f"{server}/v1", "--model", "nope"]) == 1
+    assert aidc_main(["chat", "hi", "--url", f"{server}/v1", "--model", "nope", *key]) == 1
     assert "model_not_found" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from aidc.serving.model import load_model
 from aidc.train.trainer import run_training
 from tests.conftest import REPO, free_port
 from tests.integration.conftest import workload_config
+from tests.security_helpers import make_key, requests_send_key, triton_bearer
 
 pytestmark = pytest.mark.integration
 CLIENTS_PY = REPO / ".venv-clients" / "bin" / "python"
@@ -34,6 +36,13 @@ TINY = {
 @pytest.fixture(scope="module")
 def root(ray_session, tmp_path_factory):
     return str(tmp_path_factory.mktemp("tensors"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def api_key(ray_session):
+    """API keys are on by default: every plain `requests` call here (schemathesis too) sends this one."""
+    with requests_send_key(make_key("infer:*", owner="tensor-tests")) as key:
+        yield key
 
 
 def _train(cfg):
@@ -178,10 +187,11 @@ def test_plain_http_every_model_type_matches_the_training_time_pipeline(server, 
     assert set(classes) <= {0, 3}  # label values, not indices; an unseen category maps to the unknown index
 
 
-def test_tritonclient_http_binary_and_json(server, models, root):
+def test_tritonclient_http_binary_and_json(server, models, root, api_key):
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(server["http"])
+    client.register_plugin(triton_bearer(api_key))
     try:
         assert client.is_server_live() and client.is_server_ready()
         assert client.is_model_ready("digits-cnn")
@@ -299,12 +309,12 @@ def test_backpressure_answers_503_with_retry_after(server):
     assert rejected.headers["Retry-After"] == "1" and "at capacity" in rejected.json()["error"]
 
 
-def test_grpc_with_tritonclient(server, models):
+def test_grpc_with_tritonclient(server, models, api_key):
     """tritonclient[grpc] pins protobuf<7, so it runs from the test-clients venv (make clients)."""
     assert CLIENTS_PY.exists(), "run `make clients` (builds .venv-clients with tritonclient[grpc])"
     script = REPO / "tests" / "clients" / "oip_grpc_client.py"
     proc = subprocess.run([str(CLIENTS_PY), str(script), server["grpc"], models["digits-v2"].version],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "AIDC_API_KEY": api_key})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["live"] and report["ready"] and report["model_ready"]

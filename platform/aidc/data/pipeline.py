@@ -16,6 +16,7 @@ import numpy as np
 
 from aidc import storage
 from aidc.data.clean import REASON, mark_duplicates, reason_counts
+from aidc.ops.data import instrument_preprocess
 from aidc.data.dataset import DatasetVersion
 from aidc.data.sources import SOURCES, RawData
 from aidc.data.split import SPLITS, assign_splits, predefined_splits, time_splits
@@ -79,6 +80,7 @@ def _row_count(path: str) -> int:
     return pads.dataset(inner, format="parquet", filesystem=fs).count_rows()
 
 
+@instrument_preprocess  # rows read/kept/rejected and rows/s as metrics (aidc.ops.data)
 def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[DatasetVersion, bool]:
     """Build (or reuse) the dataset version for `cfg`; returns (version, reused)."""
     from aidc.tasks import get_task

@@ -74,6 +74,8 @@ class Sequence:
     last_token_at: float = 0.0
     finish_reason: str | None = None
     aborted: bool = False
+    stream: bool = True  # False: events are held back and handed over together when the sequence ends
+    pending: list = field(default_factory=list)
 
 
 class NoMetrics:
@@ -116,14 +118,18 @@ class Engine:
                 f"asks for {max_tokens} more. Shorten the prompt or lower max_tokens to at most "
                 f"{max(self.block_size + 1 - prompt_len, 0)}", status=400, field="max_tokens")
 
-    def add(self, prompt: list[int], params: SamplingParams, queue: asyncio.Queue | None = None) -> Sequence:
-        """Queue a sequence; its (sequence, TokenEvent) pairs go to `queue` (its own one by default)."""
+    def add(self, prompt: list[int], params: SamplingParams, queue: asyncio.Queue | None = None,
+            stream: bool = True) -> Sequence:
+        """Queue a sequence; its (sequence, TokenEvent) pairs go to `queue` (its own one by default): each as
+        it is sampled, or with `stream=False` all at once when the sequence ends (its consumer then wakes
+        once instead of once per token, which leaves the event loop free at high concurrency)."""
         self.check_length(len(prompt), params.max_tokens)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting; retry shortly")
         gen = torch.Generator(device=self.device)
         gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        seq = Sequence(next(self._ids), list(prompt), params, gen, queue if queue is not None else asyncio.Queue())
+        seq = Sequence(next(self._ids), list(prompt), params, gen, queue if queue is not None else asyncio.Queue(),
+                       stream=stream)
         self.waiting.append(seq)
         self._ensure_loop()
         self._wake.set()
@@ -177,7 +183,7 @@ class Engine:
             except Exception as exc:  # a bug must not leave every caller hanging
                 logger.exception("engine step failed")
                 for seq in [*self.running, *self.waiting]:
-                    seq.queue.put_nowait((seq, TokenEvent(None, finish_reason="error")))
+                    self._emit(seq, TokenEvent(None, finish_reason="error"))
                     seq.finish_reason = "error"
                     self._release(seq, repr(exc))
                 self.running.clear()
@@ -189,7 +195,7 @@ class Engine:
             for seq in [s for s in self.running if s.arrived < late and not s.aborted]:
                 self.running.remove(seq)
                 seq.finish_reason = "length"
-                seq.queue.put_nowait((seq, TokenEvent(None, finish_reason="length")))
+                self._emit(seq, TokenEvent(None, finish_reason="length"))
                 self._release(seq, "timeout")
         for seq in [s for s in self.running if s.aborted]:
             self.running.remove(seq)
@@ -237,9 +243,9 @@ class Engine:
             pos = torch.tensor([[s.fed] for s in decoding], device=self.device)
             slots = torch.tensor([s.slot for s in decoding], device=self.device)
             logits = self.model.step(idx, pos, self.cache, slots)[:, -1].float()
-            for row, seq in enumerate(decoding):
+            for seq in decoding:
                 seq.fed += 1
-                events.append((seq, self._sample(seq, logits[row])))
+            events.extend(zip(decoding, self._sample_rows(decoding, logits)))
         if admitted:
             events.extend(self._prefill(admitted))
         self.steps += 1
@@ -255,6 +261,9 @@ class Engine:
         pos = torch.arange(t, device=self.device)[None].expand(len(seqs), t)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         logits = self.model.step(idx, pos, self.cache, slots).float()
+        last = torch.stack([logits[row, max(len(f) - 1, 0)] for row, f in enumerate(feeds)])
+        sampled = iter(self._sample_rows([s for s in seqs if s.params.max_tokens > 0],
+                                         last[[s.params.max_tokens > 0 for s in seqs]]))
         events = []
         for row, (seq, f) in enumerate(zip(seqs, feeds)):
             seq.fed = len(f)
@@ -265,25 +274,33 @@ class Engine:
             if seq.params.max_tokens == 0:
                 event = TokenEvent(None, finish_reason="length")
             else:
-                event = self._sample(seq, logits[row, len(f) - 1])
+                event = next(sampled)
             event.prompt_logprobs = prompt_lps
             events.append((seq, event))
         return events
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """One token per row, all rows at once. Sampling is Gumbel-max (argmax of logits/T plus Gumbel
+        noise), the same distribution as drawing from softmax(logits/T); each row's noise comes from its
+        own sequence's generator, so a seeded sequence gets the same tokens alone or in any batch."""
+        if not seqs:
+            return []
+        temps = [s.params.temperature for s in seqs]
+        x = logits / torch.tensor([max(t, 1e-6) for t in temps], device=logits.device)[:, None]
+        for row, s in enumerate(seqs):
+            if temps[row] > 0 and ((s.params.top_k and s.params.top_k < x.shape[-1]) or s.params.top_p < 1.0):
+                x[row] = _truncate(x[row], s.params.top_k, s.params.top_p)
+        sampling = [row for row, t in enumerate(temps) if t > 0]
+        if sampling:
+            u = torch.stack([torch.rand(x.shape[-1], generator=seqs[row].generator, device=x.device)
+                             for row in sampling])
+            x[sampling] += -torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))
+        tokens = torch.argmax(torch.where(torch.tensor([t > 0 for t in temps], device=x.device)[:, None],
+                                          x, logits), dim=-1).tolist()
+        return [self._finish_token(s, logits[row], tokens[row]) for row, s in enumerate(seqs)]
+
+    def _finish_token(self, seq: Sequence, logits: torch.Tensor, token: int) -> TokenEvent:
         p = seq.params
-        if p.temperature <= 0:
-            token = int(torch.argmax(logits))
-        else:
-            x = logits / p.temperature
-            if p.top_k and p.top_k < x.shape[-1]:
-                x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
-            if p.top_p < 1.0:
-                sorted_x, order = torch.sort(x, descending=True)
-                cum = torch.cumsum(F.softmax(sorted_x, dim=-1), dim=-1)
-                drop = cum - F.softmax(sorted_x, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
-                x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-            token = int(torch.multinomial(F.softmax(x, dim=-1), 1, generator=seq.generator))
         lp, top = (None, None)
         if p.logprobs is not None:
             (lp, top), = _scores(logits[None], [token], p.logprobs)
@@ -296,6 +313,16 @@ class Engine:
         return TokenEvent(token, lp, top, reason)
 
     # -- back on the event loop ------------------------------------------------------------
+    @staticmethod
+    def _emit(seq: Sequence, event: TokenEvent) -> None:
+        if not seq.stream and event.finish_reason is None:
+            seq.pending.append(event)
+            return
+        for held in seq.pending:
+            seq.queue.put_nowait((seq, held))
+        seq.pending.clear()
+        seq.queue.put_nowait((seq, event))
+
     def _deliver(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
         now = time.perf_counter()
         for seq, event in events:
@@ -303,13 +330,25 @@ class Engine:
                 self.generated_tokens += 1
                 self.metrics.token(seq, now)
             seq.last_token_at = now
-            seq.queue.put_nowait((seq, event))
+            self._emit(seq, event)
             if event.finish_reason is not None:
                 seq.finish_reason = event.finish_reason
                 if seq in self.running:
                     self.running.remove(seq)
                 self._release(seq, event.finish_reason)
         self._publish_state()
+
+
+def _truncate(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """One row of temperature-scaled logits with everything outside top-k / the top-p nucleus at -inf."""
+    if top_k and top_k < x.shape[-1]:
+        x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = F.softmax(sorted_x, dim=-1)
+        drop = torch.cumsum(probs, dim=-1) - probs >= top_p  # keep the smallest set reaching top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return x
 
 
 def _scores(logits: torch.Tensor, targets: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:

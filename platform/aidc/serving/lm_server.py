@@ -17,6 +17,7 @@ from aidc.data.text import _bpe, decode, encode
 from aidc.errors import RequestError
 from aidc.serving import openai as oa
 from aidc.serving.chat import render_chat
+from aidc.ops.serving import tag_request
 from aidc.serving.engine import Engine, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -75,18 +76,26 @@ class TextState:
     """Incremental detokenization of one choice with stop strings: text is released only once no stop
     string can still start in it, and a stop string ends the choice (it is not returned)."""
 
-    def __init__(self, lm: ServedLM, stops: list[str]):
-        self.lm, self.stops = lm, stops
+    def __init__(self, lm: ServedLM, stops: list[str], lazy: bool = False):
+        self.lm, self.stops, self.lazy = lm, stops, lazy and not stops
         self.ids: list[int] = []
         self.sent = 0
         self.text = ""
         self.stopped = False
+        self.prefix = self.read = 0  # decode window: ids[prefix:read] were decoded into text last time
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        text = self.lm.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+        if self.lazy:  # nothing streams and nothing can stop on text: decode once, in flush()
             return ""
+        # Incremental detokenization (as vLLM does): decode a short window twice, with and without the new
+        # tokens, and append the difference, instead of decoding the whole sequence at every token.
+        before = self.lm.decode(self.ids[self.prefix:self.read])
+        after = self.lm.decode(self.ids[self.prefix:])
+        if after.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            return ""
+        text = self.text + after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
         for stop in self.stops:
             at = text.find(stop)
             if at >= 0:
@@ -98,6 +107,8 @@ class TextState:
         return self._release(len(text) - hold)
 
     def flush(self) -> str:
+        if self.lazy:
+            self.text = self.lm.decode(self.ids)
         return self._release(len(self.text))
 
     def _release(self, upto: int) -> str:
@@ -129,6 +140,7 @@ class LMService:
         if lm is None:
             raise RequestError(f"model {name!r} is not served here; available: {sorted(self.models)} "
                                "(GET /v1/models)", status=404, field="model")
+        tag_request(lm.name, lm.version)  # request metrics by model (aidc.ops.serving)
         return lm
 
     def list_models(self) -> oa.ModelList:
@@ -233,8 +245,8 @@ class LMService:
             for p, (ids, text) in enumerate(prompts):
                 for k in range(req.n):
                     sp = SamplingParams(**{**params.__dict__, "seed": None if req.seed is None else req.seed + k})
-                    seq = lm.engine.add(ids, sp, queue)
-                    choice = Choice(p * req.n + k, ids, text, TextState(lm, req.stops()))
+                    seq = lm.engine.add(ids, sp, queue, stream=bool(req.stream))
+                    choice = Choice(p * req.n + k, ids, text, TextState(lm, req.stops(), lazy=not req.stream))
                     seqs[seq.id] = (seq, choice)
                     choices.append(choice)
         except Exception:

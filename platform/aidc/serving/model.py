@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aidc.ops.metrics import model_load
+from aidc.compress.quantize import load_weights
 from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
 from aidc.tasks import Task, get_task
 
@@ -32,7 +34,7 @@ class LoadedModel:
         spec = json.loads((directory / SPEC).read_text())
         task = get_task(spec["task"])
         model = task.build_model(spec["model"], spec["features"])
-        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+        model = load_weights(model, load_file(str(directory / WEIGHTS)), spec)  # int8 versions: aidc.compress
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device).eval()
         return cls(name, version, task, spec, model, device)
@@ -73,7 +75,8 @@ class LoadedModel:
 def load_model(ref: str, uri: str | None = None) -> LoadedModel:
     """Load `name@alias` (or `name/version`) from the registry, verifying every file's sha256."""
     uri = tracking_uri(uri)
-    mv, directory = fetch(ref, uri)
-    loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
+    with model_load(ref):  # counts loads and integrity failures (aidc.ops.metrics)
+        mv, directory = fetch(ref, uri)
+        loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
     logger.info("loaded %s version %s on %s", mv.name, mv.version, loaded.device)
     return loaded

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aidc.errors import RequestError
+from aidc.ops.serving import tag_request
 from aidc.serving.oip import select_outputs, validate_inputs
 from aidc.tasks import get_task
 
@@ -112,6 +113,7 @@ class DataPlane:
                     sent_datatypes: dict[str, str], requested: list[str] | None) -> InferResult:
         route = self.route(name)
         chosen = route.pick(version, self._rng)
+        tag_request(name, chosen)  # request metrics by model/version, REST and gRPC (aidc.ops.serving)
         info = await self.describe(name, chosen)
         sig = info["signature"]
         inputs = validate_inputs(arrays, sent_datatypes, sig, name)

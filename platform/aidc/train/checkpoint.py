@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from aidc.ops.training import observe_checkpoint_save
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -25,9 +28,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(directory: str | Path, state: dict, config: dict) -> None:
-    directory = Path(directory)
+    start, directory = time.perf_counter(), Path(directory)
     torch.save({**state, "rng": rng_state()}, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    observe_checkpoint_save(config.get("name", ""), time.perf_counter() - start)  # aidc.ops.training
 
 
 def load(directory: str | Path) -> dict:

@@ -18,6 +18,8 @@ import torch
 
 import ray.train
 import ray.train.torch
+from aidc.compress.hooks import training_hooks
+from aidc.ops.training import TrainTelemetry
 from aidc.tasks import get_task
 from aidc.train import checkpoint as ckpt
 from aidc.train.parallel import (autocast, full_state, grad_scaler, load_full_state, no_sync, parallelize,
@@ -99,6 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(tc["seed"])
     model = task.build_model(job["model"], features).to(device)
+    compute_loss, after_step = training_hooks(config, task, model, device)  # pruning/distillation: aidc.compress
     if local is None:
         model = parallelize(model, strategy, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
@@ -131,13 +134,16 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
-        state["resumes"].append({"epoch": state["epoch"], "step": state["step"]})
+        # world sizes before/after: an elastic run's resize shows as a resume with a different world size
+        state["resumes"].append({"epoch": state["epoch"], "step": state["step"], "world_size": world,
+                                 "from_world_size": saved.get("world_size", world)})
         if start_from:
             apply_hyperparameters(optimizer, scheduler, tc)
             state["finished"] = state["epoch"] >= tc["epochs"]
         if rank == 0:
             logger.info("resuming at epoch %d, step %d", state["epoch"], state["step"])
 
+    telemetry = TrainTelemetry(config, rank, resumed=bool(resume_from or kept))  # metrics, live MLflow: aidc.ops
     tune_report = config.get("tune_report")  # a num_workers: 0 Tune trial reports straight to Tune
 
     def report(metrics: dict) -> None:
@@ -148,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 d = str(ckpt.next_numbered(local_dir)) if local_dir else tmp
                 ckpt.save(d, {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                              **state}, job)
+                              **state, "world_size": world}, job)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
                 if local_dir:
                     ckpt.prune_numbered(local_dir, tc["keep_checkpoints"])
@@ -184,7 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             last_micro = (micro + 1) % accum == 0
             with no_sync(model, not last_micro), autocast(precision, device):
-                loss = task.loss(task.forward(model, batch), batch)
+                loss = compute_loss(model, batch)
             scaler.scale(loss / accum).backward()
             micro += 1
             seen += task.count(batch)
@@ -195,10 +201,12 @@ def train_loop_per_worker(config: dict) -> None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
             scaler.step(optimizer)
+            after_step()
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state["step"] += 1
+            telemetry.step(state["step"])
             state["micro_in_epoch"] = micro
             _maybe_inject_fault(config.get("fault_marker"), state["step"])
             every = tc["checkpoint_every_steps"]
@@ -230,6 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info("epoch %d/%d step %d train_loss %.4f %s %.4f", epoch + 1, tc["epochs"], state["step"],
                         metrics["train_loss"], primary, metrics[primary])
         report(metrics)
+        telemetry.epoch(metrics)
 
     # Final: the best weights, scored once on the held-out test split, are the run's result.
     load_full_state(model, optimizer, state["best"]["model"], None, strategy)
@@ -238,3 +247,4 @@ def train_loop_per_worker(config: dict) -> None:
              **evaluate(model, task, shards["test"], bs * 4, device, "test", precision)}
     state["finished"] = True
     report(final)
+    telemetry.finish()

@@ -12,6 +12,7 @@ from aidc.data.dataset import DatasetVersion, open_dataset
 from aidc.data.split import SPLITS
 from aidc.runtime import cluster_has_gpus
 from aidc.tasks import get_task
+from aidc.ops.training import track_training_run
 from aidc.train.loop import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,13 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
         loop_extras = {"local_checkpoint_dir": storage.join(storage_path, run_name, "local_checkpoints"),
                        **(loop_extras or {})}
     use_gpu = use_gpus(cfg)
-    resources_per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources_per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **res.custom}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config(cfg, manifest), **(loop_extras or {})},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+            num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
+            elastic_resize_monitor_interval_s=res.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -106,23 +108,36 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
     )
 
 
-def run_training(cfg) -> TrainOutcome:
+@track_training_run  # live MLflow metrics per epoch; run outcomes as metrics (aidc.ops.training)
+def run_training(cfg, loop_extras: dict | None = None) -> TrainOutcome:
     from aidc.train import checkpoint as ckpt
 
     root = storage.storage_root(cfg.run.storage)
+    storage.check_shared(root)  # multi-node: checkpoints must be readable wherever a worker restarts
     dv, manifest, datasets = prepare_datasets(cfg)
     run_name = cfg.run.name or default_run_name(cfg.name)
     logger.info(
         "training %s on dataset %s with %s worker(s) (%s), run %s",
         cfg.name, dv.uri, cfg.resources.num_workers, "GPU" if use_gpus(cfg) else "CPU", run_name,
     )
-    trainer = build_trainer(cfg, manifest, datasets, run_name=run_name, storage_path=storage.join(root, "runs"))
+    trainer = build_trainer(cfg, manifest, datasets, run_name=run_name, storage_path=storage.join(root, "runs"),
+                            loop_extras=loop_extras)  # e.g. aidc.compress's init weights, masks, teacher
     result = trainer.fit()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
         final = ckpt.load(d)  # the final checkpoint holds every epoch's metrics
-    return TrainOutcome(run_name, dv, dict(result.metrics), result.checkpoint.path, final["history"], final["resumes"])
+    outcome = TrainOutcome(run_name, dv, dict(result.metrics), result.checkpoint.path, final["history"],
+                           final["resumes"])
+    for r in resizes(outcome.resumes):
+        logger.info("run %s resized %d -> %d workers at epoch %d, step %d", run_name, r["from_world_size"],
+                    r["world_size"], r["epoch"], r["step"])
+    return outcome
+
+
+def resizes(resumes: list) -> list:
+    """The restarts that changed the worker count (an elastic run's shrinks and growths), in order."""
+    return [r for r in resumes if r.get("from_world_size") not in (None, r.get("world_size"))]
 
 
 def describe_model(cfg) -> None:

@@ -92,7 +92,7 @@ def trial_resources(spec: SweepSpec, cluster: dict) -> TrialResources:
     workers = res.num_workers if isinstance(res.num_workers, int) else res.num_workers[1]
     if workers == 0:
         cpu = tc.cpus_per_trial or res.cpus_per_worker
-        per_trial = {"CPU": cpu, **({"GPU": 1} if use_gpu else {})}
+        per_trial = {"CPU": cpu, **({"GPU": 1} if use_gpu else {}), **res.custom}
         cpus, gpus_each = cpu, float(use_gpu)
     else:
         per_trial = {"CPU": TRIAL_DRIVER_CPU}
@@ -173,6 +173,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep {name!r} to resume under {path}; run it without --resume first, "
                           "or check run.name and AIDC_STORAGE")
+    storage.check_shared(root)  # multi-node: a trial retried on another node resumes from its checkpoints
     res = trial_resources(spec, dict(ray.cluster_resources()))
     share = not any(p.startswith("data.") for p in tc.space)
     payload = trial_payload(spec, root, name, share_datasets=share)

@@ -1,0 +1,146 @@
+"""Batch inference: a registered model scores a dataset split or your own files on a Ray Data actor pool.
+
+    input (split or files) ──Ray Data read──▶ Predictor actors (one model copy each) ──▶ staged Parquet,
+    partitioned by status ──▶ predictions/ (key + prediction columns) and rejected/ (key, reason, input)
+    + manifest.json (model version, input fingerprint, counts: rows in = predicted + rejected)
+
+The model version is resolved once in the driver and pinned (name/version), so every actor loads the
+same version even if the alias moves while the job runs; each actor loads it through the registry
+(`aidc.serving.load_model`: manifest and signature checks, load metrics).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+
+from aidc import storage
+from aidc.batch.predictor import INPUT, PREDICTION_COLUMNS, REASON, STATUS, Predictor, required_columns
+from aidc.errors import ConfigError, DataError
+from aidc.provenance import code_version, now_iso
+from aidc.registry import MANIFEST as MODEL_MANIFEST
+from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def model_ref(cfg) -> str:
+    return cfg.batch_infer.model or f"{cfg.registry.model_name}@{cfg.registry.alias}"
+
+
+def _read_input(cfg, spec: dict, root: str):
+    """(Ray dataset, whether it is a preprocessed split, input description with its fingerprint)."""
+    import ray.data
+
+    b = cfg.batch_infer
+    if b.path:
+        from aidc.data.pipeline import _input_files_fingerprint
+        from aidc.data.readers import check_tabular_header
+
+        try:
+            check_tabular_header(b.path, b.format, [b.key, *required_columns(spec["task"], spec["features"])])
+        except DataError as exc:
+            raise DataError(f"{exc} (batch_infer scores the columns the model was trained on, plus "
+                            f"batch_infer.key: {b.key!r})") from None
+        fingerprint, files = _input_files_fingerprint(b.path)
+        readers = {"csv": ray.data.read_csv, "parquet": ray.data.read_parquet,
+                   "jsonl": lambda p: ray.data.read_json(p, lines=True)}
+        return readers[b.format](b.path), False, {"path": b.path, "format": b.format, "files": len(files),
+                                                  "fingerprint": fingerprint}
+    if spec["task"] == "language_model":
+        raise ConfigError("batch_infer on a language model takes a file of prompts: set batch_infer.path and "
+                          "batch_infer.format (a 'prompt' column per row)")
+    from aidc.data.dataset import open_dataset
+
+    dv = open_dataset(root, cfg.name, cfg.data.version)
+    m = dv.manifest()
+    if m["task"] != spec["task"]:
+        raise ConfigError(f"dataset {dv.uri} is a {m['task']} dataset but the model is a {spec['task']} model; "
+                          "set batch_infer.model to a model trained on it, or score your own files with path")
+    return dv.read(b.split), True, {"dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"]}
+
+
+def _use_gpu(setting) -> bool:
+    from aidc.runtime import cluster_has_gpus
+
+    return cluster_has_gpus() if setting == "auto" else bool(setting)
+
+
+def _rewrite(src: str, dst: str, columns: list[str]) -> int:
+    """Stream the staged files of one status into `dst` keeping `columns`; returns the row count."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(src)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        return 0
+    data = pads.dataset(inner, format="parquet", filesystem=fs)
+    rows = data.count_rows()
+    if rows:
+        pads.write_dataset(data.scanner(columns=columns), storage.filesystem(dst)[1], format="parquet",
+                           filesystem=fs, basename_template="part-{i}.parquet", existing_data_behavior="error")
+    return rows
+
+
+def run_batch_inference(cfg, run_id: str | None = None) -> dict:
+    """Score the configured input with the configured model; returns the written manifest."""
+    import ray.data
+
+    b = cfg.batch_infer
+    root = storage.storage_root(cfg.run.storage)
+    uri = tracking_uri(cfg.run.tracking_uri, root)
+    mv, directory = fetch(model_ref(cfg), uri)  # verified here too: fail before any actor starts
+    spec = json.loads((directory / SPEC).read_text())
+    pinned = f"{mv.name}/{mv.version}"
+    ds, from_split, source = _read_input(cfg, spec, root)
+    run_id = run_id or f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = b.output or storage.join(root, "predictions", cfg.name, run_id)
+    fs, out_inner = storage.filesystem(out)
+    if storage.exists(storage.join(out, MANIFEST)):
+        raise ConfigError(f"{out} already holds a batch inference result; choose another batch_infer.output")
+    gpu = _use_gpu(b.use_gpu)
+    logger.info("scoring %s with %s on %d actor(s) (%s) into %s", source, pinned, b.actors, "GPU" if gpu else
+                "CPU", out)
+    options = {"batch_size": b.batch_size, "max_tokens": b.max_tokens, "temperature": b.temperature,
+               "top_p": b.top_p, "seed": b.seed, "stop": list(b.stop)}
+    staged = storage.join(out, "_staged")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    (ds.map_batches(Predictor, fn_constructor_kwargs={"ref": pinned, "tracking_uri": uri, "key": b.key,
+                                                      "from_split": from_split, "options": options},
+                    compute=ray.data.ActorPoolStrategy(size=b.actors), num_cpus=b.cpus_per_actor,
+                    num_gpus=1 if gpu else 0, batch_size=b.batch_size, batch_format="pandas")
+       .write_parquet(staged, partition_cols=[STATUS]))
+    predicted = _rewrite(storage.join(staged, f"{STATUS}=predicted"), storage.join(out, "predictions"),
+                         ["key", *(n for n, _ in PREDICTION_COLUMNS[spec["task"]])])
+    rejected = _rewrite(storage.join(staged, f"{STATUS}=rejected"), storage.join(out, "rejected"),
+                        ["key", REASON, INPUT])
+    by_reason = {}
+    if rejected:
+        import pyarrow.dataset as pads
+
+        reasons = pads.dataset(storage.filesystem(storage.join(out, "rejected"))[1], format="parquet",
+                               filesystem=fs).to_table(columns=[REASON])[REASON].value_counts()
+        by_reason = {str(r["values"]): int(r["counts"]) for r in reasons.to_pylist()}
+    fs.delete_dir(storage.filesystem(staged)[1])
+    counts = {"rows_in": predicted + rejected, "predicted": predicted, "rejected": rejected,
+              "rejected_by_reason": dict(sorted(by_reason.items()))}
+    assert counts["rows_in"] == predicted + sum(by_reason.values()), "accounting must balance"
+    manifest = {"run_id": run_id, "created_at": now_iso(), "code_version": code_version(),
+                "model": {"name": mv.name, "version": str(mv.version), "ref": model_ref(cfg), "task": spec["task"],
+                          "weights_sha256": json.loads((directory / MODEL_MANIFEST).read_text())[WEIGHTS]},
+                "input": source, "key": b.key, "counts": counts, "output": out,
+                "settings": b.model_dump(mode="json")}
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
+    return manifest
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    c, m = manifest["counts"], manifest["model"]
+    lines = [f"scored {manifest['input'].get('dataset') or manifest['input']['path']} with {m['name']} version "
+             f"{m['version']} ({m['task']}) into {manifest['output']}",
+             f"  rows in {c['rows_in']} = predicted {c['predicted']} + rejected {c['rejected']}"]
+    lines += [f"  rejected {n}: {reason}" for reason, n in c["rejected_by_reason"].items()]
+    return lines

@@ -1,0 +1,202 @@
+"""One model copy per Ray Data actor: raw rows in, typed predictions (or a reject reason) out.
+
+Rows from your own files are checked with the same validation the HTTP API applies to a request
+(`Task.parse_instances`), row by row only when a batch has a bad row, so a bad row is rejected with the
+API's own message and never stops the job. Rows of a preprocessed dataset split were validated at
+preprocessing and go straight through `transform_batch`. Language models answer prompts through the
+serving engine (continuous batching) with the API's sampling options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from aidc.errors import AidcError, RequestError
+
+logger = logging.getLogger(__name__)
+
+STATUS, REASON, INPUT = "status", "reject_reason", "input"
+
+_CLASSIFICATION = [("class", pa.int64()), ("probabilities", pa.list_(pa.float32()))]
+PREDICTION_COLUMNS = {
+    "image_classification": _CLASSIFICATION,
+    "text_classification": _CLASSIFICATION,
+    "tabular_classification": _CLASSIFICATION,
+    "recommendation": [("rating", pa.float32())],
+    "language_model": [("completion", pa.string()), ("finish_reason", pa.string())],
+}
+RAW_COLUMNS = {"image_classification": ["image"], "text_classification": ["text"],
+               "recommendation": ["user", "item"], "language_model": ["prompt"]}
+
+
+def output_schema(task: str, key_type: pa.DataType) -> pa.Schema:
+    return pa.schema([("key", key_type), *PREDICTION_COLUMNS[task], (REASON, pa.string()), (INPUT, pa.string()),
+                      (STATUS, pa.string())])
+
+
+def required_columns(task: str, features: dict) -> list[str]:
+    if task == "tabular_classification":
+        return [*features["numeric"], *features["categorical"]]
+    return RAW_COLUMNS[task]
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return str(v)
+    return v
+
+
+def _instance(task: str, row: dict):
+    """One raw row as the API's `instances[i]` (lists, not arrays; ints stay ints)."""
+    if task == "recommendation":
+        return {k: _jsonable(row[k]) for k in ("user", "item")}
+    v = _jsonable(row[RAW_COLUMNS[task][0]])
+    if task == "image_classification" and isinstance(v, str):  # CSV cells hold images as JSON arrays
+        try:
+            v = json.loads(v)
+        except ValueError:
+            pass
+    if task == "image_classification" and isinstance(v, list) and v and isinstance(v[0], np.ndarray):
+        v = [x.tolist() for x in v]
+    return v
+
+
+class Predictor:
+    """Ray Data callable class: loads the model once (registry fetch: manifest and signature checks)."""
+
+    def __init__(self, ref: str, tracking_uri: str, key: str, from_split: bool, options: dict):
+        from aidc.serving.model import load_model
+
+        self.loaded = load_model(ref, tracking_uri)
+        self.task_name = self.loaded.spec["task"]
+        self.key, self.from_split, self.options = key, from_split, options
+        self.features = self.loaded.spec["features"]
+        self.lm = None
+        if self.task_name == "language_model":
+            from aidc.serving.lm_server import LMService, ServedLM
+
+            served = ServedLM.from_loaded(self.loaded, max_seqs=max(1, min(options["batch_size"], 32)))
+            self.lm, self.service = served, LMService({self.loaded.name: served})
+
+    # -- per batch --------------------------------------------------------------------------
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        n = len(batch)
+        reasons = np.full(n, "", dtype=object)
+        preds: dict[str, list] = {name: [None] * n for name, _ in PREDICTION_COLUMNS[self.task_name]}
+        if self.from_split:
+            ok = np.arange(n)
+            values = self._predict_split(batch)
+        else:
+            ok, values, reasons = self._predict_raw(batch, reasons)
+        for name, column in values.items():
+            for i, v in zip(ok, column):
+                preds[name][i] = v
+        bad = reasons != ""
+        inputs = [json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str) if b else None
+                  for row, b in zip(batch.to_dict("records"), bad)]
+        keys = batch[self.key].to_numpy() if self.key in batch else np.arange(n)
+        key_arr = pa.array(keys.tolist() if keys.dtype == object else keys)
+        cols = {"key": key_arr,
+                **{name: pa.array(preds[name], type=t) for name, t in PREDICTION_COLUMNS[self.task_name]},
+                REASON: pa.array([r or None for r in reasons], type=pa.string()),
+                INPUT: pa.array(inputs, type=pa.string()),
+                STATUS: pa.array(np.where(bad, "rejected", "predicted").tolist(), type=pa.string())}
+        return pa.table(cols, schema=output_schema(self.task_name, key_arr.type))
+
+    def _predict_split(self, batch: pd.DataFrame) -> dict[str, list]:
+        cols = {}
+        for c in batch.columns:
+            v = batch[c].to_numpy()
+            if v.dtype == object and len(v) and isinstance(v[0], np.ndarray):
+                v = np.stack(v)
+            cols[c] = v
+        return self._rows(self.loaded.predict(cols))
+
+    def _predict_raw(self, batch: pd.DataFrame, reasons: np.ndarray):
+        missing = [c for c in required_columns(self.task_name, self.features) if c not in batch.columns]
+        if missing:
+            reasons[:] = f"missing column(s) {missing}"
+            return np.arange(0), {}, reasons
+        if self.task_name == "language_model":
+            return self._complete(batch, reasons)
+        if self.task_name == "tabular_classification":
+            x = self._tabular(batch, reasons)
+        else:
+            records = batch.to_dict("records")
+            instances = [_instance(self.task_name, r) for r in records]
+            try:  # the whole batch at once; row by row only to name the bad rows
+                x = self.loaded.task.parse_instances(instances, self.features, max_batch=len(instances))
+            except RequestError:
+                for i, inst in enumerate(instances):
+                    try:
+                        self.loaded.task.parse_instances([inst], self.features, max_batch=1)
+                    except RequestError as exc:
+                        reasons[i] = str(exc).replace("instances[0]", "row")
+                good = [inst for inst, r in zip(instances, reasons) if not r]
+                x = self.loaded.task.parse_instances(good, self.features, len(good)) if good else None
+        ok = np.flatnonzero(reasons == "")
+        if not len(ok):
+            return ok, {}, reasons
+        return ok, self._rows(self.loaded.predict(x)), reasons
+
+    def _tabular(self, batch: pd.DataFrame, reasons: np.ndarray) -> dict:
+        out = {}
+        for c in self.features["numeric"]:
+            v = pd.to_numeric(batch[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            reasons[(~np.isfinite(v)) & (reasons == "")] = f"{c} is missing or not a finite number"
+            out[c] = v
+        for c in self.features["categorical"]:
+            v = batch[c].to_numpy(dtype=object)
+            reasons[pd.isna(v) & (reasons == "")] = f"{c} is missing"
+            out[c] = v.astype(str)
+        keep = reasons == ""
+        return {k: v[keep] for k, v in out.items()}
+
+    def _rows(self, predictions: list[dict]) -> dict[str, list]:
+        names = [n for n, _ in PREDICTION_COLUMNS[self.task_name]]
+        if self.task_name == "tabular_classification":  # class index -> the label value, as infer_tensors does
+            classes = self.loaded.spec["transform"]["classes"]
+            predictions = [{**p, "class": classes[p["class"]]} for p in predictions]
+        return {n: [p[n] for p in predictions] for n in names}
+
+    def _complete(self, batch: pd.DataFrame, reasons: np.ndarray):
+        """Prompts -> completions through the serving engine, every prompt checked as the API checks it."""
+        from aidc.serving import openai as oa
+
+        o = self.options
+        prompts = batch["prompt"].to_numpy(dtype=object)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p:
+                reasons[i] = "prompt must be a non-empty string"
+                continue
+            ids = self.lm.encode(p)
+            try:
+                if not ids:
+                    raise RequestError("prompt encodes to no tokens; send some text")
+                self.lm.engine.check_length(len(ids), o["max_tokens"])
+            except RequestError as exc:
+                reasons[i] = str(exc)
+        ok = np.flatnonzero(reasons == "")
+        if not len(ok):
+            return ok, {}, reasons
+        try:
+            req = oa.CompletionRequest(model=self.loaded.name, prompt=[str(prompts[i]) for i in ok],
+                                       max_tokens=o["max_tokens"], temperature=o["temperature"], top_p=o["top_p"],
+                                       seed=o["seed"], stop=o["stop"] or None)
+            resp = asyncio.run(self.service.completion(req))
+        except AidcError as exc:  # a problem of the whole batch's options: the same reason for every row
+            reasons[ok] = str(exc)
+            return np.arange(0), {}, reasons
+        choices = sorted(resp.choices, key=lambda c: c.index)
+        return ok, {"completion": [c.text for c in choices], "finish_reason": [c.finish_reason for c in choices]}, \
+            reasons
