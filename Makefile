@@ -11,11 +11,25 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export AIDC_STORAGE ?= $(CURDIR)/.aidc
 DASHBOARD := http://127.0.0.1:8265
 SERVE_URL := http://127.0.0.1:8000
+# The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
+DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
 RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token
 
-.PHONY: setup clients demo test test-unit stop bench bench-quality clean
+.PHONY: setup clients monitoring demo test test-unit stop bench bench-quality clean
 
-setup: $(VENV)/.installed clients
+setup: $(VENV)/.installed clients monitoring
+
+# promtool, prometheus and alertmanager for the alert-rule tests (Debian packages, installed when root and
+# missing; quick when present). Elsewhere: install them yourself, e.g. from prometheus.io releases.
+monitoring:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && \
+	  { command -v alertmanager || command -v prometheus-alertmanager; } >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian prometheus and prometheus-alertmanager (promtool, alert tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; \
+	else echo "note: promtool/prometheus/alertmanager are missing; the alert tests need them" \
+	  "(as root: apt-get install prometheus prometheus-alertmanager)"; fi
 
 # Outside clients whose pins clash with the project venv (tritonclient[grpc] needs protobuf<7): their own venv.
 CLIENTS_VENV := .venv-clients
@@ -62,27 +76,47 @@ demo: setup
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/digits/healthz >/dev/null && break; sleep 1; done; \
 	  curl -sf $(SERVE_URL)/digits/healthz >/dev/null || { echo "Serve app did not become healthy"; \
 	  $(RAY_ENV) $(BIN)/serve status --address $(DASHBOARD); exit 1; }
+	@(umask 077; $(BIN)/aidc keys create --owner demo --scope 'infer:*' --quiet > $(DEMO_KEY)) && \
+	  echo "API key for the demo in $(DEMO_KEY) (aidc keys create; sent as Authorization: Bearer <key>)"
 	@echo "== 6/8 HTTP predictions for held-out digits"
-	$(BIN)/aidc predict --url $(SERVE_URL)/digits/predict --dataset digits --split test --limit 170
+	AIDC_API_KEY=$$(cat $(DEMO_KEY)) $(BIN)/aidc predict --url $(SERVE_URL)/digits/predict --dataset digits --split test --limit 170
 	@echo "== 7/8 a streamed chat completion from the llm app (official openai client: aidc chat)"
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/v1/health >/dev/null && break; sleep 1; done
-	$(BIN)/aidc chat --url $(SERVE_URL)/v1 --model shakespeare-gpt "Speak, good sir: what news from the court?"
-	@echo "Try the LLM: curl -sN $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' \\"
+	AIDC_API_KEY=$$(cat $(DEMO_KEY)) $(BIN)/aidc chat --url $(SERVE_URL)/v1 --model shakespeare-gpt "Speak, good sir: what news from the court?"
+	@echo "Try the LLM: curl -sN $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' -H \"Authorization: Bearer \$$AIDC_API_KEY\" \\"
 	@echo "              -d '{\"model\": \"shakespeare-gpt\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"What news?\"}]}'"
 	@echo "== 8/8 a short ASHA sweep on digits with Ray Tune (ray job submit), then its leaderboard"
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.tune --config jobs/configs/digits.yaml --set run.name=demo-sweep \
 	  --set resources.num_workers=0 --set train.epochs=4 --set train.max_steps_per_epoch=15 --set tune.num_samples=6
 	$(BIN)/aidc sweeps show demo-sweep
+	@echo "== offline: score the digits test split on a Ray Data actor pool; an int8 version side by side (ray job submit)"
+	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
+	  python -m jobs.batch_infer --config jobs/configs/digits.yaml
+	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
+	  python -m jobs.compress --config jobs/configs/digits.yaml --set compress.method=int8
+	$(BIN)/aidc model compare digits-cnn@champion digits-cnn@int8
+	@echo "== security: API keys on every app (curl, openai client), signed model versions, the audit log"
+	@echo -n "no key -> "; curl -s -o /dev/null -w '%{http_code}\n' -X POST $(SERVE_URL)/digits/predict -d '{}'
+	@echo -n "key    -> "; curl -s -o /dev/null -w '%{http_code}\n' $(SERVE_URL)/v2/models/digits-cnn \
+	  -H "Authorization: Bearer $$(cat $(DEMO_KEY))"
+	@$(BIN)/python -c "import openai; c = openai.OpenAI(base_url='$(SERVE_URL)/v1', \
+	  api_key=open('$(DEMO_KEY)').read().strip()); print('openai client + key, models:', [m.id for m in c.models.list()])"
+	$(BIN)/aidc model verify digits-cnn@champion
+	$(BIN)/aidc audit verify
+	$(BIN)/aidc audit tail -n 6
+	@echo "== operations: one screen for the operator (nodes, jobs, Serve apps; with AIDC_PROMETHEUS_URL also rates and alerts)"
+	$(BIN)/aidc status --address $(DASHBOARD)
 	@echo
 	@echo "Dashboard:  $(DASHBOARD)"
-	@echo "Try it:     curl -s -X POST $(SERVE_URL)/digits/predict -H 'Content-Type: application/json' \\"
+	@echo "API key:    export AIDC_API_KEY=\$$(cat $(DEMO_KEY))   (more: aidc keys create --owner you --scope infer:digits-cnn)"
+	@echo "Try it:     curl -s -X POST $(SERVE_URL)/digits/predict -H 'Content-Type: application/json' -H \"Authorization: Bearer \$$AIDC_API_KEY\" \\"
 	@echo "              -d '{\"instances\": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]]}'"
-	@echo "OIP v2:     curl -s $(SERVE_URL)/v2/models/digits-cnn    (tensor models for tritonclient / KServe clients)"
+	@echo "OIP v2:     curl -s $(SERVE_URL)/v2/models/digits-cnn -H \"Authorization: Bearer \$$AIDC_API_KEY\"   (tritonclient / KServe clients)"
 	@echo "Stop it:    make stop"
 
 test: setup
-	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e
+	$(BIN)/python -m pytest tests/unit tests/integration tests/cluster tests/e2e
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit

@@ -59,3 +59,16 @@ def timed(fn, *args, **kwargs):
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t
+
+
+_KEY = None
+
+
+def api_key_header() -> dict:
+    """A fresh API key for the benchmark client (the apps require one; made once per process)."""
+    from aidc.security.keys import create
+
+    global _KEY
+    if _KEY is None:
+        _KEY = create("benchmarks", ["infer:*"])[0]
+    return {"Authorization": f"Bearer {_KEY}"}

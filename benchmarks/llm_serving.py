@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import local_ray
+from benchmarks.common import api_key_header, local_ray
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"
 
@@ -134,7 +134,7 @@ async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream
                         itl.append(now - last)
                     last = now
     start = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800), headers=api_key_header()) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     wall = time.perf_counter() - start
 

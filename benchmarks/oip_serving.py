@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, local_ray
+from benchmarks.common import ROOT, api_key_header, local_ray
 
 MODEL = "mnist-cnn"
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}  # per-request logs cost CPU on both sides
@@ -32,6 +32,7 @@ def register_random_cnn(root: Path) -> str:
     from mlflow import MlflowClient
 
     from aidc.registry import export_model_dir, tracking_uri
+    from aidc.security.signing import sign_model_dir
     from aidc.tasks import get_task
 
     features = {"image_shape": [28, 28], "num_classes": 10, "raw_range": [0, 255]}
@@ -43,6 +44,7 @@ def register_random_cnn(root: Path) -> str:
     model = get_task("image_classification").build_model(spec["model"], features)
     directory = root / "model"
     export_model_dir(directory, state_dict=model.state_dict(), spec=spec, config_yaml="benchmark: true\n")
+    sign_model_dir(directory)  # serving refuses unsigned versions (aidc.security.signing)
     uri = tracking_uri(None, str(root))
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("bench", artifact_location=(root / "art").as_uri()))
@@ -60,7 +62,7 @@ async def drive(url: str, concurrency: int, seconds: float) -> dict:
     image = np.random.default_rng(0).integers(0, 256, size=(1, 28, 28)).astype(np.float32)
     body = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
                                    "data": image.ravel().tolist()}], "outputs": [{"name": "class"}]})
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **api_key_header()}
     latencies, errors = [], 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
@@ -103,9 +105,10 @@ def cold_start(uri: str, root: Path, port: int) -> dict:
     serve.run(app_builder(args), name="tensors", route_prefix="/v2", logging_config=QUIET)
     url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
     body = {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
-    requests.post(url, json=body, timeout=120).raise_for_status()  # warm: loads signature in the ingress
+    auth = api_key_header()
+    requests.post(url, json=body, headers=auth, timeout=120).raise_for_status()  # warm: loads signature in the ingress
     t = time.perf_counter()
-    warm = requests.post(url, json=body, timeout=120)
+    warm = requests.post(url, json=body, headers=auth, timeout=120)
     warm_ms = (time.perf_counter() - t) * 1000
     for _ in range(240):
         states = serve.status().applications["tensors"].deployments[f"{MODEL}-v1"].replica_states
@@ -113,7 +116,7 @@ def cold_start(uri: str, root: Path, port: int) -> dict:
             break
         time.sleep(0.5)
     t = time.perf_counter()
-    cold = requests.post(url, json=body, timeout=300)
+    cold = requests.post(url, json=body, headers=auth, timeout=300)
     return {"warm_ms": round(warm_ms, 1), "cold_from_zero_ms": round((time.perf_counter() - t) * 1000, 1),
             "ok": warm.ok and cold.ok}
 

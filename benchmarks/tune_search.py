@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=12, help="epochs per grid/ASHA trial")
     p.add_argument("--steps", type=int, default=12, help="steps per epoch (all sweeps)")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep 1/rf of trials at each rung")
+    p.add_argument("--asha-seed", type=int, default=0, help="seed of the order ASHA tries the grid in")
     p.add_argument("--asha-metric", default="val_loss", help="metric ASHA ranks trials by at each rung (val_loss: "
                    "continuous, so no ties; accuracy on a few hundred images ties at the top and stops nothing)")
     p.add_argument("--lrs", type=float, nargs="+", default=GRID_LR, help="grid: learning rates")
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
             full, full_s = _sweep(root, "grid-fifo", grid, epochs, steps, args.asha_metric, search="grid",
                                   scheduler="fifo", max_concurrent_trials=2)
             asha, asha_s = _sweep(root, "grid-asha", grid, epochs, steps, args.asha_metric, search="grid",
-                                  scheduler="asha",
+                                  scheduler="asha", seed=args.asha_seed,
                                   max_concurrent_trials=2, grace_period=1,
                                   reduction_factor=args.reduction_factor)
             te = {n: sum(len(r.history) for r in o.records) for n, o in (("grid", full), ("asha", asha))}
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
                 "reach_ratio_trial_epochs": reach_epochs and round(reach_epochs / te["grid"], 3),
                 "reach_ratio_wall": reach_s and round(reach_s / full_s, 3),
                 "trials": len(full.records), "reduction_factor": args.reduction_factor,
-                "ranked_by": args.asha_metric, "grid_best_val_accuracy": round(_best(full), 4),
+                "ranked_by": args.asha_metric, "asha_seed": args.asha_seed, "grid_best_val_accuracy": round(_best(full), 4),
                 "asha_best_val_accuracy": round(_best(asha), 4),
                 "asha_within_half_point": _best(asha) >= _best(full) - 0.005,
                 "grid_trial_epochs": te["grid"], "asha_trial_epochs": te["asha"],

@@ -6,12 +6,13 @@
 import sys
 
 from aidc.entry import run_job
+from aidc.ops.training import LIVE_MLFLOW
 from aidc.registry import register
 from aidc.train.trainer import describe_model, run_training
 
 
 def _run(cfg, args) -> None:
-    outcome = run_training(cfg)
+    outcome = run_training(cfg, loop_extras=LIVE_MLFLOW)  # rank 0 logs every epoch to MLflow as it ends
     version = register(cfg, outcome)
     m = outcome.metrics
     scores = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith(("test_", "val_")))

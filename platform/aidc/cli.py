@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 
+from aidc.cli_ops import add_parsers as add_ops_parsers
 from aidc.cli_security import add_parsers as add_security_parsers
+from aidc.cli_offline import add_offline_args, model_command
 from aidc.errors import AidcError
 
 
@@ -96,6 +98,8 @@ def _predict(args) -> int:
 def _model(args) -> int:
     from aidc.hf import import_hf_model
 
+    if args.action in ("export", "compare"):  # aidc.cli_offline
+        return model_command(args)
     if args.action == "verify":
         from aidc.cli_security import model_verify
 
@@ -204,15 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(fn=_chat)
 
     m = sub.add_parser("model", help="import a Hugging Face GPT-2 folder into the registry; verify a version")
-    m.add_argument("action", choices=["import", "verify"])
+    m.add_argument("action", choices=["import", "verify", "export", "compare"])
     m.add_argument("path", help="import: folder with config.json, model.safetensors and tokenizer.json; "
                    "verify: a model reference (name@alias or name/version)")
     m.add_argument("--name", help="registered model name (import)")
     m.add_argument("--alias", default="champion", help="alias to point at the new version")
     m.add_argument("--tracking-uri", help="MLflow registry (default $MLFLOW_TRACKING_URI or sqlite under storage)")
     m.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
+    add_offline_args(m)  # export/compare options (aidc.cli_offline)
     m.set_defaults(fn=_model)
     add_security_parsers(sub)  # aidc keys, aidc audit (aidc.cli_security)
+    add_ops_parsers(sub)  # aidc status (aidc.cli_ops)
     return p
 
 

@@ -285,7 +285,8 @@ class TuneConfig(Strict):
     )
     scheduler: Literal["fifo", "asha", "median", "pbt"] = Field(
         "asha", description="fifo: run every trial to the end; asha/median: stop weak trials early (on the "
-        "reported epoch); pbt: population based training (weak trials copy strong ones and perturb)."
+        "reported epoch; grid points are then tried in a seeded random order); pbt: population based training "
+        "(weak trials copy strong ones and perturb)."
     )
     metric: str | None = Field(None, description="Metric to optimise; default: the task's primary validation metric.")
     mode: Literal["min", "max"] | None = Field(None, description="min or max; default: min for losses, else max.")

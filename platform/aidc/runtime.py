@@ -35,6 +35,8 @@ def init_ray(num_cpus: float | None = None) -> None:
         logger.info("RAY_ADDRESS is not set: starting an embedded local Ray")
         # address="local": a new Ray even when another one runs on this host (ray start, a test cluster);
         # without it ray.init joins that one through /tmp/ray/ray_current_cluster and rejects num_cpus.
+        # No dashboard, so no State API: Ray Train's PlacementGroupCleaner would log a warning every few seconds.
+        runtime_env["worker_process_setup_hook"] = "aidc.ops.logs.quiet_ray_workers"
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
                  logging_level=logging.WARNING)
 

@@ -1,80 +1,25 @@
-"""A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster) for node-loss tests.
+"""A 3-node Ray cluster on this machine (head + 2 worker nodes, ray.cluster_utils.Cluster) for node-loss tests.
 
-Its own package, so it never overlaps the integration tier's embedded single-node Ray (`ray_session`,
-package-scoped in tests/integration): pytest tears that down when the integration package ends, before
-this package's cluster starts. One module-scoped cluster is shared by all fault tests of a module; every
-node process it starts is stopped at the end, also when a test fails.
+Its own package, so it never overlaps the integration tier's embedded single-node Ray (`ray_session` is
+package-scoped in tests/integration: pytest stops it when that package ends, before this one starts).
+One module-scoped cluster serves every fault test of a module; `local_cluster` stops every node process
+it started at the end, also when a test fails.
 
-Node layout: a head (the driver's Ray, Serve's controller and proxy, Tune's trial drivers) and worker
-"nodes" that each carry one `slot` custom resource: work that asks for a slot lands on a worker node,
-one per node, so removing a node removes exactly one trainer / replica / trial.
+Each worker node carries one `slot`: trainers, trials and replicas ask for (part of) a slot, so they land
+on worker nodes, one per node, and removing a node removes exactly one of them.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-
 import pytest
 
 SLOT = "slot"
-HEAD_CPUS = 2
-WORKER_CPUS = 1
-
-
-class LocalCluster:
-    """A head plus removable worker nodes; `remove` is an ungraceful node loss (its processes are killed)."""
-
-    def __init__(self, cluster, env_vars: dict | None = None):
-        self.cluster = cluster
-        self.workers: list = []
-        self._env = env_vars or {}
-
-    def add_worker(self, **env):
-        node = self.cluster.add_node(num_cpus=WORKER_CPUS, resources={SLOT: 1},
-                                     env_vars={**self._env, **env} or None, wait=True)
-        self.workers.append(node)
-        return node
-
-    def remove(self, node) -> None:
-        self.workers.remove(node)
-        self.cluster.remove_node(node, allow_graceful=False)
-
-    def node_id(self, node) -> str:
-        return node.node_id
-
-    def alive_slots(self) -> float:
-        import ray
-
-        return sum(n["Resources"].get(SLOT, 0) for n in ray.nodes() if n["Alive"])
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head + 2 worker nodes, the driver connected, AIDC_STORAGE on a path every (local) node shares."""
-    import ray
-    from ray.cluster_utils import Cluster
+    from benchmarks.local_cluster import local_cluster
 
-    from aidc.runtime import aidc_package_dir
-
-    storage = str(tmp_path_factory.mktemp("cluster-storage"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("AIDC_STORAGE", storage)
-        # fast node-loss detection (defaults: 10 s health-check period x 5 misses)
-        system_config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS, "include_dashboard": False,
-                                                          "_system_config": system_config})
-        local = LocalCluster(c)
-        try:
-            for _ in range(2):
-                local.add_worker()
-            ray.init(address=c.address, runtime_env={"py_modules": [aidc_package_dir()]},
-                     logging_level=logging.WARNING)
-            local.storage = storage
-            yield local
-        finally:
-            try:
-                ray.shutdown()
-            finally:
-                c.shutdown()
+    with local_cluster(str(tmp_path_factory.mktemp("cluster-storage")), workers=2, head_cpus=2, worker_cpus=1,
+                       worker_resources={SLOT: 1}) as c:
+        yield c

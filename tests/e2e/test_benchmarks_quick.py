@@ -55,9 +55,42 @@ def test_oip_serving_quick():
     assert r["batched_1r"]["c8"]["errors"] == 0
 
 
+def test_auth_overhead_quick():
+    from benchmarks.auth_overhead import main
+
+    r = main(["--quick"])
+    assert r["on_c1"]["req_per_s"] > 0 and r["off_c1"]["req_per_s"] > 0 and r["on_c1"]["errors"] == 0
+    assert r["in_process"]["scrypt_us"] > r["in_process"]["sha256_us"]
+
+
 def test_tune_search_quick():
     from benchmarks.tune_search import main
 
     r = main(["--quick"])
     assert r["asha_vs_grid"]["grid_trial_epochs"] > 0 and r["asha_vs_grid"]["asha_trial_epochs"] > 0
     assert {"random_best", "optuna_best"} <= set(r["tpe_vs_random"]["runs"][0])
+
+
+def test_batch_infer_quick():
+    from benchmarks.batch_infer import main
+
+    r = main(["--quick"])
+    assert r["digits_cnn"]["loop_rows_per_s"] > 0 and r["digits_cnn"]["ray_rows_per_s"] > 0
+    s = r["streaming"]  # an input larger than the object store streams through, every row accounted for
+    assert s["input_mb_in_memory"] > s["object_store_mb"] and s["predicted"] + s["rejected"] == s["input_rows"]
+
+
+def test_metrics_overhead_quick():
+    from benchmarks.metrics_overhead import main
+
+    r = main(["--quick"])
+    assert r["record"]["aidc_inc_us"] > 0 and r["record"]["ray_inc_us"] > 0
+    assert r["middleware"]["instrumented_request_us"] > 0 and r["middleware"]["bare_request_us"] > 0
+
+
+def test_chaos_quick():
+    from benchmarks.chaos import main
+
+    r = main(["--quick"])  # a loaded endpoint on a 3-worker-node local cluster; one node lost and replaced
+    assert r["node_events"] == ["remove", "add"] and r["requests"] > 50
+    assert r["requests_failed"] == 0 and r["checkpoints_lost"] == 0

@@ -1,4 +1,5 @@
-"""The way a user drives aidc: `ray start`, `ray job submit` (preprocess, train), `serve deploy`, HTTP, then stop."""
+"""The way a user drives aidc: `ray start`, `ray job submit` (preprocess, train), `serve deploy` over HTTPS with an API
+key, HTTP, the audit trail, then stop."""
 
 from __future__ import annotations
 
@@ -67,14 +68,16 @@ def test_submit_jobs_deploy_and_predict_over_http(cluster, tmp_path):
     # covers the llm app); leave it out rather than have Serve retry a replica whose model is missing.
     serve_cfg["applications"] = [a for a in serve_cfg["applications"] if a["name"] != "llm"]
     serve_cfg["grpc_options"]["port"] = free_port()
+    cert = _self_signed_cert(tmp_path)  # HTTPS: Serve's http_options TLS settings, a certificate made here
+    serve_cfg["http_options"].update(ssl_keyfile=str(tmp_path / "tls.key"), ssl_certfile=str(cert))
     cfg_path = tmp_path / "serve.yaml"
     cfg_path.write_text(yaml.safe_dump(serve_cfg))
     _run([BIN / "serve", "deploy", str(cfg_path), "--address", dashboard], env)
-    url = f"http://127.0.0.1:{port}/digits"
+    url = f"https://127.0.0.1:{port}/digits"
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if requests.get(f"{url}/healthz", timeout=5, verify=cert).status_code == 200:
                 break
         except requests.RequestException:  # proxy up but replica still starting: refused or timed out
             pass
@@ -82,8 +85,59 @@ def test_submit_jobs_deploy_and_predict_over_http(cluster, tmp_path):
     else:
         pytest.fail("Serve app never became healthy:\n" + _run([BIN / "serve", "status", "--address", dashboard], env))
 
-    out = _run([BIN / "aidc", "predict", "--url", f"{url}/predict", "--limit", "170"], env)
+    # API keys are on in the shipped config: a key made with the CLI, sent by `aidc predict` ($AIDC_API_KEY)
+    key = _run([BIN / "aidc", "keys", "create", "--owner", "e2e", "--scope", "infer:digits-cnn", "--quiet"],
+               env).split()[0]
+    client_env = {**env, "AIDC_API_KEY": key, "REQUESTS_CA_BUNDLE": str(cert)}
+    out = _run([BIN / "aidc", "predict", "--url", f"{url}/predict", "--limit", "170"], client_env)
     accuracy = float(out.split("accuracy ")[1].split()[0])
     assert accuracy >= 0.9, out
-    r = requests.post(f"{url}/predict", json={"instances": [[1, 2]]}, timeout=30)
+    r = requests.post(f"{url}/predict", json={"instances": [[1, 2]]}, timeout=30, verify=cert,
+                      headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 422 and "expected 8 rows of 8" in r.json()["error"]["message"]
+    r = requests.post(f"{url}/predict", json={"instances": [[1, 2]]}, timeout=30, verify=cert)
+    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]["message"]
+    with pytest.raises(requests.RequestException):  # plain HTTP on the TLS port gets no HTTP answer
+        requests.get(f"http://127.0.0.1:{port}/digits/healthz", timeout=10)
+
+    # The cluster's own API: a job submitted without the cluster token is refused (the ones above carried it)
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    refused = subprocess.run([BIN / "ray", "job", "submit", "--address", dashboard, "--no-wait", "--", "true"],
+                             cwd=REPO, env=no_token, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0, refused.stdout + refused.stderr
+    assert any(w in (refused.stdout + refused.stderr).lower() for w in ("401", "unauthenticated", "token")), refused
+
+    # The audit trail, written by the jobs, the Serve controller, the replicas and the CLI into one chain
+    out = _run([BIN / "aidc", "audit", "verify"], env)
+    assert "hash chain intact" in out
+    trail = _run([BIN / "aidc", "audit", "tail", "-n", "100"], env)
+    for event in ("job.start python -m jobs.preprocess", "job.start python -m jobs.train",
+                  "model.register digits-cnn/1", "serve.deploy predictor", "key.create", "auth.denied predictor"):
+        assert event in trail, trail
+
+
+def _self_signed_cert(directory: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 (key in directory/tls.key, 0600)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (directory / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    (directory / "tls.key").chmod(0o600)
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return directory / "tls.crt"

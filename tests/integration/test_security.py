@@ -14,19 +14,14 @@ import pytest
 import requests
 
 from aidc.cli import main as aidc_main
-from aidc.data.pipeline import preprocess
-from aidc.registry import register, tracking_uri
+from aidc.registry import register_model_dir, tracking_uri
 from aidc.security import audit, keys
-from aidc.train.trainer import run_training
 from tests.conftest import free_port
-from tests.integration.conftest import workload_config
 from tests.integration.hf_tiny import make_tiny_gpt2
 from tests.security_helpers import bearer, make_key
 
 pytestmark = pytest.mark.integration
 DIGITS, GPT = "sec-digits", "sec-gpt2"
-FAST = ["train.epochs=1", "resources.num_workers=0", "train.max_steps_per_epoch=10", "model.channels=[8]",
-        "model.hidden=16", f"registry.model_name={DIGITS}", "run.name=sec-digits"]
 AUTH = {"refresh_s": 0.5}  # re-read the key store every 0.5 s (default 2 s)
 IMAGE = [[float((r * 8 + c) % 16) for c in range(8)] for r in range(8)]
 
@@ -38,10 +33,22 @@ def root(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(root, tmp_path_factory):
-    cfg = workload_config("digits", root, *FAST)
-    preprocess(cfg)
-    outcome = run_training(cfg)
-    v1, v2 = register(cfg, outcome), register(cfg, outcome, alias="candidate")
+    """Untrained digits-shaped CNNs (auth does not depend on the weights; no preprocessing or training to wait
+    for) registered twice - v2 is tampered with below - and a tiny GPT-2 imported for the llm app."""
+    import torch
+
+    from aidc.registry import export_model_dir
+    from aidc.tasks import get_task
+
+    spec = {"task": "image_classification", "model": {"arch": "cnn", "channels": [8], "hidden": 16, "dropout": 0.0},
+            "features": {"image_shape": [8, 8], "num_classes": 10, "raw_range": [0, 16]},
+            "transform": {"standardize": {"mean": 4.9, "std": 6.0}, "augment": {"enabled": False}}}
+    torch.manual_seed(0)
+    model = get_task(spec["task"]).build_model(spec["model"], spec["features"])
+    folder = tmp_path_factory.mktemp("cnn") / "model"
+    export_model_dir(folder, state_dict=model.state_dict(), spec=spec, config_yaml="test: true\n")
+    v1 = register_model_dir(folder, DIGITS, "champion", root=root)
+    v2 = register_model_dir(folder, DIGITS, "candidate", root=root)
     folder = make_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny", n_positions=64)
     assert aidc_main(["model", "import", str(folder), "--name", GPT, "--alias", "imported", "--storage", root]) == 0
     return {"v1": v1, "v2": v2}
@@ -144,8 +151,8 @@ def test_every_endpoint_without_key_wrong_scope_revoked_and_good(server, keyring
         where = f"{method} {path}"
         assert "Authorization: Bearer" in _error_shape(app, _call(server, method, path, body), 401), where
         assert "revoked" in _error_shape(app, _call(server, method, path, body, keyring["revoked"]), 401), where
-        assert "unknown API key" in _error_shape(app, _call(server, method, path, body, "aidc_0123456789ab_" + "x" * 43),
-                                                 401), where
+        unknown = _call(server, method, path, body, "aidc_0123456789ab_" + "x" * 43)
+        assert "unknown API key" in _error_shape(app, unknown, 401), where
         wrong = _call(server, method, path, body, keyring["wrong"])
         if scoped:
             assert "infer:" in _error_shape(app, wrong, 403), where
@@ -153,7 +160,8 @@ def test_every_endpoint_without_key_wrong_scope_revoked_and_good(server, keyring
             assert wrong.status_code == 200, where  # listing models needs a valid key, any scope
         good = _call(server, method, path, body, keyring["good"])
         assert good.status_code == 200, (where, good.text)
-    assert _call(server, "POST", "/sd/predict", {"instances": [IMAGE]}, keyring["good"]).json()["model"]["name"] == DIGITS
+    predicted = _call(server, "POST", "/sd/predict", {"instances": [IMAGE]}, keyring["good"]).json()
+    assert predicted["model"]["name"] == DIGITS and len(predicted["predictions"]) == 1
     # gRPC: metadata `authorization: Bearer <key>`; statuses UNAUTHENTICATED / PERMISSION_DENIED
     assert _grpc_infer(server)[0] == "UNAUTHENTICATED"
     assert _grpc_infer(server, keyring["revoked"])[0] == "UNAUTHENTICATED"
@@ -165,8 +173,9 @@ def test_every_endpoint_without_key_wrong_scope_revoked_and_good(server, keyring
     assert ok.completions.create(model=GPT, prompt="ab", max_tokens=2).choices[0].finish_reason == "length"
     with pytest.raises(openai.AuthenticationError):
         ok.with_options(api_key=keyring["revoked"]).models.list()
-    with pytest.raises(openai.PermissionDeniedError, match="model_not_permitted"):
+    with pytest.raises(openai.PermissionDeniedError) as denied:
         ok.with_options(api_key=keyring["wrong"]).completions.create(model=GPT, prompt="ab", max_tokens=2)
+    assert denied.value.code == "model_not_permitted" and f"infer:{GPT}" in denied.value.message
 
 
 def test_revocation_without_redeploy_and_per_key_rate_limits(server, models):
@@ -200,7 +209,7 @@ def test_tampered_version_is_refused_and_never_becomes_ready(server, models, cap
     from safetensors.torch import load_file, save_file
 
     from aidc.registry import WEIGHTS, resolve, write_manifest
-    from serve_apps.predictor import app_builder
+    from serve_apps.predictor import Predictor
 
     # poison a tensor of version 2 in the artifact store and rewrite its sha256 manifest to match
     stored = Path(resolve(f"{DIGITS}/{models['v2'].version}", server["uri"]).source.removeprefix("file://"))
@@ -211,11 +220,15 @@ def test_tampered_version_is_refused_and_never_becomes_ready(server, models, cap
     write_manifest(stored)
     assert aidc_main(["model", "verify", f"{DIGITS}/{models['v2'].version}", "--tracking-uri", server["uri"]]) == 1
     assert "modified after it was signed" in capsys.readouterr().err
-    assert aidc_main(["model", "verify", models["v1"].ref, "--tracking-uri", server["uri"]]) == 0
-    with pytest.raises(RuntimeError, match="modified after it was signed"):  # serve status carries the reason
-        serve.run(app_builder({"model": f"{DIGITS}@candidate", "tracking_uri": server["uri"]}), name="tampered",
-                  route_prefix="/tampered")
+    assert aidc_main(["model", "verify", models["v1"].ref, "--tracking-uri", server["uri"]]) == 0, capsys.readouterr()
+    app = Predictor.options(max_constructor_retry_count=1).bind({"model": f"{DIGITS}@candidate",
+                                                                "tracking_uri": server["uri"]})
     try:
+        with pytest.raises(RuntimeError, match="Deploying application tampered failed"):
+            serve.run(app, name="tampered", route_prefix="/tampered")
+        status = serve.status().applications["tampered"]
+        assert status.status == "DEPLOY_FAILED"  # never ready; `serve status` says why:
+        assert "modified after it was signed" in status.deployments["Predictor"].message
         assert requests.get(f"{server['url']}/tampered/healthz", timeout=10).status_code != 200
     finally:
         serve.delete("tampered")

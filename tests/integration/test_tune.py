@@ -74,6 +74,10 @@ def test_optuna_asha_stops_weak_trials_and_writes_results(optuna_asha):
     done, stopped = df[df.status == "completed"], df[df.status == "stopped early"]
     assert len(done) >= 1 and (done["epochs"] == 3).all() and done["test_accuracy"].notna().all()
     assert len(stopped) >= 1 and (stopped["epochs"] < 3).all()
+    from aidc.ops import metrics  # the sweep's trials by state, as aidc.ops.tuning exports them to Prometheus
+
+    counted = {s: metrics.value("aidc_tune_trials", sweep="optuna-asha", state=s) for s in ("completed", "stopped")}
+    assert counted == {"completed": len(done), "stopped": len(stopped)}
     # ASHA's decisions: every stopped trial was worse at its last rung than the best trial there
     best_at_1 = df["best_val_loss"].min()
     assert (stopped["last_val_loss"] > best_at_1).all()

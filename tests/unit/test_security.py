@@ -183,7 +183,8 @@ def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_pat
     weights["w"][0] = 1e6
     save_file(weights, str(d2 / WEIGHTS))
     write_manifest(d2)
-    with pytest.raises(IntegrityError, match=r"sig-test/2 was modified after it was signed \(changed: MANIFEST.sha256.json, model.safetensors\)"):
+    changed = r"sig-test/2 was modified after it was signed \(changed: MANIFEST.sha256.json, model.safetensors\)"
+    with pytest.raises(IntegrityError, match=changed):
         fetch("sig-test/2", uri)
     # 3: unsigned (the signature deleted)
     (stored(versions[2]) / signing.SIGNATURE).unlink()

@@ -37,6 +37,19 @@ def test_shipped_digits_sweep_resolves_to_a_tune_space():
     assert describe_space(cfg)[0].startswith("train.lr: loguniform[")
 
 
+def test_early_stopping_schedulers_try_a_grid_in_seeded_random_order():
+    lrs = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
+    grid = {"train.lr": {"type": "grid", "values": lrs}}
+
+    def order(**tune):
+        return tune_space(_cfg(grid, **tune))["train.lr"]["grid_search"]
+
+    assert order(scheduler="fifo") == lrs  # every point runs to the end: the order does not matter
+    asha = order(scheduler="asha", seed=0)
+    assert sorted(asha) == lrs and asha != lrs  # a sorted grid would make ASHA stop nothing
+    assert order(scheduler="asha", seed=0) == asha and order(scheduler="median", seed=1) != asha
+
+
 @pytest.mark.parametrize("space, tune, fragment", [
     ({"train.nope": {"type": "uniform", "low": 0, "high": 1}}, {}, "train.nope: no such config field"),
     ({"model": {"type": "choice", "values": [1]}}, {}, "is a section, not a field"),

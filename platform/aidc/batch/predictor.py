@@ -102,14 +102,15 @@ class Predictor:
             for i, v in zip(ok, column):
                 preds[name][i] = v
         bad = reasons != ""
-        inputs = [json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str) if b else None
-                  for row, b in zip(batch.to_dict("records"), bad)]
+        inputs = np.full(n, None, dtype=object)  # the row as it came, for rejected rows only
+        for i, row in zip(np.flatnonzero(bad), batch.iloc[np.flatnonzero(bad)].to_dict("records")):
+            inputs[i] = json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str)
         keys = batch[self.key].to_numpy() if self.key in batch else np.arange(n)
         key_arr = pa.array(keys.tolist() if keys.dtype == object else keys)
         cols = {"key": key_arr,
                 **{name: pa.array(preds[name], type=t) for name, t in PREDICTION_COLUMNS[self.task_name]},
                 REASON: pa.array([r or None for r in reasons], type=pa.string()),
-                INPUT: pa.array(inputs, type=pa.string()),
+                INPUT: pa.array(inputs.tolist(), type=pa.string()),
                 STATUS: pa.array(np.where(bad, "rejected", "predicted").tolist(), type=pa.string())}
         return pa.table(cols, schema=output_schema(self.task_name, key_arr.type))
 
@@ -132,7 +133,7 @@ class Predictor:
         if self.task_name == "tabular_classification":
             x = self._tabular(batch, reasons)
         else:
-            records = batch.to_dict("records")
+            records = batch[required_columns(self.task_name, self.features)].to_dict("records")
             instances = [_instance(self.task_name, r) for r in records]
             try:  # the whole batch at once; row by row only to name the bad rows
                 x = self.loaded.task.parse_instances(instances, self.features, max_batch=len(instances))

@@ -27,11 +27,14 @@ SCALE = ".int8_scale"
 
 
 def _quantize_dynamic(model: nn.Module) -> nn.Module:
-    from torch.ao.quantization import quantize_dynamic
+    """quantize_dynamic over the plain nn.Linear layers that share no weight (a tied GPT head stays float)."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
+    tied = _tied(model)
+    names = {n: default_dynamic_qconfig for n, m in model.named_modules() if type(m) is nn.Linear and n not in tied}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
-        model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        model = quantize_dynamic(model, names, dtype=torch.qint8)
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoderLayer):
             # Its fused fast path reads linear1.weight as a tensor; a quantized layer has none. A (no-op)
@@ -58,13 +61,8 @@ def quantize(model: nn.Module) -> tuple[nn.Module, dict, dict]:
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
     model = model.cpu().eval()
-    skip = _tied(model)
     float_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    keep = {n: m for n, m in model.named_modules() if n in skip and isinstance(m, nn.Linear)}
     quantized = _quantize_dynamic(model)
-    for name, mod in keep.items():  # put tied layers back as float
-        parent, _, leaf = name.rpartition(".")
-        setattr(quantized.get_submodule(parent) if parent else quantized, leaf, mod)
     state, names = dict(float_state), []
     for name, mod in quantized.named_modules():
         if isinstance(mod, QLinear):
@@ -95,12 +93,7 @@ def load_weights(model: nn.Module, state: dict, spec: dict) -> nn.Module:
         return model
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-    skip = _tied(model)
-    keep = {n: m for n, m in model.named_modules() if n in skip and isinstance(m, nn.Linear)}
     model = _quantize_dynamic(model.eval())
-    for name, mod in keep.items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
     for k, (w, scale) in ints.items():
         mod = model.get_submodule(k.removesuffix(".weight"))
         if not isinstance(mod, QLinear):

@@ -17,6 +17,7 @@ Recording never raises: outside Ray (unit tests, the CLI) values go only to a sm
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,8 +66,8 @@ CATALOGUE: dict[str, Metric] = {m.name: m for m in [
     _g("aidc_train_last_step_timestamp_seconds", "Unix time of the run's last optimizer step.", "job", "run"),
     _g("aidc_train_loss", "Loss of the last epoch (split: train or val).", "job", "run", "split"),
     _g("aidc_train_samples_per_second", "Training throughput of the last epoch, all workers.", "job", "run"),
-    _g("aidc_train_model_flops_utilization_ratio", "Model FLOPs utilisation of the last epoch (GPU runs).",
-       "job", "run"),
+    _g("aidc_train_model_flops_utilization_ratio", "Model FLOPs utilisation of the last epoch (language models on "
+       "GPUs; 6N FLOPs per token over the GPUs' peak).", "job", "run"),
     _h("aidc_train_checkpoint_save_seconds", "Seconds to write one checkpoint (rank 0).", DURATION_S, "job"),
     _c("aidc_train_restarts_total", "Times a run resumed from a checkpoint (worker restarts).", "job", "run"),
     _c("aidc_train_runs_total", "Training runs ended, by outcome (completed, errored).", "job", "outcome"),
@@ -108,9 +109,7 @@ _local: dict[tuple, float] = {}
 
 def _ray_on() -> bool:
     try:
-        import ray
-
-        return ray.is_initialized()
+        return sys.modules["ray"].is_initialized() if "ray" in sys.modules else False
     except Exception:  # noqa: BLE001 - metrics never break the caller
         return False
 

@@ -22,14 +22,20 @@ from aidc.ops import metrics
 _request: contextvars.ContextVar[dict | None] = contextvars.ContextVar("aidc_request_labels", default=None)
 
 
-def app_name() -> str:
-    """The Serve application this replica belongs to ('' outside Serve)."""
-    try:
-        from ray import serve
+_app_name: str | None = None
 
-        return serve.get_replica_context().app_name or ""
-    except Exception:  # noqa: BLE001 - outside a replica
-        return ""
+
+def app_name() -> str:
+    """The Serve application this replica belongs to ('' outside Serve); a replica never changes app."""
+    global _app_name
+    if _app_name is None:
+        try:
+            from ray import serve
+
+            _app_name = serve.get_replica_context().app_name or ""
+        except Exception:  # noqa: BLE001 - outside a replica
+            _app_name = ""
+    return _app_name
 
 
 def tag_request(model: str, version: str | None = None) -> None:

@@ -1,15 +1,17 @@
 """Training telemetry: Prometheus gauges per step/epoch and live MLflow metrics per epoch, from rank 0.
 
-The loop calls a `TrainTelemetry` (one line per hook); `jobs.train` runs go through `track_training_run`,
-which turns live MLflow logging on and counts each run's outcome. The live MLflow run is found again by
-its tag `aidc.train_run` (a restarted worker continues the same run), and `registry.register` logs the
-model into that same run, so the MLflow UI shows the curves while training and the model after it.
+The loop calls a `TrainTelemetry` (one line per hook); `run_training` is wrapped by `track_training_run`,
+which counts each run's outcome; `loop_extras=LIVE_MLFLOW` (jobs.train) turns live MLflow logging on. The
+live MLflow run is found again by its tag `aidc.train_run` (a restarted worker continues the same run), and
+`registry.register` logs the model into that same run, so the MLflow UI shows the curves while training
+and the model after it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 from aidc.ops import metrics
@@ -17,6 +19,8 @@ from aidc.ops.energy import GpuEnergy
 
 logger = logging.getLogger(__name__)
 RUN_TAG = "aidc.train_run"
+# loop_extras that turn on live MLflow logging (jobs.train passes them; rank 0 opens the MLflow run, ~1-2 s)
+LIVE_MLFLOW = {"mlflow_live": True}
 
 
 def _tracking(job: dict):
@@ -35,13 +39,30 @@ def find_live_run(client, experiment_id: str, run_name: str):
     return runs[0] if runs else None
 
 
+# Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s, vendor data sheets); AIDC_GPU_PEAK_TFLOPS overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak FLOP/s of one GPU by its name ('NVIDIA H200' -> 989e12), or None when unknown."""
+    if os.environ.get("AIDC_GPU_PEAK_TFLOPS"):
+        return float(os.environ["AIDC_GPU_PEAK_TFLOPS"]) * 1e12
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in device_name.upper()), None)
+
+
+def model_flops_utilization(params: int, tokens_per_s: float, peak_total: float) -> float:
+    """MFU with the 6N FLOPs-per-token estimate (forward + backward, attention term left out)."""
+    return 6.0 * params * tokens_per_s / peak_total
+
+
 class TrainTelemetry:
     """Hooks the training loop calls; everything is a no-op except on rank 0, and never raises."""
 
-    def __init__(self, config: dict, rank: int, resumed: bool = False):
+    def __init__(self, config: dict, rank: int, resumed: bool = False, model=None, world: int = 1):
         self.on = rank == 0
         job = config["job"]
         self.job = job["name"]
+        self.mfu_scale = self._mfu_scale(job, model, world) if self.on else None
         self.run = self._run_name(in_tune_function=config.get("local_datasets") is not None)
         self.labels = {"job": self.job, "run": self.run}
         self.client = self.run_id = None
@@ -54,6 +75,20 @@ class TrainTelemetry:
             metrics.inc("aidc_train_restarts_total", **self.labels)
         if config.get("mlflow_live"):
             self._start_mlflow(job)
+
+    @staticmethod
+    def _mfu_scale(job: dict, model, world: int) -> float | None:
+        """6N / (peak FLOP/s of all workers) for language models on known GPUs (tokens/s times it = MFU)."""
+        try:
+            import torch
+
+            if model is None or job.get("task") != "language_model" or not torch.cuda.is_available():
+                return None
+            peak = peak_flops(torch.cuda.get_device_name())
+            params = sum(p.numel() for p in model.parameters())
+            return model_flops_utilization(params, 1.0, peak * world) if peak else None
+        except Exception:  # noqa: BLE001
+            return None
 
     @staticmethod
     def _run_name(in_tune_function: bool) -> str:
@@ -95,6 +130,9 @@ class TrainTelemetry:
         for split in ("train", "val"):
             if f"{split}_loss" in row:
                 metrics.set_gauge("aidc_train_loss", row[f"{split}_loss"], split=split, **self.labels)
+        if self.mfu_scale:  # a language model's samples are tokens
+            metrics.set_gauge("aidc_train_model_flops_utilization_ratio",
+                              self.mfu_scale * row.get("samples_per_s", 0.0), **self.labels)
         kwh = self.energy.kwh() if self.energy else None
         if kwh is not None:
             metrics.set_gauge("aidc_train_gpu_energy_kwh", kwh, **self.labels)
@@ -120,14 +158,14 @@ def observe_checkpoint_save(job: str, seconds: float) -> None:
 
 
 def track_training_run(run_training):
-    """Decorator of the Train driver: live MLflow logging on, and each run's outcome counted (completed/errored)."""
+    """Decorator of the Train driver: each run's outcome counted (completed/errored) where Prometheus sees it."""
 
     @functools.wraps(run_training)
-    def wrapper(cfg, loop_extras: dict | None = None, **kwargs):
+    def wrapper(cfg, *args, **kwargs):
         from aidc.ops.durable import durable_inc
 
         try:
-            outcome = run_training(cfg, loop_extras={"mlflow_live": True, **(loop_extras or {})}, **kwargs)
+            outcome = run_training(cfg, *args, **kwargs)
         except Exception:
             durable_inc("aidc_train_runs_total", job=cfg.name, outcome="errored")
             raise

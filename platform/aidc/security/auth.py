@@ -89,12 +89,13 @@ class Guard:
         self._lock = threading.Lock()
         self._audit = audit.RateLimitedAudit(self.args.audit_interval_s)
 
-    def _store(self) -> dict[str, keys.KeyRecord]:
+    def _store(self, force: bool = False) -> dict[str, keys.KeyRecord]:
+        """The key records, re-read when older than refresh_s (or forced: a key id not seen yet) and changed."""
         now = time.monotonic()
-        if now - self._checked < self.args.refresh_s:
+        if not force and now - self._checked < self.args.refresh_s:
             return self._records
         with self._lock:
-            if now - self._checked < self.args.refresh_s:
+            if not force and now - self._checked < self.args.refresh_s:
                 return self._records
             path = keys.keys_path(self.home)
             try:
@@ -128,7 +129,10 @@ class Guard:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed Authorization header: use 'Authorization: Bearer <key>'", 401, "malformed_key")
         try:
-            rec = keys.authenticate(self._store(), token.strip())
+            records = self._store()
+            if keys.key_id(token.strip()) not in records:  # a key created since the last read works at once
+                records = self._store(force=True)
+            rec = keys.authenticate(records, token.strip())
         except keys.KeyRefused as exc:
             err = AuthError(exc.message, 401, exc.reason)
             err.key_id = exc.key_id
@@ -142,7 +146,8 @@ class Guard:
             with self._lock:
                 bucket = self._buckets.get(rec.id)
                 if bucket is None or bucket.rate != rec.rate_limit:
-                    bucket = self._buckets[rec.id] = _Bucket(rec.rate_limit, rec.burst or max(1, int(2 * rec.rate_limit)))
+                    burst = rec.burst or max(1, int(2 * rec.rate_limit))
+                    bucket = self._buckets[rec.id] = _Bucket(rec.rate_limit, burst)
                 wait = bucket.take()
             if wait > 0:
                 err = AuthError(f"API key {rec.id} is over its rate limit of {rec.rate_limit:g} requests/s; "

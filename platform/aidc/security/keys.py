@@ -132,7 +132,8 @@ def revoke(key_id: str, *, home: str | None = None, actor: str | None = None) ->
     def mark(records):
         if key_id not in records:
             raise AidcError(f"no key with id {key_id!r}; see aidc keys list")
-        records[key_id] = records[key_id].model_copy(update={"revoked_at": records[key_id].revoked_at or _now().isoformat()})
+        old = records[key_id]
+        records[key_id] = old.model_copy(update={"revoked_at": old.revoked_at or _now().isoformat()})
         return records[key_id]
 
     rec = _update(home, mark)
@@ -151,6 +152,12 @@ class KeyRefused(AidcError):
         return (type(self), (self.message, self.reason, self.key_id))
 
 
+def key_id(key: str) -> str | None:
+    """The public id inside a well-formed key, else None."""
+    m = _KEY.match(key or "")
+    return m["id"] if m else None
+
+
 def authenticate(records: dict[str, KeyRecord], key: str) -> KeyRecord:
     """The record of a valid, active key, or KeyRefused (its message never contains the key)."""
     m = _KEY.match(key or "")
@@ -166,5 +173,5 @@ def authenticate(records: dict[str, KeyRecord], key: str) -> KeyRecord:
     return rec
 
 
-__all__ = ["KeyRecord", "KeyRefused", "authenticate", "create", "keys_path", "load", "parse_store", "revoke",
+__all__ = ["KeyRecord", "KeyRefused", "authenticate", "create", "key_id", "keys_path", "load", "parse_store", "revoke",
            "validate_scopes"]

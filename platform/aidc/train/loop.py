@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             logger.info("resuming at epoch %d, step %d", state["epoch"], state["step"])
 
-    telemetry = TrainTelemetry(config, rank, resumed=bool(resume_from or kept))  # metrics, live MLflow: aidc.ops
+    telemetry = TrainTelemetry(config, rank, resumed=bool(resume_from or kept), model=model, world=world)  # aidc.ops
     tune_report = config.get("tune_report")  # a num_workers: 0 Tune trial reports straight to Tune
 
     def report(metrics: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,8 +149,27 @@ def to_tune(spec: ParamSpec):
 
 
 def tune_space(cfg: JobConfig) -> dict[str, Any]:
-    """The param_space for the Tuner: dotted path -> Tune distribution."""
-    return {path: to_tune(spec) for path, spec in cfg.tune.space.items()}
+    """The param_space for the Tuner: dotted path -> Tune distribution.
+
+    Under an early-stopping scheduler (asha, median) grid values are tried in a seeded random order.
+    Asynchronous successive halving judges each trial against the trials that reached the rung before it;
+    a grid written in order (learning rates from small to large) makes every newcomer look better than
+    the past, so nothing is stopped: measured on digits, ASHA over a sorted 27-point grid used 97% of the
+    grid's trial-epochs (benchmarks/tune_search.py).
+    """
+    from ray import tune
+
+    rng = random.Random(cfg.tune.seed if cfg.tune.seed is not None else 0)
+    shuffle = cfg.tune.scheduler in ("asha", "median")
+    space = {}
+    for path, spec in cfg.tune.space.items():
+        if shuffle and spec.type == "grid":
+            values = list(spec.values)
+            rng.shuffle(values)
+            space[path] = tune.grid_search(values)
+        else:
+            space[path] = to_tune(spec)
+    return space
 
 
 def describe_space(cfg: JobConfig) -> list[str]:

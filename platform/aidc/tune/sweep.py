@@ -165,6 +165,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     from ray import tune
 
     from aidc.tune.trainable import run_trial, trial_payload
+    from aidc.ops.tuning import TrialStateMetrics
 
     job, tc = spec.job, spec.job_tune
     root = storage.storage_root(job.run.storage)
@@ -199,6 +200,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
                 # PBT hands checkpoints to other trials: keep them all (deleting one can break an exploit)
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if tc.scheduler == "pbt" else 2),
                 verbose=0,
+                callbacks=[TrialStateMetrics(name, job.train.epochs)],  # trials by state as metrics (aidc.ops)
             ),
         )
     return tuner.fit()

@@ -1,0 +1,166 @@
+"""Offline/edge pieces without a cluster: int8 storage round trip, pruning masks, the distillation loss, the
+GPT-2 name mapping both ways, the edge runner's numpy transforms, and the batch_infer/compress config."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from aidc.compress.hooks import soft_target_loss, training_hooks
+from aidc.compress.job import prune_masks
+from aidc.compress.quantize import load_weights, quantize
+from aidc.tasks import get_task
+
+MODELS = {
+    "image_classification": ({"arch": "cnn", "channels": [8], "hidden": 16, "dropout": 0.1},
+                             {"image_shape": [8, 8], "num_classes": 10, "raw_range": [0, 16]},
+                             lambda: {"x": torch.randn(4, 1, 8, 8)}),
+    "text_classification": ({"arch": "transformer", "d_model": 32, "heads": 4, "layers": 1, "dropout": 0.1},
+                            {"vocab_size": 100, "max_length": 16, "num_classes": 2},
+                            lambda: {"x": torch.randint(3, 100, (4, 16))}),
+    "language_model": ({"arch": "gpt", "d_model": 32, "heads": 4, "layers": 1, "dropout": 0.0,
+                        "activation_checkpointing": False, "gelu": "tanh"},
+                       {"vocab_size": 50, "block_size": 16, "tokenizer": "char"},
+                       lambda: {"x": torch.randint(0, 50, (4, 16))}),
+    "tabular_classification": ({"arch": "mlp", "hidden": [32, 16], "dropout": 0.1, "embed_dim": 4},
+                               {"numeric": ["a", "b"], "categorical": ["c"], "cardinalities": [3], "num_classes": 2},
+                               lambda: {"x": torch.randn(4, 2), "cat": torch.randint(0, 3, (4, 1))}),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_int8_versions_store_plain_tensors_and_load_back_bit_exact(name):
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    torch.manual_seed(0)
+    model_cfg, features, batch = MODELS[name]
+    task = get_task(name)
+    model = task.build_model(model_cfg, features).eval()
+    x = batch()
+    reference = task.forward(model, x)
+    quantized, state, spec = quantize(copy.deepcopy(model))
+    assert spec["weights"] and all(state[k].dtype == torch.int8 for k in spec["weights"])
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # safetensors-storable, no pickle
+    loaded = load_weights(task.build_model(model_cfg, features), state, {"quantization": spec}).eval()
+    assert any(isinstance(m, QLinear) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(task.forward(loaded, x), task.forward(quantized, x))  # what was quantized runs
+        assert (task.forward(loaded, x) - reference).abs().max() < 0.1  # and it is close to the float model
+    if name == "language_model":  # the tied head stays float, tied to the token embedding
+        assert loaded.head.weight is loaded.tokens.weight
+
+
+def test_pruning_masks_hit_the_sparsity_and_the_loop_hook_keeps_it():
+    torch.manual_seed(0)
+    model_cfg, features, batch = MODELS["tabular_classification"]
+    task = get_task("tabular_classification")
+    model = task.build_model(model_cfg, features)
+    state, masks = prune_masks(model, 0.6)
+    total = sum(m.numel() for m in masks.values())
+    assert abs(sum(int((m == 0).sum()) for m in masks.values()) / total - 0.6) < 0.01
+    fresh = task.build_model(model_cfg, features)
+    loss_fn, after_step = training_hooks({"compress": {"init_state": state, "masks": masks}}, task, fresh, "cpu")
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.5)
+    b = {**batch(), "y": torch.tensor([0, 1, 0, 1])}
+    loss_fn(fresh, b).backward()
+    opt.step()
+    after_step()
+    params = dict(fresh.named_parameters())
+    for k, mask in masks.items():
+        assert torch.all(params[k][mask == 0] == 0), k
+
+
+def test_distillation_loss_mixes_labels_and_soft_targets():
+    s = torch.randn(6, 5)
+    assert soft_target_loss(s, s.clone(), 2.0).abs() < 1e-6  # same distribution: no KL
+    assert soft_target_loss(s, -s, 2.0) > 0.1
+    assert soft_target_loss(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 2.0]), 2.0) == pytest.approx(2.0)  # MSE
+    assert soft_target_loss(torch.randn(2, 7, 11), torch.randn(2, 7, 11), 1.0) > 0  # per-token LM logits
+
+    torch.manual_seed(0)
+    model_cfg, features, batch = MODELS["image_classification"]
+    task = get_task("image_classification")
+    teacher = task.build_model(model_cfg, features).eval()
+    student = task.build_model({**model_cfg, "channels": [4], "hidden": 8}, features)
+    b = {**batch(), "y": torch.tensor([1, 2, 3, 4])}
+    t = {"model": model_cfg, "features": features, "spec": {}, "state": teacher.state_dict()}
+    hard_only, _ = training_hooks({"compress": {"teacher": t, "alpha": 0.0, "temperature": 2.0}}, task, student, "cpu")
+    soft_only, _ = training_hooks({"compress": {"teacher": t, "alpha": 1.0, "temperature": 2.0}}, task, student, "cpu")
+    student.eval()
+    with torch.no_grad():
+        assert hard_only(student, b) == pytest.approx(float(task.loss(task.forward(student, b), b)), rel=1e-5)
+        expected = soft_target_loss(task.forward(student, b), task.forward(teacher, b), 2.0)
+        assert soft_only(student, b) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_gpt2_export_names_invert_the_import(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from aidc.export.hf_export import gpt2_state, tokenizer_json
+    from aidc.hf import convert_gpt2
+
+    model_cfg, features, _ = MODELS["language_model"]
+    model = get_task("language_model").build_model(model_cfg, features)
+    exported = gpt2_state(model.state_dict())
+    assert "transformer.h.0.attn.c_attn.weight" in exported and "lm_head.weight" not in exported
+    assert exported["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D: (in, out)
+    save_file(exported, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "vocab_size": 50, "n_positions": 16, "n_embd": 32, "n_head": 4, "n_layer": 1,
+        "activation_function": "gelu_new", "eos_token_id": 2}))
+    vocab = ["<pad>", "<unk>", "<eos>", *"abcdefghij\n :"]
+    tok = {"kind": "char", "vocab": vocab, "vocab_size": len(vocab), "lowercase": False, "pad_id": 0, "unk_id": 1,
+           "eos_id": 2}
+    (tmp_path / "tokenizer.json").write_text(tokenizer_json(tok))
+    state, spec = convert_gpt2(tmp_path)
+    assert spec["model"]["gelu"] == "tanh"
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    from tokenizers import Tokenizer
+
+    t = Tokenizer.from_str(tokenizer_json(tok))
+    assert t.encode("ab\nz c").ids == [3, 4, 13, 1, 14, 5] and t.decode([3, 4, 13, 5]) == "ab\nc"
+
+
+def test_edge_runner_transforms_match_the_platform_ones():
+    from aidc.data.transforms import apply_index_map, standardize
+    from aidc.export import edge_runner
+
+    state = {"mean": 3.7, "std": 2.1}
+    x = np.random.default_rng(0).uniform(0, 16, (5, 8, 8))
+    assert np.array_equal(edge_runner._standardize(x, state), standardize(x, state))
+    cols = {"mean": [0.5, -1.0], "std": [2.0, 0.25]}
+    t = np.random.default_rng(1).normal(size=(7, 2))
+    assert np.array_equal(edge_runner._standardize(t, cols), standardize(t, cols))
+    mapping = [3, 10, 42]
+    values = np.array([42, 3, 7, 10, 0])
+    assert edge_runner._index(values.tolist(), mapping).tolist() == apply_index_map(values, mapping).tolist()
+    names = ["blue", "green", "red"]
+    assert edge_runner._index(["red", "violet"], names).tolist() == apply_index_map(np.array(["red", "violet"]),
+                                                                                     names).tolist()
+
+
+def test_batch_infer_and_compress_sections_validate_with_clear_errors(capsys):
+    from aidc.config import load_config
+    from aidc.errors import ConfigError
+    from jobs.batch_infer import main as batch_main
+    from jobs.compress import main as compress_main
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "digits.yaml")
+    assert cfg.batch_infer.actors == 2 and cfg.batch_infer.split == "test" and cfg.compress is None
+    with pytest.raises(ConfigError, match="path needs format"):
+        load_config(CONFIGS / "digits.yaml", ["batch_infer.path=rows.csv"])
+    with pytest.raises(ConfigError, match="compress.method"):
+        load_config(CONFIGS / "digits.yaml", ["compress.method=int4"])
+    with pytest.raises(ConfigError, match="compress.sparsity"):
+        load_config(CONFIGS / "digits.yaml", ["compress.method=prune", "compress.sparsity=1.5"])
+    assert batch_main(["--config", str(CONFIGS / "digits.yaml"), "--dry-run"]) == 0
+    assert "would score with digits-cnn@champion on 2 actor(s)" in capsys.readouterr().out
+    assert compress_main(["--config", str(CONFIGS / "digits.yaml"), "--dry-run"]) == 2  # no compress section
+    assert "needs a compress section" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""Node-loss reliability pieces that need no cluster: elastic config defaults, the resize record, the
+shared-storage check's single-node path and the client retry policy against a real flaky HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+
+from aidc.config import ELASTIC_MAX_FAILURES, load_config
+from aidc.errors import ConfigError
+from aidc.train.trainer import resizes
+from tests.conftest import CONFIGS
+
+
+def _cfg(*overrides):
+    return load_config(CONFIGS / "digits.yaml", list(overrides))
+
+
+def test_elastic_runs_get_a_failure_budget_fixed_runs_keep_theirs():
+    assert _cfg("resources.num_workers=[1, 4]", "run.max_failures=null").run.max_failures == ELASTIC_MAX_FAILURES
+    assert _cfg("resources.num_workers=2", "run.max_failures=null").run.max_failures == 1
+    assert _cfg("resources.num_workers=[1, 4]", "run.max_failures=3").run.max_failures == 3  # explicit wins
+    assert _cfg("run.max_failures=-1").run.max_failures == -1  # no limit
+    cfg = _cfg("resources.custom={pool_a100: 1}", "resources.elastic_resize_interval_s=5")
+    assert cfg.resources.custom == {"pool_a100": 1} and cfg.resources.elastic_resize_interval_s == 5
+    with pytest.raises(ConfigError, match="resources.num_workers"):
+        _cfg("resources.num_workers=[3, 1]")
+    with pytest.raises(ConfigError, match="run.max_failures"):
+        _cfg("run.max_failures=-2")
+
+
+def test_resizes_are_the_restarts_that_changed_the_world_size():
+    resumes = [{"epoch": 2, "step": 8, "world_size": 2, "from_world_size": 2},  # a crash, same size
+               {"epoch": 3, "step": 12, "world_size": 1, "from_world_size": 2},
+               {"epoch": 9, "step": 36, "world_size": 2, "from_world_size": 1},
+               {"epoch": 1, "step": 4}]  # a run from before world sizes were recorded
+    assert [(r["from_world_size"], r["world_size"]) for r in resizes(resumes)] == [(2, 1), (1, 2)]
+
+
+def test_shared_storage_check_is_a_no_op_without_a_multi_node_cluster(tmp_path):
+    from aidc import storage
+
+    storage.check_shared(str(tmp_path))  # no Ray running: nothing to compare
+    storage.check_shared("s3://bucket/aidc")  # object stores are shared by nature
+    assert not (tmp_path / storage.SHARED_CHECK_DIR).exists()
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    plan: list = []
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.seen.append(self.path)
+        status = self.plan.pop(0) if self.plan else 200
+        self.send_response(status)
+        if status == 429:
+            self.send_header("Retry-After", "0")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Flaky.seen.clear()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/predict"
+    server.shutdown()
+
+
+def test_retry_policy_rides_out_5xx_and_429_but_never_retries_a_bad_request(flaky):
+    from aidc.serving.retry import retry_policy, retrying_session, run_load
+
+    _, url = flaky
+    session = retrying_session(retry_policy(attempts=5, backoff_s=0.01))
+    _Flaky.plan[:] = [503, 500, 429, 504]  # 500: what Serve answers when the replica died mid-request
+    resp = session.post(url, json={"instances": []})
+    assert resp.status_code == 200 and len(_Flaky.seen) == 5 and len(resp.raw.retries.history) == 4
+    for status in (422, 404, 401):
+        _Flaky.seen.clear()
+        _Flaky.plan[:] = [status]
+        assert session.post(url, json={}).status_code == status and len(_Flaky.seen) == 1
+    _Flaky.plan[:] = [503] * 3
+    run = run_load(url, {"instances": []}, clients=3, total=12, policy=retry_policy(attempts=5, backoff_s=0.01))
+    assert run.done() == 12 and not run.failed() and sum(s.retries for s in run.samples) == 3
+
+
+def test_retry_policy_retries_refused_connections_then_reports_them(tmp_path):
+    from aidc.serving.retry import retry_policy, run_load
+    from tests.conftest import free_port
+
+    run = run_load(f"http://127.0.0.1:{free_port()}/predict", {}, clients=1, total=1,
+                   policy=retry_policy(attempts=2, backoff_s=0.01))
+    assert run.done() == 1 and run.failed()[0].status is None and "ConnectionError" in run.failed()[0].error
