@@ -62,22 +62,37 @@ def deploy(root: str, ref: str, port: int) -> str:
     return f"http://127.0.0.1:{port}/digits/predict"
 
 
-def chaos(cluster, rng: random.Random, stop: threading.Event, events: list, gap_s: tuple[float, float],
-          max_events: int | None = None) -> None:
-    """Every gap_s seconds: remove a random worker node (keeping MIN_WORKERS - 1 alive) or add one."""
-    while not stop.wait(rng.uniform(*gap_s)):
-        if max_events is not None and len(events) >= max_events:
-            return
-        n = len(cluster.workers)
-        # a bounded run alternates (lose a node, get one back); else random, keeping one worker node at least
-        remove = n >= MAX_WORKERS if max_events is not None else n >= MAX_WORKERS or (n >= MIN_WORKERS and rng.random() < 0.6)
-        t = time.monotonic()
-        if remove:
-            cluster.remove(rng.choice(cluster.workers))
-        else:
-            cluster.add_worker()
-        events.append({"t": t, "event": "remove" if remove else "add", "workers": len(cluster.workers)})
-        logger.warning("chaos: %s a node -> %d worker nodes", events[-1]["event"], len(cluster.workers))
+def replica_nodes(cluster) -> list:
+    """The worker nodes that host a replica of the digits deployment right now."""
+    import os
+
+    import ray
+
+    nodes = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::digits#"):
+            try:
+                pid = ray.get(ray.get_actor(a["name"], namespace="serve").__ray_call__.remote(
+                    lambda self: os.getpid()), timeout=10)
+            except Exception:  # noqa: BLE001 - a replica going away while we look
+                continue
+            nodes.append(cluster.node_of_pid(pid))
+    return [n for n in nodes if n is not None]
+
+
+def node_event(cluster, rng: random.Random, events: list, alternate: bool) -> None:
+    """Remove a random worker node (ungracefully) or add one. Alternating (--quick): lose a node that holds a
+    replica, then get one back; random: keep at least one worker node. Runs in the main thread
+    (Cluster.add_node installs signal handlers)."""
+    n = len(cluster.workers)
+    remove = n >= MAX_WORKERS if alternate else n >= MAX_WORKERS or (n >= MIN_WORKERS and rng.random() < 0.6)
+    t = time.monotonic()
+    if remove:
+        cluster.remove(rng.choice((alternate and replica_nodes(cluster)) or cluster.workers))
+    else:
+        cluster.add_worker()
+    events.append({"t": t, "event": "remove" if remove else "add", "workers": len(cluster.workers)})
+    logger.warning("chaos: %s a node -> %d worker nodes", events[-1]["event"], len(cluster.workers))
 
 
 def capacity_back_s(events: list, samples: list[tuple[float, int]]) -> list[float]:
@@ -155,12 +170,12 @@ def run(a) -> dict:
         while load.done() < 50 and threads[0].is_alive():
             time.sleep(0.2)
         t_chaos = time.monotonic()
-        monkey = threading.Thread(target=chaos, args=(cluster, rng, stop, events, (a.gap, a.gap * 2)),
-                                  kwargs={"max_events": 2 if a.quick else None}, daemon=True)
-        monkey.start()
-        deadline = t_chaos + a.seconds
+        deadline, next_fault = t_chaos + a.seconds, t_chaos + rng.uniform(a.gap, 2 * a.gap)
         while True:  # faults and load go on until the deadline (quick: the node is back), the jobs to their end
             now = time.monotonic()
+            if not stop.is_set() and now >= next_fault and not (a.quick and len(events) >= 2):
+                node_event(cluster, rng, events, alternate=a.quick)
+                next_fault = time.monotonic() + rng.uniform(a.gap, 2 * a.gap)
             states.append((now, _replicas_running()))
             jobs_alive = any(t.is_alive() for t in threads[1:])
             if now > deadline or (a.quick and len(events) >= 2 and states[-1][1] >= 2) or \
@@ -169,7 +184,6 @@ def run(a) -> dict:
             if stop.is_set() and not jobs_alive:
                 break
             time.sleep(0.5)
-        monkey.join()
         while len(cluster.workers) < MIN_WORKERS:
             cluster.add_worker()
         for t in threads:

@@ -78,6 +78,9 @@ def local_cluster(storage: str, *, workers: int = 2, head_cpus: float = 2, worke
         local = LocalCluster(c, worker_cpus, worker_resources or {}, storage)
         for _ in range(workers):
             local.add_worker()
+        # Ray calls from threads that outlive this block (a job still running when a test fails) must not
+        # auto-connect to another Ray on the host: point them at this (soon stopped) cluster.
+        os.environ["RAY_ADDRESS"] = c.address
         ray.init(address=c.address, runtime_env={"py_modules": [aidc_package_dir()]}, logging_level=logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield local

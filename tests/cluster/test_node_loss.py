@@ -55,7 +55,7 @@ def _registered(run_dir: Path) -> list[dict]:
     return [{**r["metrics"], "dir": r["checkpoint_dir_name"]} for r in snapshot["checkpoint_results"]]
 
 
-EPOCHS = 20
+EPOCHS = 24  # enough that the run is still going when the lost node is back (growth takes a few seconds)
 COMMON = [f"train.epochs={EPOCHS}", "run.max_failures=null"]
 
 
@@ -71,10 +71,11 @@ def trained(cluster):
     return cfg, baseline, register(cfg, baseline)
 
 
+@pytest.mark.timeout(1500)  # includes the module's cluster start and baseline run: slow on a loaded machine
 def test_elastic_run_shrinks_on_node_loss_grows_back_and_matches_an_uninterrupted_run(cluster, trained):
     root, epochs = cluster.storage, EPOCHS
     _, baseline, _ = trained
-    cfg = _cfg(root, *COMMON, "resources.num_workers=[1, 2]", "resources.elastic_resize_interval_s=3",
+    cfg = _cfg(root, *COMMON, "resources.num_workers=[1, 2]", "resources.elastic_resize_interval_s=1",
                "run.name=elastic")
     assert cfg.run.max_failures == 10  # the elastic default: a node loss is not the end of the run
     outcome: dict = {}
@@ -88,15 +89,15 @@ def test_elastic_run_shrinks_on_node_loss_grows_back_and_matches_an_uninterrupte
     run_dir = Path(root, "runs", "elastic")
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    _wait(lambda: any(c["world_size"] == 2 and c["epoch"] >= 1 for c in _registered(run_dir)), 180,
+    _wait(lambda: any(c["world_size"] == 2 and c["epoch"] >= 1 for c in _registered(run_dir)), 600,
           "2 workers to checkpoint epoch 1")
     t_loss = time.monotonic()
     cluster.remove(cluster.workers[0])  # ungraceful: the node and its trainer are gone
-    _wait(lambda: any(c["world_size"] == 1 for c in _registered(run_dir)), 180, "the run to continue on 1 worker")
+    _wait(lambda: any(c["world_size"] == 1 for c in _registered(run_dir)), 600, "the run to continue on 1 worker")
     t_shrunk = time.monotonic()
     cluster.add_worker()  # the node comes back: the run grows to 2 workers again
     t_back = time.monotonic()
-    thread.join(timeout=300)
+    thread.join(timeout=900)  # hang guards only (no timing asserted): generous for a loaded machine
     assert not thread.is_alive(), "the elastic run did not finish"
     if "error" in outcome:
         raise outcome["error"]
@@ -207,7 +208,7 @@ def test_serving_rides_out_a_lost_node_and_a_killed_replica_with_zero_failed_req
 
     from aidc.serving.retry import LoadRun, percentile, run_load
 
-    _wait(lambda: _running() == 2 and len(set(_replicas().values())) == 2, 120, "2 replicas on 2 nodes")
+    _wait(lambda: _running() == 2 and len(set(_replicas().values())) == 2, 600, "2 replicas on 2 nodes")
     before = _replicas()
     victim, node_id = sorted(before.items())[0]
     run, stop = LoadRun(), threading.Event()
@@ -215,16 +216,16 @@ def test_serving_rides_out_a_lost_node_and_a_killed_replica_with_zero_failed_req
                             kwargs={"clients": 4, "pace_s": 0.05, "stop": stop, "run": run,
                                     "headers": served["headers"]})
     load.start()
-    _wait(lambda: run.done() >= 40, 60, "the load to start")
+    _wait(lambda: run.done() >= 40, 300, "the load to start")
     t_fault = time.monotonic()
     if fault == "node":  # ungraceful: the node and the replica on it are gone
         cluster.remove(next(n for n in cluster.workers if n.node_id == node_id))
     else:  # the replica process dies on a healthy node
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    _wait(lambda: victim not in (now := _replicas()) and len(now) == 2 and _running() == 2, 180,
+    _wait(lambda: victim not in (now := _replicas()) and len(now) == 2 and _running() == 2, 600,
           "a replacement replica")
     t_back = time.monotonic()
-    _wait(lambda: run.done() >= len(run.window(0, t_back)) + 40, 60, "load after recovery")
+    _wait(lambda: run.done() >= len(run.window(0, t_back)) + 40, 300, "load after recovery")
     stop.set()
     load.join(timeout=120)
 
@@ -282,10 +283,10 @@ def test_sweep_retries_the_trials_of_a_lost_node_from_their_checkpoints(cluster,
                 return cluster.node_of_pid(last["pid"])
         return None
 
-    node = _wait(node_of_a_running_trial_with_a_checkpoint, 240, "a running trial with a checkpoint")
+    node = _wait(node_of_a_running_trial_with_a_checkpoint, 600, "a running trial with a checkpoint")
     cluster.remove(node)  # the trial running there is lost mid-sweep
     cluster.add_worker()  # a replacement node: the sweep keeps its 2 trials at once
-    thread.join(timeout=400)
+    thread.join(timeout=900)
     assert not thread.is_alive(), "the sweep did not finish"
     if "error" in outcome:
         raise outcome["error"]

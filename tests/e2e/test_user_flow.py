@@ -44,6 +44,7 @@ def cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="aidc-e2e-", dir="/tmp")
     _run([BIN / "ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
           f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
+          f"--dashboard-agent-listen-port={free_port()}",  # the job agent's port (52365 may be another head's)
           f"--temp-dir={temp_dir}"], env)
     try:
         yield env, f"http://127.0.0.1:{dash}"
@@ -55,7 +56,14 @@ def cluster(tmp_path):
 def test_submit_jobs_deploy_and_predict_over_http(cluster, tmp_path):
     env, dashboard = cluster
     submit = [BIN / "ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--", "python", "-m"]
-    out = _run(submit + ["jobs.preprocess", "--config", "jobs/configs/digits.yaml"], env)
+    for attempt in range(12):  # a head that just started may not have its job agent yet ("No available agent")
+        proc = subprocess.run(submit + ["jobs.preprocess", "--config", "jobs/configs/digits.yaml"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0 or "No available agent" not in proc.stderr + proc.stdout or attempt == 11:
+            break
+        time.sleep(10)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
     assert "rows read 1797 = kept 1797 + rejected 0" in out
     out = _run(submit + ["jobs.train", "--config", "jobs/configs/digits.yaml", "--set", "train.epochs=4"], env)
     assert "registered digits-cnn version 1 as digits-cnn@champion" in out

@@ -49,18 +49,36 @@ def _tabular_cfg(root: str, data: Path, *overrides: str):
         "train.max_steps_per_epoch=20", *DRIVER, *overrides])
 
 
+class Trained(dict):
+    """Tiny registered models of every workload on this module's storage root, each trained in the driver the
+    first time a test asks for it (so each test's time limit covers only what it needs)."""
+
+    def __init__(self, root: str, tabular_data: Path):
+        super().__init__(root=root, uri=tracking_uri(None, root), cfgs={}, refs=_Refs(self))
+        self.tabular_data = tabular_data
+
+    def train(self, name: str) -> str:
+        root = self["root"]
+        cfg = (_tabular_cfg(root, self.tabular_data, "run.name=off-tab") if name == "tabular" else
+               workload_config(name, root, *DRIVER, *TINY[name], f"run.name=off-{name}"))
+        preprocess(cfg)
+        self["cfgs"][name] = cfg
+        return register(cfg, run_training(cfg)).ref
+
+
+class _Refs(dict):
+    def __init__(self, trained: Trained):
+        super().__init__()
+        self.trained = trained
+
+    def __missing__(self, name: str) -> str:
+        self[name] = self.trained.train(name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def models(ray_session, tmp_path_factory):
-    """Tiny registered models of every workload (trained in the driver), on this module's storage root."""
-    root = str(tmp_path_factory.mktemp("offline"))
-    cfgs = {name: workload_config(name, root, *DRIVER, *extra, f"run.name=off-{name}") for name, extra in TINY.items()}
-    data = tmp_path_factory.mktemp("tabular")
-    cfgs["tabular"] = _tabular_cfg(root, data, "run.name=off-tab")
-    refs = {}
-    for name, cfg in cfgs.items():
-        preprocess(cfg)
-        refs[name] = register(cfg, run_training(cfg)).ref
-    return {"root": root, "uri": tracking_uri(None, root), "cfgs": cfgs, "refs": refs}
+    return Trained(str(tmp_path_factory.mktemp("offline")), tmp_path_factory.mktemp("tabular"))
 
 
 def _rows(models, name: str, split: str = "test") -> dict:
@@ -72,7 +90,8 @@ def _rows(models, name: str, split: str = "test") -> dict:
 def test_batch_inference_scores_a_split_and_accounts_for_every_bad_row(models, tmp_path):
     from aidc.batch import run_batch_inference
 
-    root, cfg, ref = models["root"], models["cfgs"]["digits"], models["refs"]["digits"]
+    ref = models["refs"]["digits"]  # trained on first use
+    root, cfg = models["root"], models["cfgs"]["digits"]
     loaded = load_model(ref, models["uri"])
     test = _rows(models, "digits")
     split = run_batch_inference(cfg, "split")  # the dataset's test split, already validated
@@ -119,7 +138,8 @@ def test_lm_batch_completions_match_the_api_and_reject_bad_prompts(models, tmp_p
     from aidc.serving import openai as oa
     from aidc.serving.lm_server import LMService, ServedLM
 
-    cfg, ref = models["cfgs"]["shakespeare-gpt"], models["refs"]["shakespeare-gpt"]
+    ref = models["refs"]["shakespeare-gpt"]
+    cfg = models["cfgs"]["shakespeare-gpt"]
     prompts = ["ROMEO:", "To be, or not", "", "x" * 200, "KING HENRY:\nWhat news?"]
     path = tmp_path / "prompts.csv"
     pd.DataFrame({"id": range(len(prompts)), "prompt": prompts}).to_csv(path, index=False)
@@ -151,6 +171,7 @@ def test_compressed_versions_are_registered_signed_loadable_and_smaller(models, 
                                 ("digits", "prune", ["compress.sparsity=0.7"]),
                                 ("digits", "distill", ["model.channels=[4]", "model.hidden=8",
                                                        "compress.temperature=3", "compress.alpha=0.7"])]:
+        models["refs"][name]  # trained on first use
         raw = models["cfgs"][name].model_dump(mode="json")
         raw["compress"] = {"method": method}
         cfg = validate(apply_overrides(raw, [f"run.name=c-{name}-{method}", *extra]), JobConfig)

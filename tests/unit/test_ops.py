@@ -307,3 +307,32 @@ def test_model_flops_utilization_uses_the_gpu_peak():
     assert peak_flops("Some Unknown GPU") is None
     # a 100M-parameter model at 200k tokens/s on one H100: 6 * 1e8 * 2e5 / 989e12 = 12%
     assert model_flops_utilization(100_000_000, 200_000, 989e12) == pytest.approx(0.1213, abs=1e-3)
+
+
+def test_tensors_grpc_methods_are_counted_with_their_status():
+    """The tensors app's gRPC wrapper (no Serve needed): a RequestError becomes the gRPC status and is counted."""
+    from serve_apps.tensors import TensorIngress
+
+    from aidc.ops.serving import tag_request
+    from aidc.serving.oip_grpc import pb
+
+    class Context:  # what grpc gives the servicer: set_code / set_details
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    async def unknown_model():
+        tag_request("nope")
+        raise RequestError("model 'nope' is not served here", status=404)
+
+    def count():
+        return metrics.value("aidc_serve_requests_total", app="", model="nope", version="", protocol="grpc",
+                             route="ModelInfer", code="404")
+
+    grpc_call = TensorIngress.func_or_class._grpc
+    before, ctx = count(), Context()
+    reply = asyncio.run(grpc_call(ctx, pb.ModelInferResponse, unknown_model))
+    assert isinstance(reply, pb.ModelInferResponse) and ctx.code.name == "NOT_FOUND" and "nope" in ctx.details
+    assert count() == before + 1

@@ -101,6 +101,9 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     fs, out_inner = storage.filesystem(out)
     if storage.exists(storage.join(out, MANIFEST)):
         raise ConfigError(f"{out} already holds a batch inference result; choose another batch_infer.output")
+    for part in ("_staged", "predictions", "rejected"):  # what an interrupted run left behind (no manifest)
+        if storage.exists(storage.join(out, part)):
+            fs.delete_dir(storage.filesystem(storage.join(out, part))[1])
     gpu = _use_gpu(b.use_gpu)
     logger.info("scoring %s with %s on %d actor(s) (%s) into %s", source, pinned, b.actors, "GPU" if gpu else
                 "CPU", out)
