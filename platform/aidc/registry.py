@@ -190,13 +190,16 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
         sign_model_dir(model_dir)  # model-signing over every file (aidc.security.signing)
 
         exp_id = _experiment_id(client, cfg.run.experiment, root)
-        tags = {"aidc.dataset": outcome.dataset.uri, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        run_tags = {"aidc.dataset": outcome.dataset.uri,
+                    **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
         from aidc.ops.training import find_live_run
 
         live = find_live_run(client, exp_id, outcome.run_name)  # the run the loop logged epochs into, live
-        run = live or client.create_run(exp_id, run_name=outcome.run_name, tags=tags)
+        if live is not None and client.list_artifacts(live.info.run_id, "model"):
+            live = None  # it already holds a registered version: a second registration gets a run of its own
+        run = live or client.create_run(exp_id, run_name=outcome.run_name, tags=run_tags)
         run_id = run.info.run_id
-        for k, v in (tags if live else {}).items():
+        for k, v in (run_tags if live else {}).items():
             client.set_tag(run_id, k, v)
         for k, v in _flatten(cfg.model_dump(mode="json")).items():
             client.log_param(run_id, k, str(v)[:500])
