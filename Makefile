@@ -116,7 +116,7 @@ demo: setup
 	@echo "Stop it:    make stop"
 
 test: setup
-	$(BIN)/python -m pytest tests/unit tests/integration tests/cluster tests/e2e
+	$(BIN)/python -m pytest tests/unit tests/integration tests/cluster tests/e2e --durations=25
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
