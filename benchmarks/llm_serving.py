@@ -148,7 +148,8 @@ async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--requests", type=int, default=0, help="per level (default max(16, 2 x concurrency))")
+    p.add_argument("--requests", type=int, default=0, help="per level (default max(64, 4 x concurrency): long enough "
+                   "that the batch draining at the end of a run is a small share of it)")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=["continuous", "sequential", "static"],
@@ -185,7 +186,7 @@ def main(argv=None) -> dict:
             for v in args.variants:
                 asyncio.run(drive(url[v], "bench-gpt", workload(2, 99), 1, stream[v]))  # warm up
             for c in args.concurrency:
-                reqs = workload(args.requests or max(16, 2 * c), seed=c)
+                reqs = workload(args.requests or max(64, 4 * c), seed=c)
                 for v in args.variants:
                     r = asyncio.run(drive(url[v], "bench-gpt", reqs, c, stream[v]))
                     results[f"{v}_c{c}"] = r

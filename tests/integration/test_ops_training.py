@@ -76,4 +76,6 @@ def test_live_mlflow_metrics_platform_metrics_and_a_quiet_log(ray_session, tmp_p
         "ray_aidc_data_rows_kept_total": 'dataset="digits"',
     })
     assert found["ray_aidc_train_runs_total"] >= 1
-    assert found["ray_aidc_data_rows_read_total"] == found["ray_aidc_data_rows_kept_total"] == 1797
+    # Counters are cluster-wide: other modules of this Ray session preprocess digits (all 1797 rows) too.
+    read, kept = found["ray_aidc_data_rows_read_total"], found["ray_aidc_data_rows_kept_total"]
+    assert read == kept and read >= 1797 and read % 1797 == 0
