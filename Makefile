@@ -53,7 +53,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	@echo "== 1/8 local Ray head (dashboard $(DASHBOARD), token auth on)"
-	@if $(RAY_ENV) $(BIN)/ray status >/dev/null 2>&1; then echo "a local Ray is already running: reusing it"; \
+	@# Reuse only a head whose dashboard answers on $(DASHBOARD): `ray status` would also find any other Ray on
+	@# this host (an embedded one a test or job started) through /tmp/ray/ray_current_cluster.
+	@if curl -s -o /dev/null $(DASHBOARD)/api/version; then echo "a Ray head is already on $(DASHBOARD): reusing it"; \
 	else $(RAY_ENV) $(BIN)/ray start --head --num-cpus=4 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
 	  --metrics-export-port=8080 --disable-usage-stats >/dev/null && echo "started"; fi
 	@chmod 600 $$HOME/.ray/auth_token 2>/dev/null || true
