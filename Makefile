@@ -93,8 +93,10 @@ demo: setup
 	  --set resources.num_workers=0 --set train.epochs=4 --set train.max_steps_per_epoch=15 --set tune.num_samples=6
 	$(BIN)/aidc sweeps show demo-sweep
 	@echo "== offline: score the digits test split on a Ray Data actor pool; an int8 version side by side (ray job submit)"
+	@# One small actor: the Serve apps hold 2.25 of the head's 4 CPUs, and Ray Data's read task needs a whole one.
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
-	  python -m jobs.batch_infer --config jobs/configs/digits.yaml
+	  python -m jobs.batch_infer --config jobs/configs/digits.yaml --set batch_infer.actors=1 \
+	  --set batch_infer.cpus_per_actor=0.25
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.compress --config jobs/configs/digits.yaml --set compress.method=int8
 	$(BIN)/aidc model compare digits-cnn@champion digits-cnn@int8
