@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,6 +56,44 @@ def stop_local_ray(temp_dir: str, gcs_port: int) -> int:
         except psutil.Error:
             pass
     return len(procs)
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(args, env, timeout=600) -> str:
+    """Run a command from the repository root; its output, or a failed assertion showing it."""
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600):
+    """A head started with `ray start` like `make demo` (token auth on), on free ports; always stopped.
+
+    Yields (env for CLI calls, dashboard URL, the cluster's temp dir). The cluster has its own 0600 token,
+    never the user's ~/.ray/auth_token (absent on a fresh machine), and a short temp dir of its own (socket
+    paths must stay under 108 bytes): stopping it ends only this cluster.
+    """
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "AIDC_STORAGE": str(tmp_path / "storage")}
+    env.pop("RAY_ADDRESS", None)
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    dash, gcs = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    run_cli([BIN / "ray", "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}",  # the job agent's port (52365 may be another head's)
+             f"--temp-dir={temp_dir}"], env, timeout)
+    try:
+        yield env, f"http://127.0.0.1:{dash}", Path(temp_dir)
+    finally:
+        stop_local_ray(temp_dir, gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

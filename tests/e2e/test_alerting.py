@@ -11,12 +11,8 @@ the webhook. Along the way Prometheus must also see the request metrics of the r
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,10 +22,9 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO, free_port, stop_local_ray
+from tests.conftest import BIN, REPO, free_port, ray_head, run_cli
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
 RULES = REPO / "platform" / "monitoring" / "alerts.yml"
 
 
@@ -39,12 +34,6 @@ def _binary(*names: str) -> str:
         if found:
             return found
     pytest.skip(f"{names[0]} is not installed: `make setup` installs the Debian prometheus packages (as root)")
-
-
-def _run(args, env, timeout=300):
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
 
 
 def _wait(what: str, check, timeout: float = 180, every: float = 1.0):
@@ -83,23 +72,8 @@ class Webhook:
 @pytest.fixture
 def cluster(tmp_path):
     """A head started with `ray start` (token auth on, metrics on a free port); always stopped."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "AIDC_STORAGE": str(tmp_path / "storage")}
-    env.pop("RAY_ADDRESS", None)
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    env["RAY_AUTH_TOKEN_PATH"] = str(token)
-    dash, gcs = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="aidc-alert-", dir="/tmp")
-    _run([BIN / "ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-          f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
-          f"--temp-dir={temp_dir}"], env)
-    try:
-        yield env, f"http://127.0.0.1:{dash}", Path(temp_dir)
-    finally:
-        stop_local_ray(temp_dir, gcs)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(tmp_path, num_cpus=2, prefix="aidc-alert-", timeout=300) as head:
+        yield head
 
 
 def _register_tiny_models(storage: Path, monkeypatch) -> Path:
@@ -141,7 +115,7 @@ def test_a_tampered_model_pages_through_prometheus_and_alertmanager(cluster, tmp
                                                    "deployment": {"num_cpus": 0.2}}},
                           "deployments": [{"name": "TensorIngress", "ray_actor_options": {"num_cpus": 0.1}}]}],
     }))
-    _run([BIN / "serve", "deploy", str(serve_config), "--address", dashboard], env)
+    run_cli([BIN / "serve", "deploy", str(serve_config), "--address", dashboard], env, timeout=300)
     url = f"http://127.0.0.1:{http}/v2"
     _wait("the tensors app", lambda: _get(f"{url}/health/ready") == 200, timeout=240)
 
@@ -198,8 +172,8 @@ def test_a_tampered_model_pages_through_prometheus_and_alertmanager(cluster, tmp
         assert {("healthy", "ok"), ("tampered", "integrity")} <= loads, loads
 
         # The operator's screen shows the node, the app with its replicas and rate, and the firing alert.
-        screen = _run([BIN / "aidc", "status", "--address", dashboard, "--prometheus", f"http://127.0.0.1:{prom_port}"],
-                      env)
+        screen = run_cli([BIN / "aidc", "status", "--address", dashboard, "--prometheus",
+                          f"http://127.0.0.1:{prom_port}"], env, timeout=300)
         assert "(head)" in screen and "ALIVE" in screen, screen
         app_line = next(line for line in screen.splitlines() if line.strip().startswith("tensors"))
         assert "RUNNING" in app_line and "2/2" in app_line, screen

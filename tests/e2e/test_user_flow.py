@@ -3,12 +3,7 @@ key, HTTP, the audit trail, then stop."""
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,41 +11,17 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO, free_port, stop_local_ray
+from tests.conftest import BIN, REPO, free_port, ray_head
+from tests.conftest import run_cli as _run
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
-
-
-def _run(args, env, timeout=600):
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture
 def cluster(tmp_path):
     """A head started with `ray start`, with token auth on, like `make demo`; always stopped."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "AIDC_STORAGE": str(tmp_path / "storage")}
-    env.pop("RAY_ADDRESS", None)
-    # The cluster's own token, 0600, never the user's ~/.ray/auth_token (absent on a fresh machine).
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    env["RAY_AUTH_TOKEN_PATH"] = str(token)
-    dash, gcs = free_port(), free_port()
-    # A short temp dir of its own (socket paths must stay under 108 bytes): stopping it ends only this cluster.
-    temp_dir = tempfile.mkdtemp(prefix="aidc-e2e-", dir="/tmp")
-    _run([BIN / "ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
-          f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
-          f"--dashboard-agent-listen-port={free_port()}",  # the job agent's port (52365 may be another head's)
-          f"--temp-dir={temp_dir}"], env)
-    try:
-        yield env, f"http://127.0.0.1:{dash}"
-    finally:
-        stop_local_ray(temp_dir, gcs)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(tmp_path, num_cpus=4, prefix="aidc-e2e-") as (env, dashboard, _):
+        yield env, dashboard
 
 
 def test_submit_jobs_deploy_and_predict_over_http(cluster, tmp_path):
