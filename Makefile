@@ -13,7 +13,7 @@ DASHBOARD := http://127.0.0.1:8265
 SERVE_URL := http://127.0.0.1:8000
 # The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
-RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token
+RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1
 
 .PHONY: setup clients monitoring demo test test-unit stop bench bench-quality clean
 

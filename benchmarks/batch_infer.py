@@ -66,7 +66,7 @@ def _write_rows(cfg, path: Path, rows: int, payload_bytes: int, files: int) -> i
 
     from aidc.data.dataset import open_dataset
 
-    images = open_dataset(cfg.run.storage, "digits").read_numpy("train")["image"]
+    images = open_dataset(cfg.run.storage, cfg.name).read_numpy("train")["image"]
     path.mkdir(parents=True)
     per = rows // files
     pad = "x" * payload_bytes
@@ -135,6 +135,10 @@ def _side_by_side(cfg, tmp: str, label: str, sizes: list[int], batch: int, write
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the test suite")
+    p.add_argument("--rows", type=int, nargs=2, default=[100000, 400000],
+                   help="digits rows of the two runs (the marginal rate is their difference over the time's)")
+    p.add_argument("--mnist-rows", type=int, nargs=2, default=[10000, 60000], help="MNIST rows of the two runs")
+    p.add_argument("--prompts", type=int, nargs=2, default=[1024, 8192], help="GPT prompts of the two runs")
     args = p.parse_args(argv)
     stream_rows, payload, store_mb = (6000 if args.quick else 30000), 16384, 80
     results: dict = {}
@@ -142,13 +146,18 @@ def main(argv=None) -> dict:
         root = str(Path(tmp, "storage"))
         with _ray(2):
             digits = _train(root)
-            sizes = [3000] if args.quick else [20000, 60000]
+            sizes = [3000] if args.quick else args.rows
             results["digits_cnn"] = _side_by_side(digits, tmp, "digits", sizes, 512,
                                                   lambda path, n: _write_rows(digits, path, n, 0, files=8))
             print(json.dumps({"digits_cnn": results["digits_cnn"]}), flush=True)  # figures as they come
+            if not args.quick:  # a 28x28 image per row: the MNIST CNN (the image model)
+                mnist = _train(root, "mnist")
+                results["mnist_cnn"] = _side_by_side(mnist, tmp, "mnist", args.mnist_rows, 512,
+                                                     lambda path, n: _write_rows(mnist, path, n, 0, files=8))
+                print(json.dumps({"mnist_cnn": results["mnist_cnn"]}), flush=True)
             if not args.quick:  # a heavier row: a 32-token completion per prompt from the character GPT
                 gpt = _train(root, "shakespeare-gpt")
-                results["char_gpt"] = _side_by_side(gpt, tmp, "gpt", [64, 192], 32,
+                results["char_gpt"] = _side_by_side(gpt, tmp, "gpt", args.prompts, 32,
                                                     lambda path, n: _write_prompts(path, n, files=8))
                 print(json.dumps({"char_gpt": results["char_gpt"]}), flush=True)
         # Streaming: input several times the object store; the job must finish with every row accounted for.

@@ -18,6 +18,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def local_ray(num_cpus: float, **kwargs):
     import ray
 
+    from aidc.runtime import apply_serve_env
+
+    apply_serve_env()  # Serve's gRPC request path, as every aidc Ray runs it
     # address="local": a fresh Ray even when another one runs on this host (else ray.init would join it)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False

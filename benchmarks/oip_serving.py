@@ -1,8 +1,9 @@
 """OIP v2 tensor serving under load: an MNIST-shaped CNN (1x28x28, channels [32, 64]) on Ray Serve.
 
-Side by side on the same machine: dynamic batching on vs off, 1 vs 2 replicas, at concurrency
-1/8/32/64 (req/s, p50, p99), and the same model behind a plain FastAPI + uvicorn process (p50 at c=1,
-req/s at c=32). The client shares the machine with the server: figures are ratios, not absolutes.
+Side by side on the same machine: dynamic batching on vs off, 1 vs 2 replicas, the model on its own
+deployment (proxy -> ingress -> model) vs in the ingress (`placement: ingress`, proxy -> ingress), at
+concurrency 1/8/32/64 (req/s, p50, p99), and the same model behind a plain FastAPI + uvicorn process (p50
+at c=1, req/s at c=32). The client shares the machine with the server: figures are ratios, not absolutes.
 
     python -m benchmarks.oip_serving [--quick] [--seconds S]
 """
@@ -121,8 +122,18 @@ def cold_start(uri: str, root: Path, port: int) -> dict:
             "ok": warm.ok and cold.ok}
 
 
-def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float, setups: list[tuple[str, int, int]],
-                cold: bool = False) -> dict:
+def app_args(uri: str, root: Path, batch: int, replicas: int, placement: str) -> dict:
+    model = {"name": MODEL, "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.004},
+             "placement": placement}
+    if placement == "ingress":  # the model runs in the ingress replicas: give them the model's CPU
+        return {"tracking_uri": uri, "storage": str(root), "models": [model],
+                "ingress": {"num_cpus": 0.5, "num_replicas": replicas}}
+    model["deployment"] = {"num_cpus": 0.5, "num_replicas": replicas, "max_ongoing_requests": 128}
+    return {"tracking_uri": uri, "storage": str(root), "models": [model]}
+
+
+def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
+                setups: list[tuple[str, int, int, str]], cold: bool = False) -> dict:
     from ray import serve
 
     from serve_apps.tensors import app_builder
@@ -132,10 +143,8 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float, setups:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     out = {}
     try:
-        for label, batch, replicas in setups:
-            args = {"tracking_uri": uri, "storage": str(root), "models": [{
-                "name": MODEL, "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.004},
-                "deployment": {"num_cpus": 0.5, "num_replicas": replicas, "max_ongoing_requests": 128}}]}
+        for label, batch, replicas, placement in setups:
+            args = app_args(uri, root, batch, replicas, placement)
             serve.run(app_builder(args), name="tensors", route_prefix="/v2", logging_config=QUIET)
             url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
             out[label] = {f"c{c}": asyncio.run(drive(url, c, seconds)) for c in levels}
@@ -174,18 +183,26 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="Two levels, one setup, 1.5 s each (smoke test).")
     p.add_argument("--seconds", type=float, default=8.0, help="Load duration per concurrency level.")
+    p.add_argument("--only", nargs="*", default=None, help="Run only these setups (e.g. unbatched_1r_ingress); "
+                   "figures need the full set.")
+    p.add_argument("--no-cold", action="store_true", help="Skip the cold start from zero replicas.")
     a = p.parse_args(argv)
     levels = [1, 8] if a.quick else [1, 8, 32, 64]
     seconds = 1.5 if a.quick else a.seconds
-    setups = [("batched_1r", 32, 1)] if a.quick else [
-        ("unbatched_1r", 1, 1), ("batched_1r", 32, 1), ("unbatched_2r", 1, 2), ("batched_2r", 32, 2)]
+    setups = [("batched_1r", 32, 1, "deployment")] if a.quick else [
+        (f"{b}_{r}r{'_ingress' if p == 'ingress' else ''}", 32 if b == "batched" else 1, r, p)
+        for p in ("deployment", "ingress") for r in (1, 2) for b in ("unbatched", "batched")]
+    if a.only:
+        setups = [s for s in setups if s[0] in a.only]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         uri = register_random_cnn(root)
         with local_ray(4, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}):
-            result = serve_sweep(uri, root, levels, seconds, setups, cold=not a.quick)
+            result = serve_sweep(uri, root, levels, seconds, setups, cold=not (a.quick or a.no_cold))
         result["plain_fastapi"] = plain_fastapi(root / "model", [1] if a.quick else [1, 32], seconds)
         print("plain_fastapi", json.dumps(result["plain_fastapi"]), flush=True)
+    if a.only:
+        return result
     result["figures"] = figures(result, a.quick)
     print(json.dumps(result["figures"], indent=2))
     return result
@@ -196,15 +213,16 @@ def figures(r: dict, quick: bool) -> dict:
     f["serve_minus_plain_p50_ms_c1"] = round(r["batched_1r"]["c1"]["p50_ms"] - r["plain_fastapi"]["c1"]["p50_ms"], 2)
     if quick:
         return f
-    for reps in ("1r", "2r"):
+    for reps in ("1r", "2r", "1r_ingress", "2r_ingress"):
         b, u = r[f"batched_{reps}"], r[f"unbatched_{reps}"]
         f[f"batched_over_unbatched_c32_{reps}"] = round(b["c32"]["req_per_s"] / max(u["c32"]["req_per_s"], 1e-9), 2)
         best = max(b[c]["req_per_s"] for c in ("c1", "c8", "c32"))
         f[f"batched_c64_over_best_{reps}"] = round(b["c64"]["req_per_s"] / best, 2)
-    f["serve_unbatched_minus_plain_p50_ms_c1"] = round(
-        r["unbatched_1r"]["c1"]["p50_ms"] - r["plain_fastapi"]["c1"]["p50_ms"], 2)
-    f["serve_batched_over_plain_req_per_s_c32"] = round(
-        r["batched_1r"]["c32"]["req_per_s"] / max(r["plain_fastapi"]["c32"]["req_per_s"], 1e-9), 2)
+    for where in ("1r", "1r_ingress"):
+        f[f"serve_unbatched_{where}_minus_plain_p50_ms_c1"] = round(
+            r[f"unbatched_{where}"]["c1"]["p50_ms"] - r["plain_fastapi"]["c1"]["p50_ms"], 2)
+        f[f"serve_batched_{where}_over_plain_req_per_s_c32"] = round(
+            r[f"batched_{where}"]["c32"]["req_per_s"] / max(r["plain_fastapi"]["c32"]["req_per_s"], 1e-9), 2)
     return f
 
 

@@ -1,11 +1,15 @@
 """Tensor models over the Open Inference Protocol v2 (KServe v2): REST at /v2 and gRPC on Serve's gRPC proxy.
 
-One `TensorModel` deployment per served registry version (dynamic batching, autoscaling, a bounded
-queue); the `TensorIngress` routes by model name/version (alias, pinned versions, a canary) and is a
-thin transport over `aidc.serving.oip_plane.DataPlane`. Serve config: serve_apps/config.yaml, app `tensors`.
+Each served registry version is a `ServedVersion` (dynamic batching, a bounded queue). By default it runs
+on its own `TensorModel` deployment (per-model replicas and autoscaling); with `placement: ingress` it runs
+inside the `TensorIngress` replica itself, which saves a network hop per request (Triton-style: all models
+in the server process; replicas and autoscaling then come from `ingress:`). The ingress routes by model
+name/version (alias, pinned versions, a canary) and is a thin transport over
+`aidc.serving.oip_plane.DataPlane`. Serve config: serve_apps/config.yaml, app `tensors`.
 No `from __future__ import annotations` here: FastAPI must see real types on Serve ingress methods.
 """
 
+import inspect
 import logging
 from typing import Any, Literal
 
@@ -51,15 +55,37 @@ class DeploymentArgs(Strict):
     num_replicas: int = Field(1, ge=1, description="Fixed replicas when autoscaling_config is null.")
 
 
+class IngressArgs(Strict):
+    num_cpus: float = Field(0.25, gt=0, description="CPUs per ingress replica (give more when models run in it).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per ingress replica (for `placement: ingress` models).")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config of the ingress; null = num_replicas.")
+    num_replicas: int = Field(1, ge=1, description="Fixed ingress replicas when autoscaling_config is null.")
+
+
 class ModelArgs(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Registered model name (the {name} in URLs).")
     alias: str = Field("champion", description="Alias served when a request names no version.")
     versions: list[str] = Field([], description="Further registry versions served when pinned in the URL.")
     canary: CanaryArgs | None = Field(None, description="Send a share of unversioned traffic to another version.")
     batching: BatchingArgs = Field(default_factory=BatchingArgs, description="Dynamic batching (@serve.batch).")
+    placement: Literal["deployment", "ingress"] = Field(
+        "deployment", description="deployment: each version on its own deployment (replicas and autoscaling per "
+        "model, one extra hop per request); ingress: the versions run inside the ingress replica (no extra hop; "
+        "scale the ingress with `ingress:`).")
     deployment: DeploymentArgs = Field(default_factory=DeploymentArgs, description="Replica resources/scaling.")
     unknown_users: Literal["popular", "404"] = Field(
         "popular", description="Recommenders: top-K for an unknown user gives popular items or a 404.")
+
+    @model_validator(mode="after")
+    def _placement(self):
+        if self.placement == "ingress":
+            own = self.deployment.model_fields_set - {"max_ongoing_requests", "max_queued_requests"}
+            if own:
+                raise ValueError(f"model {self.name!r} has placement: ingress, so it runs in the ingress replicas: "
+                                 f"deployment.{sorted(own)} do not apply; set them under the app's `ingress:` "
+                                 "(only max_ongoing_requests and max_queued_requests stay per model)")
+        return self
 
 
 class MultiplexedArgs(Strict):
@@ -73,7 +99,10 @@ class MultiplexedArgs(Strict):
 class TensorsArgs(Strict):
     """Application arguments (the `args:` block of the `tensors` app in the Serve config)."""
 
-    models: list[ModelArgs] = Field([], description="Registered models, each on its own deployment(s).")
+    models: list[ModelArgs] = Field([], description="Registered models, each on its own deployment(s) or in the "
+                                    "ingress (placement).")
+    ingress: IngressArgs = Field(default_factory=IngressArgs, description="The TensorIngress deployment's resources "
+                                 "and scaling.")
     multiplexed: MultiplexedArgs | None = Field(None, description="Many small models per replica (@serve.multiplexed).")
     tracking_uri: str | None = Field(None, description="MLflow registry; default sqlite under $AIDC_STORAGE.")
     storage: str | None = Field(None, description="Storage root of datasets (recommender history).")
@@ -114,9 +143,8 @@ class TopKResponse(Strict):
     items: list[TopKItem] = Field(..., description="Best items first, excluding ones the user rated.")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
-class TensorModel:
-    """One registry version: loaded and integrity-verified before the replica takes traffic."""
+class ServedVersion:
+    """One registry version: loaded and integrity-verified before it takes traffic."""
 
     def __init__(self, ref: str, tracking_uri: str | None, batching: dict, storage: str | None,
                  unknown_users: str):
@@ -147,6 +175,37 @@ class TensorModel:
             train = open_dataset(storage_root(self.storage), name, version).read_numpy("train")
             self._topk = TopK(self.loaded, train, self.unknown_users)
         return self._topk.top(user, k)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class TensorModel(ServedVersion):
+    """A `ServedVersion` on its own deployment (placement: deployment): per-model replicas and autoscaling."""
+
+
+class LocalHandle:
+    """A `ServedVersion` inside the ingress (placement: ingress) behind a deployment handle's call shape
+    (`handle.method.remote(...)` is awaited), with the deployment's bounded queue: more than
+    max_ongoing_requests + max_queued_requests requests in flight get 503 + Retry-After."""
+
+    def __init__(self, served: ServedVersion, limit: int | None):
+        self.served, self.limit, self.in_flight = served, limit, 0
+
+    def __getattr__(self, method: str):
+        fn = getattr(self.served, method)
+
+        async def remote(*args):
+            if self.limit is not None and self.in_flight >= self.limit:
+                loaded = self.served.loaded
+                raise RequestError(f"model {loaded.name!r} version {loaded.version} is at capacity "
+                                   f"({self.limit} requests in flight); retry after 1 s", status=503)
+            self.in_flight += 1
+            try:
+                out = fn(*args)
+                return await out if inspect.isawaitable(out) else out
+            finally:
+                self.in_flight -= 1
+
+        return type("Method", (), {"remote": staticmethod(remote)})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -205,10 +264,17 @@ class TensorIngress:
     def __init__(self, args: dict, routes: dict, multiplexed=None):
         self.args = TensorsArgs.model_validate(args)
         ApiKeyAuth.configure("tensors", self.args.auth)
-        for r in routes.values():  # multiplexed models: one shared handle, the model id picks the model
-            r["handles"] = {v: multiplexed.options(multiplexed_model_id=h) if isinstance(h, str) else h
-                            for v, h in r["handles"].items()}
+        for r in routes.values():
+            r["handles"] = {v: self._handle(h, multiplexed) for v, h in r["handles"].items()}
         self.plane = DataPlane({n: ModelRoute(**r) for n, r in routes.items()}, seed=self.args.canary_seed)
+
+    @staticmethod
+    def _handle(h, multiplexed):
+        if isinstance(h, str):  # multiplexed models: one shared handle, the model id picks the model
+            return multiplexed.options(multiplexed_model_id=h)
+        if isinstance(h, dict):  # placement: ingress: load (and verify) the version in this replica
+            return LocalHandle(ServedVersion(*h["args"]), h["limit"])
+        return h
 
     # -- REST ------------------------------------------------------------------------------
     @api.get("/health/live", response_model=oip.LiveResponse)
@@ -379,15 +445,25 @@ def app_builder(args: dict):
         handles = {}
         for v in versions:
             resolve(f"{m.name}/{v}", uri)  # unknown versions fail the deploy, not the first request
-            handles[v] = TensorModel.options(name=f"{m.name}-v{v}", **_deployment_options(m.deployment)).bind(
-                f"{m.name}/{v}", uri, m.batching.model_dump(), parsed.storage, m.unknown_users)
+            served = (f"{m.name}/{v}", uri, m.batching.model_dump(), parsed.storage, m.unknown_users)
+            if m.placement == "ingress":
+                d = m.deployment
+                limit = d.max_ongoing_requests + d.max_queued_requests if d.max_queued_requests >= 0 else None
+                handles[v] = {"args": served, "limit": limit}
+            else:
+                handles[v] = TensorModel.options(name=f"{m.name}-v{v}", **_deployment_options(m.deployment)).bind(
+                    *served)
         routes[m.name] = {"name": m.name, "default": default, "handles": handles,
                           "canary": m.canary.version if m.canary else None,
                           "canary_percent": m.canary.percent if m.canary else 0.0}
-    return TensorIngress.bind(args, routes, mux)
+    return TensorIngress.options(**_scaling(parsed.ingress)).bind(args, routes, mux)
+
+
+def _scaling(d: DeploymentArgs | IngressArgs) -> dict:
+    scaling = {"autoscaling_config": d.autoscaling_config} if d.autoscaling_config else {"num_replicas": d.num_replicas}
+    return {"ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}, **scaling}
 
 
 def _deployment_options(d: DeploymentArgs) -> dict:
-    scaling = {"autoscaling_config": d.autoscaling_config} if d.autoscaling_config else {"num_replicas": d.num_replicas}
     return {"max_ongoing_requests": d.max_ongoing_requests, "max_queued_requests": d.max_queued_requests,
-            "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}, **scaling}
+            **_scaling(d)}

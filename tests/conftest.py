@@ -76,8 +76,10 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600):
     never the user's ~/.ray/auth_token (absent on a fresh machine), and a short temp dir of its own (socket
     paths must stay under 108 bytes): stopping it ends only this cluster.
     """
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "AIDC_STORAGE": str(tmp_path / "storage")}
+    from aidc.runtime import apply_serve_env
+
+    env = apply_serve_env({**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                           "AIDC_STORAGE": str(tmp_path / "storage")})
     env.pop("RAY_ADDRESS", None)
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))

@@ -343,6 +343,8 @@ class BatchInferConfig(Strict):
     batch_size: int = Field(256, ge=1, description="Rows per model call in each actor.")
     actors: int = Field(2, ge=1, description="Actors in the pool, each holding one copy of the model.")
     cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per actor; fractions leave room for the reads.")
+    io_cpus: float = Field(0.25, gt=0, le=1, description="CPUs each read and write task asks for (Ray Data's default "
+                           "is 1: with Serve holding most of a node's CPUs, the reads would never be scheduled).")
     use_gpu: Literal["auto"] | bool = Field("auto", description="One GPU per actor: auto = when the cluster has GPUs.")
     max_tokens: int = Field(32, ge=1, description="Language models: tokens to generate per prompt (as the API's).")
     temperature: float = Field(1.0, ge=0, le=2, description="Language models: sampling temperature; 0 is greedy.")

@@ -104,7 +104,9 @@ def test_batch_inference_scores_a_split_and_accounts_for_every_bad_row(models, t
     assert np.allclose(np.stack(preds["probabilities"]), [p["probabilities"] for p in served], atol=1e-5)
     assert split["model"]["version"] == loaded.version and split["input"]["fingerprint"]
 
-    # Your own JSONL with bad rows: each rejected with the API's own message, none lost.
+    # Your own JSONL with bad rows: each rejected with the API's own message, none lost. One actor holds 3.5
+    # of the session's 4 CPUs, as Serve replicas may on a real head: the reads and writes (io_cpus 0.25)
+    # must still be scheduled (at Ray Data's default of 1 CPU each they would wait forever).
     images = [img.tolist() for img in test["image"][:40]]
     images[3] = None
     images[5] = images[5][:7]
@@ -112,7 +114,8 @@ def test_batch_inference_scores_a_split_and_accounts_for_every_bad_row(models, t
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"id": 1000 + i, "image": img}) + "\n" for i, img in enumerate(images)))
     own = cfg.model_copy(update={"batch_infer": cfg.batch_infer.model_copy(update={
-        "path": str(path), "format": "jsonl", "batch_size": 16, "output": str(tmp_path / "out")})})
+        "path": str(path), "format": "jsonl", "batch_size": 16, "output": str(tmp_path / "out"), "actors": 1,
+        "cpus_per_actor": 3.5})})
     m = run_batch_inference(own)
     c = m["counts"]
     assert c["rows_in"] == 40 and c["predicted"] == 37 and c["rejected"] == 3

@@ -101,7 +101,10 @@ def server(models, root):
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
     args = {"tracking_uri": tracking_uri(None, root), "storage": root, "canary_seed": 0, "models": [
         _model_args(name="digits-cnn", versions=[models["digits-v2"].version]),
-        _model_args(name="sms-spam-transformer"),
+        # placement: ingress: the text model runs inside the ingress replica (no second hop); every REST,
+        # tritonclient and gRPC test of it below exercises that path
+        {"name": "sms-spam-transformer", "placement": "ingress",
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}},
         _model_args(name="movielens-mf", unknown_users="popular", deployment={"num_cpus": 0.2, "autoscaling_config": {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
             "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.5}}),

@@ -86,3 +86,18 @@ def test_cli_describe_and_validate(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(raw))
     assert aidc_main(["cluster", "validate", str(bad)]) == 2
     assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_every_ray_start_carries_the_serve_environment():
+    """aidc.runtime.SERVE_ENV (Serve's gRPC request path) is read by each Ray process at start: the cluster
+    configs' `ray start` commands and the Makefile's must set it, as init_ray does for an embedded Ray."""
+    from aidc.runtime import SERVE_ENV
+
+    wanted = [f"{k}={v}" for k, v in SERVE_ENV.items()]
+    for path in (CLOUD, ONPREM):
+        raw = load_cluster_yaml(path)
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            starts = [c for c in raw[key] if "ray start" in c]
+            assert starts and all(w in c for c in starts for w in wanted), (path.name, key)
+    make_env = next(ln for ln in (REPO / "Makefile").read_text().splitlines() if ln.startswith("RAY_ENV :="))
+    assert all(w in make_env for w in wanted)

@@ -200,3 +200,45 @@ def test_shipped_serve_config_tensors_args_validate_and_bad_ones_name_the_field(
         TensorsArgs.model_validate({"models": [{"name": "m"}, {"name": "m"}]})
     with pytest.raises(ValidationError, match="max_batchsize"):
         TensorsArgs.model_validate({"models": [{"name": "m", "batching": {"max_batchsize": 4}}]})
+    with pytest.raises(ValidationError, match=r"placement: ingress.*num_cpus.*ingress"):
+        TensorsArgs.model_validate({"models": [{"name": "m", "placement": "ingress", "deployment": {"num_cpus": 1}}]})
+    inline = TensorsArgs.model_validate({"models": [{"name": "m", "placement": "ingress",
+                                                      "deployment": {"max_queued_requests": 4}}],
+                                         "ingress": {"num_cpus": 1, "num_replicas": 2}})
+    assert inline.models[0].placement == "ingress" and inline.ingress.num_replicas == 2
+
+
+def test_a_model_in_the_ingress_answers_like_a_deployment_and_bounds_its_queue():
+    """placement: ingress: the version runs in the ingress process behind a handle-shaped LocalHandle; more than
+    max_ongoing + max_queued requests in flight get a 503 naming the model, and the count drains after."""
+    from serve_apps.tensors import LocalHandle
+
+    class Served:  # the ServedVersion interface: a sync and an async method, and `loaded`
+        loaded = type("Loaded", (), {"name": "m", "version": "3"})()
+
+        def __init__(self):
+            self.gate = asyncio.Event()
+
+        def describe(self):
+            return {"name": "m"}
+
+        async def infer(self, inputs):
+            await self.gate.wait()
+            return {"y": inputs["x"] + 1}
+
+    async def run():
+        served = Served()
+        handle = LocalHandle(served, limit=2)
+        assert await handle.describe.remote() == {"name": "m"}
+        first = [asyncio.ensure_future(handle.infer.remote({"x": np.array([i])})) for i in range(2)]
+        await asyncio.sleep(0)
+        assert handle.in_flight == 2
+        with pytest.raises(RequestError, match="'m' version 3 is at capacity") as exc:
+            await handle.infer.remote({"x": np.array([9])})
+        assert exc.value.status == 503
+        served.gate.set()
+        assert [r["y"].tolist() for r in await asyncio.gather(*first)] == [[1], [2]]
+        assert handle.in_flight == 0
+        assert (await LocalHandle(served, None).infer.remote({"x": np.array([5])}))["y"].tolist() == [6]
+
+    asyncio.run(run())

@@ -46,9 +46,10 @@ def _read_input(cfg, spec: dict, root: str):
             raise DataError(f"{exc} (batch_infer scores the columns the model was trained on, plus "
                             f"batch_infer.key: {b.key!r})") from None
         fingerprint, files = _input_files_fingerprint(b.path)
+        io = {"ray_remote_args": {"num_cpus": b.io_cpus}}
         readers = {"csv": ray.data.read_csv, "parquet": ray.data.read_parquet,
-                   "jsonl": lambda p: ray.data.read_json(p, lines=True)}
-        return readers[b.format](b.path), False, {"path": b.path, "format": b.format, "files": len(files),
+                   "jsonl": lambda p, **kw: ray.data.read_json(p, lines=True, **kw)}
+        return readers[b.format](b.path, **io), False, {"path": b.path, "format": b.format, "files": len(files),
                                                   "fingerprint": fingerprint}
     if spec["task"] == "language_model":
         raise ConfigError("batch_infer on a language model takes a file of prompts: set batch_infer.path and "
@@ -60,7 +61,8 @@ def _read_input(cfg, spec: dict, root: str):
     if m["task"] != spec["task"]:
         raise ConfigError(f"dataset {dv.uri} is a {m['task']} dataset but the model is a {spec['task']} model; "
                           "set batch_infer.model to a model trained on it, or score your own files with path")
-    return dv.read(b.split), True, {"dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"]}
+    return dv.read(b.split, ray_remote_args={"num_cpus": b.io_cpus}), True, {
+        "dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"]}
 
 
 def _use_gpu(setting) -> bool:
@@ -115,7 +117,7 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
                                                       "from_split": from_split, "options": options},
                     compute=ray.data.ActorPoolStrategy(size=b.actors), num_cpus=b.cpus_per_actor,
                     num_gpus=1 if gpu else 0, batch_size=b.batch_size, batch_format="pandas")
-       .write_parquet(staged, partition_cols=[STATUS]))
+       .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus}))
     predicted = _rewrite(storage.join(staged, f"{STATUS}=predicted"), storage.join(out, "predictions"),
                          ["key", *(n for n, _ in PREDICTION_COLUMNS[spec["task"]])])
     rejected = _rewrite(storage.join(staged, f"{STATUS}=rejected"), storage.join(out, "rejected"),
