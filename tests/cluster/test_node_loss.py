@@ -32,13 +32,13 @@ def _cfg(root: str, *overrides: str):
     return workload_config("digits", root, *TINY, *overrides)
 
 
-def _wait(predicate, timeout_s: float, what: str):
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
@@ -255,8 +255,9 @@ def test_sweep_retries_the_trials_of_a_lost_node_from_their_checkpoints(cluster,
     from tests.conftest import CONFIGS
 
     raw = yaml.safe_load((CONFIGS / "digits.yaml").read_text())
-    raw["model"].update({"channels": [8], "hidden": 16})
-    raw["train"].update({"epochs": 4, "max_steps_per_epoch": 4, "keep_checkpoints": 1})
+    # The shipped model size and 40 steps an epoch (about a second each here): with a smaller one the three
+    # trials ran all their epochs within a single poll (0.3 s a trial) and no node loss could hit one mid-run.
+    raw["train"].update({"epochs": 4, "max_steps_per_epoch": 40, "keep_checkpoints": 1})
     raw["resources"] = {"num_workers": 0, "cpus_per_worker": 0.25, "custom": {SLOT: 1}}
     raw["run"] = {"storage": cluster.storage, "name": "lost-node-sweep"}
     raw["tune"] = {"space": {"train.lr": {"type": "grid", "values": [0.003, 0.01, 0.001]}}, "search": "grid",
@@ -273,17 +274,27 @@ def test_sweep_retries_the_trials_of_a_lost_node_from_their_checkpoints(cluster,
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
 
+    seen: dict = {}  # trial -> what the last poll saw (in the failure message if no trial qualifies)
+
     def node_of_a_running_trial_with_a_checkpoint():
         for trial_dir in sweep.glob("run_trial_*"):
             path = trial_dir / "result.json"
             rows = path.read_text().splitlines() if path.exists() else []
             last = json.loads(rows[-1]) if rows else {}
+            node = cluster.node_of_pid(last["pid"]) if last.get("pid") else None
+            seen[trial_dir.name[:24]] = (last.get("epochs_done"), last.get("completed"), last.get("pid"),
+                                         node is not None, any(trial_dir.glob("checkpoint_*")))
+            # any epoch before the last: the trial still has work left to resume from its checkpoint
             if any(trial_dir.glob("checkpoint_*")) and last and not last.get("completed") \
-                    and last.get("epochs_done", 9) <= 2:
-                return cluster.node_of_pid(last["pid"])
+                    and last.get("epochs_done", 9) < raw["train"]["epochs"] and node is not None:
+                return node
         return None
 
-    node = _wait(node_of_a_running_trial_with_a_checkpoint, 600, "a running trial with a checkpoint")
+    try:
+        node = _wait(node_of_a_running_trial_with_a_checkpoint, 600, "a running trial with a checkpoint", 0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen (epochs_done, completed, pid, on a worker node, checkpoint): "
+                             f"{seen}; sweep thread alive: {thread.is_alive()}, outcome: {outcome}") from None
     cluster.remove(node)  # the trial running there is lost mid-sweep
     cluster.add_worker()  # a replacement node: the sweep keeps its 2 trials at once
     thread.join(timeout=900)

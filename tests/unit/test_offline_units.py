@@ -53,6 +53,29 @@ def test_int8_versions_store_plain_tensors_and_load_back_bit_exact(name):
         assert loaded.head.weight is loaded.tokens.weight
 
 
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_int8_encoder_layers_run_attention_as_one_sdpa_call_with_the_regular_paths_outputs(norm_first):
+    """A quantized TransformerEncoderLayer cannot take PyTorch's fused fast path (no weight tensors); its
+    replacement forward (one scaled_dot_product_attention call) must give what the regular path gives,
+    padding masks included."""
+    from torch import nn
+
+    from aidc.compress.quantize import _quantize_dynamic
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, 0.1, batch_first=True, norm_first=norm_first)
+    encoder = _quantize_dynamic(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval())
+    x = torch.randn(3, 10, 32)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 6:], pad[2, 3:] = True, True
+    with torch.inference_mode():
+        fast = encoder(x, src_key_padding_mask=pad)
+        for mod in encoder.layers:  # back to nn.TransformerEncoderLayer.forward (the hook keeps it off the fast path)
+            del mod.forward
+        regular = encoder(x, src_key_padding_mask=pad)
+    assert torch.allclose(fast, regular, atol=1e-5), (fast - regular).abs().max()
+
+
 def test_pruning_masks_hit_the_sparsity_and_the_loop_hook_keeps_it():
     torch.manual_seed(0)
     model_cfg, features, batch = MODELS["tabular_classification"]
