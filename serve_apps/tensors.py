@@ -190,22 +190,28 @@ class LocalHandle:
     def __init__(self, served: ServedVersion, limit: int | None):
         self.served, self.limit, self.in_flight = served, limit, 0
 
-    def __getattr__(self, method: str):
-        fn = getattr(self.served, method)
+    def __getattr__(self, method: str) -> "_LocalMethod":
+        return _LocalMethod(self, getattr(self.served, method))
 
-        async def remote(*args):
-            if self.limit is not None and self.in_flight >= self.limit:
-                loaded = self.served.loaded
-                raise RequestError(f"model {loaded.name!r} version {loaded.version} is at capacity "
-                                   f"({self.limit} requests in flight); retry after 1 s", status=503)
-            self.in_flight += 1
-            try:
-                out = fn(*args)
-                return await out if inspect.isawaitable(out) else out
-            finally:
-                self.in_flight -= 1
 
-        return type("Method", (), {"remote": staticmethod(remote)})
+class _LocalMethod:
+    """`handle.method`: `.remote(...)` runs the method in this process under the handle's queue bound."""
+
+    def __init__(self, handle: LocalHandle, fn):
+        self.handle, self.fn = handle, fn
+
+    async def remote(self, *args):
+        h = self.handle
+        if h.limit is not None and h.in_flight >= h.limit:
+            loaded = h.served.loaded
+            raise RequestError(f"model {loaded.name!r} version {loaded.version} is at capacity "
+                               f"({h.limit} requests in flight); retry after 1 s", status=503)
+        h.in_flight += 1
+        try:
+            out = self.fn(*args)
+            return await out if inspect.isawaitable(out) else out
+        finally:
+            h.in_flight -= 1
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
