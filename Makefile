@@ -10,6 +10,8 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # The demo's cluster: a local head with the dashboard on loopback and token auth on.
 export AIDC_STORAGE ?= $(CURDIR)/.aidc
 DASHBOARD := http://127.0.0.1:8265
+# The demo head's GCS port: `make stop` ends the processes of this cluster only (never another Ray on the host)
+DEMO_GCS_PORT := 6379
 SERVE_URL := http://127.0.0.1:8000
 # The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
@@ -56,7 +58,7 @@ demo: setup
 	@# Reuse only a head whose dashboard answers on $(DASHBOARD): `ray status` would also find any other Ray on
 	@# this host (an embedded one a test or job started) through /tmp/ray/ray_current_cluster.
 	@if curl -s -o /dev/null $(DASHBOARD)/api/version; then echo "a Ray head is already on $(DASHBOARD): reusing it"; \
-	else $(RAY_ENV) $(BIN)/ray start --head --num-cpus=4 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
+	else $(RAY_ENV) $(BIN)/ray start --head --port=$(DEMO_GCS_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
 	  --metrics-export-port=8080 --disable-usage-stats >/dev/null && echo "started"; fi
 	@chmod 600 $$HOME/.ray/auth_token 2>/dev/null || true
 	@echo "== 2/8 preprocess digits (ray job submit)"
@@ -127,7 +129,9 @@ test-unit: setup
 
 stop:
 	-@$(RAY_ENV) $(BIN)/serve shutdown -y --address $(DASHBOARD) >/dev/null 2>&1
-	-@$(BIN)/ray stop >/dev/null 2>&1; echo "Ray stopped"
+	@# Not `ray stop`: that kills every Ray on the host (a test run's, a job's embedded Ray), not just the demo's.
+	@$(BIN)/python -c "from aidc.runtime import stop_local_ray; \
+	  print('Ray stopped (%d processes of the demo head on port $(DEMO_GCS_PORT))' % stop_local_ray($(DEMO_GCS_PORT)))"
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

@@ -25,37 +25,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_local_ray(temp_dir: str, gcs_port: int) -> int:
-    """Stop the Ray cluster started with `ray start --head --temp-dir=<temp_dir> --port=<gcs_port>`, and only it.
-
-    `ray stop` kills every Ray process on the host (another test session's, a user's demo); this finds
-    this cluster's processes by its temp dir or GCS port, plus their children (workers, agents), and ends them.
-    """
-    import psutil
-
-    me = psutil.Process()
-    mine = {me.pid, *(p.pid for p in me.parents())}
-    marks = (temp_dir, f":{gcs_port}")
-    procs: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid in mine or not any(m in " ".join(p.info["cmdline"] or []) for m in marks):
-            continue
-        try:
-            procs.update({q.pid: q for q in (p, *p.children(recursive=True))})
-        except psutil.Error:
-            pass
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs.values(), timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    return len(procs)
 
 
 BIN = Path(sys.executable).parent
@@ -76,7 +45,7 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600):
     never the user's ~/.ray/auth_token (absent on a fresh machine), and a short temp dir of its own (socket
     paths must stay under 108 bytes): stopping it ends only this cluster.
     """
-    from aidc.runtime import apply_serve_env
+    from aidc.runtime import apply_serve_env, stop_local_ray
 
     env = apply_serve_env({**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
                            "AIDC_STORAGE": str(tmp_path / "storage")})
@@ -94,7 +63,7 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600):
     try:
         yield env, f"http://127.0.0.1:{dash}", Path(temp_dir)
     finally:
-        stop_local_ray(temp_dir, gcs)
+        stop_local_ray(gcs, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

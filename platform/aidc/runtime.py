@@ -62,3 +62,44 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def stop_local_ray(gcs_port: int, temp_dir: str | None = None) -> int:
+    """Stop the local Ray cluster started with `ray start --head --port=<gcs_port> [--temp-dir=<temp_dir>]`, and
+    only it; returns how many processes were ended.
+
+    `ray stop` kills every Ray process on the host (a test session's, a job's embedded Ray, another user's
+    head); this finds this cluster's processes by its GCS port (or temp dir), plus their children (workers,
+    agents), and ends them: SIGTERM, then SIGKILL after 15 s.
+    """
+    import re
+
+    import psutil
+
+    me = psutil.Process()
+    mine = {me.pid, *(p.pid for p in me.parents())}
+    port = re.compile(rf"(--gcs-address=\S+:|--address=\S+:|--gcs_server_port=|--port=){gcs_port}(?!\d)")  # GCS, raylet, workers
+
+    def ours(cmdline: str) -> bool:
+        return bool(port.search(cmdline)) or bool(temp_dir and temp_dir in cmdline)
+
+    procs: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid in mine or not ours(" ".join(p.info["cmdline"] or [])):
+            continue
+        try:
+            procs.update({q.pid: q for q in (p, *p.children(recursive=True))})
+        except psutil.Error:
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs.values(), timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return len(procs)

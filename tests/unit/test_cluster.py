@@ -101,3 +101,39 @@ def test_every_ray_start_carries_the_serve_environment():
             assert starts and all(w in c for c in starts for w in wanted), (path.name, key)
     make_env = next(ln for ln in (REPO / "Makefile").read_text().splitlines() if ln.startswith("RAY_ENV :="))
     assert all(w in make_env for w in wanted)
+
+
+def test_stopping_a_local_ray_ends_only_the_processes_of_its_gcs_port():
+    """`make stop` and the tests' heads end one cluster by its GCS port (never `ray stop`, which kills every Ray
+    on the host). Real processes carrying Ray's command-line shapes: only those of port 47613, with their
+    children, are ended; a neighbour on 147613 or 476130 lives on."""
+    import subprocess
+    import sys
+
+    from aidc.runtime import stop_local_ray
+
+    sleep = "import subprocess, sys, time; {} time.sleep(120)"
+    child = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']);"
+    procs = {
+        "gcs": [sys.executable, "-c", sleep.format(""), "--gcs_server_port=47613"],
+        "raylet with a worker": [sys.executable, "-c", sleep.format(child), "--gcs-address=10.0.0.1:47613"],
+        "other port": [sys.executable, "-c", sleep.format(""), "--gcs-address=10.0.0.1:147613"],
+        "longer port": [sys.executable, "-c", sleep.format(""), "--gcs_server_port=476130"],
+    }
+    started = {name: subprocess.Popen(cmd) for name, cmd in procs.items()}
+    try:
+        import time
+
+        import psutil
+
+        deadline = time.time() + 10
+        while not psutil.Process(started["raylet with a worker"].pid).children() and time.time() < deadline:
+            time.sleep(0.05)
+        assert stop_local_ray(47613) == 3  # gcs, raylet and the raylet's child
+        for name in ("gcs", "raylet with a worker"):
+            assert started[name].wait(timeout=20) is not None
+        assert started["other port"].poll() is None and started["longer port"].poll() is None
+    finally:
+        for p in started.values():
+            p.kill()
+            p.wait()

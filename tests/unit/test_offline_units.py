@@ -54,26 +54,41 @@ def test_int8_versions_store_plain_tensors_and_load_back_bit_exact(name):
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
-def test_int8_encoder_layers_run_attention_as_one_sdpa_call_with_the_regular_paths_outputs(norm_first):
-    """A quantized TransformerEncoderLayer cannot take PyTorch's fused fast path (no weight tensors); its
-    replacement forward (one scaled_dot_product_attention call) must give what the regular path gives,
-    padding masks included."""
+def test_int8_encoder_layers_run_int8_attention_with_the_regular_paths_masks(norm_first):
+    """A quantized TransformerEncoderLayer runs its own forward: int8 in/out projections around one
+    scaled_dot_product_attention call. It must give what the float layer's regular path gives (up to int8
+    rounding) under every mask the regular path takes, and each mask must change the result."""
     from torch import nn
 
     from aidc.compress.quantize import _quantize_dynamic
 
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, 0.1, batch_first=True, norm_first=norm_first)
-    encoder = _quantize_dynamic(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval())
+    reference = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    encoder = _quantize_dynamic(copy.deepcopy(reference))
+    attn = encoder.layers[0].self_attn
+    assert attn.in_proj_weight is None and not hasattr(attn, "out_proj")  # int8 only, no float copy kept
     x = torch.randn(3, 10, 32)
     pad = torch.zeros(3, 10, dtype=torch.bool)
     pad[0, 6:], pad[2, 3:] = True, True
-    with torch.inference_mode():
-        fast = encoder(x, src_key_padding_mask=pad)
-        for mod in encoder.layers:  # back to nn.TransformerEncoderLayer.forward (the hook keeps it off the fast path)
-            del mod.forward
-        regular = encoder(x, src_key_padding_mask=pad)
-    assert torch.allclose(fast, regular, atol=1e-5), (fast - regular).abs().max()
+    causal = nn.Transformer.generate_square_subsequent_mask(10)
+    banded = torch.randn(3 * 4, 10, 10)  # float, per batch and head
+    cases = {"none": {}, "padding": {"src_key_padding_mask": pad},
+             "causal": {"mask": causal, "is_causal": True},
+             "bool mask + padding": {"mask": torch.rand(10, 10) > 0.7, "src_key_padding_mask": pad},
+             "float per-head mask": {"mask": banded}}
+    outs = {}
+    for name, kw in cases.items():
+        want = reference(x, **kw).detach()  # grad mode: the regular path (inference mode's fused one NaNs on 3-D masks)
+        with torch.inference_mode():
+            got = encoder(x, **kw)
+        ok = ~pad[..., None].expand_as(got) if "src_key_padding_mask" in kw else torch.ones_like(got, dtype=bool)
+        err = (want - got)[ok].abs().max()
+        assert err < 0.1, (name, err)
+        outs[name] = (got, err)
+    for name in ("padding", "causal", "float per-head mask"):  # each mask is really applied
+        got, err = outs[name]
+        assert (got - outs["none"][0]).abs().max() > 5 * err, name
 
 
 def test_pruning_masks_hit_the_sparsity_and_the_loop_hook_keeps_it():
