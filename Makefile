@@ -15,7 +15,7 @@ DEMO_GCS_PORT := 6379
 SERVE_URL := http://127.0.0.1:8000
 # The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
-RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1
+RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1
 
 .PHONY: setup clients monitoring demo test test-unit stop bench bench-quality clean
 
