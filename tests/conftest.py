@@ -38,7 +38,7 @@ def run_cli(args, env, timeout=600) -> str:
 
 
 @contextlib.contextmanager
-def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600):
+def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray_env: dict | None = None):
     """A head started with `ray start` like `make demo` (token auth on), on free ports; always stopped.
 
     Yields (env for CLI calls, dashboard URL, the cluster's temp dir). The cluster has its own 0600 token,
@@ -48,7 +48,7 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600):
     from aidc.runtime import apply_serve_env, stop_local_ray
 
     env = apply_serve_env({**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-                           "AIDC_STORAGE": str(tmp_path / "storage")})
+                           "AIDC_STORAGE": str(tmp_path / "storage"), **(ray_env or {})})
     env.pop("RAY_ADDRESS", None)
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def cluster(tmp_path):
-    """A head started with `ray start`, with token auth on, like `make demo`; always stopped."""
-    with ray_head(tmp_path, num_cpus=4, prefix="aidc-e2e-") as (env, dashboard, _):
+    """A head started with `ray start`, with token auth on, like `make demo`; always stopped. Serve's own proxy
+    rather than HAProxy: this flow serves HTTPS from Serve's http_options, which Ray's HAProxy ingress lacks
+    (README, Security)."""
+    no_haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    with ray_head(tmp_path, num_cpus=4, prefix="aidc-e2e-", ray_env=no_haproxy) as (env, dashboard, _):
         yield env, dashboard
 
 
