@@ -25,8 +25,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 BIN = Path(sys.executable).parent
 
 

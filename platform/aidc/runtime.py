@@ -101,7 +101,8 @@ def stop_local_ray(gcs_port: int, temp_dir: str | None = None) -> int:
 
     me = psutil.Process()
     mine = {me.pid, *(p.pid for p in me.parents())}
-    port = re.compile(rf"(--gcs-address=\S+:|--address=\S+:|--gcs_server_port=|--port=){gcs_port}(?!\d)")  # GCS, raylet, workers
+    # the GCS, the raylet, workers and agents name the port in one of these forms
+    port = re.compile(rf"(--gcs-address=\S+:|--address=\S+:|--gcs_server_port=|--port=){gcs_port}(?!\d)")
 
     def ours(cmdline: str) -> bool:
         return bool(port.search(cmdline)) or bool(temp_dir and temp_dir in cmdline)

@@ -47,17 +47,19 @@ def _quantize_dynamic(model: nn.Module) -> nn.Module:
         if isinstance(mod, nn.TransformerEncoder):
             mod.use_nested_tensor = False  # the nested-tensor path reads float weights this model no longer has
         if isinstance(mod, nn.TransformerEncoderLayer):
-            # Its fused fast path reads linear1.weight as a tensor; a quantized layer has none. A (no-op)
-            # hook is one of the documented conditions that keep the regular, quantizable path...
-            mod.register_forward_pre_hook(_no_op)
             attn = mod.self_attn
             if attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn:
-                # ...and this forward replaces that path's MultiheadAttention with int8 projections around SDPA
+                # This forward runs the layer with int8 projections around one SDPA call
                 attn._q_in_proj = _qlinear(attn.in_proj_weight, attn.in_proj_bias)
                 attn._q_out_proj = _qlinear(attn.out_proj.weight, attn.out_proj.bias)
                 attn.in_proj_weight = attn.in_proj_bias = None  # no float copy left behind
                 del attn.out_proj
                 mod.forward = types.MethodType(_encoder_layer_forward, mod)
+            else:
+                # The layer's own forward: its fused fast path reads linear1.weight as a tensor, which a
+                # quantized layer lacks; a (no-op) hook is one of the documented conditions that keep the
+                # regular, quantizable path
+                mod.register_forward_pre_hook(_no_op)
     return model
 
 
