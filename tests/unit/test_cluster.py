@@ -1,4 +1,8 @@
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -137,3 +141,41 @@ def test_stopping_a_local_ray_ends_only_the_processes_of_its_gcs_port():
         for p in started.values():
             p.kill()
             p.wait()
+
+
+MALLOC_PROBE = """
+import ctypes, json
+import aidc
+from aidc.malloc import tune_malloc
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+before = libc.mallinfo2().hblks
+block = libc.malloc(24 << 20)  # a 24 MiB tensor's worth
+mmapped = libc.mallinfo2().hblks - before
+libc.free(block)
+print(json.dumps({"applied": tune_malloc(), "mmapped": mmapped, "heap_kept_mb": libc.mallinfo2().arena >> 20}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+@pytest.mark.parametrize("env, tuned", [({}, True), ({"AIDC_MALLOC_TUNING": "0"}, False),
+                                        ({"MALLOC_TRIM_THRESHOLD_": "131072"}, False)],
+                         ids=["default", "opted-out", "user-set"])
+def test_importing_aidc_keeps_large_blocks_in_the_heap_unless_told_not_to(env, tuned):
+    """Importing aidc raises glibc's mmap and trim thresholds (aidc/malloc.py): a 24 MiB block comes from the
+    heap and stays there after free, instead of a fresh mmap each time; an opt-out or the user's own
+    MALLOC_* setting leaves glibc's defaults alone."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "AIDC_MALLOC_TUNING"}
+    env = {**clean, "PYTHONPATH": str(REPO / "platform"), **env}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=env, capture_output=True, text=True, check=True)
+    probe = json.loads(out.stdout)
+    assert probe["applied"] is tuned
+    if tuned:
+        assert probe["mmapped"] == 0 and probe["heap_kept_mb"] >= 24, probe
+    else:
+        assert probe["mmapped"] == 1, probe

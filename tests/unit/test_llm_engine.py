@@ -88,6 +88,29 @@ def test_seeded_sequence_is_the_same_alone_and_in_a_busy_batch():
     assert alone == busy and len(alone) == 30
 
 
+def test_the_engine_thread_keeps_generating_while_the_event_loop_is_busy():
+    """Steps do not wait for the consumer's loop (vLLM's engine-core split): a loop stuck in other work for
+    a while finds the tokens generated meanwhile waiting in its queue, in order."""
+    import time
+
+    engine = Engine(_model(block_size=256), eos_id=None)
+
+    async def go():
+        seq = engine.add(_ids("hello"), SamplingParams(max_tokens=200, temperature=0))
+        first = await seq.queue.get()  # the engine is running
+        steps = engine.steps
+        time.sleep(0.3)  # the loop is blocked: nothing on it can schedule a step
+        during = engine.steps - steps
+        events = [first] + [seq.queue.get_nowait() for _ in range(seq.queue.qsize())]
+        while events[-1][1].finish_reason is None:
+            events.append(await seq.queue.get())
+        return during, [e.index for _, e in events], events[-1][1].finish_reason
+
+    during, indexes, reason = run(go())
+    assert during >= 5, during  # tens of steps happened while the loop slept
+    assert indexes == list(range(200)) and reason == "length"
+
+
 def test_requests_join_and_leave_the_running_batch():
     engine = Engine(_model(), eos_id=None, max_seqs=2)
     seen = []
@@ -131,7 +154,10 @@ def test_queue_full_and_context_errors():
     assert e.value.status == 400
     engine.check_length(10, 7)  # the last token is never fed back: 17 = block_size + 1 fits
 
-    async def go():
+    engine = Engine(_model(block_size=256), eos_id=None, max_seqs=1, max_waiting=1)
+
+    async def go():  # one sequence runs (250 steps), one waits for its slot, a third is one too many
+        engine.add(_ids("ab"), SamplingParams(max_tokens=250))
         engine.add(_ids("ab"), SamplingParams(max_tokens=2))
         engine.add(_ids("ab"), SamplingParams(max_tokens=2))
 

@@ -1,22 +1,29 @@
 """Continuous (iteration-level) batching for aidc GPT models, testable without Serve.
 
-One asyncio loop per model: every iteration drops aborted sequences, admits waiting ones into free
+One engine thread per model: every iteration drops aborted sequences, admits waiting ones into free
 cache slots (their prompts prefilled together in one right-padded forward), then advances every
 running sequence by one token in one batched decode step. A request joins the batch at the next
 iteration and leaves the moment it finishes or its consumer goes away; each sequence owns a slot of
 the preallocated key/value cache and its own `torch.Generator`, so a seeded request samples the same
-tokens alone or in a busy batch. The forward passes run in a worker thread so the event loop keeps
-streaming tokens out while the model computes.
+tokens alone or in a busy batch.
+
+The engine thread steps on its own, as vLLM's engine core does: each step's tokens go to the consumers'
+asyncio loops in one `call_soon_threadsafe`, and the next step starts at once instead of waiting for a
+loop busy with HTTP to schedule it (one step per loop round trip left the model idle a third of the time
+under load in a Serve replica). Requests are added and aborted from any asyncio loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import logging
 import random
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +32,13 @@ from torch.nn import functional as F
 from aidc.errors import RequestError
 
 logger = logging.getLogger(__name__)
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # stopped at exit: a thread inside a torch op then aborts the process
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_ENGINES):
+        engine.close(join_s=5.0)
 
 
 class QueueFull(RequestError):
@@ -58,6 +72,7 @@ class TokenEvent:
     top: list[tuple[int, float]] | None = None
     finish_reason: str | None = None
     prompt_logprobs: list | None = None  # on the first event only: [(logprob | None, top | None), ...]
+    index: int = -1  # which generated token this is (0: the first)
 
 
 @dataclass
@@ -67,7 +82,9 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator
     queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop  # where its consumer runs: events are handed over there
     arrived: float = field(default_factory=time.perf_counter)
+    admitted_at: float = 0.0
     out: list[int] = field(default_factory=list)
     slot: int = -1
     fed: int = 0  # tokens written to the cache
@@ -82,7 +99,7 @@ class NoMetrics:
     """Engine metrics sink that records nothing (the Serve app passes aidc.serving.lm_metrics.LMMetrics)."""
 
     def admitted(self, seq: Sequence, now: float) -> None: ...
-    def token(self, seq: Sequence, now: float) -> None: ...
+    def token(self, seq: Sequence, now: float, first: bool) -> None: ...
     def state(self, running: int, waiting: int, kv_used: float) -> None: ...
 
 
@@ -97,15 +114,18 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(max_seqs)
         self.free_slots = list(range(max_seqs))[::-1]
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.waiting: collections.deque[Sequence] = collections.deque()  # the engine thread's own
+        self.inbox: collections.deque[Sequence] = collections.deque()  # added from the loops, taken by the thread
         self.running: list[Sequence] = []
         self.metrics = metrics or NoMetrics()
         self.generated_tokens = 0
         self.steps = 0
         self.recent: collections.deque[dict] = collections.deque(maxlen=64)
         self._ids = itertools.count()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._work = threading.Event()  # set when there is something new for the engine thread
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._state_loop: asyncio.AbstractEventLoop | None = None  # where state metrics are recorded
 
     # -- public -------------------------------------------------------------------------
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
@@ -124,23 +144,36 @@ class Engine:
         it is sampled, or with `stream=False` all at once when the sequence ends (its consumer then wakes
         once instead of once per token, which leaves the event loop free at high concurrency)."""
         self.check_length(len(prompt), params.max_tokens)
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting; retry shortly")
+        waiting = len(self.waiting) + len(self.inbox)
+        if waiting >= self.max_waiting:
+            raise QueueFull(f"the server is busy: {waiting} requests are already waiting; retry shortly")
         gen = torch.Generator(device=self.device)
         gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        loop = asyncio.get_running_loop()
         seq = Sequence(next(self._ids), list(prompt), params, gen, queue if queue is not None else asyncio.Queue(),
-                       stream=stream)
-        self.waiting.append(seq)
-        self._ensure_loop()
-        self._wake.set()
+                       loop, stream=stream)
+        self._state_loop = loop
+        self.inbox.append(seq)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="aidc-llm-engine", daemon=True)
+            self._thread.start()
+            _ENGINES.add(self)
+        self._work.set()
         return seq
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence (its consumer went away); its slot is freed before the next step."""
         if seq.finish_reason is None:
             seq.aborted = True
-            if self._wake is not None:
-                self._wake.set()
+            self._work.set()
+
+    def close(self, join_s: float | None = None) -> None:
+        """Stop the engine thread after its current step (waiting up to `join_s` for it); sequences still
+        running get no more tokens."""
+        self._closed = True
+        self._work.set()
+        if join_s is not None and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(join_s)
 
     async def generate(self, prompt: list[int], params: SamplingParams):
         """Async iterator of TokenEvents for one sequence; closing or cancelling it aborts the sequence."""
@@ -155,47 +188,45 @@ class Engine:
             self.abort(seq)
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "max_seqs": self.max_seqs,
-                "generated_tokens": self.generated_tokens, "steps": self.steps,
+        return {"running": len(self.running), "waiting": len(self.waiting) + len(self.inbox),
+                "max_seqs": self.max_seqs, "generated_tokens": self.generated_tokens, "steps": self.steps,
                 "kv_cache_used": self._kv_used(), "recent": list(self.recent)}
 
-    # -- loop ---------------------------------------------------------------------------
-    def _ensure_loop(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def _loop(self) -> None:
-        while True:
+    # -- engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed:
+            events: list[tuple[Sequence, TokenEvent]] = []
+            admitted: list[Sequence] = []
             try:
-                self._drop_aborted()
+                while self.inbox:
+                    self.waiting.append(self.inbox.popleft())
+                self._drop_aborted(events)
                 if not self.running and not self.waiting:
-                    self._publish_state()
-                    self._wake.clear()
-                    await self._wake.wait()
+                    self._hand_over(events, admitted)
+                    self._work.wait()
+                    self._work.clear()  # the state is looked at again before waiting anew
                     continue
                 admitted = self._admit()
                 decoding = [s for s in self.running if s not in admitted]
-                events = await asyncio.to_thread(self._compute, admitted, decoding)
-                self._deliver(events)
-            except asyncio.CancelledError:
-                raise
+                events.extend(self._compute(admitted, decoding))
+                self._finish(events)
             except Exception as exc:  # a bug must not leave every caller hanging
                 logger.exception("engine step failed")
                 for seq in [*self.running, *self.waiting]:
-                    self._emit(seq, TokenEvent(None, finish_reason="error"))
+                    events.append((seq, TokenEvent(None, finish_reason="error")))
                     seq.finish_reason = "error"
                     self._release(seq, repr(exc))
                 self.running.clear()
                 self.waiting.clear()
+            self._hand_over(events, admitted)
 
-    def _drop_aborted(self) -> None:
+    def _drop_aborted(self, events: list) -> None:
         if self.timeout_s is not None:  # over the request timeout: end it as if max_tokens were reached
             late = time.perf_counter() - self.timeout_s
             for seq in [s for s in self.running if s.arrived < late and not s.aborted]:
                 self.running.remove(seq)
                 seq.finish_reason = "length"
-                self._emit(seq, TokenEvent(None, finish_reason="length"))
+                events.append((seq, TokenEvent(None, finish_reason="length")))
                 self._release(seq, "timeout")
         for seq in [s for s in self.running if s.aborted]:
             self.running.remove(seq)
@@ -218,7 +249,7 @@ class Engine:
             seq.slot = self.free_slots.pop()
             admitted.append(seq)
             self.running.append(seq)
-            self.metrics.admitted(seq, time.perf_counter())
+            seq.admitted_at = time.perf_counter()
         return admitted
 
     def _release(self, seq: Sequence, reason: str) -> None:
@@ -231,10 +262,7 @@ class Engine:
     def _kv_used(self) -> float:
         return sum(s.fed for s in self.running) / (self.max_seqs * self.block_size)
 
-    def _publish_state(self) -> None:
-        self.metrics.state(len(self.running), len(self.waiting), self._kv_used())
-
-    # -- compute (worker thread) ----------------------------------------------------------
+    # -- compute (engine thread) ----------------------------------------------------------
     @torch.inference_mode()
     def _compute(self, admitted: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
         events = []
@@ -310,9 +338,40 @@ class Engine:
             reason = "stop"
         elif len(seq.out) >= p.max_tokens:
             reason = "length"
-        return TokenEvent(token, lp, top, reason)
+        return TokenEvent(token, lp, top, reason, index=len(seq.out) - 1)
 
-    # -- back on the event loop ------------------------------------------------------------
+    def _finish(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """Sequences that ended this step leave the batch and free their slots (before the next step)."""
+        for seq, event in events:
+            if event.token is not None:
+                self.generated_tokens += 1
+            if event.finish_reason is not None:
+                seq.finish_reason = event.finish_reason
+                if seq in self.running:
+                    self.running.remove(seq)
+                self._release(seq, event.finish_reason)
+
+    def _hand_over(self, events: list[tuple[Sequence, TokenEvent]], admitted: list[Sequence]) -> None:
+        """One callback per consumer loop with this step's events (in order); metrics are recorded there."""
+        now = time.perf_counter()
+        state = (len(self.running), len(self.waiting), self._kv_used())
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq in admitted:
+            by_loop.setdefault(seq.loop, [[], []])[0].append(seq)
+        for seq, event in events:
+            by_loop.setdefault(seq.loop, [[], []])[1].append((seq, event))
+        if self._state_loop is not None:
+            by_loop.setdefault(self._state_loop, [[], []])
+        for loop, (adm, evs) in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, adm, evs, now, state if loop is self._state_loop else None)
+            except RuntimeError:  # that loop is closed: nobody is left to read these sequences
+                for seq, _ in evs:
+                    seq.aborted = True
+                if loop is self._state_loop:
+                    self._state_loop = None
+
+    # -- on the consumers' event loops -------------------------------------------------------
     @staticmethod
     def _emit(seq: Sequence, event: TokenEvent) -> None:
         if not seq.stream and event.finish_reason is None:
@@ -323,20 +382,17 @@ class Engine:
         seq.pending.clear()
         seq.queue.put_nowait((seq, event))
 
-    def _deliver(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
-        now = time.perf_counter()
+    def _deliver(self, admitted: list[Sequence], events: list[tuple[Sequence, TokenEvent]], now: float,
+                 state: tuple | None) -> None:
+        for seq in admitted:
+            self.metrics.admitted(seq, seq.admitted_at)
         for seq, event in events:
             if event.token is not None:
-                self.generated_tokens += 1
-                self.metrics.token(seq, now)
+                self.metrics.token(seq, now, first=event.index == 0)
             seq.last_token_at = now
             self._emit(seq, event)
-            if event.finish_reason is not None:
-                seq.finish_reason = event.finish_reason
-                if seq in self.running:
-                    self.running.remove(seq)
-                self._release(seq, event.finish_reason)
-        self._publish_state()
+        if state is not None:
+            self.metrics.state(*state)
 
 
 def _truncate(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

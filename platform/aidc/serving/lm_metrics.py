@@ -19,8 +19,8 @@ class LMMetrics:
         metrics.observe("aidc_llm_queue_time_seconds", now - seq.arrived, model=self.model)
         metrics.inc("aidc_llm_prompt_tokens_total", len(seq.prompt), model=self.model)
 
-    def token(self, seq, now: float) -> None:
-        if len(seq.out) <= 1:
+    def token(self, seq, now: float, first: bool) -> None:
+        if first:
             metrics.observe("aidc_llm_time_to_first_token_seconds", now - seq.arrived, model=self.model)
         else:
             metrics.observe("aidc_llm_inter_token_latency_seconds", now - seq.last_token_at, model=self.model)
