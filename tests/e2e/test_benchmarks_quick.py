@@ -94,3 +94,11 @@ def test_chaos_quick():
     r = main(["--quick"])  # a loaded endpoint on a 3-worker-node local cluster; one node lost and replaced
     assert r["node_events"] == ["remove", "add"] and r["requests"] > 50
     assert r["requests_failed"] == 0 and r["checkpoints_lost"] == 0
+
+
+def test_allocator_quick():
+    from benchmarks.allocator import main
+
+    r = main(["--quick"])  # two fresh processes: glibc's defaults vs aidc's tuning (no Ray)
+    assert r["applied"] == {"tuned": True, "default": False}
+    assert all(v["tuned"] > 0 and v["glibc_default"] > 0 for k, v in r.items() if k.endswith("_ms"))
