@@ -101,4 +101,5 @@ def test_allocator_quick():
 
     r = main(["--quick"])  # two fresh processes: glibc's defaults vs aidc's tuning (no Ray)
     assert r["applied"] == {"tuned": True, "default": False}
-    assert all(v["tuned"] > 0 and v["glibc_default"] > 0 for k, v in r.items() if k.endswith("_ms"))
+    assert all(v["tuned"] > 0 and v["glibc_default"] > 0 for k, v in r.items() if k.endswith(("_ms", "_per_s")))
+    assert "llm_engine_tokens_per_s" in r
