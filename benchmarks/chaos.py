@@ -50,6 +50,7 @@ def deploy(root: str, ref: str, port: int) -> str:
     from ray import serve
 
     from aidc.registry import tracking_uri
+    from aidc.serving.retry import wait_ready
     from serve_apps.predictor import Predictor
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
@@ -59,6 +60,7 @@ def deploy(root: str, ref: str, port: int) -> str:
                             ray_actor_options={"num_cpus": 0.25, "resources": {"replica": 0.5}}).bind(
         {"model": ref, "tracking_uri": tracking_uri(None, root)})
     serve.run(app, name="digits", route_prefix="/digits")
+    wait_ready(f"http://127.0.0.1:{port}/digits/healthz")  # the proxy has the route (else 404s, never retried)
     return f"http://127.0.0.1:{port}/digits/predict"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pyarrow.fs as pafs
 
 STORAGE_ENV = "AIDC_STORAGE"
 DEFAULT_STORAGE = "~/.aidc"
+logger = logging.getLogger(__name__)
 
 
 def storage_root(override: str | None = None) -> str:
@@ -99,11 +101,12 @@ def _sees_marker(path: str) -> tuple[str, bool]:
     return ray.get_runtime_context().get_node_id(), visible
 
 
-def check_shared(root: str, timeout_s: float = 60.0) -> None:
+def check_shared(root: str, timeout_s: float = 60.0, nodes: list[dict] | None = None) -> None:
     """Fail with StorageError when a node of the running (multi-node) Ray cluster cannot see `root`.
 
     Object-store URIs (s3://, gs://) are shared by nature and one node needs no check; a local path
-    must be a filesystem every node mounts (NFS, Lustre, ...).
+    must be a filesystem every node mounts (NFS, Lustre, ...). `nodes`: entries of `ray.nodes()` to ask
+    (default: the alive ones now); one that leaves the cluster before it answers is left out.
     """
     import uuid
 
@@ -114,7 +117,7 @@ def check_shared(root: str, timeout_s: float = 60.0) -> None:
 
     if is_uri(root) or not ray.is_initialized():
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
     if len(nodes) < 2:
         return
     marker = join(root, SHARED_CHECK_DIR, uuid.uuid4().hex)
@@ -124,16 +127,42 @@ def check_shared(root: str, timeout_s: float = 60.0) -> None:
         refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
                 for n in nodes]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        seen = dict(ray.get(ready))
+        answers = {n["NodeID"]: _answer(ref, ready, timeout_s) for n, ref in zip(nodes, refs)}
     finally:
         fs, inner = filesystem(marker)
         fs.delete_file(inner)
-    blind = [n for n in nodes if not seen.get(n["NodeID"], False)]
+    # A node lost while we asked (a node loss is what this check exists for) is no longer part of the
+    # cluster: nothing will run there, so it is left out rather than failing the run that follows.
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    gone = [n for n in nodes if answers[n["NodeID"]] is None
+            or (answers[n["NodeID"]] is not True and n["NodeID"] not in alive)]
+    if gone:
+        logger.warning("shared-storage check: %d node(s) left the cluster during the check: %s", len(gone),
+                       ", ".join(n["NodeID"][:8] for n in gone))
+    nodes = [n for n in nodes if n not in gone]
+    blind = [n for n in nodes if answers[n["NodeID"]] is not True]
     if blind:
-        where = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in blind)
+        where = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]}"
+                          + ("" if answers[n["NodeID"]] is False else f": {answers[n['NodeID']]}") + ")"
+                          for n in blind)
         raise StorageError(
             f"storage root {root} is not shared: {len(blind)} of {len(nodes)} nodes cannot read it ({where}). "
             "On a multi-node cluster checkpoints must live where every node can read them, or a worker restarted "
             "on another node loses them: set AIDC_STORAGE (or run.storage) to a path all nodes mount (e.g. NFS) "
             "or an object store URI (s3://bucket/aidc)."
         )
+
+
+def _answer(ref, ready: list, timeout_s: float) -> bool | str | None:
+    """One node's answer to the shared-storage probe: True/False; None when the node is gone (Ray will not
+    schedule on it any more: it died after we listed it); otherwise why there was no answer."""
+    import ray
+
+    if ref not in ready:
+        return f"no answer within {timeout_s:.0f} s"
+    try:
+        return ray.get(ref)[1]
+    except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
+        return None
+    except ray.exceptions.RayError as exc:  # e.g. the probe's worker crashed
+        return f"probe failed: {type(exc).__name__}: {str(exc)[:120]}"

@@ -53,6 +53,34 @@ def retrying_session(policy=None, pool_size: int = 4):
     return session
 
 
+def wait_ready(url: str, timeout_s: float = 120.0, poll_s: float = 0.25, headers: dict | None = None) -> float:
+    """Poll GET `url` (a freshly deployed app's health route, through the proxy) until it answers 200;
+    returns the seconds waited.
+
+    `serve.run` and `serve deploy` return once the application is RUNNING, but the proxy learns the new route
+    asynchronously (with HAProxy as Serve's ingress, after a config reload): until then the route answers 404
+    "Path not found", which no retrying client retries (a 404 is the caller's mistake). Seen on a loaded
+    machine in tests/cluster. Wait on this before sending traffic to an app that was just deployed.
+    """
+    import requests
+
+    start = deadline = time.monotonic()
+    deadline += timeout_s
+    last = "no answer yet"
+    while True:
+        try:
+            resp = requests.get(url, headers=headers, timeout=min(10.0, timeout_s))
+            if resp.status_code == 200:
+                return time.monotonic() - start
+            last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}: {exc}"[:300]
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s (last: {last}); is the app "
+                               "deployed and RUNNING (`serve status`), and is this its route prefix?")
+        time.sleep(poll_s)
+
+
 @dataclass
 class Sample:
     start: float  # time.monotonic() when the request was sent
