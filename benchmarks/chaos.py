@@ -135,10 +135,14 @@ def run(a) -> dict:
 
     rng = random.Random(a.seed)
     with tempfile.TemporaryDirectory(prefix="aidc-chaos-") as root, \
-            local_cluster(root, workers=MAX_WORKERS, head_cpus=2, worker_cpus=2, worker_resources=RES) as cluster:
+            local_cluster(root, workers=0, head_cpus=2, worker_cpus=2, worker_resources=RES) as cluster:
+        # The served model first, on the head alone (its warm workers: Ray Data reads were 12-20 s each on
+        # worker nodes just started), then the worker nodes the faults act on.
         served_cfg = _job(root, "served", "resources.num_workers=0", "train.epochs=2")
         preprocess(served_cfg)
         version = register(served_cfg, run_training(served_cfg))
+        for _ in range(MAX_WORKERS):
+            cluster.add_worker()
         url = deploy(root, version.ref, _free_port())
         headers = {"Authorization": f"Bearer {create('chaos', ['infer:*'])[0]}"}  # in this run's storage
         from sklearn.datasets import load_digits

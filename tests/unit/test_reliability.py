@@ -53,6 +53,9 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
+
+    def do_GET(self):  # noqa: N802
         self.seen.append(self.path)
         status = self.plan.pop(0) if self.plan else 200
         self.send_response(status)
@@ -100,3 +103,16 @@ def test_retry_policy_retries_refused_connections_then_reports_them(tmp_path):
     run = run_load(f"http://127.0.0.1:{free_port()}/predict", {}, clients=1, total=1,
                    policy=retry_policy(attempts=2, backoff_s=0.01))
     assert run.done() == 1 and run.failed()[0].status is None and "ConnectionError" in run.failed()[0].error
+
+
+def test_wait_ready_polls_through_404s_and_says_what_it_last_saw(flaky):
+    """A route the proxy does not know yet answers 404 (never retried by the policy): wait_ready polls it."""
+    from aidc.serving.retry import wait_ready
+
+    _, url = flaky
+    _Flaky.plan[:] = [404, 404, 503]
+    wait_ready(url, timeout_s=30, poll_s=0.01)
+    assert len(_Flaky.seen) == 4
+    _Flaky.plan[:] = [404] * 10_000
+    with pytest.raises(TimeoutError, match=r"did not answer 200 within 0 s \(last: HTTP 404"):
+        wait_ready(url, timeout_s=0.3, poll_s=0.01)

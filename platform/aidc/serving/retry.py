@@ -57,10 +57,10 @@ def wait_ready(url: str, timeout_s: float = 120.0, poll_s: float = 0.25, headers
     """Poll GET `url` (a freshly deployed app's health route, through the proxy) until it answers 200;
     returns the seconds waited.
 
-    `serve.run` and `serve deploy` return once the application is RUNNING, but the proxy learns the new route
-    asynchronously (with HAProxy as Serve's ingress, after a config reload): until then the route answers 404
-    "Path not found", which no retrying client retries (a 404 is the caller's mistake). Seen on a loaded
-    machine in tests/cluster. Wait on this before sending traffic to an app that was just deployed.
+    `serve deploy` returns before the application is up, and the proxies learn routes from Serve's controller
+    asynchronously (HAProxy, Serve's ingress here, after a config reload): until the proxy routes the app its
+    path answers 404 "Path not found", which no retrying client retries (a 404 is the caller's mistake). Wait
+    on this, a readiness probe, before sending traffic to an app that was just deployed.
     """
     import requests
 
