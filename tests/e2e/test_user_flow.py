@@ -11,6 +11,7 @@ import pytest
 import requests
 import yaml
 
+from aidc.serving.retry import wait_ready
 from tests.conftest import BIN, REPO, free_port, ray_head
 from tests.conftest import run_cli as _run
 
@@ -56,16 +57,11 @@ def test_submit_jobs_deploy_and_predict_over_http(cluster, tmp_path):
     cfg_path.write_text(yaml.safe_dump(serve_cfg))
     _run([BIN / "serve", "deploy", str(cfg_path), "--address", dashboard], env)
     url = f"https://127.0.0.1:{port}/digits"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5, verify=cert).status_code == 200:
-                break
-        except requests.RequestException:  # proxy up but replica still starting: refused or timed out
-            pass
-        time.sleep(2)
-    else:
-        pytest.fail("Serve app never became healthy:\n" + _run([BIN / "serve", "status", "--address", dashboard], env))
+    try:  # proxy up but replica still starting: refused, timed out or 404 until the proxy routes the app
+        wait_ready(f"{url}/healthz", timeout_s=180, poll_s=2, verify=str(cert))
+    except TimeoutError as exc:
+        pytest.fail(f"Serve app never became healthy: {exc}\n"
+                    + _run([BIN / "serve", "status", "--address", dashboard], env))
 
     # API keys are on in the shipped config: a key made with the CLI, sent by `aidc predict` ($AIDC_API_KEY)
     key = _run([BIN / "aidc", "keys", "create", "--owner", "e2e", "--scope", "infer:digits-cnn", "--quiet"],

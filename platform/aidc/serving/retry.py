@@ -53,29 +53,30 @@ def retrying_session(policy=None, pool_size: int = 4):
     return session
 
 
-def wait_ready(url: str, timeout_s: float = 120.0, poll_s: float = 0.25, headers: dict | None = None) -> float:
+def wait_ready(url: str, timeout_s: float = 120.0, poll_s: float = 0.25, headers: dict | None = None,
+               verify: bool | str = True) -> float:
     """Poll GET `url` (a freshly deployed app's health route, through the proxy) until it answers 200;
     returns the seconds waited.
 
     `serve deploy` returns before the application is up, and the proxies learn routes from Serve's controller
     asynchronously (HAProxy, Serve's ingress here, after a config reload): until the proxy routes the app its
     path answers 404 "Path not found", which no retrying client retries (a 404 is the caller's mistake). Wait
-    on this, a readiness probe, before sending traffic to an app that was just deployed.
+    on this, a readiness probe, before sending traffic to an app that was just deployed. `verify`: as in
+    `requests` (a CA bundle or certificate path for HTTPS).
     """
     import requests
 
-    start = deadline = time.monotonic()
-    deadline += timeout_s
+    start = time.monotonic()
     last = "no answer yet"
     while True:
         try:
-            resp = requests.get(url, headers=headers, timeout=min(10.0, timeout_s))
+            resp = requests.get(url, headers=headers, timeout=min(10.0, timeout_s), verify=verify)
             if resp.status_code == 200:
                 return time.monotonic() - start
             last = f"HTTP {resp.status_code}: {resp.text[:200]}"
         except requests.RequestException as exc:
             last = f"{type(exc).__name__}: {exc}"[:300]
-        if time.monotonic() >= deadline:
+        if time.monotonic() - start >= timeout_s:
             raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s (last: {last}); is the app "
                                "deployed and RUNNING (`serve status`), and is this its route prefix?")
         time.sleep(poll_s)
