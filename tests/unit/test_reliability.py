@@ -58,6 +58,14 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         self.seen.append(self.path)
         status = self.plan.pop(0) if self.plan else 200
+        if status == "cut":  # a proxy or node gone mid-response: headers sent, the body cut off, connection closed
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"predictions"')
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.send_response(status)
         if status == 429:
             self.send_header("Retry-After", "0")
@@ -94,6 +102,26 @@ def test_retry_policy_rides_out_5xx_and_429_but_never_retries_a_bad_request(flak
     _Flaky.plan[:] = [503] * 3
     run = run_load(url, {"instances": []}, clients=3, total=12, policy=retry_policy(attempts=5, backoff_s=0.01))
     assert run.done() == 12 and not run.failed() and sum(s.retries for s in run.samples) == 3
+
+
+def test_retrying_session_retries_a_response_cut_off_mid_body(flaky):
+    """urllib3's Retry ends at the status line; a body lost mid-read is retried by the session too (as openai's)."""
+    import requests
+
+    from aidc.serving.retry import retry_policy, retrying_session, run_load
+
+    _, url = flaky
+    _Flaky.plan[:] = ["cut", 503, "cut"]
+    resp = retrying_session(retry_policy(attempts=5, backoff_s=0.01)).post(url, json={"instances": []})
+    assert resp.status_code == 200 and resp.json() == {} and len(_Flaky.seen) == 4
+    assert [h.status for h in resp.raw.retries.history] == [None, 503, None]  # the whole story, in order
+    _Flaky.plan[:] = ["cut"] * 3  # attempts spent: the caller gets the read error, not a hang or a half body
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        retrying_session(retry_policy(attempts=2, backoff_s=0.01)).post(url, json={})
+    _Flaky.plan[:] = ["cut"] * 2
+    run = run_load(url, {"instances": []}, clients=2, total=6, policy=retry_policy(attempts=3, backoff_s=0.01))
+    retried = [s.retried_for for s in run.samples if s.retried_for]
+    assert not run.failed() and len(retried) == 2 and all(r.startswith("ProtocolError: ") for r in retried), retried
 
 
 def test_retry_policy_retries_refused_connections_then_reports_them(tmp_path):

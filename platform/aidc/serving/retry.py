@@ -11,6 +11,7 @@ retried too. The policy is urllib3's `Retry` (what `requests` uses), configured 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -42,15 +43,54 @@ def retry_policy(attempts: int = 8, backoff_s: float = 0.1, backoff_max_s: float
 
 
 def retrying_session(policy=None, pool_size: int = 4):
-    """A requests.Session that retries with `policy` (default: retry_policy())."""
+    """A requests.Session that retries with `policy` (default: retry_policy()).
+
+    Also retried, as the `openai` client does: a connection lost while the response body is being read (urllib3's
+    Retry covers the request and the status line only; a proxy or node going away mid-response otherwise reaches
+    the caller as ChunkedEncodingError). Those are retried up to the policy's attempts, with its backoff.
+    """
     import requests
-    from requests.adapters import HTTPAdapter
 
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=policy or retry_policy(), pool_connections=pool_size, pool_maxsize=pool_size)
+    adapter = _body_retrying_adapter()(max_retries=policy or retry_policy(), pool_connections=pool_size,
+                                   pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+@functools.cache
+def _body_retrying_adapter():
+    """HTTPAdapter that also retries a response body cut off mid-read (built on first use: requests is lazy here)."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.exceptions import ProtocolError
+
+    class BodyRetryingAdapter(HTTPAdapter):
+        def send(self, request, stream=False, **kwargs):
+            retries = self.max_retries
+            while True:
+                resp = super().send(request, stream=stream, **kwargs)
+                if stream:
+                    return resp
+                try:
+                    resp.content  # noqa: B018 - read the body here, where a lost connection can still be retried
+                except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
+                    resp.close()
+                    if resp.raw is not None and resp.raw.retries is not None:  # what this attempt retried itself
+                        retries = retries.new(history=retries.history + resp.raw.retries.history)
+                    try:  # raises once the attempts are spent; then the caller sees the read error
+                        retries = retries.increment(request.method, request.url, error=ProtocolError(str(exc)))
+                    except Exception:  # noqa: BLE001 - attempts spent
+                        raise exc from None
+                    logger.debug("retrying %s %s: connection lost mid-response (%s)", request.method, request.url, exc)
+                    retries.sleep()
+                    continue
+                if retries.history and resp.raw is not None and resp.raw.retries is not None:  # one history in all
+                    resp.raw.retries = resp.raw.retries.new(history=retries.history + resp.raw.retries.history)
+                return resp
+
+    return BodyRetryingAdapter
 
 
 def wait_ready(url: str, timeout_s: float = 120.0, poll_s: float = 0.25, headers: dict | None = None,
@@ -89,6 +129,7 @@ class Sample:
     status: int | None  # final HTTP status; None when it never got one (the error says why)
     retries: int = 0
     error: str | None = None
+    retried_for: str | None = None  # what the retried attempts got ("HTTP 500; ProtocolError ..."), if any
 
     @property
     def ok(self) -> bool:
@@ -118,6 +159,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
+def _retried_for(history) -> str | None:
+    """urllib3's retry history in a line: the status or error each retried attempt got."""
+    return "; ".join(f"HTTP {h.status}" if h.status else f"{type(h.error).__name__}: {h.error}"[:120]
+                     for h in history) or None
+
+
 def run_load(url: str, body: dict, *, clients: int, total: int | None = None, headers: dict | None = None,
              policy=None, timeout_s: float = 60.0, pace_s: float = 0.0, stop: threading.Event | None = None,
              run: LoadRun | None = None) -> LoadRun:
@@ -143,7 +190,7 @@ def run_load(url: str, body: dict, *, clients: int, total: int | None = None, he
                 resp = session.post(url, json=body, headers=headers, timeout=timeout_s)
                 history = resp.raw.retries.history if resp.raw is not None and resp.raw.retries else ()
                 sample = Sample(t0, time.monotonic(), resp.status_code, len(history),
-                                None if resp.ok else resp.text[:200])
+                                None if resp.ok else resp.text[:200], _retried_for(history))
             except Exception as exc:  # noqa: BLE001 - a failed request is a result here, not a crash
                 sample = Sample(t0, time.monotonic(), None, 0, f"{type(exc).__name__}: {exc}"[:300])
             with run.lock:
