@@ -218,6 +218,9 @@ def run(a) -> dict:
             "p50_ms_before": round(percentile(before, 50) * 1000, 1), "p99_ms_before": round(percentile(before, 99) * 1000, 1),
             "p50_ms_chaos": round(percentile(during, 50) * 1000, 1), "p99_ms_chaos": round(percentile(during, 99) * 1000, 1),
             "capacity_back_s": capacity_back_s(events, states),
+            # 0 would mean the route was gone for a while: Serve drops an app's route from HAProxy while it has
+            # no RUNNING ingress replica, and its path then answers 404 (never retried)
+            "replicas_running_min": min((n for t, n in states if t >= t_chaos), default=None),
             "jobs_completed": sum(1 for k in ("train", "sweep") if k in jobs), "jobs_failed": errors,
             "checkpoints_lost": lost,
         }
