@@ -111,13 +111,6 @@ def capacity_back_s(events: list, samples: list[tuple[float, int]]) -> list[floa
     return out
 
 
-def failure_reasons(load, t_chaos: float, events: list) -> dict[str, int]:
-    """Failed requests counted by when they were sent (relative to the first fault) and what they got."""
-    t_fault = events[0]["t"] if events else t_chaos
-    return dict(Counter(f"sent {s.start - t_fault:+.1f}s after fault: HTTP {s.status} {s.error or ''}"[:240]
-                        for s in load.failed()))
-
-
 def lost_checkpoints(run_dir: Path) -> int:
     """Registered Ray Train checkpoints of a run that are missing or do not load."""
     from aidc.train import checkpoint as ckpt
@@ -212,7 +205,7 @@ def run(a) -> dict:
             "seed": a.seed, "clients": a.clients, "seconds_total": round(time.monotonic() - t0, 1),
             "node_events": [e["event"] for e in events],
             "requests": load.done(), "requests_failed": len(load.failed()),
-            "failures": failure_reasons(load, t_chaos, events),
+            "failures": load.failure_counts(events[0]["t"] if events else t_chaos),
             "retried_for": dict(Counter(s.retried_for for s in load.samples if s.retried_for)),
             "requests_retried": sum(s.retries > 0 for s in load.samples),
             "p50_ms_before": round(percentile(before, 50) * 1000, 1), "p99_ms_before": round(percentile(before, 99) * 1000, 1),

@@ -10,7 +10,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -324,10 +323,8 @@ def test_serving_rides_out_a_lost_node_and_a_killed_replica_with_zero_failed_req
             cluster.add_worker()  # keep a spare node for the next fault, also when this one failed
 
     failed = run.failed()
-    assert not failed, f"{len(failed)} of {run.done()} requests failed: " + "; ".join(
-        f"{n} x {what}" for what, n in Counter(
-            ("before the fault" if s.end < t_fault else "during" if s.start <= t_back else "after",
-             s.status, (s.error or "")[:160]) for s in failed).most_common(5))
+    assert not failed, (f"{len(failed)} of {run.done()} requests failed (capacity was back {t_back - t_fault:.1f} s "
+                        f"after the fault): {run.failure_counts(t_fault)}")
     during = [s.end - s.start for s in run.window(t_fault, t_back)]
     logger.warning("serving, %s lost: %d requests, 0 failed, %d retried; p99 during the fault %.3f s "
                    "(p50 %.3f s); capacity back after %.1f s", fault, run.done(),

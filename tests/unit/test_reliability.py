@@ -131,6 +131,8 @@ def test_retry_policy_retries_refused_connections_then_reports_them(tmp_path):
     run = run_load(f"http://127.0.0.1:{free_port()}/predict", {}, clients=1, total=1,
                    policy=retry_policy(attempts=2, backoff_s=0.01))
     assert run.done() == 1 and run.failed()[0].status is None and "ConnectionError" in run.failed()[0].error
+    (what, n), = run.failure_counts(run.samples[0].start).items()  # as the chaos run and node-loss tests report it
+    assert n == 1 and what.startswith("sent +0.0 s after the fault: HTTP None ConnectionError"), what
 
 
 def test_wait_ready_polls_through_404s_and_says_what_it_last_saw(flaky):

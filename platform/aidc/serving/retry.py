@@ -147,6 +147,13 @@ class LoadRun:
     def failed(self) -> list[Sample]:
         return [s for s in self.samples if not s.ok]
 
+    def failure_counts(self, t_fault: float) -> dict[str, int]:
+        """Failed requests counted by when they were sent (seconds after `t_fault`), final status and error."""
+        from collections import Counter
+
+        return dict(Counter(f"sent {s.start - t_fault:+.1f} s after the fault: HTTP {s.status} {s.error or ''}"[:240]
+                            for s in self.failed()))
+
     def window(self, t0: float, t1: float) -> list[Sample]:
         """Requests in flight at some point in [t0, t1]."""
         return [s for s in self.samples if s.end >= t0 and s.start <= t1]
