@@ -15,6 +15,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Ray 2.60 keeps a stopping ingress replica reachable for this long before it refuses connections (the window
+# for a load balancer to deregister it; Ray's default 30 s), so every `serve.shutdown`, `serve.delete` and
+# rolling update of an app that served traffic waited 30 s (eleven times in this suite). Serve's HAProxy,
+# the only balancer in front of replicas here, deregisters within a second and retries a refused
+# connection on another replica, so the tests run with a shorter window: a stricter setting than
+# production's for the rolling-update and node-loss tests (no failed requests either way). Every Ray the
+# tests start inherits it (embedded, `ray start`, local multi-node clusters, benchmarks run in process).
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIGS = REPO / "jobs" / "configs"
 

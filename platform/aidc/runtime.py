@@ -115,15 +115,28 @@ def stop_local_ray(gcs_port: int, temp_dir: str | None = None) -> int:
             procs.update({q.pid: q for q in (p, *p.children(recursive=True))})
         except psutil.Error:
             pass
-    for p in procs.values():
+    def name(p: psutil.Process) -> str:
         try:
-            p.terminate()
+            return p.name()
         except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs.values(), timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+            return ""
+
+    # In `ray stop`'s order: the raylet (its workers go with it), then the rest, the GCS last. Ended all at
+    # once, the GCS and the autoscaler's monitor outlived SIGTERM (each waiting on the other) and were
+    # killed 15 s later, every time.
+    gcs = [p for p in procs.values() if name(p) == "gcs_server"]
+    raylet = [p for p in procs.values() if name(p) == "raylet"]
+    rest = [p for p in procs.values() if p not in gcs and p not in raylet]
+    for group in (raylet, rest, gcs):
+        for p in group:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(group, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
     return len(procs)
