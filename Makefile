@@ -15,7 +15,10 @@ DEMO_GCS_PORT := 6379
 SERVE_URL := http://127.0.0.1:8000
 # The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
-RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1
+# Only Serve's HAProxy fronts the demo's replicas: a stopping one drains 5 s, not Ray's 30 s (README, Tensor models),
+# so `make stop` (serve shutdown first) takes seconds.
+RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
+  RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
 
 .PHONY: setup clients monitoring demo test test-unit stop bench bench-quality clean
 
