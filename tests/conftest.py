@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CONFIGS = REPO / "jobs" / "configs"
 
 # Ray 2.60 keeps a stopping ingress replica reachable for this long before it refuses connections (the window
 # for a load balancer to deregister it; Ray's default 30 s), so every `serve.shutdown`, `serve.delete` and
@@ -24,8 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 # production's for the rolling-update and node-loss tests (no failed requests either way). Every Ray the
 # tests start inherits it (embedded, `ray start`, local multi-node clusters, benchmarks run in process).
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
-SHARED_DATA = REPO.parent / "shared" / "data"
-CONFIGS = REPO / "jobs" / "configs"
 
 
 def free_port() -> int:

@@ -93,7 +93,7 @@ def stop_local_ray(gcs_port: int, temp_dir: str | None = None) -> int:
 
     `ray stop` kills every Ray process on the host (a test session's, a job's embedded Ray, another user's
     head); this finds this cluster's processes by its GCS port (or temp dir), plus their children (workers,
-    agents), and ends them: SIGTERM, then SIGKILL after 15 s.
+    agents), and ends them in `ray stop`'s order (raylet, the rest, the GCS): SIGTERM, then SIGKILL after 15 s.
     """
     import re
 
@@ -115,19 +115,18 @@ def stop_local_ray(gcs_port: int, temp_dir: str | None = None) -> int:
             procs.update({q.pid: q for q in (p, *p.children(recursive=True))})
         except psutil.Error:
             pass
-    def name(p: psutil.Process) -> str:
-        try:
-            return p.name()
-        except psutil.Error:
-            return ""
 
     # In `ray stop`'s order: the raylet (its workers go with it), then the rest, the GCS last. Ended all at
     # once, the GCS and the autoscaler's monitor outlived SIGTERM (each waiting on the other) and were
     # killed 15 s later, every time.
-    gcs = [p for p in procs.values() if name(p) == "gcs_server"]
-    raylet = [p for p in procs.values() if name(p) == "raylet"]
-    rest = [p for p in procs.values() if p not in gcs and p not in raylet]
-    for group in (raylet, rest, gcs):
+    groups: list[list[psutil.Process]] = [[], [], []]
+    for p in procs.values():
+        try:
+            name = p.name()
+        except psutil.Error:
+            name = ""
+        groups[{"raylet": 0, "gcs_server": 2}.get(name, 1)].append(p)
+    for group in groups:
         for p in group:
             try:
                 p.terminate()
