@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=["continuous", "sequential", "static"],
-                   help="continuous, sequential, static (padded), static-early-exit")
+                   help="continuous, continuous-thread, sequential, static (padded), static-early-exit")
     p.add_argument("--no-stream", action="store_true", help="every variant non-streamed (throughput only)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -177,9 +177,10 @@ def main(argv=None) -> dict:
             for variant in args.variants:  # all deployed first, then interleaved per level: a fair share of noise
                 if variant.startswith("static"):
                     app = static_app({"model": ref, "tracking_uri": uri, "batch": 16}, pad=variant == "static")
-                else:
+                else:  # continuous-thread: the engine in a thread of the replica, not its own process
                     app = LLMServer.bind({"models": [ref], "tracking_uri": uri, "metrics": False, "torch_threads": 1,
-                                          "max_num_seqs": 32 if variant == "continuous" else 1})
+                                          "max_num_seqs": 1 if variant == "sequential" else 32,
+                                          "engine_process": variant != "continuous-thread"})
                 serve.run(app, name=variant, route_prefix=f"/{variant}")
             stream = {v: not v.startswith("static") and not args.no_stream for v in args.variants}
             url = {v: f"http://127.0.0.1:{port}/{v}" for v in args.variants}
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
             serve.shutdown()
     for c in args.concurrency:
         cont = results.get(f"continuous_c{c}", {}).get("tokens_per_s")
-        for other in ("sequential", "static", "static-early-exit"):
+        for other in ("continuous-thread", "sequential", "static", "static-early-exit"):
             o = results.get(f"{other}_c{c}", {}).get("tokens_per_s")
             if cont and o:
                 results[f"continuous_vs_{other}_c{c}"] = round(cont / o, 2)

@@ -48,6 +48,9 @@ class LLMArgs(BaseModel):
     metrics: bool = Field(True, description="Export engine metrics through ray.util.metrics.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model; default: the replica's "
                                       "whole CPUs (at least 1) - more threads than cores collapse throughput.")
+    engine_process: bool = Field(True, description="Step each model's engine in its own process (as vLLM's engine "
+                                 "core), so HTTP handling and model steps do not share one GIL; false: a thread "
+                                 "of the replica.")
     auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
 
 
@@ -58,7 +61,7 @@ api.add_middleware(RequestMetrics)  # requests, codes, latency (aidc.ops.serving
 
 @api.exception_handler(RequestError)
 async def _request_error(request, exc: RequestError):
-    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
     return JSONResponse(oa.error_body(exc.message, exc.status, exc.field), status_code=exc.status, headers=headers)
 
 
@@ -90,15 +93,26 @@ class LLMServer:
         BodyLimit.max_body_bytes = self.args.max_body_bytes
         ApiKeyAuth.configure("llm", self.args.auth)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(self.args.torch_threads or max(1, int(cpus)))
+        threads = self.args.torch_threads or max(1, int(cpus))
+        torch.set_num_threads(threads)
+        extra = {"process": True, "threads": threads} if self.args.engine_process else {}
         served = {}
         for ref in self.args.models:
             lm = ServedLM.from_loaded(load_model(ref, self.args.tracking_uri), metrics=self.args.metrics,
                                       max_seqs=self.args.max_num_seqs, max_waiting=self.args.max_waiting,
                                       max_prefill_tokens=self.args.max_prefill_tokens,
-                                      timeout_s=self.args.request_timeout_s)
+                                      timeout_s=self.args.request_timeout_s, **extra)
             served[lm.name] = lm
         self.service = LMService(served)
+
+    def check_health(self):
+        """Serve's health check: an engine process that died fails it, and Serve replaces the replica."""
+        for lm in self.service.models.values():
+            lm.engine.check_alive()
+
+    def __del__(self):
+        for lm in getattr(self, "service", LMService({})).models.values():
+            lm.engine.close(join_s=5.0)
 
     @api.get("/models", response_model=oa.ModelList)
     def models(self) -> oa.ModelList:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from aidc.models.gpt import GPT
 from aidc.serving import openai as oa
 from aidc.serving.chat import render_chat
 from aidc.serving.engine import Engine, QueueFull, SamplingParams
+from aidc.serving.engine_process import ProcessEngine
 from aidc.serving.lm_server import LMService, ServedLM
 from aidc.errors import RequestError
 
@@ -26,8 +28,26 @@ def _model(block_size=64):
     return GPT(TOK["vocab_size"], block_size, d_model=32, heads=4, layers=2, dropout=0.0).eval()
 
 
-def _service(**kw) -> LMService:
-    return LMService({"tiny": ServedLM("tiny", "1", TOK, Engine(_model(), TOK["eos_id"], **kw))})
+def _service(engine=None, **kw) -> LMService:
+    return LMService({"tiny": ServedLM("tiny", "1", TOK, engine or Engine(_model(), TOK["eos_id"], **kw))})
+
+
+@pytest.fixture(scope="module")
+def proc_engine():
+    """One engine process for the tests that run on both engines (each start is a new Python + torch)."""
+    engine = ProcessEngine(_model(block_size=256), eos_id=None, max_seqs=8)
+    yield engine
+    engine.close(join_s=10)
+    assert engine.proc.returncode == 0
+
+
+@pytest.fixture(params=["thread", "process"])
+def make_engine(request, proc_engine):
+    """Engine(...) in a thread of this process, or the shared engine process (same model and seed)."""
+    def make(**kw):
+        return Engine(_model(block_size=256), eos_id=None, max_seqs=8, **kw) if request.param == "thread" \
+            else proc_engine
+    return make
 
 
 def run(coro):
@@ -54,9 +74,9 @@ def test_batched_step_matches_the_plain_forward():
         assert torch.allclose(nxt[1, 0], model(torch.cat([b, torch.tensor([[6]])], 1))[0, -1], atol=1e-5)
 
 
-def test_kv_cache_generation_equals_recomputation_greedy():
-    model = _model()
-    engine = Engine(model, eos_id=None)
+def test_kv_cache_generation_equals_recomputation_greedy(make_engine):
+    model = _model(block_size=256)
+    engine = make_engine()
     prompt = _ids("the quick")
 
     async def go():
@@ -70,8 +90,8 @@ def test_kv_cache_generation_equals_recomputation_greedy():
     assert tokens == seq[len(prompt):]
 
 
-def test_seeded_sequence_is_the_same_alone_and_in_a_busy_batch():
-    engine = Engine(_model(), eos_id=None, max_seqs=8)
+def test_seeded_sequence_is_the_same_alone_and_in_a_busy_batch(make_engine):
+    engine = make_engine()
     params = SamplingParams(max_tokens=30, temperature=1.0, top_k=20, seed=7)
 
     async def one(prompt, p):
@@ -88,12 +108,12 @@ def test_seeded_sequence_is_the_same_alone_and_in_a_busy_batch():
     assert alone == busy and len(alone) == 30
 
 
-def test_the_engine_thread_keeps_generating_while_the_event_loop_is_busy():
+def test_the_engine_keeps_generating_while_the_event_loop_is_busy(make_engine):
     """Steps do not wait for the consumer's loop (vLLM's engine-core split): a loop stuck in other work for
     a while finds the tokens generated meanwhile waiting in its queue, in order."""
     import time
 
-    engine = Engine(_model(block_size=256), eos_id=None)
+    engine = make_engine()
 
     async def go():
         seq = engine.add(_ids("hello"), SamplingParams(max_tokens=200, temperature=0))
@@ -119,7 +139,7 @@ def test_requests_join_and_leave_the_running_batch():
         async def one(n):
             out = []
             async for e in engine.generate(_ids("abc"), SamplingParams(max_tokens=n, seed=1)):
-                seen.append(len(engine.running))
+                seen.append(engine.stats()["running"])
                 out.append(e.token)
             return out
         return await asyncio.gather(one(5), one(20), one(5))
@@ -130,16 +150,18 @@ def test_requests_join_and_leave_the_running_batch():
     assert engine.stats()["running"] == 0 and len(engine.free_slots) == 2
 
 
-def test_abort_frees_the_slot_and_stops_generation():
-    engine = Engine(_model(), eos_id=None, max_seqs=2)
+def test_abort_frees_the_slot_and_stops_generation(make_engine):
+    engine = make_engine()
 
     async def go():
         gen = engine.generate(_ids("hello"), SamplingParams(max_tokens=60, seed=0))
         for _ in range(3):
             await gen.__anext__()
         await gen.aclose()
-        for _ in range(5):
+        for _ in range(100):
             await asyncio.sleep(0.01)
+            if engine.stats()["recent"] and engine.stats()["recent"][-1]["finish_reason"] == "abort":
+                break
         return engine.stats()
 
     stats = run(go())
@@ -202,8 +224,8 @@ def test_completion_echo_logprobs_match_the_model():
     assert out.choices[0].text == "hello world" and out.usage.completion_tokens == 0
 
 
-def test_stream_reassembles_to_the_plain_completion_with_stop_strings():
-    svc = _service()
+def test_stream_reassembles_to_the_plain_completion_with_stop_strings(make_engine):
+    svc = _service(make_engine())
     base = dict(model="tiny", prompt="the ", max_tokens=40, seed=3, temperature=1.0, n=2, ignore_eos=True)
     plain = run(svc.completion(oa.CompletionRequest(**base)))
 
@@ -237,15 +259,20 @@ def test_service_errors_name_the_problem():
         run(svc.completion(oa.CompletionRequest(model="tiny", prompt="a" * 60, max_tokens=10)))
 
 
-def test_request_timeout_ends_a_running_sequence_with_length():
-    engine = Engine(_model(), eos_id=None, timeout_s=1e-9)
+@pytest.mark.parametrize("kind", [Engine, ProcessEngine])
+def test_request_timeout_ends_a_running_sequence_with_length(kind):
+    """(In the engine process too: the replica stamps arrival, the engine compares with one host clock.)"""
+    engine = kind(_model(), eos_id=None, timeout_s=1e-9)
 
     async def go():
         return [e async for e in engine.generate(_ids("hello"), SamplingParams(max_tokens=40, seed=0))]
 
-    events = run(go())
-    assert [e.token is not None for e in events] == [True, False] and events[-1].finish_reason == "length"
-    assert engine.stats()["recent"][-1]["finish_reason"] == "timeout" and engine.stats()["running"] == 0
+    try:
+        events = run(go())
+        assert [e.token is not None for e in events] == [True, False] and events[-1].finish_reason == "length"
+        assert engine.stats()["recent"][-1]["finish_reason"] == "timeout" and engine.stats()["running"] == 0
+    finally:
+        engine.close(join_s=10)
 
 
 def test_shipped_serve_config_has_a_valid_llm_app():
@@ -263,3 +290,76 @@ def test_shipped_serve_config_has_a_valid_llm_app():
     deployment = app["deployments"][0]
     assert deployment["max_ongoing_requests"] > app["args"]["max_num_seqs"]  # the engine queues, not Serve
     assert "autoscaling_config" in deployment and "num_gpus" in deployment["ray_actor_options"]
+
+
+def test_engine_process_queue_full_and_stats():
+    engine = ProcessEngine(_model(block_size=256), eos_id=None, max_seqs=1, max_waiting=1)
+    try:
+        async def go():
+            first = engine.add(_ids("ab"), SamplingParams(max_tokens=250))
+            await first.queue.get()  # running: it holds the only slot
+            engine.add(_ids("ab"), SamplingParams(max_tokens=2))  # waits for the slot
+            with pytest.raises(QueueFull) as e:
+                engine.add(_ids("ab"), SamplingParams(max_tokens=2))
+            assert e.value.status == 429
+            events = [await first.queue.get()]
+            while events[-1][1].finish_reason is None:
+                events.append(await first.queue.get())
+            return events[-1][1], engine.stats()
+
+        last, stats = run(go())
+        assert stats["engine"] == "process" and stats["pid"] == engine.proc.pid
+        assert last.finish_reason == "length" and last.index == 249 and stats["generated_tokens"] >= 250
+    finally:
+        engine.close(join_s=10)
+
+
+def test_engine_process_that_dies_fails_its_requests_with_503_and_the_health_check():
+    import signal
+
+    from aidc.errors import AidcError
+
+    engine = ProcessEngine(_model(block_size=256), eos_id=None)
+    svc = _service(engine)
+
+    async def go():
+        gen = engine.generate(_ids("hello"), SamplingParams(max_tokens=250, seed=0))
+        await gen.__anext__()
+        engine.proc.send_signal(signal.SIGKILL)
+        return [e.finish_reason async for e in gen][-1]
+
+    assert run(go()) == "error"  # in flight: ended, not left hanging
+    with pytest.raises(AidcError, match="exited unexpectedly"):
+        engine.check_alive()
+    with pytest.raises(RequestError, match="being replaced") as e:
+        run(svc.completion(oa.CompletionRequest(model="tiny", prompt="hi", max_tokens=2)))
+    assert e.value.status == 503
+
+
+def test_engine_process_ends_with_its_parent():
+    """A replica killed outright (SIGKILL: no atexit, no close) must not leave its engine process behind."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    code = ("import os; from aidc.models.gpt import GPT; from aidc.serving.engine_process import ProcessEngine; "
+            "e = ProcessEngine(GPT(40, 64, d_model=32, heads=4, layers=2), eos_id=None); "
+            "print(e.proc.pid, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    child = int(out.stdout.split()[-1])
+
+    def running() -> bool:  # a zombie (ended, not yet reaped by init) counts as ended
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running():
+        os.kill(child, 9)
+        pytest.fail(f"engine process {child} outlived its parent by 30 s")

@@ -73,6 +73,7 @@ class TokenEvent:
     finish_reason: str | None = None
     prompt_logprobs: list | None = None  # on the first event only: [(logprob | None, top | None), ...]
     index: int = -1  # which generated token this is (0: the first)
+    at: float = 0.0  # when it was handed over (time.perf_counter: one clock for all processes of a host)
 
 
 @dataclass
@@ -103,8 +104,73 @@ class NoMetrics:
     def state(self, running: int, waiting: int, kv_used: float) -> None: ...
 
 
-class Engine:
-    """Continuous batching over one GPT (`aidc.models.gpt.GPT`: `new_cache` + `step`)."""
+class EngineFront:
+    """The consumers' side that both engines share (this thread's `Engine`, and `ProcessEngine` in
+    aidc.serving.engine_process): the length check, the async iterator, and handing a step's events to a
+    consumer's loop, where metrics are recorded. Subclasses provide `block_size`, `metrics`, `add`, `abort`."""
+
+    block_size: int
+    metrics: NoMetrics
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        """A sequence's last token is never fed back, so prompt + max_tokens may reach block_size + 1."""
+        if prompt_len < 1:
+            raise RequestError("the prompt is empty; send at least one token", status=400, field="prompt")
+        if prompt_len + max_tokens > self.block_size + 1:
+            raise RequestError(
+                f"this model's context is {self.block_size} tokens; the prompt has {prompt_len} and max_tokens "
+                f"asks for {max_tokens} more. Shorten the prompt or lower max_tokens to at most "
+                f"{max(self.block_size + 1 - prompt_len, 0)}", status=400, field="max_tokens")
+
+    def add(self, prompt: list[int], params: SamplingParams, queue: asyncio.Queue | None = None,
+            stream: bool = True) -> Sequence:
+        raise NotImplementedError
+
+    def abort(self, seq: Sequence) -> None:
+        raise NotImplementedError
+
+    def check_alive(self, error=None) -> None:
+        """Raise if the engine can no longer step (its process exited); a thread engine always can."""
+
+    async def generate(self, prompt: list[int], params: SamplingParams):
+        """Async iterator of TokenEvents for one sequence; closing or cancelling it aborts the sequence."""
+        seq = self.add(prompt, params)
+        try:
+            while True:
+                _, event = await seq.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.abort(seq)
+
+    # -- on the consumers' event loops -------------------------------------------------------
+    @staticmethod
+    def _emit(seq: Sequence, event: TokenEvent) -> None:
+        if not seq.stream and event.finish_reason is None:
+            seq.pending.append(event)
+            return
+        for held in seq.pending:
+            seq.queue.put_nowait((seq, held))
+        seq.pending.clear()
+        seq.queue.put_nowait((seq, event))
+
+    def _deliver(self, admitted: list[Sequence], events: list[tuple[Sequence, TokenEvent]],
+                 state: tuple | None) -> None:
+        for seq in admitted:
+            self.metrics.admitted(seq, seq.admitted_at)
+        for seq, event in events:
+            if event.token is not None:
+                self.metrics.token(seq, event.at, first=event.index == 0)
+            seq.last_token_at = event.at
+            self._emit(seq, event)
+        if state is not None:
+            self.metrics.state(*state)
+
+
+class Engine(EngineFront):
+    """Continuous batching over one GPT (`aidc.models.gpt.GPT`: `new_cache` + `step`), stepped by a thread
+    of this process."""
 
     def __init__(self, model, eos_id: int | None, max_seqs: int = 32, max_waiting: int = 256,
                  max_prefill_tokens: int = 4096, metrics=None, timeout_s: float | None = None):
@@ -128,16 +194,6 @@ class Engine:
         self._state_loop: asyncio.AbstractEventLoop | None = None  # where state metrics are recorded
 
     # -- public -------------------------------------------------------------------------
-    def check_length(self, prompt_len: int, max_tokens: int) -> None:
-        """A sequence's last token is never fed back, so prompt + max_tokens may reach block_size + 1."""
-        if prompt_len < 1:
-            raise RequestError("the prompt is empty; send at least one token", status=400, field="prompt")
-        if prompt_len + max_tokens > self.block_size + 1:
-            raise RequestError(
-                f"this model's context is {self.block_size} tokens; the prompt has {prompt_len} and max_tokens "
-                f"asks for {max_tokens} more. Shorten the prompt or lower max_tokens to at most "
-                f"{max(self.block_size + 1 - prompt_len, 0)}", status=400, field="max_tokens")
-
     def add(self, prompt: list[int], params: SamplingParams, queue: asyncio.Queue | None = None,
             stream: bool = True) -> Sequence:
         """Queue a sequence; its (sequence, TokenEvent) pairs go to `queue` (its own one by default): each as
@@ -147,11 +203,9 @@ class Engine:
         waiting = len(self.waiting) + len(self.inbox)
         if waiting >= self.max_waiting:
             raise QueueFull(f"the server is busy: {waiting} requests are already waiting; retry shortly")
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         loop = asyncio.get_running_loop()
-        seq = Sequence(next(self._ids), list(prompt), params, gen, queue if queue is not None else asyncio.Queue(),
-                       loop, stream=stream)
+        seq = Sequence(next(self._ids), list(prompt), params, self._generator(params),
+                       queue if queue is not None else asyncio.Queue(), loop, stream=stream)
         self._state_loop = loop
         self.inbox.append(seq)
         if self._thread is None or not self._thread.is_alive():
@@ -175,22 +229,16 @@ class Engine:
         if join_s is not None and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(join_s)
 
-    async def generate(self, prompt: list[int], params: SamplingParams):
-        """Async iterator of TokenEvents for one sequence; closing or cancelling it aborts the sequence."""
-        seq = self.add(prompt, params)
-        try:
-            while True:
-                _, event = await seq.queue.get()
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
-            self.abort(seq)
-
     def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting) + len(self.inbox),
+        return {"engine": "thread", "running": len(self.running), "waiting": len(self.waiting) + len(self.inbox),
                 "max_seqs": self.max_seqs, "generated_tokens": self.generated_tokens, "steps": self.steps,
                 "kv_cache_used": self._kv_used(), "recent": list(self.recent)}
+
+    def _generator(self, params: SamplingParams) -> torch.Generator:
+        """The sequence's own random stream: seeded requests sample the same tokens in any batch."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        return gen
 
     # -- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -198,13 +246,11 @@ class Engine:
             events: list[tuple[Sequence, TokenEvent]] = []
             admitted: list[Sequence] = []
             try:
-                while self.inbox:
-                    self.waiting.append(self.inbox.popleft())
+                self._take_new()
                 self._drop_aborted(events)
                 if not self.running and not self.waiting:
                     self._hand_over(events, admitted)
-                    self._work.wait()
-                    self._work.clear()  # the state is looked at again before waiting anew
+                    self._idle()
                     continue
                 admitted = self._admit()
                 decoding = [s for s in self.running if s not in admitted]
@@ -219,6 +265,14 @@ class Engine:
                 self.running.clear()
                 self.waiting.clear()
             self._hand_over(events, admitted)
+
+    def _take_new(self) -> None:
+        while self.inbox:
+            self.waiting.append(self.inbox.popleft())
+
+    def _idle(self) -> None:
+        self._work.wait()
+        self._work.clear()  # the state is looked at again before waiting anew
 
     def _drop_aborted(self, events: list) -> None:
         if self.timeout_s is not None:  # over the request timeout: end it as if max_tokens were reached
@@ -359,40 +413,18 @@ class Engine:
         for seq in admitted:
             by_loop.setdefault(seq.loop, [[], []])[0].append(seq)
         for seq, event in events:
+            event.at = now
             by_loop.setdefault(seq.loop, [[], []])[1].append((seq, event))
         if self._state_loop is not None:
             by_loop.setdefault(self._state_loop, [[], []])
         for loop, (adm, evs) in by_loop.items():
             try:
-                loop.call_soon_threadsafe(self._deliver, adm, evs, now, state if loop is self._state_loop else None)
+                loop.call_soon_threadsafe(self._deliver, adm, evs, state if loop is self._state_loop else None)
             except RuntimeError:  # that loop is closed: nobody is left to read these sequences
                 for seq, _ in evs:
                     seq.aborted = True
                 if loop is self._state_loop:
                     self._state_loop = None
-
-    # -- on the consumers' event loops -------------------------------------------------------
-    @staticmethod
-    def _emit(seq: Sequence, event: TokenEvent) -> None:
-        if not seq.stream and event.finish_reason is None:
-            seq.pending.append(event)
-            return
-        for held in seq.pending:
-            seq.queue.put_nowait((seq, held))
-        seq.pending.clear()
-        seq.queue.put_nowait((seq, event))
-
-    def _deliver(self, admitted: list[Sequence], events: list[tuple[Sequence, TokenEvent]], now: float,
-                 state: tuple | None) -> None:
-        for seq in admitted:
-            self.metrics.admitted(seq, seq.admitted_at)
-        for seq, event in events:
-            if event.token is not None:
-                self.metrics.token(seq, now, first=event.index == 0)
-            seq.last_token_at = now
-            self._emit(seq, event)
-        if state is not None:
-            self.metrics.state(*state)
 
 
 def _truncate(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

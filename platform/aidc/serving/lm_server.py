@@ -18,7 +18,7 @@ from aidc.errors import RequestError
 from aidc.serving import openai as oa
 from aidc.serving.chat import render_chat
 from aidc.ops.serving import tag_request
-from aidc.serving.engine import Engine, SamplingParams, TokenEvent
+from aidc.serving.engine import Engine, EngineFront, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +30,13 @@ class ServedLM:
     name: str
     version: str
     tokenizer: dict
-    engine: Engine
+    engine: EngineFront  # Engine (a thread) or ProcessEngine (its own process)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def from_loaded(cls, loaded, metrics: bool = False, **engine_kwargs) -> "ServedLM":
+    def from_loaded(cls, loaded, metrics: bool = False, process: bool = False, **engine_kwargs) -> "ServedLM":
+        """`process`: step the engine in its own process (`aidc.serving.engine_process`, what the llm app does
+        so HTTP and model steps do not share a GIL); else in a thread of this one (batch jobs, tests)."""
         if not hasattr(loaded.model, "step"):
             raise RequestError(f"{loaded.name}/{loaded.version} is a {loaded.spec['task']} model, not a GPT "
                                "language model; serve it with the predictor app instead", status=400)
@@ -44,8 +46,13 @@ class ServedLM:
             from aidc.serving.lm_metrics import LMMetrics
 
             sink = LMMetrics(loaded.name)
-        return cls(loaded.name, loaded.version, tok, Engine(loaded.model, tok.get("eos_id"), metrics=sink,
-                                                            **engine_kwargs))
+        if process:
+            from aidc.serving.engine_process import ProcessEngine
+
+            engine = ProcessEngine(loaded.model, tok.get("eos_id"), metrics=sink, **engine_kwargs)
+        else:
+            engine = Engine(loaded.model, tok.get("eos_id"), metrics=sink, **engine_kwargs)
+        return cls(loaded.name, loaded.version, tok, engine)
 
     @property
     def context(self) -> int:
