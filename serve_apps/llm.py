@@ -104,6 +104,8 @@ class LLMServer:
                                       timeout_s=self.args.request_timeout_s, **extra)
             served[lm.name] = lm
         self.service = LMService(served)
+        if self.args.engine_process and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the loaded copies were handed to the engine processes: free them here
 
     def check_health(self):
         """Serve's health check: an engine process that died fails it, and Serve replaces the replica."""

@@ -314,6 +314,22 @@ def test_engine_process_queue_full_and_stats():
         engine.close(join_s=10)
 
 
+def test_a_request_the_engine_process_cannot_take_fails_alone(proc_engine):
+    """(The protocol bounds `seed`; this sends an unusable one past it.) The batch carries on."""
+    async def go():
+        async def one(params):
+            return [e async for e in proc_engine.generate(_ids("hello"), params)]
+        return await asyncio.gather(one(SamplingParams(max_tokens=20, seed=1)), one(SamplingParams(max_tokens=5,
+                                                                                                   seed=2**64)))
+
+    good, bad = run(go())
+    assert len(good) == 20 and good[-1].finish_reason == "length"
+    assert [e.finish_reason for e in bad] == ["error"]
+    assert any("Overflow" in r["finish_reason"] for r in proc_engine.stats()["recent"])  # the reason is kept
+    with pytest.raises(ValidationError):
+        oa.CompletionRequest(model="m", prompt="x", seed=2**63)
+
+
 def test_engine_process_that_dies_fails_its_requests_with_503_and_the_health_check():
     import signal
 

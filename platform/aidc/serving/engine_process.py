@@ -28,6 +28,7 @@ import io
 import itertools
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -61,9 +62,11 @@ class ProcessEngine(EngineFront):
         self.recent: collections.deque[dict] = collections.deque(maxlen=64)
         self.exit_reason: str | None = None
         self._ids = itertools.count()
-        self._send_lock = threading.Lock()
         self._closing = False
         self._state_loop: asyncio.AbstractEventLoop | None = None
+
+        self._ending = False  # set by the reader thread first thing once the engine process is gone
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the engine process, sent by the writer thread
 
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -71,26 +74,31 @@ class ProcessEngine(EngineFront):
                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         self._conn = Connection(ours.detach())
-        blob = io.BytesIO()
-        torch.save(model, blob)
         kwargs = {"max_seqs": max_seqs, "max_waiting": max_waiting, "max_prefill_tokens": max_prefill_tokens,
                   "timeout_s": timeout_s}
         try:
-            self._conn.send(("start", blob.getvalue(), eos_id, kwargs, threads or torch.get_num_threads()))
+            blob = io.BytesIO()
+            torch.save(model, blob)  # the module itself (its class is importable there): no second registry read
+            self._conn.send(("start", eos_id, kwargs, threads or torch.get_num_threads()))
+            self._conn.send_bytes(blob.getbuffer())
             del blob
             if not self._conn.poll(start_timeout_s):
-                raise AidcError(f"the engine process did not start within {start_timeout_s:.0f} s")
+                raise AidcError(f"the language-model engine process did not start within {start_timeout_s:.0f} s")
             reply = self._conn.recv()
-        except (EOFError, OSError):
-            reply = ("failed", f"it exited with code {self.proc.wait(10)} before it was ready")
-        except AidcError:
+            if reply[0] != "ready":
+                raise AidcError(f"the language-model engine process could not start: {reply[1]}")
+        except BaseException as exc:
             self.proc.kill()
+            self.proc.wait()
+            self._conn.close()
+            if isinstance(exc, (EOFError, OSError)):
+                raise AidcError("the language-model engine process exited before it was ready (exit code "
+                                f"{self.proc.returncode}); its error is in this replica's log") from None
             raise
-        if reply[0] != "ready":
-            self.proc.kill()
-            raise AidcError(f"the language-model engine process could not start: {reply[1]}")
         self._reader = threading.Thread(target=self._read, name="aidc-llm-engine-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="aidc-llm-engine-writer", daemon=True)
         self._reader.start()
+        self._writer.start()
         _ENGINES.add(self)
 
     # -- public (any thread with a running asyncio loop) ------------------------------------
@@ -108,17 +116,19 @@ class ProcessEngine(EngineFront):
         self._state_loop = loop
         self.seqs[seq.id] = seq
         self.unadmitted.add(seq.id)
-        if not self._send(("add", seq.id, seq.prompt, params, seq.arrived, stream)):
+        if self._ending:  # the reader thread may already have failed what was in flight: this one is not
             self.seqs.pop(seq.id, None)
             self.unadmitted.discard(seq.id)
-            self.check_alive(RequestError)
+            raise RequestError("the language-model engine process has exited; this replica is being replaced, "
+                               "retry shortly", status=503)
+        self._outbox.put(("add", seq.id, seq.prompt, params, seq.arrived, stream))
         return seq
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence (its consumer went away); the engine frees its slot before its next step."""
         if seq.finish_reason is None and not seq.aborted:
             seq.aborted = True
-            self._send(("abort", seq.id))
+            self._outbox.put(("abort", seq.id))
 
     def check_alive(self, error=AidcError) -> None:
         """Raise (`error`: AidcError for health checks, RequestError -> 503 for requests) if the engine
@@ -131,7 +141,7 @@ class ProcessEngine(EngineFront):
     def close(self, join_s: float | None = None) -> None:
         """Ask the engine process to stop after its current step; kill it if it has not within `join_s`."""
         self._closing = True
-        self._send(("close",))
+        self._outbox.put(("close",))
         try:
             self.proc.wait(join_s if join_s is not None else 10.0)
         except subprocess.TimeoutExpired:
@@ -144,14 +154,17 @@ class ProcessEngine(EngineFront):
                 "max_seqs": self.max_seqs, "generated_tokens": self.generated_tokens, "steps": self.steps,
                 "kv_cache_used": kv, "recent": list(self.recent)}
 
-    # -- the replica's reader thread -----------------------------------------------------------
-    def _send(self, msg: tuple) -> bool:
-        try:
-            with self._send_lock:
+    # -- the replica's writer and reader threads ---------------------------------------------------
+    def _write(self) -> None:
+        """Sends for every loop, so no event loop ever blocks on the socket while the engine is mid-step."""
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            try:
                 self._conn.send(msg)
-            return True
-        except (OSError, ValueError):  # the engine process is gone (the reader thread says why)
-            return False
+            except (OSError, ValueError):  # the engine process is gone: the reader thread ends what is in flight
+                return
 
     def _read(self) -> None:
         try:
@@ -165,7 +178,6 @@ class ProcessEngine(EngineFront):
 
     def _on_step(self, msg: tuple) -> None:
         _, admitted, rows, state, self.steps, self.generated_tokens, released = msg
-        changed, self.state = state != self.state, state
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for sid, at in admitted:
             self.unadmitted.discard(sid)
@@ -186,6 +198,7 @@ class ProcessEngine(EngineFront):
             self.seqs.pop(sid, None)
             self.recent.append({"id": sid, "finish_reason": reason, "generated": generated,
                                 "prompt_tokens": prompt_tokens})
+        changed, self.state = state != self.state, state  # after `recent`: stats never show one without the other
         if changed and self._state_loop is not None:
             by_loop.setdefault(self._state_loop, [[], []])
         self._hand_to_loops(by_loop, state)
@@ -202,11 +215,14 @@ class ProcessEngine(EngineFront):
 
     def _ended(self) -> None:
         """The engine process is gone: every sequence in flight ends with finish_reason "error"."""
+        self._ending = True  # before the snapshot below: an add() after it sees this and answers 503 itself
+        self._outbox.put(None)
         try:
             code = self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        self._conn.close()
         self.exit_reason = ("the language-model engine process was closed" if self._closing else
                             f"the language-model engine process exited unexpectedly (exit code {code})")
         if not self._closing:
@@ -232,12 +248,18 @@ class _ChildEngine(Engine):
         self.conn = conn
         self.by_id: dict[int, Sequence] = {}
         self.released: list[tuple] = []
+        self.bad: list[tuple[int, str]] = []  # requests that could not be added: (id, why)
         self.sent_at, self.sent_state = 0.0, None
 
     def _take_new(self) -> None:
         try:
             while self.conn.poll():
-                self._on(self.conn.recv())
+                msg = self.conn.recv()
+                try:
+                    self._on(msg)
+                except Exception as exc:  # one bad request fails alone, not the batch (and never hangs)
+                    logger.exception("engine process: bad message %s", msg[:2])
+                    self.bad.append((msg[1], repr(exc)))
         except (EOFError, OSError):  # the replica is gone: stop
             self._closed = True
 
@@ -269,6 +291,10 @@ class _ChildEngine(Engine):
     def _hand_over(self, events: list[tuple[Sequence, TokenEvent]], admitted: list[Sequence]) -> None:
         now = time.perf_counter()
         rows = []
+        for sid, why in self.bad:
+            rows.append((sid, None, None, None, "error", None, -1, now))
+            self.released.append((sid, why, 0, 0))
+        self.bad.clear()
         for seq, e in events:
             row = (seq.id, e.token, e.logprob, e.top, e.finish_reason, e.prompt_logprobs, e.index, now)
             if not seq.stream and e.finish_reason is None:
@@ -292,10 +318,9 @@ class _ChildEngine(Engine):
 def main(argv: list[str] | None = None) -> int:
     conn = Connection(int((argv or sys.argv[1:])[0]))
     try:
-        _, blob, eos_id, kwargs, threads = conn.recv()
+        _, eos_id, kwargs, threads = conn.recv()
         torch.set_num_threads(threads)
-        model = torch.load(io.BytesIO(blob), weights_only=False).eval()
-        del blob
+        model = torch.load(io.BytesIO(conn.recv_bytes()), weights_only=False).eval()
         engine = _ChildEngine(conn, model, eos_id, **kwargs)
     except (EOFError, OSError):
         return 0

@@ -50,7 +50,8 @@ class _Sampling(BaseModel):
     top_k: int = Field(-1, ge=-1, description="Keep only the k most likely tokens (-1 or 0: all).")
     n: int = Field(1, ge=1, le=16, description="Choices to generate per prompt.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation (not returned).")
-    seed: int | None = Field(None, description="Seed for sampling: the same request and seed give the same output.")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="Seed for sampling: the same request and seed "
+                             "give the same output (a 64-bit signed integer).")
     stream: bool = Field(False, description="Stream server-sent events, one chunk per token.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (only with stream).")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (honoured).")
