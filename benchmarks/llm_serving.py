@@ -49,12 +49,14 @@ def register_random_gpt(root: str, d_model: int, layers: int, block: int) -> str
         return register_model_dir(Path(tmp, "m"), "bench-gpt", "bench", root=root).ref
 
 
-def static_app(args: dict, pad: bool = True):
+def static_app(args: dict, pad: bool = True, process: bool = False):
     """Static batching: @serve.batch hands over whole requests; a batch runs until its last request ends,
     and new requests wait for the next batch. With `pad` (static batching as in HF `generate` over a padded
     batch, the baseline of the Orca/vLLM comparisons) every row is computed for as many steps as the
     batch's longest request and the surplus tokens are dropped; without it a row that is done leaves the
-    batch early (request-level batching over our engine), a stronger baseline reported as `static-early-exit`."""
+    batch early (request-level batching over our engine), a stronger baseline reported as `static-early-exit`.
+    With `process` the batches run in an engine process as the llm app's do (`static-process`), so the
+    comparison isolates batching from the process split."""
     from fastapi import FastAPI
     from ray import serve
 
@@ -72,7 +74,8 @@ def static_app(args: dict, pad: bool = True):
 
             torch.set_num_threads(1)
             loaded = load_model(args["model"], args["tracking_uri"])
-            self.service = LMService({loaded.name: ServedLM.from_loaded(loaded, max_seqs=args["batch"])})
+            extra = {"process": True, "threads": 1} if process else {}
+            self.service = LMService({loaded.name: ServedLM.from_loaded(loaded, max_seqs=args["batch"], **extra)})
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
         async def run(self, reqs: list[dict]) -> list[dict]:
@@ -153,7 +156,8 @@ def main(argv=None) -> dict:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=["continuous", "sequential", "static"],
-                   help="continuous, continuous-thread, sequential, static (padded), static-early-exit")
+                   help="continuous, continuous-thread, sequential, static (padded), static-process (padded, "
+                   "batches in an engine process), static-early-exit")
     p.add_argument("--no-stream", action="store_true", help="every variant non-streamed (throughput only)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -176,7 +180,8 @@ def main(argv=None) -> dict:
         try:
             for variant in args.variants:  # all deployed first, then interleaved per level: a fair share of noise
                 if variant.startswith("static"):
-                    app = static_app({"model": ref, "tracking_uri": uri, "batch": 16}, pad=variant == "static")
+                    app = static_app({"model": ref, "tracking_uri": uri, "batch": 16},
+                                     pad=variant != "static-early-exit", process=variant == "static-process")
                 else:  # continuous-thread: the engine in a thread of the replica, not its own process
                     app = LLMServer.bind({"models": [ref], "tracking_uri": uri, "metrics": False, "torch_threads": 1,
                                           "max_num_seqs": 1 if variant == "sequential" else 32,
@@ -196,7 +201,7 @@ def main(argv=None) -> dict:
             serve.shutdown()
     for c in args.concurrency:
         cont = results.get(f"continuous_c{c}", {}).get("tokens_per_s")
-        for other in ("continuous-thread", "sequential", "static", "static-early-exit"):
+        for other in ("continuous-thread", "sequential", "static", "static-process", "static-early-exit"):
             o = results.get(f"{other}_c{c}", {}).get("tokens_per_s")
             if cont and o:
                 results[f"continuous_vs_{other}_c{c}"] = round(cont / o, 2)

@@ -11,6 +11,8 @@ The engine thread steps on its own, as vLLM's engine core does: each step's toke
 asyncio loops in one `call_soon_threadsafe`, and the next step starts at once instead of waiting for a
 loop busy with HTTP to schedule it (one step per loop round trip cost about a tenth of each step's wall time
 in a Serve replica at 16 concurrent requests). Requests are added and aborted from any asyncio loop.
+The llm app runs this same loop in a process of its own (`aidc.serving.engine_process.ProcessEngine`), so
+model steps do not share the replica's GIL either; batch jobs and tests use the thread.
 """
 
 from __future__ import annotations

@@ -64,7 +64,6 @@ class ProcessEngine(EngineFront):
         self._ids = itertools.count()
         self._closing = False
         self._state_loop: asyncio.AbstractEventLoop | None = None
-
         self._ending = False  # set by the reader thread first thing once the engine process is gone
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the engine process, sent by the writer thread
 
