@@ -64,7 +64,7 @@ def server(root, char_gpt, hf_gpt2):
     try:
         serve.run(app_builder({"models": [char_gpt[0].ref, hf_gpt2[0]], "tracking_uri": uri, "max_num_seqs": 16,
                                "max_body_bytes": 200_000}), name="llm", route_prefix="/v1")
-        busy = LLMServer.options(ray_actor_options={"num_cpus": 0.25}).bind(
+        busy = LLMServer.options(ray_actor_options={"num_cpus": 0.25}, health_check_period_s=1).bind(
             {"models": [hf_gpt2[0]], "tracking_uri": uri, "max_num_seqs": 1, "max_waiting": 1, "metrics": False})
         serve.run(busy, name="llm-busy", route_prefix="/busy/v1")
         yield f"http://127.0.0.1:{port}"
@@ -311,3 +311,33 @@ def test_aidc_chat_streams_a_reply_with_the_openai_client(server, client, capsys
     assert printed == reply.choices[0].message.content + "\n"
     assert aidc_main(["chat", "hi", "--url", f"{server}/v1", "--model", "nope", *key]) == 1
     assert "model_not_found" in capsys.readouterr().err
+
+
+def test_a_dead_engine_process_answers_503_and_serve_replaces_the_replica(server):
+    """SIGKILL the busy app's engine process: the replica answers 503 + Retry-After (never a 500), its Serve
+    health check fails, and Serve replaces it with a replica whose new engine process serves again."""
+    import os
+    import signal
+
+    url = f"{server}/busy/v1"
+    before = requests.get(f"{url}/health", timeout=30).json()["models"]["tiny-gpt2"]
+    assert before["engine"] == "process"
+    os.kill(before["pid"], signal.SIGKILL)
+    statuses, refused, deadline = [], None, time.monotonic() + 150
+    while time.monotonic() < deadline:
+        r = requests.get(f"{url}/health", timeout=30)
+        statuses.append(r.status_code)
+        if r.status_code == 503 and refused is None:
+            refused = r
+        if r.status_code == 200 and r.json()["models"]["tiny-gpt2"]["pid"] != before["pid"]:
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"no replica with a new engine process within 150 s; answers: {statuses}")
+    assert refused is not None, statuses  # the dead engine was reported, not hidden behind a 200
+    assert refused.headers.get("Retry-After") and "engine process" in refused.json()["error"]["message"]
+    assert 500 not in statuses, statuses
+    print("answers of /busy/v1/health after the kill:", statuses)
+    out = requests.post(f"{url}/completions", json={"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 3},
+                        timeout=60)
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3

@@ -350,6 +350,9 @@ def test_engine_process_that_dies_fails_its_requests_with_503_and_the_health_che
     with pytest.raises(RequestError, match="being replaced") as e:
         run(svc.completion(oa.CompletionRequest(model="tiny", prompt="hi", max_tokens=2)))
     assert e.value.status == 503
+    with pytest.raises(RequestError, match="being replaced") as e:
+        svc.health()  # GET /v1/health: 503 too, for load balancers
+    assert e.value.status == 503
 
 
 def test_engine_process_ends_with_its_parent():

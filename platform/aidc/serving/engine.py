@@ -132,7 +132,7 @@ class EngineFront:
         raise NotImplementedError
 
     def check_alive(self, error=None) -> None:
-        """Raise if the engine can no longer step (its process exited); a thread engine always can."""
+        """Raise `error` if the engine can no longer step (its process exited); a thread engine always can."""
 
     async def generate(self, prompt: list[int], params: SamplingParams):
         """Async iterator of TokenEvents for one sequence; closing or cancelling it aborts the sequence."""

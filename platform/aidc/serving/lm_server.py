@@ -155,6 +155,8 @@ class LMService:
                                                max_model_len=m.context) for n, m in self.models.items()])
 
     def health(self) -> oa.Health:
+        for m in self.models.values():  # a dead engine process: 503 + Retry-After until Serve replaces the replica
+            m.engine.check_alive(RequestError)
         return oa.Health(models={n: {"version": m.version, **m.engine.stats()} for n, m in self.models.items()})
 
     # -- tokenize -----------------------------------------------------------------------------
