@@ -113,6 +113,7 @@ class EngineFront:
 
     block_size: int
     metrics: NoMetrics
+    _state_loop: asyncio.AbstractEventLoop | None  # where state metrics are recorded
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         """A sequence's last token is never fed back, so prompt + max_tokens may reach block_size + 1."""
@@ -145,6 +146,18 @@ class EngineFront:
                     return
         finally:
             self.abort(seq)
+
+    def _hand_to_loops(self, by_loop: dict, state: tuple | None) -> None:
+        """From the engine's side: one `_deliver` callback per consumer loop ({loop: [admitted, events]});
+        the state goes to the loop that records state metrics."""
+        for loop, (adm, evs) in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, adm, evs, state if loop is self._state_loop else None)
+            except RuntimeError:  # that loop is closed: nobody is left to read these sequences
+                for seq, _ in evs:
+                    self.abort(seq)
+                if loop is self._state_loop:
+                    self._state_loop = None
 
     # -- on the consumers' event loops -------------------------------------------------------
     @staticmethod
@@ -419,14 +432,7 @@ class Engine(EngineFront):
             by_loop.setdefault(seq.loop, [[], []])[1].append((seq, event))
         if self._state_loop is not None:
             by_loop.setdefault(self._state_loop, [[], []])
-        for loop, (adm, evs) in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(self._deliver, adm, evs, state if loop is self._state_loop else None)
-            except RuntimeError:  # that loop is closed: nobody is left to read these sequences
-                for seq, _ in evs:
-                    seq.aborted = True
-                if loop is self._state_loop:
-                    self._state_loop = None
+        self._hand_to_loops(by_loop, state)
 
 
 def _truncate(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -202,16 +202,6 @@ class ProcessEngine(EngineFront):
             by_loop.setdefault(self._state_loop, [[], []])
         self._hand_to_loops(by_loop, state)
 
-    def _hand_to_loops(self, by_loop: dict, state: tuple | None) -> None:
-        for loop, (adm, evs) in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(self._deliver, adm, evs, state if loop is self._state_loop else None)
-            except RuntimeError:  # that loop is closed: nobody is left to read these sequences
-                for seq, _ in evs:
-                    self.abort(seq)
-                if loop is self._state_loop:
-                    self._state_loop = None
-
     def _ended(self) -> None:
         """The engine process is gone: every sequence in flight ends with finish_reason "error"."""
         self._ending = True  # before the snapshot below: an add() after it sees this and answers 503 itself
