@@ -11,7 +11,6 @@ key, and scrypt (n=2**14, r=8, p=1, a common password-hashing setting) of the sa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import tempfile
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for c in levels:  # interleaved: both settings see the same background load
                     for setting in ("on", "off"):
                         url = f"http://127.0.0.1:{port}/{setting}/v2/models/{MODEL}/infer"
-                        result[f"{setting}_c{c}"] = asyncio.run(drive(url, c, seconds))
+                        result[f"{setting}_c{c}"] = drive(url, c, seconds)
                         print(setting, c, json.dumps(result[f"{setting}_c{c}"]), flush=True)
             finally:
                 serve.shutdown()

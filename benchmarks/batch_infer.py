@@ -112,14 +112,14 @@ def _job(cfg, path: Path, out: Path, actors: int, batch_size: int) -> dict:
     return run_batch_inference(job)
 
 
-def _side_by_side(cfg, tmp: str, label: str, sizes: list[int], batch: int, write) -> dict:
+def _side_by_side(cfg, tmp: str, label: str, sizes: list[int], batch: int, write, actors: int = 2) -> dict:
     """Loop and Ray job over the same rows at each size; rates end to end and, with two sizes, marginal."""
     times = {}
     for n in sizes:
         data = Path(tmp, f"{label}-{n}")
         write(data, n)
         done, times[("loop", n)] = timed(_loop, cfg, data, batch)
-        m, times[("ray", n)] = timed(_job, cfg, data, Path(tmp, f"{label}-out-{n}"), 2, batch)
+        m, times[("ray", n)] = timed(_job, cfg, data, Path(tmp, f"{label}-out-{n}"), actors, batch)
         assert done == m["counts"]["predicted"] == n
     out: dict = {"rows": sizes, "batch_size": batch}
     big = sizes[-1]
@@ -142,32 +142,37 @@ def main(argv=None) -> dict:
                    help="digits rows of the two runs (the marginal rate is their difference over the time's)")
     p.add_argument("--mnist-rows", type=int, nargs=2, default=[10000, 60000], help="MNIST rows of the two runs")
     p.add_argument("--prompts", type=int, nargs=2, default=[1024, 8192], help="GPT prompts of the two runs")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (this machine: 2)")
+    p.add_argument("--actors", type=int, default=2, help="actors in the pool (on a GPU machine they share its GPUs)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["mnist", "gpt"], help="models to leave out")
     args = p.parse_args(argv)
     stream_rows, payload, store_mb = (6000 if args.quick else 30000), 16384, 80
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = str(Path(tmp, "storage"))
-        with _ray(2):
+        with _ray(args.num_cpus):
             digits = _train(root)
             sizes = [3000] if args.quick else args.rows
             results["digits_cnn"] = _side_by_side(digits, tmp, "digits", sizes, 512,
-                                                  lambda path, n: _write_rows(digits, path, n, 0, files=8))
+                                                  lambda path, n: _write_rows(digits, path, n, 0, files=8),
+                                                  args.actors)
             print(json.dumps({"digits_cnn": results["digits_cnn"]}), flush=True)  # figures as they come
-            if not args.quick:  # a 28x28 image per row: the MNIST CNN (the issue's image model)
+            if not (args.quick or "mnist" in args.skip):  # a 28x28 image per row: the MNIST CNN (the issue's)
                 mnist = _train(root, "mnist")
                 results["mnist_cnn"] = _side_by_side(mnist, tmp, "mnist", args.mnist_rows, 512,
-                                                     lambda path, n: _write_rows(mnist, path, n, 0, files=8))
+                                                     lambda path, n: _write_rows(mnist, path, n, 0, files=8),
+                                                     args.actors)
                 print(json.dumps({"mnist_cnn": results["mnist_cnn"]}), flush=True)
-            if not args.quick:  # a heavier row: a 32-token completion per prompt from the character GPT
+            if not (args.quick or "gpt" in args.skip):  # a heavier row: a 32-token completion per prompt (char GPT)
                 gpt = _train(root, "shakespeare-gpt")
                 results["char_gpt"] = _side_by_side(gpt, tmp, "gpt", args.prompts, 32,
-                                                    lambda path, n: _write_prompts(path, n, files=8))
+                                                    lambda path, n: _write_prompts(path, n, files=8), args.actors)
                 print(json.dumps({"char_gpt": results["char_gpt"]}), flush=True)
         # Streaming: input several times the object store; the job must finish with every row accounted for.
         big = Path(tmp, "big")
         written = _write_rows(digits, big, stream_rows, payload, files=8)
-        with _ray(2, object_store_memory=store_mb * 2**20):
-            m, s = timed(_job, digits, big, Path(tmp, "big-out"), 2, 512)
+        with _ray(args.num_cpus, object_store_memory=store_mb * 2**20):
+            m, s = timed(_job, digits, big, Path(tmp, "big-out"), args.actors, 512)
         results["streaming"] = {"input_rows": written,
                                 "input_mb_parquet": round(sum(f.stat().st_size for f in big.iterdir()) / 2**20, 1),
                                 "input_mb_in_memory": round(written * (payload + 64 * 8) / 2**20, 1),
@@ -176,7 +181,7 @@ def main(argv=None) -> dict:
     print(json.dumps(results, indent=2))
     for name, r in results.items():
         if "ray_vs_loop" in r:
-            print(f"{name}: single-process loop {r['loop_rows_per_s']:.0f} rows/s, Ray Data 2 actors "
+            print(f"{name}: single-process loop {r['loop_rows_per_s']:.0f} rows/s, Ray Data {args.actors} actors "
                   f"{r['ray_rows_per_s']:.0f} rows/s end to end ({r['ray_vs_loop']:.2f}x)"
                   + (f", marginal {r['ray_vs_loop_marginal']:.2f}x" if "ray_vs_loop_marginal" in r else ""))
     print("(a machine shared with other work: compare the side-by-side ratios, not absolute rates)")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The datasets the benchmarks read: $AIDC_DATA_MIRROR (as the loaders do), else ../shared/data beside the checkout.
+SHARED_DATA = Path(os.environ.get("AIDC_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 
 
 @contextlib.contextmanager
@@ -21,6 +22,9 @@ def local_ray(num_cpus: float, **kwargs):
     from aidc.runtime import apply_serve_env
 
     apply_serve_env()  # Serve's gRPC request path, as every aidc Ray runs it
+    # A whole number: ray.init(num_cpus=4.0) left the raylet dead at start (<defunct>, "node timed out during
+    # startup") on a 16-core GPU machine; an int started it there every time.
+    num_cpus = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
     # address="local": a fresh Ray even when another one runs on this host (else ray.init would join it)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -93,7 +93,7 @@ def static_app(args: dict, pad: bool = True, process: bool = False):
         async def completions(self, body: dict) -> dict:
             return await self.run(body)
 
-    return StaticLLM.bind()
+    return StaticLLM.options(ray_actor_options={"num_cpus": 1, "num_gpus": args.get("num_gpus", 0)}).bind()
 
 
 def workload(n: int, seed: int) -> list[dict]:
@@ -159,10 +159,12 @@ def main(argv=None) -> dict:
                    help="continuous, continuous-thread, sequential, static (padded), static-process (padded, "
                    "batches in an engine process), static-early-exit")
     p.add_argument("--no-stream", action="store_true", help="every variant non-streamed (throughput only)")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs the variants' replicas share (a GPU machine: 1)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.requests, args.d_model, args.layers = [1, 4], 4, 32, 1
+    share = {"num_cpus": 1, "num_gpus": round(args.num_gpus / len(args.variants), 4)}
 
     from ray import serve
 
@@ -180,12 +182,13 @@ def main(argv=None) -> dict:
         try:
             for variant in args.variants:  # all deployed first, then interleaved per level: a fair share of noise
                 if variant.startswith("static"):
-                    app = static_app({"model": ref, "tracking_uri": uri, "batch": 16},
+                    app = static_app({"model": ref, "tracking_uri": uri, "batch": 16, "num_gpus": share["num_gpus"]},
                                      pad=variant != "static-early-exit", process=variant == "static-process")
                 else:  # continuous-thread: the engine in a thread of the replica, not its own process
-                    app = LLMServer.bind({"models": [ref], "tracking_uri": uri, "metrics": False, "torch_threads": 1,
-                                          "max_num_seqs": 1 if variant == "sequential" else 32,
-                                          "engine_process": variant != "continuous-thread"})
+                    app = LLMServer.options(ray_actor_options=share).bind({
+                        "models": [ref], "tracking_uri": uri, "metrics": False, "torch_threads": 1,
+                        "max_num_seqs": 1 if variant == "sequential" else 32,
+                        "engine_process": variant != "continuous-thread"})
                 serve.run(app, name=variant, route_prefix=f"/{variant}")
             stream = {v: not v.startswith("static") and not args.no_stream for v in args.variants}
             url = {v: f"http://127.0.0.1:{port}/{v}" for v in args.variants}

@@ -58,14 +58,49 @@ def register_random_cnn(root: Path) -> str:
     return uri
 
 
-async def drive(url: str, concurrency: int, seconds: float) -> dict:
-    """Closed loop: `concurrency` clients each send one 1-image request after the previous answer."""
+def drive(url: str, concurrency: int, seconds: float, procs: int = 1, binary: bool = False) -> dict:
+    """Closed loop: `concurrency` clients each send one 1-image request after the previous answer, from `procs`
+    client processes (one Python client tops out at a few thousand requests/s: on a many-core machine the
+    client, not the server, would be measured). `binary`: the tensors as raw bytes (the binary tensor data
+    extension, tritonclient's default) instead of JSON numbers, both ways."""
+    if procs <= 1 or concurrency < 2:
+        runs = [asyncio.run(_drive(url, concurrency, seconds, binary))]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        shares = [concurrency // procs + (i < concurrency % procs) for i in range(min(procs, concurrency))]
+        with ProcessPoolExecutor(len(shares), mp_context=mp.get_context("spawn")) as pool:
+            runs = list(pool.map(_drive_sync, [url] * len(shares), shares, [seconds] * len(shares),
+                                 [binary] * len(shares)))
+    latencies = [x for r in runs for x in r[0]]
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {"req_per_s": round(sum(len(r[0]) / r[2] for r in runs), 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "errors": sum(r[1] for r in runs)}
+
+
+def _drive_sync(url: str, concurrency: int, seconds: float, binary: bool):
+    return asyncio.run(_drive(url, concurrency, seconds, binary))
+
+
+def request_body(binary: bool) -> tuple[bytes, dict]:
+    """One 1x28x28 FP32 image and the headers to send it with: JSON numbers, or the binary extension."""
+    image = np.random.default_rng(0).integers(0, 256, size=(1, 28, 28)).astype(np.float32)
+    tensor = {"name": "image", "shape": [1, 28, 28], "datatype": "FP32"}
+    if not binary:
+        body = json.dumps({"inputs": [{**tensor, "data": image.ravel().tolist()}], "outputs": [{"name": "class"}]})
+        return body.encode(), {"Content-Type": "application/json", **api_key_header()}
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": image.nbytes}}],
+                       "outputs": [{"name": "class", "parameters": {"binary_data": True}}]}).encode()
+    return head + image.tobytes(), {"Content-Type": "application/octet-stream",
+                                    "Inference-Header-Content-Length": str(len(head)), **api_key_header()}
+
+
+async def _drive(url: str, concurrency: int, seconds: float, binary: bool = False) -> tuple[list[float], int, float]:
     import aiohttp
 
-    image = np.random.default_rng(0).integers(0, 256, size=(1, 28, 28)).astype(np.float32)
-    body = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
-                                   "data": image.ravel().tolist()}], "outputs": [{"name": "class"}]})
-    headers = {"Content-Type": "application/json", **api_key_header()}
+    body, headers = request_body(binary)
     latencies, errors = [], 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
@@ -89,9 +124,7 @@ async def drive(url: str, concurrency: int, seconds: float) -> dict:
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    return {"req_per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "errors": errors}
+    return latencies, errors, elapsed
 
 
 def cold_start(uri: str, root: Path, port: int) -> dict:
@@ -124,18 +157,21 @@ def cold_start(uri: str, root: Path, port: int) -> dict:
             "ok": warm.ok and cold.ok}
 
 
-def app_args(uri: str, root: Path, batch: int, replicas: int, placement: str) -> dict:
+def app_args(uri: str, root: Path, batch: int, replicas: int, placement: str, gpus: float = 0) -> dict:
+    """`gpus`: the GPUs the model's replicas share (each gets gpus / replicas; the model picks CUDA when given one)."""
     model = {"name": MODEL, "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.004},
              "placement": placement}
+    share = round(gpus / replicas, 4)
     if placement == "ingress":  # the model runs in the ingress replicas: give them the model's CPU
         return {"tracking_uri": uri, "storage": str(root), "models": [model],
-                "ingress": {"num_cpus": 0.5, "num_replicas": replicas}}
-    model["deployment"] = {"num_cpus": 0.5, "num_replicas": replicas, "max_ongoing_requests": 128}
+                "ingress": {"num_cpus": 0.5, "num_replicas": replicas, "num_gpus": share}}
+    model["deployment"] = {"num_cpus": 0.5, "num_replicas": replicas, "max_ongoing_requests": 128, "num_gpus": share}
     return {"tracking_uri": uri, "storage": str(root), "models": [model]}
 
 
 def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
-                setups: list[tuple[str, int, int, str]], cold: bool = False) -> dict:
+                setups: list[tuple[str, int, int, str]], cold: bool = False, gpus: float = 0,
+                procs: int = 1, binary: bool = False) -> dict:
     from ray import serve
 
     from serve_apps.tensors import app_builder
@@ -146,10 +182,10 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
     out = {}
     try:
         for label, batch, replicas, placement in setups:
-            args = app_args(uri, root, batch, replicas, placement)
+            args = app_args(uri, root, batch, replicas, placement, gpus)
             serve.run(app_builder(args), name="tensors", route_prefix="/v2", logging_config=QUIET)
             url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
-            out[label] = {f"c{c}": asyncio.run(drive(url, c, seconds)) for c in levels}
+            out[label] = {f"c{c}": drive(url, c, seconds, procs, binary) for c in levels}
             print(label, json.dumps(out[label]), flush=True)
         if cold:
             out["cold_start"] = cold_start(uri, root, port)
@@ -159,7 +195,7 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
     return out
 
 
-def plain_fastapi(model_dir: Path, levels: list[int], seconds: float) -> dict:
+def plain_fastapi(model_dir: Path, levels: list[int], seconds: float, procs: int = 1, binary: bool = False) -> dict:
     from tests.conftest import free_port
 
     port = free_port()
@@ -175,7 +211,7 @@ def plain_fastapi(model_dir: Path, levels: list[int], seconds: float) -> dict:
             except requests.RequestException:
                 time.sleep(0.5)
         url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
-        return {f"c{c}": asyncio.run(drive(url, c, seconds)) for c in levels}
+        return {f"c{c}": drive(url, c, seconds, procs, binary) for c in levels}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -188,6 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", nargs="*", default=None, help="Run only these setups (e.g. unbatched_1r_ingress); "
                    "figures need the full set.")
     p.add_argument("--no-cold", action="store_true", help="Skip the cold start from zero replicas.")
+    p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray (2-core machine: 4, oversubscribed "
+                   "on purpose so every setup fits).")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs the model's replicas share (a GPU machine: 1).")
+    p.add_argument("--client-procs", type=int, default=1, help="Client processes the load comes from (many cores).")
+    p.add_argument("--binary", action="store_true", help="Tensors as raw bytes (binary tensor data extension, "
+                   "tritonclient's default) instead of JSON numbers.")
     a = p.parse_args(argv)
     levels = [1, 8] if a.quick else [1, 8, 32, 64]
     seconds = 1.5 if a.quick else a.seconds
@@ -199,9 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         uri = register_random_cnn(root)
-        with local_ray(4, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}):
-            result = serve_sweep(uri, root, levels, seconds, setups, cold=not (a.quick or a.no_cold))
-        result["plain_fastapi"] = plain_fastapi(root / "model", [1] if a.quick else [1, 32], seconds)
+        with local_ray(a.num_cpus, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}):
+            result = serve_sweep(uri, root, levels, seconds, setups, cold=not (a.quick or a.no_cold),
+                                 gpus=a.num_gpus, procs=a.client_procs, binary=a.binary)
+        result["plain_fastapi"] = plain_fastapi(root / "model", [1] if a.quick else [1, 32], seconds, a.client_procs,
+                                                a.binary)
         print("plain_fastapi", json.dumps(result["plain_fastapi"]), flush=True)
     if a.only:
         return result

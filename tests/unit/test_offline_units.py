@@ -202,3 +202,13 @@ def test_batch_infer_and_compress_sections_validate_with_clear_errors(capsys):
     assert "would score with digits-cnn@champion on 2 actor(s)" in capsys.readouterr().out
     assert compress_main(["--config", str(CONFIGS / "digits.yaml"), "--dry-run"]) == 2  # no compress section
     assert "needs a compress section" in capsys.readouterr().err
+
+
+def test_batch_actors_share_the_gpus_so_every_actor_fits():
+    """More actors than GPUs: each asks an even share that packs within one GPU (a whole GPU each left the
+    pool's actors past the GPU count unplaceable; seen on a 1-GPU machine)."""
+    from aidc.batch.job import gpu_share
+
+    for gpus, actors, share in [(1, 1, 1.0), (4, 2, 1.0), (1, 2, 0.5), (2, 3, 0.5), (1, 3, 1 / 3), (3, 8, 1 / 3)]:
+        assert gpu_share(gpus, actors) == pytest.approx(share)
+        assert gpus * int(1 / gpu_share(gpus, actors) + 1e-9) >= actors  # the pool fits on the GPUs

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 
 from aidc import storage
 from aidc.batch.predictor import INPUT, PREDICTION_COLUMNS, REASON, STATUS, Predictor, required_columns
@@ -65,10 +66,28 @@ def _read_input(cfg, spec: dict, root: str):
         "dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"]}
 
 
-def _use_gpu(setting) -> bool:
+def gpu_share(gpus: int, actors: int) -> float:
+    """Each actor's GPU: a whole one, or where there are fewer GPUs than actors an even share that still fits
+    (a fraction is packed within one GPU, so 1 over the actors per GPU rounded up: 2 actors on 1 GPU 0.5 each,
+    3 on 2 GPUs 0.5 each). A whole GPU each would leave the actors past the GPU count waiting for ever."""
+    return 1.0 if gpus >= actors else 1.0 / math.ceil(actors / gpus)
+
+
+def _gpus_per_actor(b) -> float:
+    """0 without GPUs; else the configured share, or gpu_share of the cluster's GPUs."""
+    import ray
+
     from aidc.runtime import cluster_has_gpus
 
-    return cluster_has_gpus() if setting == "auto" else bool(setting)
+    if not (cluster_has_gpus() if b.use_gpu == "auto" else b.use_gpu):
+        return 0.0
+    total = int(ray.cluster_resources().get("GPU", 0))
+    if total == 0:  # use_gpu: true on a cluster without GPUs: the actors would wait for ever
+        raise ConfigError("batch_infer.use_gpu is true but the cluster has no GPUs; set use_gpu: auto (GPUs when "
+                          "there are some) or false")
+    if b.gpus_per_actor is not None:
+        return b.gpus_per_actor
+    return gpu_share(total, b.actors)
 
 
 def _rewrite(src: str, dst: str, columns: list[str]) -> int:
@@ -106,9 +125,9 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     for part in ("_staged", "predictions", "rejected"):  # what an interrupted run left behind (no manifest)
         if storage.exists(storage.join(out, part)):
             fs.delete_dir(storage.filesystem(storage.join(out, part))[1])
-    gpu = _use_gpu(b.use_gpu)
-    logger.info("scoring %s with %s on %d actor(s) (%s) into %s", source, pinned, b.actors, "GPU" if gpu else
-                "CPU", out)
+    gpus = _gpus_per_actor(b)
+    logger.info("scoring %s with %s on %d actor(s) (%s) into %s", source, pinned, b.actors,
+                f"{gpus:g} GPU each" if gpus else "CPU", out)
     options = {"batch_size": b.batch_size, "max_tokens": b.max_tokens, "temperature": b.temperature,
                "top_p": b.top_p, "seed": b.seed, "stop": list(b.stop)}
     staged = storage.join(out, "_staged")
@@ -116,7 +135,7 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     (ds.map_batches(Predictor, fn_constructor_kwargs={"ref": pinned, "tracking_uri": uri, "key": b.key,
                                                       "from_split": from_split, "options": options},
                     compute=ray.data.ActorPoolStrategy(size=b.actors), num_cpus=b.cpus_per_actor,
-                    num_gpus=1 if gpu else 0, batch_size=b.batch_size, batch_format="pandas")
+                    num_gpus=gpus, batch_size=b.batch_size, batch_format="pandas")
        .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus}))
     predicted = _rewrite(storage.join(staged, f"{STATUS}=predicted"), storage.join(out, "predictions"),
                          ["key", *(n for n, _ in PREDICTION_COLUMNS[spec["task"]])])
