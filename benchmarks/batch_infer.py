@@ -112,17 +112,28 @@ def _job(cfg, path: Path, out: Path, actors: int, batch_size: int) -> dict:
     return run_batch_inference(job)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process, all its threads (the loop runs here)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _side_by_side(cfg, tmp: str, label: str, sizes: list[int], batch: int, write, actors: int = 2) -> dict:
     """Loop and Ray job over the same rows at each size; rates end to end and, with two sizes, marginal."""
-    times = {}
+    times, busy = {}, {}
     for n in sizes:
         data = Path(tmp, f"{label}-{n}")
         write(data, n)
+        cpu = _cpu_seconds()
         done, times[("loop", n)] = timed(_loop, cfg, data, batch)
+        busy[n] = (_cpu_seconds() - cpu) / times[("loop", n)]
         m, times[("ray", n)] = timed(_job, cfg, data, Path(tmp, f"{label}-out-{n}"), actors, batch)
         assert done == m["counts"]["predicted"] == n
-    out: dict = {"rows": sizes, "batch_size": batch}
     big = sizes[-1]
+    # The loop's own cores (torch's intra-op threads): N cores of M cap any parallel speed-up over it at M / N.
+    out: dict = {"rows": sizes, "batch_size": batch, "loop_cores_busy": round(busy[big], 2)}
     for kind in ("loop", "ray"):
         out[f"{kind}_seconds"] = [round(times[(kind, n)], 2) for n in sizes]
         out[f"{kind}_rows_per_s"] = big / times[(kind, big)]  # end to end: start-up (model loads, actors) included
@@ -181,7 +192,8 @@ def main(argv=None) -> dict:
     print(json.dumps(results, indent=2))
     for name, r in results.items():
         if "ray_vs_loop" in r:
-            print(f"{name}: single-process loop {r['loop_rows_per_s']:.0f} rows/s, Ray Data {args.actors} actors "
+            print(f"{name}: single-process loop {r['loop_rows_per_s']:.0f} rows/s ({r['loop_cores_busy']} cores busy), "
+                  f"Ray Data {args.actors} actors "
                   f"{r['ray_rows_per_s']:.0f} rows/s end to end ({r['ray_vs_loop']:.2f}x)"
                   + (f", marginal {r['ray_vs_loop_marginal']:.2f}x" if "ray_vs_loop_marginal" in r else ""))
     print("(a machine shared with other work: compare the side-by-side ratios, not absolute rates)")

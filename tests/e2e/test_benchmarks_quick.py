@@ -1,5 +1,7 @@
 """Each benchmark's --quick mode runs, so benchmarks cannot rot (figures are for issue notes, not asserts)."""
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.e2e  # each starts and stops its own local Ray, so it runs outside the integration tier
@@ -76,6 +78,7 @@ def test_batch_infer_quick():
 
     r = main(["--quick"])
     assert r["digits_cnn"]["loop_rows_per_s"] > 0 and r["digits_cnn"]["ray_rows_per_s"] > 0
+    assert 0.3 < r["digits_cnn"]["loop_cores_busy"] <= os.cpu_count() + 0.2  # the loop's CPU use (rusage)
     s = r["streaming"]  # an input larger than the object store streams through, every row accounted for
     assert s["input_mb_in_memory"] > s["object_store_mb"] and s["predicted"] + s["rejected"] == s["input_rows"]
 
