@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -11,8 +12,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
-# The datasets the benchmarks read: $AIDC_DATA_MIRROR (as the loaders do), else ../shared/data beside the checkout.
-SHARED_DATA = Path(os.environ.get("AIDC_DATA_MIRROR") or ROOT.parent / "shared" / "data")
+# The datasets the benchmarks read: $AIDC_DATA_MIRROR when it is a local folder (as the loaders read it), else
+# ../shared/data beside the checkout.
+_MIRROR = os.environ.get("AIDC_DATA_MIRROR", "")
+SHARED_DATA = Path(_MIRROR).resolve() if _MIRROR and "://" not in _MIRROR else ROOT.parent / "shared" / "data"
+
+
+def gpu_split(gpus: float, users: int) -> float:
+    """Each of `users` replicas' GPU when they share `gpus`: aidc.runtime.gpu_share for whole GPUs (so every one
+    can be placed), a fraction of one GPU split evenly and rounded down to Ray's unit (1e-4)."""
+    from aidc.runtime import gpu_share
+
+    return gpu_share(int(gpus), users) if gpus >= 1 else math.floor(gpus / users * 1e4) / 1e4
 
 
 @contextlib.contextmanager

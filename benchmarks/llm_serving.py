@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import api_key_header, local_ray
+from benchmarks.common import api_key_header, gpu_split, local_ray
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"
 
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.requests, args.d_model, args.layers = [1, 4], 4, 32, 1
-    share = {"num_cpus": 1, "num_gpus": round(args.num_gpus / len(args.variants), 4)}
+    share = {"num_cpus": 1, "num_gpus": gpu_split(args.num_gpus, len(args.variants))}
 
     from ray import serve
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, api_key_header, local_ray
+from benchmarks.common import ROOT, api_key_header, gpu_split, local_ray
 
 MODEL = "mnist-cnn"
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}  # per-request logs cost CPU on both sides
@@ -70,18 +70,20 @@ def drive(url: str, concurrency: int, seconds: float, procs: int = 1, binary: bo
         from concurrent.futures import ProcessPoolExecutor
 
         shares = [concurrency // procs + (i < concurrency % procs) for i in range(min(procs, concurrency))]
-        with ProcessPoolExecutor(len(shares), mp_context=mp.get_context("spawn")) as pool:
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(len(shares), mp_context=ctx) as pool:
+            start = manager.Barrier(len(shares))  # every process warmed up: the load windows start together
             runs = list(pool.map(_drive_sync, [url] * len(shares), shares, [seconds] * len(shares),
-                                 [binary] * len(shares)))
+                                 [binary] * len(shares), [start] * len(shares)))
     latencies = [x for r in runs for x in r[0]]
     ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    return {"req_per_s": round(sum(len(r[0]) / r[2] for r in runs), 1),
+    return {"req_per_s": round(len(latencies) / max(r[2] for r in runs), 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "errors": sum(r[1] for r in runs)}
 
 
-def _drive_sync(url: str, concurrency: int, seconds: float, binary: bool):
-    return asyncio.run(_drive(url, concurrency, seconds, binary))
+def _drive_sync(url: str, concurrency: int, seconds: float, binary: bool, start=None):
+    return asyncio.run(_drive(url, concurrency, seconds, binary, start))
 
 
 def request_body(binary: bool) -> tuple[bytes, dict]:
@@ -97,7 +99,8 @@ def request_body(binary: bool) -> tuple[bytes, dict]:
                                     "Inference-Header-Content-Length": str(len(head)), **api_key_header()}
 
 
-async def _drive(url: str, concurrency: int, seconds: float, binary: bool = False) -> tuple[list[float], int, float]:
+async def _drive(url: str, concurrency: int, seconds: float, binary: bool = False,
+                 start=None) -> tuple[list[float], int, float]:
     import aiohttp
 
     body, headers = request_body(binary)
@@ -107,6 +110,8 @@ async def _drive(url: str, concurrency: int, seconds: float, binary: bool = Fals
         for _ in range(3):  # warm up
             async with client.post(url, data=body, headers=headers) as r:
                 await r.read()
+        if start is not None:  # one of several client processes: wait for the others
+            start.wait(timeout=300)
         end = time.perf_counter() + seconds
 
         async def worker():
@@ -161,7 +166,7 @@ def app_args(uri: str, root: Path, batch: int, replicas: int, placement: str, gp
     """`gpus`: the GPUs the model's replicas share (each gets gpus / replicas; the model picks CUDA when given one)."""
     model = {"name": MODEL, "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.004},
              "placement": placement}
-    share = round(gpus / replicas, 4)
+    share = gpu_split(gpus, replicas)
     if placement == "ingress":  # the model runs in the ingress replicas: give them the model's CPU
         return {"tracking_uri": uri, "storage": str(root), "models": [model],
                 "ingress": {"num_cpus": 0.5, "num_replicas": replicas, "num_gpus": share}}

@@ -345,10 +345,11 @@ class BatchInferConfig(Strict):
     cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per actor; fractions leave room for the reads.")
     io_cpus: float = Field(0.25, gt=0, le=1, description="CPUs each read and write task asks for (Ray Data's default "
                            "is 1: with Serve holding most of a node's CPUs, the reads would never be scheduled).")
-    use_gpu: Literal["auto"] | bool = Field("auto", description="One GPU per actor: auto = when the cluster has GPUs.")
-    gpus_per_actor: float | None = Field(None, gt=0, le=1, description="GPU share of each actor when GPUs are used; "
+    use_gpu: Literal["auto"] | bool = Field("auto", description="Actors on GPUs (see gpus_per_actor): auto = when the "
+                                            "cluster has GPUs.")
+    gpus_per_actor: float | None = Field(None, ge=1e-4, le=1, description="GPU share of each actor when GPUs are used; "
                                          "default 1, or GPUs shared evenly where the cluster has fewer than `actors` "
-                                         "(2 actors on 1 GPU: 0.5 each), so the pool never waits for a GPU.")
+                                         "(2 actors on 1 GPU: 0.5 each), so every actor of the pool can be placed.")
     max_tokens: int = Field(32, ge=1, description="Language models: tokens to generate per prompt (as the API's).")
     temperature: float = Field(1.0, ge=0, le=2, description="Language models: sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Language models: nucleus sampling mass.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -85,6 +86,39 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def gpu_share(gpus: int, users: int) -> float:
+    """Each of `users` actors' (or replicas') GPU when they share `gpus`: a whole one, or where there are fewer
+    GPUs than users an even share that still fits (Ray packs a fraction within one GPU, so 1 over the users per
+    GPU rounded up: 2 on 1 GPU 0.5 each, 3 on 2 GPUs 0.5 each; 2/3 each would leave the third unplaceable)."""
+    if gpus <= 0:
+        return 0.0
+    return 1.0 if gpus >= users else 1.0 / math.ceil(users / gpus)
+
+
+def share_fits(gpus: int, users: int, share: float) -> bool:
+    """Whether `users` asking `share` of a GPU each can all be placed on `gpus` GPUs (fractions within one GPU)."""
+    return share <= 0 or (share <= 1 and gpus * math.floor(1 / share + 1e-9) >= users)
+
+
+def torch_device():
+    """The device this process should put models on: CUDA where it may use a GPU - inside a Ray task or actor only
+    when Ray assigned it one (for num_gpus=0 Ray leaves CUDA_VISIBLE_DEVICES alone, so an unassigned replica or
+    actor on a GPU node would still see, and take, every GPU), elsewhere (a driver, a plain process) when torch
+    sees one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == WORKER_MODE and not ray.get_gpu_ids():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+WORKER_MODE = 1  # ray._private.worker.WORKER_MODE: a task or actor process (SCRIPT_MODE 0 is a driver)
 
 
 def stop_local_ray(gcs_port: int, temp_dir: str | None = None) -> int:

@@ -19,6 +19,7 @@ from aidc.config import JobConfig, apply_overrides, load_config, validate
 from aidc.data.pipeline import preprocess
 from aidc.errors import ConfigError
 from aidc.registry import register, tracking_uri
+from aidc.runtime import cluster_has_gpus
 from aidc.serving.model import load_model
 from aidc.train.trainer import run_training
 from tests.conftest import CONFIGS, REPO
@@ -133,9 +134,12 @@ def test_batch_inference_scores_a_split_and_accounts_for_every_bad_row(models, t
     assert len(good) == 37 and set(good.columns) == {"key", "class", "probabilities"}
     with pytest.raises(Exception, match="already holds"):
         run_batch_inference(own)  # never overwrites a result
-    no_gpu = own.batch_infer.model_copy(update={"use_gpu": True, "output": str(tmp_path / "gpu")})
-    with pytest.raises(ConfigError, match="use_gpu is true but the cluster has no GPUs"):
-        run_batch_inference(own.model_copy(update={"batch_infer": no_gpu}))  # not a pool waiting for ever
+    gpu = own.batch_infer.model_copy(update={"use_gpu": True, "output": str(tmp_path / "gpu")})
+    if cluster_has_gpus():  # on a GPU machine the actors take them
+        assert run_batch_inference(own.model_copy(update={"batch_infer": gpu}))["counts"]["predicted"] == 37
+    else:  # use_gpu: true without GPUs: a clear error, not actors waiting for ever for a GPU no node has
+        with pytest.raises(ConfigError, match="use_gpu is true but the cluster has no GPUs"):
+            run_batch_inference(own.model_copy(update={"batch_infer": gpu}))
 
 
 def test_lm_batch_completions_match_the_api_and_reject_bad_prompts(models, tmp_path):

@@ -206,9 +206,12 @@ def test_batch_infer_and_compress_sections_validate_with_clear_errors(capsys):
 
 def test_batch_actors_share_the_gpus_so_every_actor_fits():
     """More actors than GPUs: each asks an even share that packs within one GPU (a whole GPU each left the
-    pool's actors past the GPU count unplaceable; seen on a 1-GPU machine)."""
-    from aidc.batch.job import gpu_share
+    pool's actors past the GPU count unplaceable; seen on a 1-GPU machine); a configured share is checked."""
+    from aidc.runtime import gpu_share, share_fits
 
     for gpus, actors, share in [(1, 1, 1.0), (4, 2, 1.0), (1, 2, 0.5), (2, 3, 0.5), (1, 3, 1 / 3), (3, 8, 1 / 3)]:
         assert gpu_share(gpus, actors) == pytest.approx(share)
-        assert gpus * int(1 / gpu_share(gpus, actors) + 1e-9) >= actors  # the pool fits on the GPUs
+        assert share_fits(gpus, actors, gpu_share(gpus, actors))
+    assert gpu_share(0, 2) == 0
+    assert not share_fits(1, 2, 0.6) and not share_fits(2, 3, 2 / 3) and share_fits(1, 3, 0.3333)
+    assert not share_fits(1, 2, 1.0) and share_fits(2, 2, 1.0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 
 from aidc import storage
 from aidc.batch.predictor import INPUT, PREDICTION_COLUMNS, REASON, STATUS, Predictor, required_columns
@@ -66,18 +65,11 @@ def _read_input(cfg, spec: dict, root: str):
         "dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"]}
 
 
-def gpu_share(gpus: int, actors: int) -> float:
-    """Each actor's GPU: a whole one, or where there are fewer GPUs than actors an even share that still fits
-    (a fraction is packed within one GPU, so 1 over the actors per GPU rounded up: 2 actors on 1 GPU 0.5 each,
-    3 on 2 GPUs 0.5 each). A whole GPU each would leave the actors past the GPU count waiting for ever."""
-    return 1.0 if gpus >= actors else 1.0 / math.ceil(actors / gpus)
-
-
 def _gpus_per_actor(b) -> float:
-    """0 without GPUs; else the configured share, or gpu_share of the cluster's GPUs."""
+    """0 without GPUs; else the configured share (checked to fit), or gpu_share of the cluster's GPUs."""
     import ray
 
-    from aidc.runtime import cluster_has_gpus
+    from aidc.runtime import cluster_has_gpus, gpu_share, share_fits
 
     if not (cluster_has_gpus() if b.use_gpu == "auto" else b.use_gpu):
         return 0.0
@@ -85,9 +77,13 @@ def _gpus_per_actor(b) -> float:
     if total == 0:  # use_gpu: true on a cluster without GPUs: the actors would wait for ever
         raise ConfigError("batch_infer.use_gpu is true but the cluster has no GPUs; set use_gpu: auto (GPUs when "
                           "there are some) or false")
-    if b.gpus_per_actor is not None:
-        return b.gpus_per_actor
-    return gpu_share(total, b.actors)
+    if b.gpus_per_actor is None:
+        return gpu_share(total, b.actors)
+    if not share_fits(total, b.actors, b.gpus_per_actor):
+        raise ConfigError(f"batch_infer.gpus_per_actor={b.gpus_per_actor:g} for {b.actors} actors does not fit on "
+                          f"{total} GPU(s) (a fraction is placed within one GPU); use "
+                          f"{gpu_share(total, b.actors):.4g} or leave it unset, or fewer actors")
+    return b.gpus_per_actor
 
 
 def _rewrite(src: str, dst: str, columns: list[str]) -> int:
@@ -122,10 +118,10 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     fs, out_inner = storage.filesystem(out)
     if storage.exists(storage.join(out, MANIFEST)):
         raise ConfigError(f"{out} already holds a batch inference result; choose another batch_infer.output")
+    gpus = _gpus_per_actor(b)  # a bad GPU setting fails here, before anything is deleted
     for part in ("_staged", "predictions", "rejected"):  # what an interrupted run left behind (no manifest)
         if storage.exists(storage.join(out, part)):
             fs.delete_dir(storage.filesystem(storage.join(out, part))[1])
-    gpus = _gpus_per_actor(b)
     logger.info("scoring %s with %s on %d actor(s) (%s) into %s", source, pinned, b.actors,
                 f"{gpus:g} GPU each" if gpus else "CPU", out)
     options = {"batch_size": b.batch_size, "max_tokens": b.max_tokens, "temperature": b.temperature,

@@ -21,6 +21,8 @@ import warnings
 import torch
 from torch import nn
 
+from aidc.runtime import torch_device
+
 logger = logging.getLogger(__name__)
 
 METHOD = "int8_dynamic"
@@ -182,7 +184,7 @@ def load_weights(model: nn.Module, state: dict, spec: dict) -> nn.Module:
     for k, (w, scale) in ints.items():
         state[k] = w.float() * scale
     model.load_state_dict(state)
-    if torch.cuda.is_available():
+    if torch_device().type == "cuda":  # the device the model will be put on (aidc.serving.model)
         logger.info("int8 dynamic quantization runs on CPU only: using the dequantized float weights on the GPU")
         return model
     from torch.ao.nn.quantized.dynamic import Linear as QLinear

@@ -13,6 +13,7 @@ import torch
 from aidc.ops.metrics import model_load
 from aidc.compress.quantize import load_weights
 from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
+from aidc.runtime import torch_device
 from aidc.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class LoadedModel:
         task = get_task(spec["task"])
         model = task.build_model(spec["model"], spec["features"])
         model = load_weights(model, load_file(str(directory / WEIGHTS)), spec)  # int8 versions: aidc.compress
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch_device()  # a replica/actor without a GPU of its own stays on CPU on a GPU node
         model.to(device).eval()
         return cls(name, version, task, spec, model, device)
 

@@ -20,6 +20,7 @@ import ray.train
 import ray.train.torch
 from aidc.compress.hooks import training_hooks
 from aidc.ops.training import TrainTelemetry
+from aidc.runtime import torch_device
 from aidc.tasks import get_task
 from aidc.train import checkpoint as ckpt
 from aidc.train.parallel import (autocast, full_state, grad_scaler, load_full_state, no_sync, parallelize,
@@ -95,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
         device = ray.train.torch.get_device()
     else:
         world, rank = 1, 0
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch_device()  # a num_workers: 0 trial uses a GPU only when Ray gave it one
     precision = resolve_precision(tc["precision"], device)
     strategy = tc["parallelism"]
 
