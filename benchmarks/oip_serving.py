@@ -163,7 +163,7 @@ def cold_start(uri: str, root: Path, port: int) -> dict:
 
 
 def app_args(uri: str, root: Path, batch: int, replicas: int, placement: str, gpus: float = 0) -> dict:
-    """`gpus`: the GPUs the model's replicas share (each gets gpus / replicas; the model picks CUDA when given one)."""
+    """`gpus`: the GPUs the model's replicas share (split by gpu_split; the model picks CUDA when given one)."""
     model = {"name": MODEL, "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.004},
              "placement": placement}
     share = gpu_split(gpus, replicas)

@@ -102,6 +102,9 @@ def share_fits(gpus: int, users: int, share: float) -> bool:
     return share <= 0 or (share <= 1 and gpus * math.floor(1 / share + 1e-9) >= users)
 
 
+WORKER_MODE = 1  # ray._private.worker.WORKER_MODE: a task or actor process (SCRIPT_MODE 0 is a driver)
+
+
 def torch_device():
     """The device this process should put models on: CUDA where it may use a GPU - inside a Ray task or actor only
     when Ray assigned it one (for num_gpus=0 Ray leaves CUDA_VISIBLE_DEVICES alone, so an unassigned replica or
@@ -116,9 +119,6 @@ def torch_device():
     if ray.is_initialized() and ray.get_runtime_context().worker.mode == WORKER_MODE and not ray.get_gpu_ids():
         return torch.device("cpu")
     return torch.device("cuda")
-
-
-WORKER_MODE = 1  # ray._private.worker.WORKER_MODE: a task or actor process (SCRIPT_MODE 0 is a driver)
 
 
 def stop_local_ray(gcs_port: int, temp_dir: str | None = None) -> int:

@@ -69,12 +69,15 @@ def _gpus_per_actor(b) -> float:
     """0 without GPUs; else the configured share (checked to fit), or gpu_share of the cluster's GPUs."""
     import ray
 
-    from aidc.runtime import cluster_has_gpus, gpu_share, share_fits
+    from aidc.runtime import gpu_share, share_fits
 
-    if not (cluster_has_gpus() if b.use_gpu == "auto" else b.use_gpu):
+    if b.use_gpu is False:
         return 0.0
     total = int(ray.cluster_resources().get("GPU", 0))
-    if total == 0:  # use_gpu: true on a cluster without GPUs: the actors would wait for ever
+    if total == 0:
+        if b.use_gpu == "auto":
+            return 0.0
+        # use_gpu: true on a cluster without GPUs: the actors would wait for ever
         raise ConfigError("batch_infer.use_gpu is true but the cluster has no GPUs; set use_gpu: auto (GPUs when "
                           "there are some) or false")
     if b.gpus_per_actor is None:
