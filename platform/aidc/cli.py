@@ -157,6 +157,14 @@ def _sweeps(args) -> int:
     if not args.name:
         print("error: aidc sweeps show needs a sweep name (see aidc sweeps list)", file=sys.stderr)
         return 2
+    from aidc import storage
+    from aidc.tune.live import live_lines
+    from aidc.tune.sweep import sweep_dir
+
+    live = live_lines(sweep_dir(storage.storage_root(args.storage), args.name))
+    if live and not live[0].startswith("finished"):  # still running: no leaderboard yet
+        print(f"sweep {args.name}: " + "\n".join(live))
+        return 0
     info, table = load_sweep(args.storage, args.name)
     print(f"sweep {info['name']}: {info['trials']} trials, {info['search']} search, {info['scheduler']} scheduler, "
           f"{info['mode']} {info['metric']}; registered {info.get('registered', '-')}")

@@ -194,6 +194,11 @@ class ResourcesConfig(Strict):
         default_factory=dict, description="Extra Ray resources each worker (a num_workers: 0 Tune trial: the trial) "
         "needs, e.g. {pool_a100: 1} to keep workers on nodes started with --resources '{\"pool_a100\": 8}'."
     )
+    start_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds a worker group (or one-process Tune trial) may wait for its resources "
+        "before that attempt fails naming what it asked for and what the cluster has free. Default: 180, or 900 "
+        "where the cluster's autoscaler can still add nodes."
+    )
     elastic_resize_interval_s: float = Field(
         60.0, gt=0, description="Elastic runs ([min, max] workers): seconds between checks whether more workers fit, "
         "i.e. how soon a run grows back after a node returns (each resize restarts from the latest checkpoint)."

@@ -37,6 +37,10 @@ class StorageError(AidcError):
     """The storage root cannot hold this run's files safely (e.g. node-local on a multi-node cluster)."""
 
 
+class ResourcesUnavailable(AidcError):
+    """Workers could not get the resources they asked for within the start bound (resources.start_timeout_s)."""
+
+
 class RegistryError(AidcError):
     """A model version cannot be found, or its files fail their integrity check."""
 

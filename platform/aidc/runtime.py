@@ -88,6 +88,36 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+START_TIMEOUT_S = 180.0  # how long a worker group may wait for resources on a cluster of fixed size
+AUTOSCALING_START_TIMEOUT_S = 900.0  # ... and where the autoscaler can still add nodes (a node takes minutes)
+
+
+def cluster_can_grow() -> bool:
+    """Whether the cluster's autoscaler can add resources beyond what its nodes have now."""
+    import ray
+
+    try:
+        most = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler config (a local head, an embedded Ray)
+        return False
+    now = ray.cluster_resources()
+    return bool(most) and any(v > now.get(k, 0) for k, v in most.items())
+
+
+def start_timeout_s(configured: float | None) -> float:
+    """resources.start_timeout_s, or its default for this cluster."""
+    if configured is not None:
+        return float(configured)
+    return AUTOSCALING_START_TIMEOUT_S if cluster_can_grow() else START_TIMEOUT_S
+
+
+def describe_resources(res: dict) -> str:
+    """{'CPU': 0.5, 'memory': 1e9} -> 'CPU 0.5, memory 0.93 GiB' (Ray's memory figures are bytes)."""
+    def one(k, v):
+        return f"{k} {v / 2**30:.2g} GiB" if k in ("memory", "object_store_memory") else f"{k} {v:g}"
+    return ", ".join(one(k, v) for k, v in sorted(res.items()) if not k.startswith("node:")) or "nothing"
+
+
 def gpu_share(gpus: int, users: int) -> float:
     """Each of `users` actors' (or replicas') GPU when they share `gpus`: a whole one, or where there are fewer
     GPUs than users an even share that still fits (Ray packs a fraction within one GPU, so 1 over the users per

@@ -234,3 +234,52 @@ def test_driver_sigkill_then_resume_keeps_progress_and_asha_rungs(root, ray_sess
     again = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_size for p in sweep.glob("*/result.json")} == before
+
+
+def test_trials_that_cannot_place_workers_error_and_nothing_stays_reserved(root, ray_session):
+    """Issue #24: every trial's Train workers ask a placement group of their own; a trial ASHA stops, or one
+    whose workers can never be placed, must not keep it, and such a trial errors at once with what it asked
+    for while the others finish. Ray's placement-group table after the sweep is what it was before."""
+    from aidc.tune.cleanup import reserved
+
+    before = reserved()
+    out = _sweep(root, "cannot-place", {"train.lr": {"type": "grid", "values": [0.01, 1.0e-5, 2.0e-5]},
+                                        "resources.custom": {"type": "grid", "values": [{}, {"nowhere": 1}]}},
+                 search="grid", scheduler="asha", resources={"num_workers": 1}, max_failures=0)
+    df = pd.read_csv(Path(out.directory, "results.csv"))
+    assert len(df) == 6, df.to_string()
+    nowhere = df[df["param:resources.custom"].astype(str).str.contains("nowhere")]
+    placed = df[~df.index.isin(nowhere.index)]
+    assert (nowhere["status"] == "errored").all() and len(nowhere) == 3, df.to_string()
+    for msg in nowhere["error"]:
+        assert "1 worker(s) x {CPU 0.5, nowhere 1} can never start" in msg and "no node has 'nowhere'" in msg, msg
+    assert set(placed["status"]) <= {"completed", "stopped early"} and (placed["status"] == "completed").any()
+    assert (placed["status"] == "stopped early").any(), df.to_string()  # ASHA killed a trial with live workers
+    assert reserved() == before
+
+
+def test_worker_group_that_waits_past_the_bound_fails_naming_what_is_free(root, ray_session):
+    """A run whose workers fit the cluster but not what is free now fails at resources.start_timeout_s, naming
+    what it asked for and what is free, instead of Ray Train retrying the start for ever."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from aidc.errors import ResourcesUnavailable
+    from aidc.train.trainer import run_training
+    from aidc.tune.cleanup import reserved
+
+    free = ray_session.available_resources()["CPU"]
+    hold = placement_group([{"CPU": free - 0.25}])  # everything but a quarter CPU
+    ray_session.get(hold.ready(), timeout=60)
+    try:
+        raw = _raw(root, "prep", {})
+        raw.pop("tune")
+        raw["resources"].update(num_workers=1, start_timeout_s=8)
+        raw["run"]["name"] = "held-cpus"
+        with pytest.raises(ResourcesUnavailable) as err:
+            run_training(validate(raw))
+    finally:
+        remove_placement_group(hold)
+    msg = str(err.value)
+    assert "1 worker(s) x {CPU 0.5} could not start within 8 s (resources.start_timeout_s)" in msg, msg
+    assert "CPU 0.25 free of 4" in msg and "held by other work" in msg, msg
+    assert all(g["state"] == "REMOVED" or g["id"] != hold.id.hex() for g in reserved())

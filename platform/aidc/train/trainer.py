@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from aidc import storage
 from aidc.data.dataset import DatasetVersion, open_dataset
 from aidc.data.split import SPLITS
-from aidc.runtime import cluster_has_gpus
+from aidc.errors import ResourcesUnavailable
+from aidc.runtime import cluster_has_gpus, describe_resources, start_timeout_s
 from aidc.tasks import get_task
 from aidc.ops.training import track_training_run
 from aidc.train.loop import train_loop_per_worker
@@ -48,13 +49,31 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
                                   batch_format="numpy")
         for s in SPLITS
     }
-    cache = cfg.data.cache
-    if cache == "auto":
-        cache = dv.size_bytes() <= cfg.data.cache_max_mb * 2**20
-    if cache:  # read + transform once (train-time augmentation stays per epoch); epochs then stream from memory
-        datasets = {s: ds if s == "train" and state.get("augment", {}).get("enabled") else ds.materialize()
-                    for s, ds in datasets.items()}
+    if caches(cfg, dv):  # read + transform once (train-time augmentation stays per epoch); epochs then stream
+        datasets = {s: ds if s == "train" and augments(manifest) else ds.materialize() for s, ds in datasets.items()}
     return dv, manifest, datasets
+
+
+def caches(cfg, dv: DatasetVersion) -> bool:
+    """Whether training holds the transformed splits in Ray's object store (data.cache) rather than reading them."""
+    cache = cfg.data.cache
+    return dv.size_bytes() <= cfg.data.cache_max_mb * 2**20 if cache == "auto" else bool(cache)
+
+
+def augments(manifest: dict) -> bool:
+    return bool(manifest["transform"].get("augment", {}).get("enabled"))
+
+
+def reads_while_training(cfg) -> bool:
+    """Whether training runs Ray Data read/transform tasks (they need CPUs of their own) or only takes cached
+    blocks: uncached, augmented on the stream, or not preprocessed yet."""
+    from aidc.errors import DataError
+
+    try:
+        dv = open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version)
+        return not caches(cfg, dv) or augments(dv.manifest())
+    except DataError:
+        return True
 
 
 def use_gpus(cfg) -> bool:
@@ -85,7 +104,10 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
         loop_extras = {"local_checkpoint_dir": storage.join(storage_path, run_name, "local_checkpoints"),
                        **(loop_extras or {})}
     use_gpu = use_gpus(cfg)
-    resources_per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **res.custom}
+    resources_per_worker = worker_resources(cfg, use_gpu)
+    # Ray Train reads its start bound from this process's environment and hands it to the controller it starts
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s(res.start_timeout_s))
+    elastic = isinstance(res.num_workers, tuple)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config(cfg, manifest), **(loop_extras or {})},
@@ -96,7 +118,11 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # Ray retries a worker group that cannot start without end by default (controller_failure_limit -1):
+            # a fixed-size run's attempt fails at the bound instead (a Tune trial then counts a failure); an
+            # elastic run retries with the workers that fit, as often as it may fail.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                                   controller_failure_limit=cfg.run.max_failures if elastic else 0),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=get_task(cfg.task).primary_metric,
@@ -108,12 +134,77 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
     )
 
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # ray.train.v2._internal.constants
+
+
+def worker_resources(cfg, use_gpu: bool) -> dict:
+    return {"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.resources.custom}
+
+
+def fit(trainer, cfg):
+    """trainer.fit(); a worker group that could not start within the bound becomes ResourcesUnavailable, naming
+    what it asked for and what the cluster has free."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    try:
+        return trainer.fit()
+    except ControllerError as exc:
+        if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        waited = float(os.environ[START_TIMEOUT_ENV])
+        raise start_failure(cfg, f"could not start within {waited:g} s (resources.start_timeout_s)") from exc
+
+
+def check_fits(cfg, asked: dict | None = None, who: str | None = None) -> None:
+    """Fail at once, not after the start bound, when no node could ever hold one worker (or, with `asked`, that
+    bundle) and no autoscaler can add one."""
+    import ray
+
+    from aidc.runtime import cluster_can_grow
+
+    asked = asked or worker_resources(cfg, use_gpus(cfg))
+    fits = any(all(node["Resources"].get(k, 0) >= v for k, v in asked.items() if v > 0)
+               for node in ray.nodes() if node.get("Alive"))
+    if not fits and not cluster_can_grow():
+        raise start_failure(cfg, "can never start on this cluster", asked, who)
+
+
+def start_failure(cfg, what: str, asked: dict | None = None, who: str | None = None) -> ResourcesUnavailable:
+    """The error of `who` asking `asked` each (default: the config's worker group) that `what` (could not ...)."""
+    import ray
+
+    res = cfg.resources
+    asked = asked or worker_resources(cfg, use_gpus(cfg))
+    who = who or f"{res.num_workers if isinstance(res.num_workers, int) else res.num_workers[0]} worker(s)"
+    total, free = ray.cluster_resources(), ray.available_resources()
+    missing = [k for k in asked if total.get(k, 0) < asked[k]]
+    node_most = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for k in asked:
+                node_most[k] = max(node_most.get(k, 0), node["Resources"].get(k, 0))
+    too_big = [k for k in asked if k not in missing and node_most.get(k, 0) < asked[k]]
+    why = (f"; no node has {', '.join(repr(k) for k in missing)}" if missing else
+           f"; no single node has {', '.join(f'{k} {asked[k]:g}' for k in too_big)}" if too_big else
+           "; the rest is held by other work (trials, Serve replicas, jobs)")
+    keys = [k for k in ("CPU", "GPU") if k in total or k in asked] + [k for k in asked if k not in ("CPU", "GPU")]
+    have = describe_resources({k: free.get(k, 0) for k in keys})
+    return ResourcesUnavailable(
+        f"{who} x {{{describe_resources(asked)}}} {what}: the cluster has {have} free of "
+        f"{describe_resources({k: total.get(k, 0) for k in keys})}{why}. Fix: lower resources.num_workers or "
+        "resources.cpus_per_worker, drop or change resources.custom, free the cluster, or wait longer with "
+        "--set resources.start_timeout_s=<s>")
+
+
 @track_training_run  # live MLflow metrics per epoch; run outcomes as metrics (aidc.ops.training)
 def run_training(cfg, loop_extras: dict | None = None) -> TrainOutcome:
     from aidc.train import checkpoint as ckpt
 
     root = storage.storage_root(cfg.run.storage)
     storage.check_shared(root)  # multi-node: checkpoints must be readable wherever a worker restarts
+    if cfg.resources.num_workers != 0:
+        check_fits(cfg)
     dv, manifest, datasets = prepare_datasets(cfg)
     run_name = cfg.run.name or default_run_name(cfg.name)
     logger.info(
@@ -122,7 +213,7 @@ def run_training(cfg, loop_extras: dict | None = None) -> TrainOutcome:
     )
     trainer = build_trainer(cfg, manifest, datasets, run_name=run_name, storage_path=storage.join(root, "runs"),
                             loop_extras=loop_extras)  # e.g. aidc.compress's init weights, masks, teacher
-    result = trainer.fit()
+    result = fit(trainer, cfg)
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 FIXED_SECTIONS = ("run", "registry", "tune", "resources", "name", "task")
 # What PBT may change in a running trial: hyperparameters the loop applies to a restored optimizer.
 PBT_MUTABLE = ("train.lr", "train.weight_decay")
+# Fields of fixed sections a sweep may still vary: where a multi-worker trial's Train workers go (the trial's
+# own resources, which Tune reserves, stay the same for every trial). A whole dict: e.g. grid [{}, {pool_a100: 1}]
+TRIAL_PLACEMENT = ("resources.custom",)
 
 
 @dataclass
@@ -89,7 +92,12 @@ def validate_sweep(cfg: JobConfig) -> SweepSpec:
     problems: list[str] = []
     for path, spec in tc.space.items():
         parts = path.split(".")
-        if parts[0] in FIXED_SECTIONS:
+        placement = path in TRIAL_PLACEMENT
+        if placement and cfg.resources.num_workers == 0:
+            problems.append(f"tune.space.{path}: with resources.num_workers: 0 this is the trial's own placement, "
+                            "the same for every trial; sweep it with num_workers >= 1 (it places Train workers)")
+            continue
+        if parts[0] in FIXED_SECTIONS and not placement:
             problems.append(f"tune.space.{path}: {parts[0]} is not tunable; sweep data.*, model.* or train.* fields")
             continue
         try:
@@ -98,7 +106,7 @@ def validate_sweep(cfg: JobConfig) -> SweepSpec:
             problems.append(f"tune.space.{path}: no such config field ({missing} not found); e.g. train.lr, "
                             f"model.{next(iter(k for k in base['model'] if k != 'arch'))}, train.weight_decay")
             continue
-        if isinstance(current, dict):
+        if isinstance(current, dict) and not placement:
             problems.append(f"tune.space.{path}: is a section, not a field; name one of its fields, "
                             f"e.g. {path}.{next(iter(current))}")
             continue

@@ -19,7 +19,7 @@ from pathlib import Path
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from aidc import storage
-from aidc.errors import ConfigError
+from aidc.errors import AidcError, ConfigError
 from aidc.tune.space import SweepSpec, tune_space
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,13 @@ class TrialResources:
     cluster: dict
 
 
-def trial_resources(spec: SweepSpec, cluster: dict) -> TrialResources:
-    """What one trial takes and how many fit at once; one CPU stays free for Ray Data reads."""
+DATA_CPUS = 1.0  # Ray Data's read/map tasks take a whole CPU each by default
+
+
+def trial_resources(spec: SweepSpec, cluster: dict, data_reads: bool = False) -> TrialResources:
+    """What one trial takes and how many fit at once: every running trial's process and Train workers together,
+    plus a CPU for Ray Data's tasks when training reads while it runs (`data_reads`) or on a larger node, so
+    that trials never half-start and wait on each other (issue #24)."""
     job, tc = spec.job, spec.job_tune
     res = job.resources
     gpus = cluster.get("GPU", 0)
@@ -97,7 +102,9 @@ def trial_resources(spec: SweepSpec, cluster: dict) -> TrialResources:
     else:
         per_trial = {"CPU": TRIAL_DRIVER_CPU}
         cpus, gpus_each = TRIAL_DRIVER_CPU + workers * res.cpus_per_worker, float(workers if use_gpu else 0)
-    free_cpus = cluster.get("CPU", 1) - (1 if cluster.get("CPU", 1) > 2 else 0)
+    total = cluster.get("CPU", 1)
+    reserve = DATA_CPUS if data_reads or total > 2 else 0.0
+    free_cpus = max(total - reserve, cpus)  # at least one trial, even where that leaves Data less than a CPU
     fit = max(1, math.floor(free_cpus / cpus + 1e-9))
     if gpus_each:
         fit = min(fit, max(1, math.floor(gpus / gpus_each)))
@@ -164,8 +171,10 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     import ray
     from ray import tune
 
-    from aidc.tune.trainable import run_trial, trial_payload
     from aidc.ops.tuning import TrialStateMetrics
+    from aidc.tune.cleanup import ReleaseOrphans
+    from aidc.tune.live import LiveStatus
+    from aidc.tune.trainable import run_trial, trial_payload
 
     job, tc = spec.job, spec.job_tune
     root = storage.storage_root(job.run.storage)
@@ -175,7 +184,8 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
         raise ConfigError(f"--resume: no sweep {name!r} to resume under {path}; run it without --resume first, "
                           "or check run.name and AIDC_STORAGE")
     storage.check_shared(root)  # multi-node: a trial retried on another node resumes from its checkpoints
-    res = trial_resources(spec, dict(ray.cluster_resources()))
+    res = trial_resources(spec, dict(ray.cluster_resources()), data_reads=sweep_reads(spec))
+    _check_trial_fits(spec, res)
     share = not any(p.startswith("data.") for p in tc.space)
     payload = trial_payload(spec, root, name, share_datasets=share)
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload), res.per_trial)
@@ -200,10 +210,28 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
                 # PBT hands checkpoints to other trials: keep them all (deleting one can break an exploit)
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if tc.scheduler == "pbt" else 2),
                 verbose=0,
-                callbacks=[TrialStateMetrics(name, job.train.epochs)],  # trials by state as metrics (aidc.ops)
+                # trials by state as metrics (aidc.ops); what ended trials left reserved released; live status
+                callbacks=[TrialStateMetrics(name, job.train.epochs), ReleaseOrphans(), LiveStatus(path)],
             ),
         )
     return tuner.fit()
+
+
+def sweep_reads(spec: SweepSpec) -> bool:
+    """Whether trials run Ray Data tasks as they train (each trial preprocesses, or its data is not cached)."""
+    from aidc.train.trainer import reads_while_training
+
+    return any(p.startswith("data.") for p in spec.job_tune.space) or reads_while_training(spec.job)
+
+
+def _check_trial_fits(spec: SweepSpec, res: TrialResources) -> None:
+    """A trial process no node can hold would stay PENDING in Tune for ever: stop before any trial starts."""
+    from aidc.train.trainer import check_fits
+
+    try:
+        check_fits(spec.job, res.per_trial, who="each trial process")
+    except AidcError as exc:
+        raise ConfigError(f"tune: {exc}") from None
 
 
 def job_with_tune(spec: SweepSpec):
@@ -256,7 +284,7 @@ def dry_run_lines(spec: SweepSpec) -> list[str]:
     from aidc.tune.space import describe_space
 
     cluster = current_cluster()
-    res = trial_resources(spec, cluster)
+    res = trial_resources(spec, cluster, data_reads=sweep_reads(spec))
     tc = spec.job_tune
     workers = spec.job.resources.num_workers
     return [
@@ -268,5 +296,6 @@ def dry_run_lines(spec: SweepSpec) -> list[str]:
         f"{' (the loop runs in the trial process)' if workers == 0 else ''}; trial process {res.per_trial}; "
         f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU per trial in all",
         f"# cluster: {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU -> {res.concurrency} trial(s) at once"
-        f"{' (tune.max_concurrent_trials)' if tc.max_concurrent_trials else ''}",
+        f"{' (tune.max_concurrent_trials)' if tc.max_concurrent_trials else ''}"
+        f"{'; 1 CPU kept for Ray Data tasks' if cluster.get('CPU', 1) > 2 or sweep_reads(spec) else ''}",
     ]

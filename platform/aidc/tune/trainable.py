@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.train.v2.api.callback import UserCallback
 
 from aidc import storage
@@ -79,17 +80,53 @@ class ForwardToTrial(UserCallback):
         self.queue.put((dict(metrics[0]), checkpoint))
 
 
-def _fit_multi_worker(trainer_factory, reporter: TrialReporter) -> None:
+WORKERS = "__workers__"  # a queue message about the worker group, not a report
+WAITING_DIR = "waiting"  # <sweep>/waiting/<trial_id>.json while a trial's workers wait for resources
+
+
+class WatchWorkerGroup(WorkerGroupCallback):
+    """Train callback (in the controller): tells the trial when its worker group asks for resources and when it
+    has them, so `aidc sweeps show` can say which trials wait and since when."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def before_worker_group_start(self, worker_group_context) -> None:
+        self.queue.put((WORKERS, {"workers": worker_group_context.num_workers,
+                                  "resources": dict(worker_group_context.resources_per_worker)}))
+
+    def after_worker_group_start(self, worker_group) -> None:
+        self.queue.put((WORKERS, None))
+
+
+def waiting_file(sweep_dir: str, trial_id: str) -> Path:
+    return Path(sweep_dir, WAITING_DIR, f"{trial_id}.json")
+
+
+def _note_waiting(path: Path | None, ask: dict | None) -> None:
+    if path is None:
+        return
+    if ask is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**ask, "since": time.time()}))
+
+
+def _fit_multi_worker(trainer_factory, reporter: TrialReporter, cfg: JobConfig, waiting: Path | None) -> None:
     """Fit in a thread while this (the trial's) thread reports what the Train callback forwards."""
     from ray.util.queue import Empty, Queue
 
+    from aidc.train.trainer import check_fits, fit as fit_trainer
+
+    check_fits(cfg)  # a worker no node can hold fails this trial at once
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = trainer_factory([ForwardToTrial(queue)])
+    trainer = trainer_factory([ForwardToTrial(queue), WatchWorkerGroup(queue)])
     outcome: dict = {}
 
     def fit() -> None:
         try:
-            outcome["result"] = trainer.fit()
+            outcome["result"] = fit_trainer(trainer, cfg)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the trial thread below
             outcome["error"] = exc
 
@@ -102,12 +139,15 @@ def _fit_multi_worker(trainer_factory, reporter: TrialReporter) -> None:
             if not thread.is_alive() and queue.empty():
                 break
             continue
-        if checkpoint is None:
+        if metrics == WORKERS:
+            _note_waiting(waiting, checkpoint)
+        elif checkpoint is None:
             reporter(metrics, None)
         else:
             with checkpoint.as_directory() as d:
                 reporter(metrics, d)
     thread.join()
+    _note_waiting(waiting, None)
     if "error" in outcome:
         raise outcome["error"]
 
@@ -153,7 +193,9 @@ def run_trial(params: dict, sweep: dict) -> None:
             train_loop_per_worker({**loop_config(cfg, manifest), **extras, "tune_report": reporter,
                                    "local_datasets": datasets})
         else:
-            _fit_multi_worker(make_trainer, reporter)
+            where = sweep.get("sweep_dir")  # the waiting note is for local/NFS roots (an object store has no status)
+            waiting = waiting_file(where, trial_id) if where and not storage.is_uri(where) else None
+            _fit_multi_worker(make_trainer, reporter, cfg, waiting)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -161,7 +203,8 @@ def run_trial(params: dict, sweep: dict) -> None:
 def trial_payload(spec, root: str, sweep_name: str, share_datasets: bool) -> dict:
     """What every trial receives (through tune.with_parameters: put in the object store once)."""
     payload = {"job": spec.job.model_dump(mode="json"), "fault_marker": os.environ.get("AIDC_FAULT_MARKER"),
-               "train_runs": storage.join(root, "sweeps", sweep_name, "train-runs")}
+               "train_runs": storage.join(root, "sweeps", sweep_name, "train-runs"),
+               "sweep_dir": storage.join(root, "sweeps", sweep_name)}
     if share_datasets:
         from aidc.train.trainer import prepare_datasets
 

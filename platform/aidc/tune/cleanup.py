@@ -1,0 +1,127 @@
+"""Reserved resources that outlive the trial that made them: found and released from the sweep's driver.
+
+Why (issue #24): Ray removes a placement group when its creator is done, and for a group made by an actor
+"done" means the actor *and its job* are dead (GCS `IsPlacementGroupLifetimeDone`). A Train V2 controller
+creates its worker group's placement group from inside a Tune trial; when Tune stops that trial (ASHA, a
+failure) the trial actor and its controller die, but the sweep's driver - the job - lives on, so the group
+keeps its CPUs until the sweep ends. Ray Train's own guard (a detached `PlacementGroupCleaner` per run)
+asks the State API whether the controller is alive; without a dashboard (an embedded `ray.init`) that API is
+absent, the cleaner loops forever ("State API may be temporarily unavailable") and never removes anything,
+and it only knows groups whose workers had already started. Three leaked {CPU: 0.5} groups on a 2-CPU
+node made every later worker group wait forever.
+
+`release_orphans()` applies Ray's own rule at actor death instead of job death, for this job only: a
+non-detached placement group whose creator actor is dead is removed, and a cleaner actor whose controller
+is dead is ended. It reads the GCS tables (no dashboard needed). `ReleaseOrphans` runs it from the sweep's
+driver after every trial that ends and every few seconds while trials run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray.tune import Callback
+
+logger = logging.getLogger(__name__)
+
+CLEANER_CLASS = "PlacementGroupCleaner"  # ray.train.v2._internal.execution.controller.placement_group_cleaner
+CONTROLLER_CLASS = "TrainController"
+
+
+def placement_groups(job_only: bool = True) -> list:
+    """GCS rows (PlacementGroupTableData) of the placement groups not yet removed, of this job by default."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    rows = [gcs_pb2.PlacementGroupTableData.FromString(raw)
+            for raw in state._connect_and_get_accessor().get_placement_group_table()]
+    return [r for r in rows if r.state != gcs_pb2.PlacementGroupTableData.REMOVED
+            and (not job_only or r.creator_job_id.hex() == job)]
+
+
+def reserved(job_only: bool = False) -> list[dict]:
+    """Every live placement group's state and bundles, e.g. [{"state": "CREATED", "bundles": [{"CPU": 0.5}]}]."""
+    from ray.core.generated import gcs_pb2
+
+    names = gcs_pb2.PlacementGroupTableData.PlacementGroupState
+    return [{"id": r.placement_group_id.hex(), "state": names.Name(r.state),
+             "bundles": [dict(b.unit_resources) for b in r.bundles]} for r in placement_groups(job_only)]
+
+
+def release_orphans() -> int:
+    """Remove this job's placement groups whose creator actor is dead, end cleaners whose controller is dead;
+    returns how many of both."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    released = 0
+    for row in placement_groups():
+        if row.is_detached or not row.creator_actor_dead:
+            continue
+        pg = PlacementGroup(ray.PlacementGroupID(row.placement_group_id))
+        try:
+            remove_placement_group(pg)
+        except Exception as exc:  # noqa: BLE001 - removed meanwhile (Ray's own cleaner) is fine
+            logger.debug("placement group %s: %s", row.placement_group_id.hex(), exc)
+            continue
+        released += 1
+        logger.info("released placement group %s %s: the trial that made it has ended",
+                    row.placement_group_id.hex(), [dict(b.unit_resources) for b in row.bundles])
+    return released + _end_orphan_cleaners()
+
+
+def _end_orphan_cleaners() -> int:
+    """A PlacementGroupCleaner is owned by the controller that started it (it is detached, so it outlives it);
+    one whose controller is dead has nothing left to watch."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    actors = ray._private.state.actors().values()
+
+    def where(addr: dict) -> tuple:
+        return addr.get("IPAddress"), addr.get("Port")
+
+    dead_controllers = {where(a["Address"]) for a in actors
+                        if a["ActorClassName"] == CONTROLLER_CLASS and a["State"] == "DEAD" and a["JobID"] == job}
+    ended = 0
+    for a in actors:
+        if (a["ActorClassName"] == CLEANER_CLASS and a["State"] == "ALIVE" and a["JobID"] == job
+                and where(a["OwnerAddress"]) in dead_controllers):
+            try:  # what ray.kill does with a handle; a detached actor without a name has only its id
+                ray._private.worker.global_worker.core_worker.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
+                ended += 1
+            except Exception as exc:  # noqa: BLE001 - it exited by itself meanwhile
+                logger.debug("cleaner %s: %s", a["ActorID"], exc)
+    return ended
+
+
+class ReleaseOrphans(Callback):
+    """Tune callback: release what ended trials left reserved, at each trial's end, every `interval_s` while
+    the sweep runs, and when it ends."""
+
+    def __init__(self, interval_s: float = 5.0):
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def _run(self) -> None:
+        self._last = time.monotonic()
+        try:
+            release_orphans()
+        except Exception:  # noqa: BLE001 - hygiene must never fail the sweep
+            logger.warning("could not check for leftover placement groups", exc_info=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._last >= self.interval_s:
+            self._run()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._run()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._run()
+
+    def on_experiment_end(self, trials, **info):
+        self._run()
