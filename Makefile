@@ -9,9 +9,11 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 # The demo's cluster: a local head with the dashboard on loopback and token auth on.
 export AIDC_STORAGE ?= $(CURDIR)/.aidc
-DASHBOARD := http://127.0.0.1:8265
+DASHBOARD_PORT ?= 8265
+DASHBOARD := http://127.0.0.1:$(DASHBOARD_PORT)
+METRICS_PORT ?= 8080
 # The demo head's GCS port: `make stop` ends the processes of this cluster only (never another Ray on the host)
-DEMO_GCS_PORT := 6379
+DEMO_GCS_PORT ?= 6379
 SERVE_URL := http://127.0.0.1:8000
 # The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
@@ -20,7 +22,7 @@ DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
 RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
   RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
 
-.PHONY: setup clients monitoring demo test test-unit stop bench bench-quality clean
+.PHONY: setup clients monitoring head demo test test-unit stop bench bench-quality clean
 
 setup: $(VENV)/.installed clients monitoring
 
@@ -56,14 +58,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
-demo: setup
+# Step 1 of the demo alone: a local head with token auth, its token created 0600 on first use (tests run it).
+head: setup
 	@echo "== 1/8 local Ray head (dashboard $(DASHBOARD), token auth on)"
 	@# Reuse only a head whose dashboard answers on $(DASHBOARD): `ray status` would also find any other Ray on
 	@# this host (an embedded one a test or job started) through /tmp/ray/ray_current_cluster.
 	@if curl -s -o /dev/null $(DASHBOARD)/api/version; then echo "a Ray head is already on $(DASHBOARD): reusing it"; \
-	else $(RAY_ENV) $(BIN)/ray start --head --port=$(DEMO_GCS_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
-	  --metrics-export-port=8080 --disable-usage-stats >/dev/null && echo "started"; fi
-	@chmod 600 $$HOME/.ray/auth_token 2>/dev/null || true
+	else $(BIN)/python -c "from aidc.runtime import print_token_status; print_token_status()" && \
+	  $(RAY_ENV) $(BIN)/ray start --head --port=$(DEMO_GCS_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
+	  --metrics-export-port=$(METRICS_PORT) --disable-usage-stats >/dev/null && echo "started" || { \
+	  echo "step 1 failed: the Ray head did not start. Its logs: /tmp/ray/session_latest/logs (raylet.err, gcs_server.err);" \
+	    "is another Ray on port $(DEMO_GCS_PORT) or $(DASHBOARD_PORT)? ray status; make stop"; exit 1; }; fi
+
+demo: head
 	@echo "== 2/8 preprocess digits (ray job submit)"
 	@# A head that just started may not have its job agent yet ("No available agent"): the first submit retries.
 	@for i in 1 2 3; do $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \

@@ -27,6 +27,12 @@ CONFIGS = REPO / "jobs" / "configs"
 # tests start inherits it (embedded, `ray start`, local multi-node clusters, benchmarks run in process).
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
+# The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
+# creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
+# ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).
+if not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN"):
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(tempfile.mkdtemp(prefix="aidc-test-token-")) / "auth_token")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -55,6 +55,39 @@ def aidc_package_dir() -> str:
     return str(Path(aidc.__file__).resolve().parent)
 
 
+def ensure_token() -> tuple[Path | None, bool]:
+    """The cluster token a new local head (or embedded Ray) will use, created 0600 where none exists yet.
+
+    Ray reads RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. `ray start --head`
+    with RAY_AUTH_MODE=token fails on a machine that has none ("no authentication token was found"), and an
+    embedded `ray.init` writes ~/.ray/auth_token world-readable. Returns (path, created); path None when the
+    token comes from RAY_AUTH_TOKEN.
+    """
+    import secrets
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None, False
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if path.is_file() and path.stat().st_size:
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes: 32 random bytes as hex
+    path.chmod(0o600)
+    logger.info("created the cluster token in %s (mode 0600)", path)
+    return path, True
+
+
+def print_token_status() -> None:
+    """make demo's step 1: ensure_token(), saying where the token is."""
+    path, created = ensure_token()
+    if created:
+        print(f"created the cluster token in {path} (mode 0600; `ray get-auth-token` prints it)")
+    else:
+        print(f"cluster token: {path or '$RAY_AUTH_TOKEN'}")
+
+
 def init_ray(num_cpus: float | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start an embedded local Ray.
 
@@ -77,6 +110,7 @@ def init_ray(num_cpus: float | None = None) -> None:
         # without it ray.init joins that one through /tmp/ray/ray_current_cluster and rejects num_cpus.
         # No dashboard, so no State API: Ray Train's PlacementGroupCleaner would log a warning every few seconds.
         runtime_env["worker_process_setup_hook"] = "aidc.ops.logs.quiet_ray_workers"
+        ensure_token()  # else Ray writes ~/.ray/auth_token readable by every user of this machine
         apply_serve_env()  # before the local Ray's processes start (they inherit this environment)
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
                  logging_level=logging.WARNING)

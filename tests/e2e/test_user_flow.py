@@ -119,3 +119,45 @@ def _self_signed_cert(directory: Path) -> Path:
     (directory / "tls.key").chmod(0o600)
     (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return directory / "tls.crt"
+
+
+def test_make_demo_head_on_a_machine_that_never_ran_ray(tmp_path):
+    """Issue #23: `make demo`'s first step with a HOME that has no ~/.ray (a new user's machine): the cluster
+    token is created 0600 and announced, the head starts with token auth, a job goes through, a second run
+    reuses the running head, and after `make stop` the next start reuses the token."""
+    import os
+    import stat
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    real_pip = [p for p in (Path.home() / ".config/pip/pip.conf", Path.home() / ".pip/pip.conf") if p.is_file()]
+    env.update(HOME=str(home), AIDC_STORAGE=str(tmp_path / "storage"),
+               **({"PIP_CONFIG_FILE": str(real_pip[0])} if real_pip else {}))  # the machine's package index
+    dash, gcs, metrics = free_port(), free_port(), free_port()
+    ports = [f"DASHBOARD_PORT={dash}", f"DEMO_GCS_PORT={gcs}", f"METRICS_PORT={metrics}"]
+    token = home / ".ray" / "auth_token"
+    try:
+        out = _run(["make", "--no-print-directory", "head", *ports], env, timeout=300)
+        assert f"created the cluster token in {token} (mode 0600" in out and "started" in out, out
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        first = token.read_text()
+        headers = {"Authorization": f"Bearer {first}"}
+        assert requests.get(f"http://127.0.0.1:{dash}/api/version", headers=headers, timeout=10).ok
+        submit = [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+                  "--", "python", "-m", "jobs.preprocess", "--config", "jobs/configs/digits.yaml"]
+        job_env = {**env, "RAY_AUTH_MODE": "token"}
+        for attempt in range(12):  # a head that just started may not have its job agent yet
+            proc = subprocess.run(submit, cwd=REPO, env=job_env, capture_output=True, text=True, timeout=600)
+            if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr or attempt == 11:
+                break
+            time.sleep(10)
+        assert proc.returncode == 0 and "rows read 1797" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        out = _run(["make", "--no-print-directory", "head", *ports], env, timeout=120)
+        assert "already on" in out and "reusing it" in out, out
+        _run(["make", "--no-print-directory", "stop", *ports], env, timeout=120)
+        out = _run(["make", "--no-print-directory", "head", *ports], env, timeout=300)
+        assert f"cluster token: {token}" in out and "started" in out and token.read_text() == first, out
+    finally:
+        _run(["make", "--no-print-directory", "stop", *ports], env, timeout=120)

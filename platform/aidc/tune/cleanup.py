@@ -59,7 +59,8 @@ def release_orphans() -> int:
 
     released = 0
     for row in placement_groups():
-        if row.is_detached or not row.creator_actor_dead:
+        # a driver's own groups (Tune's trial groups) have no creator actor, which the GCS also marks dead
+        if row.is_detached or not row.creator_actor_dead or ray.ActorID(row.creator_actor_id).is_nil():
             continue
         pg = PlacementGroup(ray.PlacementGroupID(row.placement_group_id))
         try:

@@ -43,6 +43,15 @@ def _reported_rows(result) -> pd.DataFrame:
     return result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
 
 
+def error_reason(err: BaseException) -> str:
+    """Why a trial errored, in one line: the trial's own exception (Ray wraps it in RayTaskError/TuneError, whose
+    first line is only the actor's name), e.g. aidc's ResourcesUnavailable message."""
+    while getattr(err, "cause", None) is not None:
+        err = err.cause
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:500]
+
+
 def collect(grid, metric: str) -> list[TrialRecord]:
     """Trial records from Tune's ResultGrid."""
     records = []
@@ -60,7 +69,7 @@ def collect(grid, metric: str) -> list[TrialRecord]:
             trial_id=str(trial_id), status=status, params=dict(r.config or {}), history=history,
             final=finals.iloc[-1].to_dict() if len(finals) else {},
             checkpoint_path=r.checkpoint.path if r.checkpoint else None,
-            error=str(r.error).splitlines()[0][:300] if r.error else None,
+            error=error_reason(r.error) if r.error else None,
             epoch_rows=epochs.to_dict("records"),
         ))
     return records
