@@ -268,18 +268,19 @@ def test_worker_group_that_waits_past_the_bound_fails_naming_what_is_free(root, 
     from aidc.tune.cleanup import reserved
 
     free = ray_session.available_resources()["CPU"]
-    hold = placement_group([{"CPU": free - 0.25}])  # everything but a quarter CPU
+    hold = placement_group([{"CPU": free - 1}])  # all but the one CPU Ray Data's reads need
+
     ray_session.get(hold.ready(), timeout=60)
     try:
         raw = _raw(root, "prep", {})
         raw.pop("tune")
-        raw["resources"].update(num_workers=1, start_timeout_s=8)
+        raw["resources"].update(num_workers=1, cpus_per_worker=1.5, start_timeout_s=8)
         raw["run"]["name"] = "held-cpus"
         with pytest.raises(ResourcesUnavailable) as err:
             run_training(validate(raw))
     finally:
         remove_placement_group(hold)
     msg = str(err.value)
-    assert "1 worker(s) x {CPU 0.5} could not start within 8 s (resources.start_timeout_s)" in msg, msg
-    assert "CPU 0.25 free of 4" in msg and "held by other work" in msg, msg
+    assert "1 worker(s) x {CPU 1.5} could not start within 8 s (resources.start_timeout_s)" in msg, msg
+    assert "CPU 1 free of CPU 4" in msg and "held by other work" in msg, msg
     assert all(g["state"] == "REMOVED" or g["id"] != hold.id.hex() for g in reserved())
