@@ -15,6 +15,11 @@ METRICS_PORT ?= 8080
 # The demo head's GCS port: `make stop` ends the processes of this cluster only (never another Ray on the host)
 DEMO_GCS_PORT ?= 6379
 SERVE_URL := http://127.0.0.1:8000
+# `$(STEP) "2/8 ..."` starts a demo step: prints the time the previous one took, and records this one for the
+# failure message of `make demo` (which step, after how long, what to try)
+STEP_FILE := $(AIDC_STORAGE)/.demo-step
+STEP = @step() { mkdir -p $(AIDC_STORAGE); now=$$(date +%s); if [ -f $(STEP_FILE) ]; then read t n < $(STEP_FILE); \
+  echo "   ($$((now - t)) s)"; fi; echo "$$now $$*" > $(STEP_FILE); [ -z "$$*" ] || echo "== $$*"; }; step
 # The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
 # Only Serve's HAProxy fronts the demo's replicas: a stopping one drains 5 s, not Ray's 30 s (README, Tensor models),
@@ -22,7 +27,7 @@ DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
 RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
   RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
 
-.PHONY: setup clients monitoring head demo test test-unit stop bench bench-quality clean
+.PHONY: setup clients monitoring head demo demo-steps test test-unit stop bench bench-quality clean
 
 setup: $(VENV)/.installed clients monitoring
 
@@ -60,7 +65,8 @@ $(VENV)/.installed: pyproject.toml
 
 # Step 1 of the demo alone: a local head with token auth, its token created 0600 on first use (tests run it).
 head: setup
-	@echo "== 1/8 local Ray head (dashboard $(DASHBOARD), token auth on)"
+	@rm -f $(STEP_FILE)
+	$(STEP) "1/8 local Ray head (dashboard $(DASHBOARD), token auth on)"
 	@# Reuse only a head whose dashboard answers on $(DASHBOARD): `ray status` would also find any other Ray on
 	@# this host (an embedded one a test or job started) through /tmp/ray/ray_current_cluster.
 	@if curl -s -o /dev/null $(DASHBOARD)/api/version; then echo "a Ray head is already on $(DASHBOARD): reusing it"; \
@@ -71,40 +77,49 @@ head: setup
 	    "is another Ray on port $(DEMO_GCS_PORT) or $(DASHBOARD_PORT)? ray status; make stop"; exit 1; }; fi
 
 demo: head
-	@echo "== 2/8 preprocess digits (ray job submit)"
+	@read t0 n < $(STEP_FILE); $(MAKE) --no-print-directory demo-steps || { read t n < $(STEP_FILE); \
+	  echo "make demo: step $$n failed after $$(( $$(date +%s) - t )) s."; \
+	  echo "  What failed is printed above (a job's own log streams there; again: $(BIN)/ray job list --address $(DASHBOARD)," \
+	    "then ray job logs <id>; or the Jobs page of $(DASHBOARD))."; \
+	  echo "  Ray's own logs: /tmp/ray/session_latest/logs. To start over: make stop && make demo"; exit 1; }; \
+	  echo "make demo: all steps done in $$(( $$(date +%s) - t0 )) s"
+
+# The demo's steps after the head (run by `make demo`, which names the step that failed)
+demo-steps:
+	$(STEP) "2/8 preprocess digits (ray job submit)"
 	@# A head that just started may not have its job agent yet ("No available agent"): the first submit retries.
 	@for i in 1 2 3; do $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.preprocess --config jobs/configs/digits.yaml && break; \
 	  [ $$i = 3 ] && exit 1; echo "retrying in 10 s"; sleep 10; done
-	@echo "== 3/8 train on Ray Train, 2 DDP workers, register in MLflow (ray job submit)"
+	$(STEP) "3/8 train on Ray Train, 2 DDP workers, register in MLflow (ray job submit)"
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.train --config jobs/configs/digits.yaml
-	@echo "== 4/8 a small character GPT on tiny-shakespeare for the OpenAI-compatible llm app (ray job submit)"
+	$(STEP) "4/8 a small character GPT on tiny-shakespeare for the OpenAI-compatible llm app (ray job submit)"
 	@MIRROR=$${AIDC_DATA_MIRROR:-$$(cd ../shared/data 2>/dev/null && pwd)}; \
 	  GPT="--config jobs/configs/shakespeare-gpt.yaml $${MIRROR:+--set data.mirror=$$MIRROR}"; \
 	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.preprocess $$GPT && \
 	  $(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- python -m jobs.train $$GPT \
 	    --set train.epochs=3
-	@echo "== 5/8 deploy the Serve apps digits, tensors (OIP v2) and llm (OpenAI API): serve deploy serve_apps/config.yaml"
+	$(STEP) "5/8 deploy the Serve apps digits, tensors (OIP v2) and llm (OpenAI API): serve deploy serve_apps/config.yaml"
 	$(RAY_ENV) $(BIN)/serve deploy serve_apps/config.yaml --address $(DASHBOARD)
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/digits/healthz >/dev/null && break; sleep 1; done; \
 	  curl -sf $(SERVE_URL)/digits/healthz >/dev/null || { echo "Serve app did not become healthy"; \
 	  $(RAY_ENV) $(BIN)/serve status --address $(DASHBOARD); exit 1; }
 	@(umask 077; $(BIN)/aidc keys create --owner demo --scope 'infer:*' --quiet > $(DEMO_KEY)) && \
 	  echo "API key for the demo in $(DEMO_KEY) (aidc keys create; sent as Authorization: Bearer <key>)"
-	@echo "== 6/8 HTTP predictions for held-out digits"
+	$(STEP) "6/8 HTTP predictions for held-out digits"
 	AIDC_API_KEY=$$(cat $(DEMO_KEY)) $(BIN)/aidc predict --url $(SERVE_URL)/digits/predict --dataset digits --split test --limit 170
-	@echo "== 7/8 a streamed chat completion from the llm app (official openai client: aidc chat)"
+	$(STEP) "7/8 a streamed chat completion from the llm app (official openai client: aidc chat)"
 	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/v1/health >/dev/null && break; sleep 1; done
 	AIDC_API_KEY=$$(cat $(DEMO_KEY)) $(BIN)/aidc chat --url $(SERVE_URL)/v1 --model shakespeare-gpt "Speak, good sir: what news from the court?"
 	@echo "Try the LLM: curl -sN $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' -H \"Authorization: Bearer \$$AIDC_API_KEY\" \\"
 	@echo "              -d '{\"model\": \"shakespeare-gpt\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"What news?\"}]}'"
-	@echo "== 8/8 a short ASHA sweep on digits with Ray Tune (ray job submit), then its leaderboard"
+	$(STEP) "8/8 a short ASHA sweep on digits with Ray Tune (ray job submit), then its leaderboard"
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.tune --config jobs/configs/digits.yaml --set run.name=demo-sweep \
 	  --set resources.num_workers=0 --set train.epochs=4 --set train.max_steps_per_epoch=15 --set tune.num_samples=6
 	$(BIN)/aidc sweeps show demo-sweep
-	@echo "== offline: score the digits test split on a Ray Data actor pool; an int8 version side by side (ray job submit)"
+	$(STEP) "offline: score the digits test split on a Ray Data actor pool; an int8 version side by side (ray job submit)"
 	@# One small actor: the Serve apps hold 2.25 of the head's 4 CPUs, and Ray Data's read task needs a whole one.
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.batch_infer --config jobs/configs/digits.yaml --set batch_infer.actors=1 \
@@ -112,7 +127,7 @@ demo: head
 	$(RAY_ENV) $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 	  python -m jobs.compress --config jobs/configs/digits.yaml --set compress.method=int8
 	$(BIN)/aidc model compare digits-cnn@champion digits-cnn@int8
-	@echo "== security: API keys on every app (curl, openai client), signed model versions, the audit log"
+	$(STEP) "security: API keys on every app (curl, openai client), signed model versions, the audit log"
 	@echo -n "no key -> "; curl -s -o /dev/null -w '%{http_code}\n' -X POST $(SERVE_URL)/digits/predict -d '{}'
 	@echo -n "key    -> "; curl -s -o /dev/null -w '%{http_code}\n' $(SERVE_URL)/v2/models/digits-cnn \
 	  -H "Authorization: Bearer $$(cat $(DEMO_KEY))"
@@ -121,8 +136,10 @@ demo: head
 	$(BIN)/aidc model verify digits-cnn@champion
 	$(BIN)/aidc audit verify
 	$(BIN)/aidc audit tail -n 6
-	@echo "== operations: one screen for the operator (nodes, jobs, Serve apps; with AIDC_PROMETHEUS_URL also rates and alerts)"
+	$(STEP) "operations: one screen for the operator (nodes, jobs, Serve apps; with AIDC_PROMETHEUS_URL also rates and alerts)"
 	$(BIN)/aidc status --address $(DASHBOARD)
+	$(STEP)
+	@rm -f $(STEP_FILE)
 	@echo
 	@echo "Dashboard:  $(DASHBOARD)"
 	@echo "API key:    export AIDC_API_KEY=\$$(cat $(DEMO_KEY))   (more: aidc keys create --owner you --scope infer:digits-cnn)"

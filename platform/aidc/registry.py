@@ -273,8 +273,15 @@ def resolve(ref: str, uri: str):
     except Exception as exc:
         raise RegistryError(
             f"model {ref!r} not found in registry {uri}: {str(exc).splitlines()[0]}. "
-            "Train one first (python -m jobs.train --config ...) or check the name/alias and AIDC_STORAGE."
+            f"{_MAKES.get(m['alias'], _MAKES[None])} or check the name/alias and AIDC_STORAGE."
         ) from None
+
+
+# which command makes a version with this alias (the hint of a failed lookup)
+_MAKES = {None: "Train one first (python -m jobs.train --config ...)",
+          "tuned": "Run a sweep first (python -m jobs.tune --config ...)",
+          **{alias: f"Make it first (python -m jobs.compress --config ... --set compress.method={method})"
+             for alias, method in (("int8", "int8"), ("pruned", "prune"), ("distilled", "distill"))}}
 
 
 def fetch(ref: str, uri: str, dst: str | None = None) -> tuple[object, Path]:

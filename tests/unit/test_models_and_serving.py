@@ -116,3 +116,14 @@ def test_tampered_or_extra_files_are_refused(tmp_path):
     (d2 / MANIFEST).unlink()
     with pytest.raises(RegistryError, match="no MANIFEST"):
         verify_manifest(d2)
+
+
+def test_a_missing_version_names_the_command_that_makes_it(tmp_path):
+    from aidc.registry import resolve
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for ref, hint in (("digits-cnn@champion", "jobs.train"), ("digits-cnn@int8", "compress.method=int8"),
+                      ("digits-cnn@pruned", "compress.method=prune"), ("digits-cnn@tuned", "jobs.tune")):
+        with pytest.raises(RegistryError, match="not found in registry") as err:
+            resolve(ref, uri)
+        assert hint in str(err.value), err.value

@@ -53,13 +53,20 @@ def collect(dashboard: str, prometheus: str | None = None, timeout: float = 10.0
         r.raise_for_status()
         return r.json()
 
+    down = False
     for key, path, pick in (("nodes", "/nodes?view=summary", lambda j: j["data"]),
                             ("jobs", "/api/jobs/", lambda j: j),
                             ("serve", "/api/serve/applications/", lambda j: j.get("applications", {}))):
+        snap[key] = None
+        if down:
+            continue
         try:
             snap[key] = pick(get(path))
+        except requests.ConnectionError:  # nothing listens there: one line that says what to do, not three
+            down = True
+            snap["errors"].append(f"no Ray dashboard answers at {dashboard}: start a head (make head, or "
+                                  "ray start --head), or pass --address <dashboard URL>")
         except Exception as exc:  # noqa: BLE001 - one section missing is still a useful screen
-            snap[key] = None
             snap["errors"].append(f"{key}: {_short(exc)}")
     prometheus = prometheus or os.environ.get(PROMETHEUS_ENV)
     if prometheus:

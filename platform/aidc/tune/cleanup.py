@@ -74,28 +74,35 @@ def release_orphans() -> int:
     return released + _end_orphan_cleaners()
 
 
+def orphan_cleaners() -> list:
+    """GCS rows of the Ray Train PlacementGroupCleaner actors alive while their controller is dead.
+
+    A cleaner is owned by the controller that started it and is detached, so it outlives it - and its job:
+    one whose controller is dead has nothing left to watch, whichever sweep started it (a sweep whose driver
+    was killed leaves its cleaners behind; the resumed one ends them). Matched on the owner's worker id,
+    which no live actor shares."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    rows = [gcs_pb2.ActorTableData.FromString(raw)
+            for raw in state._connect_and_get_accessor().get_actor_table(None, None)]
+    dead = {r.address.worker_id for r in rows
+            if r.class_name == CONTROLLER_CLASS and r.state == gcs_pb2.ActorTableData.DEAD}
+    return [r for r in rows if r.class_name == CLEANER_CLASS and r.state == gcs_pb2.ActorTableData.ALIVE
+            and r.owner_address.worker_id in dead]
+
+
 def _end_orphan_cleaners() -> int:
-    """A PlacementGroupCleaner is owned by the controller that started it (it is detached, so it outlives it);
-    one whose controller is dead has nothing left to watch."""
     import ray
 
-    job = ray.get_runtime_context().get_job_id()
-    actors = ray._private.state.actors().values()
-
-    def where(addr: dict) -> tuple:
-        return addr.get("IPAddress"), addr.get("Port")
-
-    dead_controllers = {where(a["Address"]) for a in actors
-                        if a["ActorClassName"] == CONTROLLER_CLASS and a["State"] == "DEAD" and a["JobID"] == job}
     ended = 0
-    for a in actors:
-        if (a["ActorClassName"] == CLEANER_CLASS and a["State"] == "ALIVE" and a["JobID"] == job
-                and where(a["OwnerAddress"]) in dead_controllers):
-            try:  # what ray.kill does with a handle; a detached actor without a name has only its id
-                ray._private.worker.global_worker.core_worker.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
-                ended += 1
-            except Exception as exc:  # noqa: BLE001 - it exited by itself meanwhile
-                logger.debug("cleaner %s: %s", a["ActorID"], exc)
+    for r in orphan_cleaners():
+        try:  # what ray.kill does with a handle; a detached actor without a name has only its id
+            ray._private.worker.global_worker.core_worker.kill_actor(ray.ActorID(r.actor_id), True)
+            ended += 1
+            logger.info("ended Ray Train's placement-group cleaner %s: its controller has ended", r.actor_id.hex())
+        except Exception as exc:  # noqa: BLE001 - it exited by itself meanwhile
+            logger.debug("cleaner %s: %s", r.actor_id.hex(), exc)
     return ended
 
 
@@ -122,6 +129,9 @@ class ReleaseOrphans(Callback):
         self._run()
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._run()
+
+    def setup(self, **info):  # a resumed sweep first ends what the killed one left
         self._run()
 
     def on_experiment_end(self, trials, **info):
