@@ -19,7 +19,7 @@ SERVE_URL := http://127.0.0.1:8000
 # failure message of `make demo` (which step, after how long, what to try)
 STEP_FILE := $(AIDC_STORAGE)/.demo-step
 STEP = @step() { mkdir -p $(AIDC_STORAGE); now=$$(date +%s); if [ -f $(STEP_FILE) ]; then read t n < $(STEP_FILE); \
-  echo "   ($$((now - t)) s)"; fi; echo "$$now $$*" > $(STEP_FILE); [ -z "$$*" ] || echo "== $$*"; }; step
+  echo "   (done in $$((now - t)) s)"; fi; echo "$$now $$*" > $(STEP_FILE); [ -z "$$*" ] || echo "== $$*"; }; step
 # The demo's API key (the Serve apps require one): made by `aidc keys create` in step 5, 0600
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
 # Only Serve's HAProxy fronts the demo's replicas: a stopping one drains 5 s, not Ray's 30 s (README, Tensor models),
