@@ -277,11 +277,13 @@ def resolve(ref: str, uri: str):
         ) from None
 
 
+# the alias jobs.compress registers each method's version under (unless compress.alias says otherwise)
+COMPRESSED_ALIAS = {"int8": "int8", "prune": "pruned", "distill": "distilled"}
 # which command makes a version with this alias (the hint of a failed lookup)
 _MAKES = {None: "Train one first (python -m jobs.train --config ...)",
           "tuned": "Run a sweep first (python -m jobs.tune --config ...)",
           **{alias: f"Make it first (python -m jobs.compress --config ... --set compress.method={method})"
-             for alias, method in (("int8", "int8"), ("pruned", "prune"), ("distilled", "distill"))}}
+             for method, alias in COMPRESSED_ALIAS.items()}}
 
 
 def fetch(ref: str, uri: str, dst: str | None = None) -> tuple[object, Path]:

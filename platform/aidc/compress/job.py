@@ -20,8 +20,6 @@ from aidc.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ALIAS = {"int8": "int8", "prune": "pruned", "distill": "distilled"}
-
 
 def source_ref(cfg) -> str:
     return cfg.compress.source or f"{cfg.registry.model_name}@{cfg.registry.alias}"
@@ -90,7 +88,7 @@ def _int8(cfg, loaded, directory: Path, uri: str, root: str, alias: str):
 
 def compress(cfg):
     """Make and register the compressed version; returns the RegisteredVersion."""
-    from aidc.registry import register, tracking_uri
+    from aidc.registry import COMPRESSED_ALIAS, register, tracking_uri
     from aidc.train.trainer import run_training
 
     c = cfg.compress
@@ -99,7 +97,7 @@ def compress(cfg):
     root = storage.storage_root(cfg.run.storage)
     uri = tracking_uri(cfg.run.tracking_uri, root)
     loaded, directory = _source(cfg, uri)
-    alias = c.alias or DEFAULT_ALIAS[c.method]
+    alias = c.alias or COMPRESSED_ALIAS[c.method]
     if cfg.registry.model_name != loaded.name:
         cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": loaded.name})})
     if c.method == "int8":
