@@ -182,6 +182,11 @@ def _wait_for(predicate, timeout: float, proc) -> None:
 
 
 def test_driver_sigkill_then_resume_keeps_progress_and_asha_rungs(root, ray_session, tmp_path):
+    """Issue #24: what the killed driver's trials reserved must not outlive it - the resumed sweep ends Ray
+    Train's detached cleaners whose controller died, and leaves no placement group behind."""
+    from aidc.tune.cleanup import orphan_cleaners, reserved
+
+    before = reserved()
     raw = _raw(root, "killed", {"train.lr": {"type": "grid", "values": [0.01, 1.0e-5, 2.0e-5]}},
                search="grid", scheduler="asha", max_concurrent_trials=1)
     cfg_file = tmp_path / "sweep.yaml"
@@ -228,6 +233,9 @@ def test_driver_sigkill_then_resume_keeps_progress_and_asha_rungs(root, ray_sess
     rungs = json.loads((sweep / "asha_rungs.json").read_text())
     assert first["trial_id"] in {tid for bracket in rungs for _, rec in bracket for tid in rec}
     assert "digits-cnn@tuned" in done.stdout
+    assert "WorkerGroupStartupTimeoutError" not in done.stdout + done.stderr
+    assert orphan_cleaners() == []  # the killed sweep's cleaners (detached: they outlive their job) are ended
+    assert reserved() == before
 
     # finished sweeps are not run again: a second resume changes no trial's results
     before = {p: p.stat().st_size for p in sweep.glob("*/result.json")}
@@ -240,7 +248,7 @@ def test_trials_that_cannot_place_workers_error_and_nothing_stays_reserved(root,
     """Issue #24: every trial's Train workers ask a placement group of their own; a trial ASHA stops, or one
     whose workers can never be placed, must not keep it, and such a trial errors at once with what it asked
     for while the others finish. Ray's placement-group table after the sweep is what it was before."""
-    from aidc.tune.cleanup import reserved
+    from aidc.tune.cleanup import orphan_cleaners, reserved
 
     before = reserved()
     out = _sweep(root, "cannot-place", {"train.lr": {"type": "grid", "values": [0.01, 1.0e-5, 2.0e-5]},
@@ -256,6 +264,8 @@ def test_trials_that_cannot_place_workers_error_and_nothing_stays_reserved(root,
     assert set(placed["status"]) <= {"completed", "stopped early"} and (placed["status"] == "completed").any()
     assert (placed["status"] == "stopped early").any(), df.to_string()  # ASHA killed a trial with live workers
     assert reserved() == before
+    # Ray Train's detached cleaner of each ended trial is ended too (detached: it would outlive the sweep)
+    assert orphan_cleaners() == []
 
 
 def test_worker_group_that_waits_past_the_bound_fails_naming_what_is_free(root, ray_session):
@@ -284,3 +294,4 @@ def test_worker_group_that_waits_past_the_bound_fails_naming_what_is_free(root, 
     assert "1 worker(s) x {CPU 1.5} could not start within 8 s (resources.start_timeout_s)" in msg, msg
     assert "CPU 1 free of CPU 4" in msg and "held by other work" in msg, msg
     assert all(g["state"] == "REMOVED" or g["id"] != hold.id.hex() for g in reserved())
+

@@ -92,17 +92,35 @@ def orphan_cleaners() -> list:
             and r.owner_address.worker_id in dead]
 
 
+def _handle(row):
+    """An actor handle for a GCS actor row, registered with this worker (weakly: it keeps nothing alive).
+
+    A detached actor without a name, started by another job, has no handle anywhere this process can reach,
+    and Ray's kill needs one (`CoreWorker.kill_actor` refuses an actor it holds no handle to). Built from what
+    the GCS knows of it, as Ray builds one when a handle arrives serialized."""
+    import ray
+    from ray.core.generated import common_pb2, core_worker_pb2
+
+    spec = core_worker_pb2.ActorHandle(
+        actor_id=row.actor_id, owner_id=row.owner_address.worker_id, owner_address=row.owner_address,
+        creation_job_id=row.job_id, actor_language=common_pb2.Language.PYTHON,
+        actor_creation_task_function_descriptor=row.function_descriptor, name=row.name,
+        ray_namespace=row.ray_namespace, is_detached=row.is_detached)
+    return ray._private.worker.global_worker.core_worker.deserialize_and_register_actor_handle(
+        spec.SerializeToString(), None, True)
+
+
 def _end_orphan_cleaners() -> int:
     import ray
 
     ended = 0
     for r in orphan_cleaners():
-        try:  # what ray.kill does with a handle; a detached actor without a name has only its id
-            ray._private.worker.global_worker.core_worker.kill_actor(ray.ActorID(r.actor_id), True)
+        try:
+            ray.kill(_handle(r), no_restart=True)
             ended += 1
             logger.info("ended Ray Train's placement-group cleaner %s: its controller has ended", r.actor_id.hex())
         except Exception as exc:  # noqa: BLE001 - it exited by itself meanwhile
-            logger.debug("cleaner %s: %s", r.actor_id.hex(), exc)
+            logger.warning("could not end Ray Train's placement-group cleaner %s: %s", r.actor_id.hex(), exc)
     return ended
 
 
