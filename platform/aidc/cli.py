@@ -7,9 +7,20 @@ import os
 import sys
 
 from aidc.cli_ops import add_parsers as add_ops_parsers
+from aidc.cluster import default_cluster_path
 from aidc.cli_security import add_parsers as add_security_parsers
 from aidc.cli_offline import add_offline_args, model_command
 from aidc.errors import AidcError
+
+
+def _plan(args) -> int:
+    from aidc.config import load_config
+    from aidc.plan import format_plans, make_plans
+
+    cfg = load_config(args.config, args.overrides)
+    plans = make_plans(cfg, None if args.local else args.cluster)
+    print(format_plans(cfg, plans))
+    return 0 if any(p.fits for p in plans) else 3
 
 
 def _cluster(args) -> int:
@@ -180,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["describe", "validate"])
     c.add_argument("path", nargs="?", default="cluster.yaml")
     c.set_defaults(fn=_cluster)
+
+    pl = sub.add_parser("plan", help="predict a training job's memory, step time, cost and energy per node type",
+                        description="Per worker: peak memory (parameters, gradients, optimizer, activations, "
+                        "framework) against the device's, step time, wall-clock, cost and energy, for each node "
+                        "type of the cluster that could run the job, and the smallest change that makes a plan "
+                        "that cannot fit fit. Exit 0 when some node type fits, 3 when none does.")
+    pl.add_argument("--config", required=True, help="job config YAML, e.g. jobs/configs/shakespeare-gpt.yaml")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                    help="override a config field (repeatable)")
+    pl.add_argument("--cluster", default=default_cluster_path(), help="cluster.yaml to plan for (default: "
+                    "$AIDC_CLUSTER_CONFIG or cluster.yaml); node labels aidc.io/* describe devices and prices")
+    pl.add_argument("--local", action="store_true", help="plan for this machine instead of a cluster.yaml")
+    pl.set_defaults(fn=_plan)
 
     d = sub.add_parser("data", help="prepare, list and inspect versioned datasets",
                        epilog="prepare takes the job options: --config FILE [--set a.b=v] [--force] [--dry-run]")

@@ -177,6 +177,11 @@ class TrainConfig(Strict):
     )
     seed: int = Field(0, description="Seed of model init, dropout and data order; same seed, same run.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by val loss).")
+    plan: Literal["enforce", "warn", "off"] = Field(
+        "enforce", description="Capacity plan before workers start (aidc plan): enforce = refuse (exit 2) a job "
+        "predicted not to fit the device's memory, naming the fix; warn = print it and run; off = skip."
+    )
+    plan_headroom: float = Field(0.1, ge=0, lt=1, description="Share of device memory the plan keeps free.")
 
 
 class ResourcesConfig(Strict):

@@ -35,9 +35,13 @@ def run_job(
     argv: list[str] | None = None,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
     check: Callable[[JobConfig], None] | None = None,
+    plan: Callable[[JobConfig], int] | None = None,
 ) -> int:
     """check: more validation of the loaded config (raise ConfigError), before the dry run or Ray start."""
     parser = job_parser(prog, description)
+    if plan:
+        parser.add_argument("--plan", action="store_true", help="print the capacity plan (as `aidc plan`) for "
+                            "cluster.yaml, start nothing")
     if extra_args:
         extra_args(parser)
     args = parser.parse_args(argv)
@@ -46,6 +50,8 @@ def run_job(
         cfg = load_config(args.config, args.overrides)
         if check:
             check(cfg)
+        if plan and args.plan:
+            return plan(cfg)
         if args.dry_run:
             print(to_yaml(cfg), end="")
             if dry_run:

@@ -1,0 +1,200 @@
+"""Calibrate the capacity planner (aidc.plan) against real training steps, and compare its predictions.
+
+    python -m benchmarks.plan_calibrate [--quick] [--steps 6] [--no-record]
+
+Each case - a shipped job config, some with overrides (activation checkpointing, a wider GPT) - runs in a
+fresh process: the job's own model (built as training builds it), AdamW, the precision the job resolves on
+this device, random inputs of the dataset's shapes, a few optimizer steps. Measured: peak memory (CUDA max
+allocated on a GPU; on CPU the process's peak RSS rise over its RSS just before the model was built) and the
+median step time. The planner's prediction for the same job on this device goes beside it.
+
+The measured efficiency (MFU: the planner's FLOPs over step time x peak FLOP/s, median over the cases) is
+recorded in `<storage root>/plan/calibration.json` under the device's name; `aidc plan` and `jobs.train` use
+it from then on instead of the default. Prints one JSON object: the cases and the recorded efficiency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks.common import ROOT
+
+CASES = [
+    ("digits", []),
+    ("mnist", []),
+    ("sms-spam", []),
+    ("shakespeare-gpt", []),
+    ("shakespeare-gpt", ["model.activation_checkpointing=true"]),
+    ("shakespeare-gpt", ["model.d_model=512", "model.heads=8", "model.layers=6", "data.text.block_size=256",
+                         "train.batch_size=16"]),
+    ("shakespeare-gpt", ["model.d_model=512", "model.heads=8", "model.layers=6", "data.text.block_size=256",
+                         "train.batch_size=16", "model.activation_checkpointing=true"]),
+]
+QUICK = [CASES[0], CASES[3]]
+
+
+def _inputs(shape_inputs, features: dict, device):
+    import torch
+
+    out = []
+    for t in shape_inputs:
+        if t is None:
+            out.append(None)
+        elif t.dtype == torch.long:
+            high = features.get("vocab_size") or features.get("num_users") or 2
+            out.append(torch.randint(0, high, tuple(t.shape), device=device))
+        else:
+            out.append(torch.randn(tuple(t.shape), device=device))
+    return tuple(out)
+
+
+def _reset_peak() -> None:
+    """Linux: reset the process's peak RSS (VmHWM) to its current RSS, so imports' peaks do not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def run_one(config: str, overrides: list[str], steps: int) -> dict:
+    """In this (fresh) process: train `steps` optimizer steps; measured and predicted figures."""
+    import psutil
+    import torch
+
+    from aidc import plan
+    from aidc.config import load_config
+    from aidc.tasks import get_task
+    from aidc.train.parallel import autocast, resolve_precision
+
+    cfg = load_config(str(ROOT / "jobs" / "configs" / f"{config}.yaml"), overrides)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    features = plan._features(cfg)
+    dev = plan.local_device(1, cfg.resources.cpus_per_worker)
+    shape = plan.model_shape(cfg, dev.kind)
+    predicted = plan.plan_for(cfg.model_copy(update={"resources": cfg.resources.model_copy(
+        update={"num_workers": 1})}), shape, dev, mfu=1.0)  # mfu 1: compute_s is FLOPs / peak
+    precision = resolve_precision(cfg.train.precision, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak()
+        base = psutil.Process().memory_info().rss
+    model = get_task(cfg.task).build_model(cfg.model.model_dump(mode="json"), features).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sample = plan._sample_inputs(features, cfg.task, cfg.train.batch_size)
+    times = []
+    for _ in range(steps):
+        inputs = _inputs(sample, features, device)
+        t = time.perf_counter()
+        with autocast(precision, device):
+            out = model(*inputs)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = out.float().logsumexp(-1).mean() if out.dim() > 1 else out.float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base + plan.GPU_FRAMEWORK_GIB * plan.GIB
+    else:
+        peak = _peak_rss() - base
+    step_s = statistics.median(times[2:] or times)
+    ckpt = getattr(cfg.model, "activation_checkpointing", False)
+    flops, ops = (shape.flops_ckpt, shape.ops_ckpt) if ckpt else (shape.flops, shape.ops)
+    peak_flops = (dev.tflops.get(plan._precision(cfg, dev)) or dev.tflops["fp32"]) * 1e12
+    return {"config": config, "overrides": overrides, "device": plan.calibration_key(dev), "precision": precision,
+            "params": shape.params, "measured_peak_gib": round(peak / plan.GIB, 4),
+            "predicted_peak_gib": round(predicted.memory.total / plan.GIB, 4),
+            "memory_ratio": round(predicted.memory.total / peak, 3) if peak > 0 else None,
+            "measured_step_ms": round(step_s * 1000, 2), "flops_per_step": flops, "ops_per_step": ops,
+            "traffic_bytes": shape.saved_fp32 * (2 if ckpt else 1), "peak_flops": peak_flops}
+
+
+def framework_rise(steps: int) -> float:
+    """GiB a training step of a trivial model raises this process's memory by: the framework's own share."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return 0.0  # the CUDA context is outside torch's allocator statistics: the planner's default stands
+    _reset_peak()
+    base = psutil.Process().memory_info().rss
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(steps):
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (_peak_rss() - base) / 2**30
+
+
+def fit_step_time(rows: list[dict]) -> tuple[float, float, float]:
+    """Least squares on relative error of step = ops x per_op + FLOPs / (peak x mfu) + traffic / bandwidth:
+    (per_op_us, mfu, memory_gbps)."""
+    import numpy as np
+
+    t = np.array([r["measured_step_ms"] / 1000 for r in rows])
+    a = np.array([[r["ops_per_step"], r["flops_per_step"] / r["peak_flops"], r["traffic_bytes"]] for r in rows])
+    coef, *_ = np.linalg.lstsq(a / t[:, None], np.ones(len(rows)), rcond=None)
+    per_op, inv_mfu, inv_bw = (max(float(c), 1e-12) for c in coef)
+    return per_op * 1e6, min(1.0, 1.0 / inv_mfu), 1.0 / inv_bw / 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="two cases, two steps after warm-up (a smoke run)")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--no-record", action="store_true", help="do not write the measured efficiency")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case in this process
+    args = p.parse_args(argv)
+    if args.one:
+        config, overrides = json.loads(args.one)
+        out = {"framework_gib": framework_rise(args.steps)} if config == "framework" else run_one(
+            config, overrides, args.steps)
+        print(json.dumps(out))
+        return 0
+    cases = QUICK if args.quick else CASES
+    steps = 4 if args.quick else args.steps
+    rows = []
+    for config, overrides in [("framework", []), *cases]:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_calibrate", "--steps", str(steps), "--one",
+                               json.dumps([config, overrides])], cwd=ROOT, capture_output=True, text=True,
+                              timeout=900)
+        if proc.returncode != 0:
+            raise SystemExit(f"{config} {overrides}: {proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    framework = rows.pop(0)["framework_gib"]
+    per_op_us, mfu, gbps = fit_step_time(rows)
+    for r in rows:
+        r["predicted_step_ms"] = round((r["ops_per_step"] * per_op_us / 1e6 + r["flops_per_step"] / (
+            r["peak_flops"] * mfu) + r["traffic_bytes"] / (gbps * 1e9)) * 1000, 2)
+        r["step_ratio"] = round(r["predicted_step_ms"] / r["measured_step_ms"], 3)
+    device = rows[0]["device"]
+    out = {"cases": rows, "device": device, "mfu": round(mfu, 4), "per_op_us": round(per_op_us, 3),
+           "memory_gbps": round(gbps, 3),
+           "framework_gib": round(framework, 4)}
+    if not args.no_record:
+        from aidc.plan import record_calibration
+
+        record = {"mfu": out["mfu"], "per_op_us": out["per_op_us"], "memory_gbps": out["memory_gbps"]}
+        if device == "cpu":
+            record["framework_gib"] = out["framework_gib"]
+        out["recorded_in"] = record_calibration(device, **record)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
