@@ -7,15 +7,18 @@ Memory per worker, from the model built on the meta device (no memory, no weight
 - gradients: fp32, sharded under FSDP2; DDP adds its bucket copy of them;
 - optimizer state: AdamW's two fp32 moments per parameter, sharded under FSDP2;
 - activations: what autograd saves for backward in one micro-batch, counted by autograd itself on the
-  meta device (`saved_tensors_hooks`), attention counted as a fused kernel saves it (q, k, v, output - no
-  seq x seq matrix), halved at 16-bit precision; with activation checkpointing a block keeps only its input
-  and one block's activations live during its recompute;
-- framework: the CUDA context and allocator reserve on a GPU (calibrated), nothing on CPU (the figure is
-  the process's peak RSS rise).
+  meta device (`saved_tensors_hooks`; weights excluded), attention as the device's kernel saves it (a fused
+  kernel: q, k, v, output; CPU with attention dropout runs the math path and keeps the seq x seq weights),
+  plus backward's working set (two blocks' activation gradients), halved at 16-bit precision; with
+  activation checkpointing a block keeps only its input, and one block is live again in its recompute;
+- framework: the CUDA context and allocator reserve on a GPU, a first step's own rise on CPU (calibrated;
+  on CPU the figure is the process's peak RSS rise over its RSS before the model was built).
 
-Step time: training FLOPs (6 per parameter per token, 8 with activation checkpointing, plus attention)
-over the device's peak FLOP/s at the precision times a measured efficiency (MFU), plus the gradient
-all-reduce (DDP) or all-gather + reduce-scatter (FSDP2) over the interconnect, not overlapped (an upper
+Step time: aten operators x a per-operator cost (eager dispatch, kernel launch) + FLOPs (torch's
+FlopCounterMode, forward + backward; checkpointing adds a forward) over the device's peak FLOP/s at the
+precision times an efficiency (MFU) + activation bytes written and read over an effective memory bandwidth
+- the three coefficients fitted by `benchmarks.plan_calibrate` per device kind - plus the gradient
+all-reduce (DDP) or all-gathers + reduce-scatter (FSDP2) over the interconnect, not overlapped (an upper
 bound). Devices come from `aidc.io/*` node labels in cluster.yaml (Ray node labels: strings) or, where
 absent, from the catalogue below keyed by the accelerator (label `aidc.io/accelerator`, else the
 instance type).
