@@ -154,7 +154,8 @@ def fit_step_time(rows: list[dict]) -> tuple[float, float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="two cases, two steps after warm-up (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="two cases, two steps after warm-up (a smoke run; "
+                   "records nothing: two cases cannot fit three coefficients)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--no-record", action="store_true", help="do not write the measured efficiency")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case in this process
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     out = {"cases": rows, "device": device, "mfu": round(mfu, 4), "per_op_us": round(per_op_us, 3),
            "memory_gbps": round(gbps, 3),
            "framework_gib": round(framework, 4)}
-    if not args.no_record:
+    if not (args.no_record or args.quick):
         from aidc.plan import record_calibration
 
         record = {"mfu": out["mfu"], "per_op_us": out["per_op_us"], "memory_gbps": out["memory_gbps"]}
