@@ -64,31 +64,14 @@ def _peak_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def run_one(config: str, overrides: list[str], steps: int) -> dict:
-    """In this (fresh) process: train `steps` optimizer steps; measured and predicted figures."""
-    import psutil
+def _train(cfg, features: dict, device, precision: str, steps: int) -> list[float]:
+    """The job's model, AdamW, random inputs of the dataset's shapes: `steps` optimizer steps; their times."""
     import torch
 
     from aidc import plan
-    from aidc.config import load_config
     from aidc.tasks import get_task
-    from aidc.train.parallel import autocast, resolve_precision
+    from aidc.train.parallel import autocast
 
-    cfg = load_config(str(ROOT / "jobs" / "configs" / f"{config}.yaml"), overrides)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    features = plan._features(cfg)
-    dev = plan.local_device(1, cfg.resources.cpus_per_worker)
-    shape = plan.model_shape(cfg, dev.kind)
-    predicted = plan.plan_for(cfg.model_copy(update={"resources": cfg.resources.model_copy(
-        update={"num_workers": 1})}), shape, dev, mfu=1.0)  # mfu 1: compute_s is FLOPs / peak
-    precision = resolve_precision(cfg.train.precision, device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak()
-        base = psutil.Process().memory_info().rss
     model = get_task(cfg.task).build_model(cfg.model.model_dump(mode="json"), features).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sample = plan._sample_inputs(features, cfg.task, cfg.train.batch_size)
@@ -103,9 +86,59 @@ def run_one(config: str, overrides: list[str], steps: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    return times
+
+
+def _vm_data() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+
+
+def run_one(config: str, overrides: list[str], steps: int, cap_gib: float | None = None) -> dict:
+    """In this (fresh) process: train `steps` optimizer steps; measured and predicted figures.
+
+    cap_gib (CPU): first cap this process's data memory (RLIMIT_DATA: heap and private mappings, where
+    PyTorch's CPU tensors live) at what it uses now plus cap_gib - a worker on a device of that size - and
+    report whether training ran out of memory (`oom`) instead of measuring it."""
+    import psutil
+    import torch
+
+    from aidc import plan
+    from aidc.config import load_config
+    from aidc.train.parallel import resolve_precision
+
+    cfg = load_config(str(ROOT / "jobs" / "configs" / f"{config}.yaml"), overrides)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    features = plan._features(cfg)
+    dev = plan.local_device(1, cfg.resources.cpus_per_worker)
+    shape = plan.model_shape(cfg, dev.kind)
+    predicted = plan.plan_for(cfg.model_copy(update={"resources": cfg.resources.model_copy(
+        update={"num_workers": 1})}), shape, dev, mfu=1.0)
+    precision = resolve_precision(cfg.train.precision, device)
+    if cap_gib is not None:
+        import resource
+
+        limit = _vm_data() + int(cap_gib * plan.GIB)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+        result = {"predicted_peak_gib": round(predicted.memory.total / plan.GIB, 4), "cap_gib": cap_gib}
+        try:
+            _train(cfg, features, device, precision, steps)
+        except (MemoryError, RuntimeError) as exc:
+            if "memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
+                raise
+            return {**result, "oom": True, "error": str(exc).splitlines()[0][:200]}
+        return {**result, "oom": False}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak()
+        base = psutil.Process().memory_info().rss
+    times = _train(cfg, features, device, precision, steps)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base + plan.GPU_FRAMEWORK_GIB * plan.GIB
     else:
@@ -161,9 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case in this process
     args = p.parse_args(argv)
     if args.one:
-        config, overrides = json.loads(args.one)
+        config, overrides, *cap = json.loads(args.one)
         out = {"framework_gib": framework_rise(args.steps)} if config == "framework" else run_one(
-            config, overrides, args.steps)
+            config, overrides, args.steps, *cap)
         print(json.dumps(out))
         return 0
     cases = QUICK if args.quick else CASES

@@ -44,3 +44,38 @@ def test_jobs_train_refuses_a_job_that_cannot_fit_before_any_worker_starts(ray_s
     assert not (tmp_path / "runs").exists()  # refused before Ray Train made anything
     plan = subprocess.run(args + ["--plan"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0 and "DOES NOT FIT" in plan.stdout and "fix: " in plan.stdout, plan.stdout
+
+
+def test_does_not_fit_is_a_real_out_of_memory_and_the_named_fix_runs(tmp_path, monkeypatch):
+    """A worker whose memory is capped (RLIMIT_DATA, where PyTorch's CPU tensors live) between the planner's
+    two predictions: the job as configured is predicted not to fit and really runs out of memory; the fix the
+    planner names (activation checkpointing) is predicted to fit and trains under the same cap."""
+    import dataclasses
+    import json
+
+    from aidc import plan
+    from aidc.config import load_config
+
+    monkeypatch.setenv("AIDC_STORAGE", str(tmp_path))
+    base = ["model.d_model=256", "model.heads=4", "model.layers=8", "data.text.block_size=256",
+            "train.batch_size=16", "model.dropout=0.0", "resources.num_workers=1"]
+    cfg = load_config(CONFIGS / "shakespeare-gpt.yaml", base)
+    fixed_cfg = load_config(CONFIGS / "shakespeare-gpt.yaml", base + ["model.activation_checkpointing=true"])
+    dev = plan.local_device(1, 1.0)
+    unfit = plan.plan_for(cfg, plan.model_shape(cfg, "cpu"), dev, headroom=0).memory.total
+    fit = plan.plan_for(fixed_cfg, plan.model_shape(fixed_cfg, "cpu"), dev, headroom=0).memory.total
+    cap_gib = (unfit + fit) / 2 / plan.GIB
+    capped = dataclasses.replace(dev, memory_gib=cap_gib)
+    plans = plan.make_plans(cfg, devs=[capped], headroom=0)
+    assert not plans[0].fits and plans[0].fixes[0] == "--set model.activation_checkpointing=true", plans[0].fixes
+
+    def run(overrides):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.plan_calibrate", "--steps", "2", "--one",
+                              json.dumps(["shakespeare-gpt", overrides, cap_gib])], cwd=REPO,
+                             env={**os.environ, "AIDC_STORAGE": str(tmp_path)}, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run(base)["oom"] is True
+    assert run(base + ["model.activation_checkpointing=true"])["oom"] is False
