@@ -8,15 +8,21 @@ this device, random inputs of the dataset's shapes, a few optimizer steps. Measu
 allocated on a GPU; on CPU the process's peak RSS rise over its RSS just before the model was built) and the
 median step time. The planner's prediction for the same job on this device goes beside it.
 
-The measured efficiency (MFU: the planner's FLOPs over step time x peak FLOP/s, median over the cases) is
-recorded in `<storage root>/plan/calibration.json` under the device's name; `aidc plan` and `jobs.train` use
-it from then on instead of the default. Prints one JSON object: the cases and the recorded efficiency.
+Memory is also checked for 2 workers on this host (gloo), DDP and FSDP2, with and without activation
+checkpointing: each rank measures itself, the largest peak is set beside the planner's per-worker figure.
+
+The step-time model's three coefficients (per-operator cost, efficiency (MFU) against the device's peak
+FLOP/s, effective bandwidth of activation traffic) are fitted to the single-worker cases by least squares
+on relative error, and recorded with the framework's own memory in `<storage root>/plan/calibration.json`
+under the device's kind; `aidc plan` and `jobs.train` use them from then on instead of the defaults.
+Prints one JSON object: every case, predicted beside measured, and what was recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,6 +42,11 @@ CASES = [
                          "train.batch_size=16", "model.activation_checkpointing=true"]),
 ]
 QUICK = [CASES[0], CASES[3]]
+# Memory only (gloo's communication on one host says nothing of a cluster's): 2 workers, DDP and FSDP2.
+_MID = ["model.d_model=256", "model.heads=4", "model.layers=8", "data.text.block_size=256", "train.batch_size=16",
+        "model.dropout=0.0", "resources.num_workers=2"]
+DIST_CASES = [("shakespeare-gpt", _MID + [f"train.parallelism={p}"] + ckpt) for p in ("ddp", "fsdp")
+              for ckpt in ([], ["model.activation_checkpointing=true"])]
 
 
 def _inputs(shape_inputs, features: dict, device):
@@ -73,6 +84,15 @@ def _train(cfg, features: dict, device, precision: str, steps: int) -> list[floa
     from aidc.train.parallel import autocast
 
     model = get_task(cfg.task).build_model(cfg.model.model_dump(mode="json"), features).to(device).train()
+    if torch.distributed.is_initialized():  # as aidc.train.parallel wraps it: DDP, or FSDP2 per block then root
+        if cfg.train.parallelism == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sample = plan._sample_inputs(features, cfg.task, cfg.train.batch_size)
     times = []
@@ -90,6 +110,28 @@ def _train(cfg, features: dict, device, precision: str, steps: int) -> list[floa
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return times
+
+
+def _spawn_ranks(config: str, overrides: list[str], steps: int, world: int) -> dict:
+    """A distributed case: `world` processes on this host (gloo), each measuring itself; the largest peak."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.plan_calibrate", "--steps", str(steps), "--one",
+                               json.dumps([config, overrides])], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(world),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(world)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise SystemExit(f"{config} {overrides}: a rank failed: {err[-2000:]}")
+    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    top = max(ranks, key=lambda r: r["measured_peak_gib"])
+    return {**top, "workers": world, "measured_peak_gib_per_rank": [r["measured_peak_gib"] for r in ranks],
+            "memory_ratio": round(top["predicted_peak_gib"] / top["measured_peak_gib"], 3)}
 
 
 def _vm_data() -> int:
@@ -111,13 +153,18 @@ def run_one(config: str, overrides: list[str], steps: int, cap_gib: float | None
     from aidc.train.parallel import resolve_precision
 
     cfg = load_config(str(ROOT / "jobs" / "configs" / f"{config}.yaml"), overrides)
+    world = plan._workers(cfg)
+    if world > 1 and "RANK" not in os.environ:
+        return _spawn_ranks(config, overrides, steps, world)
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.distributed.init_process_group("gloo")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     features = plan._features(cfg)
-    dev = plan.local_device(1, cfg.resources.cpus_per_worker)
+    dev = plan.local_device(world, cfg.resources.cpus_per_worker)
     shape = plan.model_shape(cfg, dev.kind)
-    predicted = plan.plan_for(cfg.model_copy(update={"resources": cfg.resources.model_copy(
-        update={"num_workers": 1})}), shape, dev, mfu=1.0)
+    predicted = plan.plan_for(cfg, shape, dev, mfu=1.0)
     precision = resolve_precision(cfg.train.precision, device)
     if cap_gib is not None:
         import resource
@@ -209,6 +256,14 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             raise SystemExit(f"{config} {overrides}: {proc.stderr[-2000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    dist = []
+    for config, overrides in ([] if args.quick else DIST_CASES):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_calibrate", "--steps", str(steps), "--one",
+                               json.dumps([config, overrides])], cwd=ROOT, capture_output=True, text=True,
+                              timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"{config} {overrides}: {proc.stderr[-2000:]}")
+        dist.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     framework = rows.pop(0)["framework_gib"]
     per_op_us, mfu, gbps = fit_step_time(rows)
     for r in rows:
@@ -216,7 +271,10 @@ def main(argv=None) -> int:
             r["peak_flops"] * mfu) + r["traffic_bytes"] / (gbps * 1e9)) * 1000, 2)
         r["step_ratio"] = round(r["predicted_step_ms"] / r["measured_step_ms"], 3)
     device = rows[0]["device"]
-    out = {"cases": rows, "device": device, "mfu": round(mfu, 4), "per_op_us": round(per_op_us, 3),
+    out = {"cases": rows, "distributed_memory": [{k: r[k] for k in ("overrides", "workers", "measured_peak_gib",
+                                                                    "measured_peak_gib_per_rank",
+                                                                    "predicted_peak_gib", "memory_ratio")}
+                                                  for r in dist], "device": device, "mfu": round(mfu, 4), "per_op_us": round(per_op_us, 3),
            "memory_gbps": round(gbps, 3),
            "framework_gib": round(framework, 4)}
     if not (args.no_record or args.quick):
