@@ -294,6 +294,24 @@ def _flops(model, inputs: tuple) -> tuple[float, int]:
 
 # --- the cluster's devices ------------------------------------------------------------------------------------
 
+def catalogue_name(text: str, memory_gib: float | None = None) -> str | None:
+    """The catalogue's entry for a GPU name as Ray ("A100", "H200") or CUDA ("NVIDIA A100-SXM4-80GB") gives it.
+    Several sizes of one model: the one the name or `memory_gib` says, else the smallest (a plan that refuses
+    is safer than one that lets a job run out of memory)."""
+    import re
+
+    t = text.upper()
+    found = [n for n in ACCELERATORS if re.search(rf"(?<![A-Z0-9]){n.split('-')[0]}(?![A-Z0-9])", t)]
+    if len(found) > 1:
+        sized = [n for n in found if "-" in n and n.split("-")[1].rstrip("B") in t]
+        if sized:
+            return sized[0]
+        if memory_gib is not None:
+            return min(found, key=lambda n: abs(ACCELERATORS[n]["memory_gib"] - memory_gib))
+        return min(found, key=lambda n: ACCELERATORS[n]["memory_gib"])
+    return found[0] if found else None
+
+
 def _accelerator(spec: dict) -> str | None:
     labels = spec.get("labels") or {}
     if labels.get(LABEL + "accelerator"):
@@ -360,7 +378,7 @@ def local_device(workers: int, workers_cpus: float) -> Device:
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        name = next((k for k in ACCELERATORS if k.split("-")[0] in props.name), props.name)
+        name = catalogue_name(props.name, props.total_memory / GIB) or props.name
         base = ACCELERATORS.get(name, {"tflops": {"fp32": 20.0, "bf16": 100.0}, "link_gbps": 16.0, "watts": 300.0})
         return Device("local", "gpu", name, props.total_memory / GIB, base["tflops"], base["link_gbps"],
                       NETWORK_GBPS, base["watts"], torch.cuda.device_count())
@@ -384,7 +402,7 @@ def running_cluster_devices(cfg) -> list[Device]:
             return [local_device(_workers(cfg), cfg.resources.cpus_per_worker)] if _local_cuda() else []
         out = []
         for kind in kinds:
-            name = next((n for n in ACCELERATORS if n.split("-")[0].upper() == kind.upper()), None)
+            name = catalogue_name(kind)
             if name:
                 base = ACCELERATORS[name]
                 out.append(Device("cluster", "gpu", name, base["memory_gib"], base["tflops"], base["link_gbps"],

@@ -157,3 +157,11 @@ def test_calibration_is_recorded_and_used(tmp_path):
     finally:
         os.environ.pop("AIDC_STORAGE") if old is None else os.environ.__setitem__("AIDC_STORAGE", old)
     assert after.step_s > before.step_s * 2 and after.memory.framework == 0.5 * GIB
+
+
+def test_gpu_names_as_ray_and_cuda_give_them_map_to_the_catalogue():
+    assert plan.catalogue_name("NVIDIA A100-SXM4-80GB") == "A100-80GB"
+    assert plan.catalogue_name("A100") == "A100-40GB"  # Ray's name says no size: the smaller, refusing safely
+    assert plan.catalogue_name("A100", memory_gib=79.0) == "A100-80GB"
+    assert plan.catalogue_name("NVIDIA H200") == "H200" and plan.catalogue_name("H100") == "H100-80GB"
+    assert plan.catalogue_name("NVIDIA L40S") is None and plan.catalogue_name("L4") == "L4"  # no prefix match
