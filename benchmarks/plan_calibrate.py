@@ -249,9 +249,9 @@ def main(argv=None) -> int:
     cases = QUICK if args.quick else CASES
     steps = 4 if args.quick else args.steps
     rows = []
-    for config, overrides in [("framework", []), *cases]:
+    for config, overrides in [("framework", []), *cases]:  # one worker each: the step-time fit's cases
         proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_calibrate", "--steps", str(steps), "--one",
-                               json.dumps([config, overrides])], cwd=ROOT, capture_output=True, text=True,
+                               json.dumps([config, ["resources.num_workers=1", *overrides]])], cwd=ROOT, capture_output=True, text=True,
                               timeout=900)
         if proc.returncode != 0:
             raise SystemExit(f"{config} {overrides}: {proc.stderr[-2000:]}")
