@@ -335,6 +335,15 @@ def _num(labels: dict, key: str, default, node_type: str):
         raise ConfigError(f"node type {node_type}: label {LABEL}{key}={raw!r} is not a number") from None
 
 
+def _cpu_device(node_type: str, cpus: float, memory_gib: float, per_node: int, network_gbps: float = NETWORK_GBPS,
+                watts: float | None = None, price: float | None = None) -> Device:
+    """A worker's share of a CPU node: its cores and RAM divided among the `per_node` workers it holds."""
+    cores = cpus / per_node
+    return Device(node_type, "cpu", f"{cores:g} CPU", memory_gib / per_node,
+                  {p: g * cores / 1000 for p, g in CPU_GFLOPS_PER_CORE.items()}, 20.0, network_gbps,
+                  10.0 * cores if watts is None else watts, per_node, price)
+
+
 def devices(raw_cluster: dict, workers_cpus: float, use_gpu) -> list[Device]:
     """The worker devices each node type offers a job (GPUs, or CPU nodes when the job runs on CPUs)."""
     out = []
@@ -361,11 +370,8 @@ def devices(raw_cluster: dict, workers_cpus: float, use_gpu) -> list[Device]:
         elif use_gpu is not True and name != head and res.get("CPU"):
             cpus = float(res["CPU"])
             per_node = max(1, int(cpus // max(workers_cpus, 1e-9)))
-            mem = float(res.get("memory", cpus * 4 * GIB)) / GIB / per_node
-            cores = cpus / per_node
-            out.append(Device(name, "cpu", f"{cores:g} CPU", mem,
-                              {p: g * cores / 1000 for p, g in CPU_GFLOPS_PER_CORE.items()}, 20.0, network,
-                              _num(labels, "device-watts", 10.0 * cores, name), per_node, price))
+            out.append(_cpu_device(name, cpus, float(res.get("memory", cpus * 4 * GIB)) / GIB, per_node, network,
+                                   _num(labels, "device-watts", None, name), price))
     return out
 
 
@@ -382,11 +388,7 @@ def local_device(workers: int, workers_cpus: float) -> Device:
         base = ACCELERATORS.get(name, {"tflops": {"fp32": 20.0, "bf16": 100.0}, "link_gbps": 16.0, "watts": 300.0})
         return Device("local", "gpu", name, props.total_memory / GIB, base["tflops"], base["link_gbps"],
                       NETWORK_GBPS, base["watts"], torch.cuda.device_count())
-    cores = os.cpu_count() or 1
-    per_node = max(1, workers)
-    return Device("local", "cpu", f"{cores / per_node:g} CPU", psutil.virtual_memory().total / GIB / per_node,
-                  {p: g * cores / per_node / 1000 for p, g in CPU_GFLOPS_PER_CORE.items()}, 20.0, NETWORK_GBPS,
-                  10.0 * cores / per_node, per_node)
+    return _cpu_device("local", float(os.cpu_count() or 1), psutil.virtual_memory().total / GIB, max(1, workers))
 
 
 def running_cluster_devices(cfg) -> list[Device]:
@@ -416,11 +418,9 @@ def running_cluster_devices(cfg) -> list[Device]:
     per_node = max(1, min(_workers(cfg), int(cpus // max(cfg.resources.cpus_per_worker, 1e-9)) or 1))
     import psutil
 
+    # Ray's `memory` resource is 70 % of a node's RAM by default; this node's own RAM when it is the only one
     ram = psutil.virtual_memory().total if len(nodes) == 1 else node["Resources"].get("memory", 0) / 0.7
-    cores = cpus / per_node
-    return [Device("cluster", "cpu", f"{cores:g} CPU", ram / GIB / per_node,
-                   {p: g * cores / 1000 for p, g in CPU_GFLOPS_PER_CORE.items()}, 20.0, NETWORK_GBPS,
-                   10.0 * cores, per_node)]
+    return [_cpu_device("cluster", cpus, ram / GIB, per_node)]
 
 
 def _local_cuda() -> bool:
