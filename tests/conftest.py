@@ -33,6 +33,11 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 if not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN"):
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(tempfile.mkdtemp(prefix="aidc-test-token-")) / "auth_token")
 
+# Nor ~/.cache/aidc: the per-test fixture below sets AIDC_CACHE for each test, but a Ray started by a
+# session- or package-scoped fixture keeps the environment it started with, and its Ray Data workers made
+# ~/.cache/aidc/datasets/<name> folders in the real home (found after a full run on a fresh machine).
+os.environ.setdefault("AIDC_CACHE", tempfile.mkdtemp(prefix="aidc-test-cache-"))
+
 
 def free_port() -> int:
     with socket.socket() as s:
