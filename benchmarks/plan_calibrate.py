@@ -161,7 +161,7 @@ def run_one(config: str, overrides: list[str], steps: int, cap_gib: float | None
         torch.distributed.init_process_group("gloo")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    features = plan._features(cfg)
+    features = plan._features(cfg, plan._manifest(cfg))
     dev = plan.local_device(world, cfg.resources.cpus_per_worker)
     shape = plan.model_shape(cfg, dev.kind)
     predicted = plan.plan_for(cfg, shape, dev, mfu=1.0)

@@ -136,17 +136,26 @@ class Shape:
 
 # --- the model's shape --------------------------------------------------------------------------------------
 
-def _features(cfg) -> dict:
+def _manifest(cfg) -> dict | None:
+    """The job's preprocessed dataset's manifest (features, counts), or None before preprocessing."""
     from aidc import storage
     from aidc.data.dataset import open_dataset
-    from aidc.data.sources import SOURCES
     from aidc.errors import DataError
-    from aidc.tasks import get_task
 
     try:
-        return open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version).manifest()["features"]
+        return open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version).manifest()
     except DataError:
-        pass
+        return None
+
+
+def _features(cfg, manifest: dict | None) -> dict:
+    """The features that size the model: the dataset's (its `manifest`), else what the config and the source
+    say."""
+    from aidc.data.sources import SOURCES
+    from aidc.tasks import get_task
+
+    if manifest is not None:
+        return manifest["features"]
     # before preprocessing: what the config and the source's fixed shapes say (a char vocabulary: bytes)
     text = cfg.data.text
     if cfg.task == "language_model":
@@ -236,14 +245,14 @@ def _saved_bytes(model, inputs: tuple, kind: str) -> float:
     return float(sum(saved.values()))
 
 
-def model_shape(cfg, kind: str = "cpu") -> Shape:
+def model_shape(cfg, kind: str = "cpu", features: dict | None = None) -> Shape:
     """Parameters, saved activations and FLOPs of the job's model on a `kind` ("cpu"/"gpu") device, built on
-    the meta device (nothing allocated)."""
+    the meta device (nothing allocated). `features`: the model's sizes, when the caller has them."""
     import torch
 
     from aidc.tasks import get_task
 
-    features = _features(cfg)
+    features = features if features is not None else _features(cfg, _manifest(cfg))
     task = get_task(cfg.task)
     model_cfg = cfg.model.model_dump(mode="json")
     with torch.device("meta"):
@@ -456,9 +465,9 @@ def plan_for(cfg, shape: Shape, device: Device, *, headroom: float = 0.1, train_
     workers = _workers(cfg)
     precision = _precision(cfg, device)
     ckpt = bool(getattr(cfg.model, "activation_checkpointing", False))
-    framework = framework_bytes(device)
+    coef = coefficients(device)
     mem = memory(shape, workers=workers, parallelism=cfg.train.parallelism, precision=precision,
-                 checkpointing=ckpt, framework_bytes=framework)
+                 checkpointing=ckpt, framework_bytes=coef["framework_bytes"])
     micro = cfg.train.batch_size
     per_step = micro * cfg.train.grad_accum_steps  # samples per optimizer step per worker
     tokens = per_step * shape.tokens_per_sample
@@ -466,8 +475,8 @@ def plan_for(cfg, shape: Shape, device: Device, *, headroom: float = 0.1, train_
     ops = (shape.ops_ckpt if ckpt else shape.ops) * cfg.train.grad_accum_steps
     peak = device.tflops.get(precision) or device.tflops.get("fp32") or 1.0
     traffic = shape.saved_fp32 * (2 if ckpt else 1) * cfg.train.grad_accum_steps  # activations written + read
-    compute = (ops * per_op_s(device) + flops / (peak * 1e12 * (mfu or calibrated_mfu(device)))
-               + traffic / (memory_gbps(device) * 1e9))
+    compute = (ops * coef["per_op_s"] + flops / (peak * 1e12 * (mfu or coef["mfu"]))
+               + traffic / (coef["memory_gbps"] * 1e9))
     nodes = math.ceil(workers / device.per_node)
     bw = (device.link_gbps if nodes == 1 else min(device.link_gbps, device.network_gbps)) * 1e9
     ring = 2 * (workers - 1) / workers if workers > 1 else 0.0
@@ -512,21 +521,15 @@ def calibration(device: Device, storage_root: str | None = None) -> dict:
     return table.get(calibration_key(device)) or {}
 
 
-def calibrated_mfu(device: Device) -> float:
-    return float(calibration(device).get("mfu") or DEFAULT_MFU[device.kind])
-
-
-def per_op_s(device: Device) -> float:
-    return float(calibration(device).get("per_op_us") or DEFAULT_PER_OP_US[device.kind]) / 1e6
-
-
-def memory_gbps(device: Device) -> float:
-    return float(calibration(device).get("memory_gbps") or DEFAULT_MEMORY_GBPS[device.kind])
-
-
-def framework_bytes(device: Device) -> float:
-    default = GPU_FRAMEWORK_GIB if device.kind == "gpu" else CPU_FRAMEWORK_GIB
-    return float(calibration(device).get("framework_gib") or default) * GIB
+def coefficients(device: Device) -> dict:
+    """The step-time and memory coefficients for this kind of device: what benchmarks.plan_calibrate recorded
+    (one read of the calibration file), else the defaults. Keys: mfu, per_op_s, memory_gbps, framework_bytes."""
+    cal = calibration(device)
+    framework_gib = GPU_FRAMEWORK_GIB if device.kind == "gpu" else CPU_FRAMEWORK_GIB
+    return {"mfu": float(cal.get("mfu") or DEFAULT_MFU[device.kind]),
+            "per_op_s": float(cal.get("per_op_us") or DEFAULT_PER_OP_US[device.kind]) / 1e6,
+            "memory_gbps": float(cal.get("memory_gbps") or DEFAULT_MEMORY_GBPS[device.kind]),
+            "framework_bytes": float(cal.get("framework_gib") or framework_gib) * GIB}
 
 
 def record_calibration(key: str, storage_root: str | None = None, **measured) -> str:
@@ -609,15 +612,10 @@ def _override(cfg, overrides: dict):
     return validate(raw)
 
 
-def _train_rows(cfg) -> int | None:
-    from aidc import storage
-    from aidc.data.dataset import open_dataset
-    from aidc.errors import DataError
-
-    try:
-        counts = open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version).manifest()["counts"]
-    except DataError:
+def _train_rows(manifest: dict | None) -> int | None:
+    if manifest is None:
         return None
+    counts = manifest["counts"]
     return counts.get("examples", counts["splits"])["train"]
 
 
@@ -629,20 +627,21 @@ def make_plans(cfg, cluster_path: str | Path | None = None, headroom: float | No
 
     from aidc.cluster import load_cluster_yaml, prepare_and_validate
 
+    manifest = _manifest(cfg)
+    features = _features(cfg, manifest)
+
     @lru_cache(maxsize=None)
     def shape_of_batch(batch_size: int, kind: str) -> Shape:
-        return model_shape(_override(cfg, {"train.batch_size": batch_size}), kind)
+        return model_shape(_override(cfg, {"train.batch_size": batch_size}), kind, features)
 
     def shape_of(c, kind: str) -> Shape:  # the shape depends on the micro-batch and the device kind only
         return shape_of_batch(c.train.batch_size, kind)
 
-    rows = _train_rows(cfg)
+    rows = _train_rows(manifest)
     headroom = cfg.train.plan_headroom if headroom is None else headroom
-    if devs is not None:
-        pass
-    elif cluster_path is None:
+    if devs is None and cluster_path is None:
         devs = [local_device(_workers(cfg), cfg.resources.cpus_per_worker)]
-    else:
+    elif devs is None:
         raw = load_cluster_yaml(cluster_path)
         prepare_and_validate(raw, str(cluster_path))
         devs = devices(raw, cfg.resources.cpus_per_worker, cfg.resources.use_gpu)
