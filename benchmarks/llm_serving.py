@@ -89,7 +89,7 @@ def static_app(args: dict, pad: bool = True, process: bool = False):
                 results.append(o)
             return results
 
-        @api.post("/completions")
+        @api.post("/v1/completions")  # where the llm app has it
         async def completions(self, body: dict) -> dict:
             return await self.run(body)
 
@@ -115,7 +115,7 @@ async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream
             body = {"model": model, **r, "ignore_eos": True, "stream": stream,
                     **({"stream_options": {"include_usage": True}} if stream else {})}
             t0 = time.perf_counter()
-            async with session.post(f"{url}/completions", json=body) as resp:
+            async with session.post(f"{url}/v1/completions", json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 if not stream:
                     out = await resp.json()

@@ -1,7 +1,9 @@
-"""OpenAI-compatible language-model serving (Serve application `llm`, route prefix /v1).
+"""OpenAI-compatible language-model serving (Serve application `llm`, route prefix /, its API under /v1).
 
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/tokenize, POST /v1/detokenize,
-GET /v1/health; the OpenAPI document at /v1/openapi.json. A thin shell: protocol bodies live in
+GET /v1/health; the OpenAPI document at /v1/openapi.json. At the root, as vLLM's server has them (where
+lm-evaluation-harness's `tokenizer_backend=remote` looks): POST /tokenize, POST /detokenize,
+GET /tokenizer_info - `model` optional where the app serves one model. A thin shell: protocol bodies live in
 aidc.serving.openai, the handlers in aidc.serving.lm_server, continuous batching in aidc.serving.engine.
 Serve config: serve_apps/config.yaml (import_path: serve_apps.llm:app_builder).
 No `from __future__ import annotations` here: FastAPI must see real types on Serve ingress methods.
@@ -29,7 +31,8 @@ from aidc.ops.serving import RequestMetrics
 logger = logging.getLogger(__name__)
 ERRORS = {code: {"model": oa.ErrorResponse} for code in (400, 404, 413, 429)}
 
-api = FastAPI(title="aidc LLM", version="1", description="OpenAI-compatible completions and chat completions "
+api = FastAPI(title="aidc LLM", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+              description="OpenAI-compatible completions and chat completions "
               "for language models in the aidc registry, with continuous batching on Ray Serve.")
 
 
@@ -91,7 +94,6 @@ class LLMServer:
     def __init__(self, args: dict):
         self.args = LLMArgs.model_validate(args)
         BodyLimit.max_body_bytes = self.args.max_body_bytes
-        ApiKeyAuth.configure("llm", self.args.auth)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         threads = self.args.torch_threads or max(1, int(cpus))
         torch.set_num_threads(threads)
@@ -104,6 +106,7 @@ class LLMServer:
                                       timeout_s=self.args.request_timeout_s, **extra)
             served[lm.name] = lm
         self.service = LMService(served)
+        ApiKeyAuth.configure("llm", self.args.auth, model=self.service.default)  # a request naming no model
         if self.args.engine_process and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the loaded copies were handed to the engine processes: free them here
 
@@ -116,27 +119,33 @@ class LLMServer:
         for lm in getattr(self, "service", LMService({})).models.values():
             lm.engine.close(join_s=5.0)
 
-    @api.get("/models", response_model=oa.ModelList)
+    @api.get("/v1/models", response_model=oa.ModelList)
     def models(self) -> oa.ModelList:
         return self.service.list_models()
 
-    @api.post("/completions", response_model=oa.CompletionResponse, responses=ERRORS)
+    @api.post("/v1/completions", response_model=oa.CompletionResponse, responses=ERRORS)
     async def completions(self, body: oa.CompletionRequest):
         return _respond(await self.service.completion(body))
 
-    @api.post("/chat/completions", response_model=oa.ChatCompletionResponse, responses=ERRORS)
+    @api.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: oa.ChatCompletionRequest):
         return _respond(await self.service.chat(body))
 
+    @api.post("/v1/tokenize", response_model=oa.TokenizeResponse, responses=ERRORS)
     @api.post("/tokenize", response_model=oa.TokenizeResponse, responses=ERRORS)
     def tokenize(self, body: oa.TokenizeRequest) -> oa.TokenizeResponse:
         return self.service.tokenize(body)
 
+    @api.post("/v1/detokenize", response_model=oa.DetokenizeResponse, responses=ERRORS)
     @api.post("/detokenize", response_model=oa.DetokenizeResponse, responses=ERRORS)
     def detokenize(self, body: oa.DetokenizeRequest) -> oa.DetokenizeResponse:
         return self.service.detokenize(body)
 
-    @api.get("/health", response_model=oa.Health)
+    @api.get("/tokenizer_info", response_model=oa.TokenizerInfo, responses=ERRORS)
+    def tokenizer_info(self) -> oa.TokenizerInfo:
+        return self.service.tokenizer_info(None)
+
+    @api.get("/v1/health", response_model=oa.Health)
     def health(self) -> oa.Health:
         return self.service.health()
 

@@ -63,10 +63,10 @@ def server(root, char_gpt, hf_gpt2):
     uri = tracking_uri(None, root)
     try:
         serve.run(app_builder({"models": [char_gpt[0].ref, hf_gpt2[0]], "tracking_uri": uri, "max_num_seqs": 16,
-                               "max_body_bytes": 200_000}), name="llm", route_prefix="/v1")
+                               "max_body_bytes": 200_000}), name="llm", route_prefix="/")
         busy = LLMServer.options(ray_actor_options={"num_cpus": 0.25}, health_check_period_s=1).bind(
             {"models": [hf_gpt2[0]], "tracking_uri": uri, "max_num_seqs": 1, "max_waiting": 1, "metrics": False})
-        serve.run(busy, name="llm-busy", route_prefix="/busy/v1")
+        serve.run(busy, name="llm-busy", route_prefix="/busy")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -172,6 +172,80 @@ def test_perplexity_through_the_api_equals_offline_test_perplexity(client, char_
             count += len(c.logprobs.token_logprobs) - 1
     assert count == len(blocks) * (len(blocks[0]) - 1)
     assert math.exp(-total / count) == pytest.approx(metrics["test_perplexity"], rel=1e-3)
+
+
+LM_EVAL_TASK = """task: aidc_tiny_perplexity
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {docs}}}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: byte_perplexity
+  - metric: word_perplexity
+"""
+
+
+def test_lm_eval_harness_scores_a_served_model_out_of_the_box(server, char_gpt, root, tmp_path, api_key):
+    """The README's lm_eval command, unchanged: `local-completions` with `tokenizer_backend=remote` (vLLM's
+    root /tokenizer_info, /tokenize, /detokenize, keys on) on an app serving one model. Its byte perplexity
+    equals scoring the same documents directly (each after <eos>, as lm-eval's rolling windows are) - so the
+    <eos> it asks the server to tokenize is the real end-of-sequence token, not five characters."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ray import serve
+
+    from serve_apps.llm import LLMServer
+
+    ref, dataset, _ = char_gpt
+    serve.run(LLMServer.options(ray_actor_options={"num_cpus": 0.25}).bind(
+        {"models": [ref.ref], "tracking_uri": tracking_uri(None, root), "max_num_seqs": 4, "metrics": False}),
+        name="llm-one", route_prefix="/one")
+    try:
+        base = f"{server}/one"
+        # the root routes: keys and scopes as on /v1; with one model served `model` may be left out
+        assert requests.get(f"{base}/tokenizer_info", headers={"Authorization": ""}).status_code == 401
+        other = make_key("infer:tiny-gpt2", owner="llm-tests")
+        refused = requests.post(f"{base}/tokenize", json={"prompt": "a"}, headers={"Authorization": f"Bearer {other}"})
+        assert refused.status_code == 403, refused.text
+        info = requests.get(f"{base}/tokenizer_info").json()
+        assert info["eos_token"] == "<eos>" and info["model"] == MODEL and info["model_max_length"] == 128, info
+        eos = requests.post(f"{base}/tokenize", json={"prompt": "<eos>", "add_special_tokens": False}).json()
+        assert eos["tokens"] == [2]
+        # a two-model app cannot guess: 400 naming `model`
+        _error(requests.post(f"{server}/tokenize", json={"prompt": "a"}), 400, "model")
+
+        text = dataset.read_numpy("test")["tokens"][0].tolist()  # a test window, as text
+        detok = requests.post(f"{base}/detokenize", json={"tokens": [t for t in text if t > 2]}).json()["prompt"]
+        docs = [detok[i:i + 90] for i in range(0, 270, 90)]
+        (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(docs=tmp_path / "docs.jsonl"))
+        max_len = requests.get(f"{base}/v1/models").json()["data"][0]["max_model_len"]
+        env = {**os.environ, "OPENAI_API_KEY": api_key, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+               "HF_DATASETS_OFFLINE": "1"}
+        out = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+             f"model={MODEL},base_url={base}/v1/completions,tokenizer_backend=remote,auth_token={api_key},"
+             f"max_length={max_len}", "--tasks", "aidc_tiny_perplexity", "--include_path", str(tmp_path),
+             "--output_path", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+        got = result["results"]["aidc_tiny_perplexity"]["byte_perplexity,none"]
+
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0, timeout=120)
+        ids = [requests.post(f"{base}/tokenize", json={"prompt": d}).json()["tokens"] for d in docs]
+        scored = c.completions.create(model=MODEL, prompt=[[2] + i for i in ids], echo=True, logprobs=0,
+                                      max_tokens=0)
+        total = sum(sum(ch.logprobs.token_logprobs[1:]) for ch in scored.choices)
+        expected = math.exp(-total / sum(len(d.encode()) for d in docs))
+        assert got == pytest.approx(expected, rel=1e-4), (got, expected)
+    finally:
+        serve.delete("llm-one")
 
 
 def test_sixteen_concurrent_streams_match_their_seeded_plain_runs(client):

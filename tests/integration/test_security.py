@@ -74,7 +74,7 @@ def server(models, root):
             {"name": DIGITS, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
              "deployment": {"num_cpus": 0.2}}]}), name="tensors", route_prefix="/v2")
         serve.run(llm({"models": [f"{GPT}@imported"], "tracking_uri": uri, "auth": AUTH, "max_num_seqs": 4}),
-                  name="llm", route_prefix="/v1")
+                  name="llm", route_prefix="/")
         yield {"url": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}", "uri": uri}
     finally:
         serve.shutdown()

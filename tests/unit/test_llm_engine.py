@@ -285,7 +285,7 @@ def test_shipped_serve_config_has_a_valid_llm_app():
     cfg = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
     ServeDeploySchema.model_validate(cfg)
     app = next(a for a in cfg["applications"] if a["name"] == "llm")
-    assert app["route_prefix"] == "/v1" and app["import_path"] == "serve_apps.llm:app_builder"
+    assert app["route_prefix"] == "/" and app["import_path"] == "serve_apps.llm:app_builder"
     assert LLMArgs.model_validate(app["args"]).models == ["shakespeare-gpt@champion"]
     deployment = app["deployments"][0]
     assert deployment["max_ongoing_requests"] > app["args"]["max_num_seqs"]  # the engine queues, not Serve

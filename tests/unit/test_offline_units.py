@@ -165,6 +165,23 @@ def test_gpt2_export_names_invert_the_import(tmp_path):
     assert t.encode("ab\nz c").ids == [3, 4, 13, 1, 14, 5] and t.decode([3, 4, 13, 5]) == "ab\nc"
 
 
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_char_tokenizer_gives_the_hugging_face_exports_ids_special_tokens_included(lowercase):
+    """A served char-level GPT and its Hugging Face export (what vLLM and lm-eval load) tokenize alike: special
+    tokens written in the text are those tokens ("<eos>" is id 2, as the BPE kind already did), unknown
+    characters are <unk>, lowercasing leaves the specials alone."""
+    from tokenizers import Tokenizer
+
+    from aidc.data.text import encode, train_tokenizer
+    from aidc.export.hf_export import tokenizer_json
+
+    state = train_tokenizer(["Hello there, <world>!", "abc xyz"], "char", 0, lowercase)
+    hf = Tokenizer.from_str(tokenizer_json(state))
+    for text in ["Hello<eos>there", "<eos>", "<pad><unk>x<eos", "Q<EOS>\u00e9", "plain text", "<w>", ""]:
+        assert encode([text], state)[0] == hf.encode(text).ids, text
+    assert encode(["a<eos>"], state)[0][-1] == state["eos_id"]
+
+
 def test_edge_runner_transforms_match_the_platform_ones():
     from aidc.data.transforms import apply_index_map, standardize
     from aidc.export import edge_runner

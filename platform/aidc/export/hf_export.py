@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aidc.data.text import SPECIALS
+from aidc.data.text import special_tokens
 from aidc.errors import RegistryError
 from aidc.hf import _CONV1D, _GELU, _NAMES
 
@@ -77,11 +77,7 @@ def export_hf(loaded, out: Path) -> Path:
     (out / "tokenizer.json").write_text(tokenizer_json(tok))
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": f["block_size"],
                "clean_up_tokenization_spaces": False}
-    if tok.get("eos_token"):  # an imported tokenizer names its own
-        tok_cfg.update(eos_token=tok["eos_token"], bos_token=tok.get("bos_token", tok["eos_token"]))
-    else:  # ours: <pad>, <unk>, <eos> are ids 0, 1, 2 (aidc.data.text)
-        pad, unk, eos = (tok.get("vocab") or SPECIALS)[:3]
-        tok_cfg.update(pad_token=pad, unk_token=unk, eos_token=eos, bos_token=eos)
+    tok_cfg.update(special_tokens(tok))
     if tok.get("chat_template"):
         tok_cfg["chat_template"] = tok["chat_template"]
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))

@@ -220,7 +220,7 @@ class ApiKeyAuth:
             if body is None:
                 msg = f"request body over {self.max_body_bytes} bytes"
                 return await _send_json(send, 413, self.error_body(msg, 413, "too_large"), None)
-            model = _body_model(body)
+            model = _body_model(body) or self.guard().model  # no model named: the app's one model, if it has one
         elif need == MODEL:
             model = self.guard().model
         elif need != KEY:

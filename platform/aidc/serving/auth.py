@@ -35,10 +35,13 @@ def oip_policy(path: str) -> str:
 
 
 def openai_policy(path: str) -> str:
-    """OpenAI-compatible: /health open; /models any key; generation/tokenizer routes need the body's model."""
+    """OpenAI-compatible, under /v1 (and vLLM's tokenizer routes at the root): /health open; /models any key;
+    generation/tokenizer routes need the body's model (the app's one model when the body names none)."""
+    if path.startswith("/v1/"):
+        path = path[3:]
     if path in DOCS or path == "/health":
         return OPEN
-    if path in ("/completions", "/chat/completions", "/tokenize", "/detokenize"):
+    if path in ("/completions", "/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info"):
         return BODY
     return KEY
 

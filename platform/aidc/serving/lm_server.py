@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from aidc.data.text import _bpe, decode, encode
+from aidc.data.text import _bpe, decode, encode, special_tokens
 from aidc.errors import RequestError
 from aidc.serving import openai as oa
 from aidc.serving.chat import render_chat
@@ -142,7 +142,17 @@ class LMService:
     def __init__(self, models: dict[str, ServedLM]):
         self.models = models
 
-    def model(self, name: str) -> ServedLM:
+    @property
+    def default(self) -> str | None:
+        """The one served model (what a request without `model` is for), or None when several are."""
+        return next(iter(self.models)) if len(self.models) == 1 else None
+
+    def model(self, name: str | None) -> ServedLM:
+        if name is None:
+            if self.default is None:
+                raise RequestError(f"this app serves several models ({sorted(self.models)}): name one in "
+                                   "`model`", status=400, field="model")
+            name = self.default
         lm = self.models.get(name)
         if lm is None:
             raise RequestError(f"model {name!r} is not served here; available: {sorted(self.models)} "
@@ -165,6 +175,13 @@ class LMService:
         text = req.prompt if req.prompt is not None else self._render(lm, req.messages, req.add_generation_prompt)
         ids = lm.encode(text)
         return oa.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=lm.context)
+
+    def tokenizer_info(self, name: str | None) -> oa.TokenizerInfo:
+        lm = self.model(name)
+        tok = lm.tokenizer  # the same tokens the Hugging Face export writes (aidc.export.hf_export)
+        return oa.TokenizerInfo(model=lm.name, tokenizer_class="PreTrainedTokenizerFast", **special_tokens(tok),
+                                chat_template=tok.get("chat_template"), model_max_length=lm.context,
+                                vocab_size=tok["vocab_size"])
 
     def detokenize(self, req: oa.DetokenizeRequest) -> oa.DetokenizeResponse:
         lm = self.model(req.model)

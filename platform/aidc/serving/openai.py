@@ -264,12 +264,18 @@ class ModelList(BaseModel):
     data: list[ModelCard] = Field(..., description="Served models.")
 
 
+_DEFAULT_MODEL = "Registered model name; may be left out when the app serves one model (as vLLM's server)."
+
+
 class TokenizeRequest(BaseModel):
     model_config = Strict
-    model: str = Field(..., description="Registered model name.")
-    prompt: str | None = Field(None, description="Text to tokenize.")
+    model: str | None = Field(None, description=_DEFAULT_MODEL)
+    prompt: str | None = Field(None, description="Text to tokenize; special tokens written in it (<eos>) are those "
+                               "tokens.")
     messages: list[ChatMessage] | None = Field(None, description="Chat to render with the template and tokenize.")
     add_generation_prompt: bool = Field(True, description="With messages: end with the assistant's turn.")
+    add_special_tokens: bool = Field(False, description="Accepted for vLLM's API: aidc's tokenizers add no "
+                                     "special tokens of their own (no BOS), so both values give the same ids.")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -287,13 +293,29 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = Strict
-    model: str = Field(..., description="Registered model name.")
+    model: str | None = Field(None, description=_DEFAULT_MODEL)
     tokens: list[int] = Field(..., description="Token ids to turn back into text.")
 
 
 class DetokenizeResponse(BaseModel):
     model_config = Strict
     prompt: str = Field(..., description="The text.")
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info, as vLLM's server answers it: what a client-side tokenizer stand-in needs
+    (lm-evaluation-harness's `tokenizer_backend=remote` reads the special tokens and the chat template)."""
+
+    model_config = Strict
+    model: str = Field(..., description="The model whose tokenizer this is.")
+    tokenizer_class: str = Field(..., description="Hugging Face class that loads the exported tokenizer.")
+    bos_token: str | None = Field(None, description="Text of the beginning-of-sequence token.")
+    eos_token: str | None = Field(None, description="Text of the end-of-sequence token.")
+    pad_token: str | None = Field(None, description="Text of the padding token.")
+    unk_token: str | None = Field(None, description="Text of the unknown token.")
+    chat_template: str | None = Field(None, description="Jinja chat template, when the model has one.")
+    model_max_length: int = Field(..., description="Context length in tokens.")
+    vocab_size: int = Field(..., description="Vocabulary size.")
 
 
 class Health(BaseModel):
