@@ -18,15 +18,6 @@ _SPECIAL_SET = frozenset(SPECIALS)
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
 
 
-def special_tokens(state: dict) -> dict[str, str]:
-    """The tokenizer's special tokens by role, as Hugging Face's tokenizer_config.json names them: an imported
-    tokenizer's own (eos/bos), else ours (<pad>, <unk>, <eos>: ids 0, 1, 2; <eos> begins a sequence too)."""
-    if state.get("eos_token"):
-        return {"eos_token": state["eos_token"], "bos_token": state.get("bos_token", state["eos_token"])}
-    pad, unk, eos = SPECIALS
-    return {"pad_token": pad, "unk_token": unk, "eos_token": eos, "bos_token": eos}
-
-
 def train_tokenizer(texts, kind: str, vocab_size: int, lowercase: bool) -> dict:
     """Fit a tokenizer on training texts only; returns its JSON-able state."""
     if kind == "char":
@@ -67,15 +58,22 @@ def encode(texts, state: dict) -> list[list[int]]:
     index = _char_index(json.dumps(state["vocab"]))
     unk, lower = state["unk_id"], state["lowercase"]
 
+    specials = state["vocab"][:len(SPECIALS)] == SPECIALS
+
     def chars(t: str) -> list[int]:
         return [index.get(c, unk) for c in (t.lower() if lower else t)]
 
-    # special tokens written in the text are those tokens, as in the BPE kind and the Hugging Face export
-    # (`tokenizers` matches added tokens before normalizing): "<eos>" is id 2, not five characters
-    specials = state["vocab"][:len(SPECIALS)] == SPECIALS
-    return [chars(t) if not specials or "<" not in t else
-            [i for part in _SPECIAL_SPLIT.split(t) if part
-             for i in ([index[part]] if part in _SPECIAL_SET else chars(part))] for t in texts]
+    def one(t: str) -> list[int]:
+        # special tokens written in the text are those tokens, as in the BPE kind and the Hugging Face export
+        # (`tokenizers` matches added tokens before normalizing): "<eos>" is id 2, not five characters
+        if not specials or "<" not in t:
+            return chars(t)
+        ids = []
+        for part in _SPECIAL_SPLIT.split(t):
+            ids.extend([index[part]] if part in _SPECIAL_SET else chars(part))
+        return ids
+
+    return [one(t) for t in texts]
 
 
 def decode(ids, state: dict) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aidc.data.text import special_tokens
+from aidc.data.text import SPECIALS
 from aidc.errors import RegistryError
 from aidc.hf import _CONV1D, _GELU, _NAMES
 
@@ -53,6 +53,22 @@ def tokenizer_json(tok: dict) -> str:
     return t.to_str()
 
 
+def tokenizer_config(tok: dict, max_length: int) -> dict:
+    """tokenizer_config.json for the exported tokenizer.json (what the llm app's /tokenizer_info answers too):
+    the special tokens by role - an imported tokenizer's own (eos/bos), else ours (<pad>, <unk>, <eos>:
+    ids 0, 1, 2 in aidc.data.text; <eos> begins a sequence too) - and the chat template, when there is one."""
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+           "clean_up_tokenization_spaces": False}
+    if tok.get("eos_token"):
+        cfg.update(eos_token=tok["eos_token"], bos_token=tok.get("bos_token", tok["eos_token"]))
+    else:
+        pad, unk, eos = SPECIALS
+        cfg.update(pad_token=pad, unk_token=unk, eos_token=eos, bos_token=eos)
+    if tok.get("chat_template"):
+        cfg["chat_template"] = tok["chat_template"]
+    return cfg
+
+
 def export_hf(loaded, out: Path) -> Path:
     """Write the folder; returns it."""
     from safetensors.torch import save_file
@@ -75,12 +91,7 @@ def export_hf(loaded, out: Path) -> Path:
               "tie_word_embeddings": True, "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer.json").write_text(tokenizer_json(tok))
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": f["block_size"],
-               "clean_up_tokenization_spaces": False}
-    tok_cfg.update(special_tokens(tok))
-    if tok.get("chat_template"):
-        tok_cfg["chat_template"] = tok["chat_template"]
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, f["block_size"]), indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
          "pad_token_id": config["pad_token_id"]}, indent=2))

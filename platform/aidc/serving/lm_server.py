@@ -13,8 +13,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from aidc.data.text import _bpe, decode, encode, special_tokens
+from aidc.data.text import _bpe, decode, encode
 from aidc.errors import RequestError
+from aidc.export.hf_export import tokenizer_config
 from aidc.serving import openai as oa
 from aidc.serving.chat import render_chat
 from aidc.ops.serving import tag_request
@@ -178,10 +179,9 @@ class LMService:
 
     def tokenizer_info(self, name: str | None) -> oa.TokenizerInfo:
         lm = self.model(name)
-        tok = lm.tokenizer  # the same tokens the Hugging Face export writes (aidc.export.hf_export)
-        return oa.TokenizerInfo(model=lm.name, tokenizer_class="PreTrainedTokenizerFast", **special_tokens(tok),
-                                chat_template=tok.get("chat_template"), model_max_length=lm.context,
-                                vocab_size=tok["vocab_size"])
+        # what the model's Hugging Face export writes as tokenizer_config.json
+        return oa.TokenizerInfo(model=lm.name, vocab_size=lm.tokenizer["vocab_size"],
+                                **tokenizer_config(lm.tokenizer, lm.context))
 
     def detokenize(self, req: oa.DetokenizeRequest) -> oa.DetokenizeResponse:
         lm = self.model(req.model)

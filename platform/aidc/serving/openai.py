@@ -315,6 +315,7 @@ class TokenizerInfo(BaseModel):
     unk_token: str | None = Field(None, description="Text of the unknown token.")
     chat_template: str | None = Field(None, description="Jinja chat template, when the model has one.")
     model_max_length: int = Field(..., description="Context length in tokens.")
+    clean_up_tokenization_spaces: bool = Field(..., description="Whether decoding tidies spaces (Hugging Face).")
     vocab_size: int = Field(..., description="Vocabulary size.")
 
 
