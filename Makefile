@@ -24,7 +24,7 @@ STEP = @step() { mkdir -p $(AIDC_STORAGE); now=$$(date +%s); if [ -f $(STEP_FILE
 DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
 # Only Serve's HAProxy fronts the demo's replicas: a stopping one drains 5 s, not Ray's 30 s (README, Tensor models),
 # so `make stop` (serve shutdown first) takes seconds.
-RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
+RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_DATA_USE_DATASOURCE_V2=0 \
   RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
 
 .PHONY: setup clients monitoring head demo demo-steps test test-unit stop bench bench-quality clean

@@ -30,9 +30,9 @@ def gpu_split(gpus: float, users: int) -> float:
 def local_ray(num_cpus: float, **kwargs):
     import ray
 
-    from aidc.runtime import apply_serve_env, ensure_token
+    from aidc.runtime import apply_ray_env, ensure_token
 
-    apply_serve_env()  # Serve's gRPC request path, as every aidc Ray runs it
+    apply_ray_env()  # the environment every aidc Ray runs with (aidc.runtime.RAY_ENV)
     ensure_token()  # else Ray's embedded init writes ~/.ray/auth_token world-readable (issue #23)
     # A whole number: ray.init(num_cpus=4.0) left the raylet dead at start (<defunct>, "node timed out during
     # startup") on a 16-core GPU machine; an int started it there every time.

@@ -66,9 +66,9 @@ def local_cluster(storage: str, *, workers: int = 2, head_cpus: float = 2, worke
     import ray
     from ray.cluster_utils import Cluster
 
-    from aidc.runtime import aidc_package_dir, apply_serve_env
+    from aidc.runtime import aidc_package_dir, apply_ray_env
 
-    apply_serve_env()  # Serve's gRPC request path, as every aidc Ray runs it
+    apply_ray_env()  # the environment every aidc Ray runs with (aidc.runtime.RAY_ENV)
     saved = {k: os.environ.get(k) for k in ("AIDC_STORAGE", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_ADDRESS")}
     os.environ.update({"AIDC_STORAGE": storage, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(train_start_timeout_s)})
     os.environ.pop("RAY_ADDRESS", None)

@@ -4,7 +4,7 @@ Side by side on the same machine: dynamic batching on vs off, 1 vs 2 replicas, t
 deployment (proxy -> ingress -> model) vs in the ingress (`placement: ingress`, proxy -> ingress), at
 concurrency 1/8/32/64 (req/s, p50, p99), and the same model behind a plain FastAPI + uvicorn process (p50
 at c=1, req/s at c=32). The client shares the machine with the server: figures are ratios, not absolutes.
-The "proxy" is HAProxy where Ray ships it (aidc.runtime.SERVE_ENV); `RAY_SERVE_ENABLE_HA_PROXY=0` in the
+The "proxy" is HAProxy where Ray ships it (aidc.runtime.RAY_ENV); `RAY_SERVE_ENABLE_HA_PROXY=0` in the
 environment measures Serve's Python proxy instead (figures for both in issue #9's notes).
 
     python -m benchmarks.oip_serving [--quick] [--seconds S]

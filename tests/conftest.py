@@ -27,6 +27,14 @@ CONFIGS = REPO / "jobs" / "configs"
 # tests start inherits it (embedded, `ray start`, local multi-node clusters, benchmarks run in process).
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s), and a
+# worker's ray.train.report waits for that poll (its result queue holds one report), so every epoch of every
+# Ray Train run here took at least 2 s whatever the model: an 8-epoch tiny digits run on 2 workers spent
+# 2.0 s an epoch, 0.35 s at 0.25 s. A poll that takes longer is not a failure (Ray waits for it at the next one;
+# a worker is dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). The node-loss tier keeps Ray's
+# default (tests/cluster/conftest.py).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 # The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
 # creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
 # ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).
@@ -63,9 +71,9 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray
     never the user's ~/.ray/auth_token (absent on a fresh machine), and a short temp dir of its own (socket
     paths must stay under 108 bytes): stopping it ends only this cluster.
     """
-    from aidc.runtime import apply_serve_env, stop_local_ray
+    from aidc.runtime import apply_ray_env, stop_local_ray
 
-    env = apply_serve_env({**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+    env = apply_ray_env({**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
                            "AIDC_STORAGE": str(tmp_path / "storage"), **(ray_env or {})})
     env.pop("RAY_ADDRESS", None)
     token = tmp_path / "auth_token"

@@ -92,12 +92,12 @@ def test_cli_describe_and_validate(tmp_path, capsys):
     assert "bad.yaml" in capsys.readouterr().err
 
 
-def test_every_ray_start_carries_the_serve_environment():
-    """aidc.runtime.SERVE_ENV (Serve's gRPC request path) is read by each Ray process at start: the cluster
+def test_every_ray_start_carries_the_platform_environment():
+    """aidc.runtime.RAY_ENV (Serve's gRPC request path and HAProxy, Ray Data's Parquet reader) is read by each Ray process at start: the cluster
     configs' `ray start` commands and the Makefile's must set it, as init_ray does for an embedded Ray."""
-    from aidc.runtime import SERVE_ENV
+    from aidc.runtime import RAY_ENV
 
-    wanted = [f"{k}={v}" for k, v in SERVE_ENV.items()]
+    wanted = [f"{k}={v}" for k, v in RAY_ENV.items()]
     for path in (CLOUD, ONPREM):
         raw = load_cluster_yaml(path)
         for key in ("head_start_ray_commands", "worker_start_ray_commands"):
