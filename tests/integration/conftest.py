@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import requests
 
 
 @pytest.fixture(scope="package")
@@ -28,3 +31,31 @@ def workload_config(name: str, root: str, *overrides: str):
     from tests.conftest import CONFIGS, SHARED_DATA
 
     return load_config(CONFIGS / f"{name}.yaml", [f"run.storage={root}", f"data.mirror={SHARED_DATA}", *overrides])
+
+
+def metrics_text(ray) -> str:
+    """The Prometheus exposition of this Ray's (single) node: what Ray's metrics agent exports."""
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return requests.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
+
+
+def metric_total(text: str, name: str, *fragments: str) -> float:
+    """The sum of the samples of series `name` whose labels contain every fragment (0 where none is exported)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f in line for f in fragments))
+
+
+def scrape(ray, wanted: dict[str, str], tries: int = 60) -> dict[str, float]:
+    """{series: value} of the first sample of each wanted series whose labels contain its fragment, once
+    every one is exported (Ray exports on an interval of seconds)."""
+    found: dict[str, float] = {}
+    for _ in range(tries):
+        lines = metrics_text(ray).splitlines()
+        for key, fragment in wanted.items():
+            for line in lines:
+                if line.startswith(key + "{") and fragment in line:
+                    found[key] = float(line.rsplit(" ", 1)[1])
+        if set(found) == set(wanted):
+            return found
+        time.sleep(1)
+    raise AssertionError(f"not exported: {sorted(set(wanted) - set(found))}")

@@ -18,7 +18,7 @@ from aidc.data.pipeline import preprocess
 from aidc.registry import register, tracking_uri
 from aidc.train.trainer import run_training
 from tests.conftest import free_port
-from tests.integration.conftest import workload_config
+from tests.integration.conftest import metrics_text, workload_config
 from tests.integration.hf_tiny import make_tiny_gpt2
 from tests.security_helpers import make_key, requests_send_key
 
@@ -358,14 +358,12 @@ def test_queue_full_is_429_with_retry_after(server):
 def test_engine_metrics_reach_prometheus(server, client, ray_session):
     """TTFT, inter-token latency, queue time, token counts, running/waiting and KV-cache use, as Ray metrics."""
     client.completions.create(model=MODEL, prompt="KING:", max_tokens=8, seed=0)
-    node = next(n for n in ray_session.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     wanted = ["ray_aidc_llm_time_to_first_token_seconds_bucket", "ray_aidc_llm_inter_token_latency_seconds_bucket",
               "ray_aidc_llm_queue_time_seconds_bucket", "ray_aidc_llm_prompt_tokens", "ray_aidc_llm_generated_tokens",
               "ray_aidc_llm_running_sequences", "ray_aidc_llm_waiting_sequences", "ray_aidc_llm_kv_cache_usage_ratio",
               "ray_aidc_serve_requests_total", "ray_aidc_serve_request_duration_seconds_bucket"]  # + aidc.ops.serving
     for _ in range(60):  # Ray exports on an interval (seconds)
-        text = requests.get(url, timeout=10).text
+        text = metrics_text(ray_session)
         if all(f"{name}{{" in text or f"{name}_total{{" in text for name in wanted):
             break
         time.sleep(1)

@@ -8,32 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from aidc.data.pipeline import preprocess
 from aidc.ops.training import LIVE_MLFLOW, RUN_TAG
 from aidc.registry import _client, register, tracking_uri
 from aidc.train.trainer import run_training
-from tests.integration.conftest import workload_config
+from tests.integration.conftest import scrape, workload_config
 
 pytestmark = pytest.mark.integration
-
-
-def _scrape(ray_session, wanted: dict[str, str]) -> dict[str, float]:
-    """{line prefix: value} from the node's Prometheus endpoint, once every wanted series is exported."""
-    node = next(n for n in ray_session.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    found: dict[str, float] = {}
-    for _ in range(60):  # Ray exports on an interval (seconds)
-        lines = requests.get(url, timeout=10).text.splitlines()
-        for key, fragment in wanted.items():
-            for line in lines:
-                if line.startswith(key + "{") and fragment in line:
-                    found[key] = float(line.rsplit(" ", 1)[1])
-        if set(found) == set(wanted):
-            return found
-        time.sleep(1)
-    raise AssertionError(f"not exported: {sorted(set(wanted) - set(found))}")
 
 
 def test_live_mlflow_metrics_platform_metrics_and_a_quiet_log(ray_session, tmp_path, capfd):
@@ -70,7 +52,7 @@ def test_live_mlflow_metrics_platform_metrics_and_a_quiet_log(ray_session, tmp_p
     assert any(a.path == "model" for a in client.list_artifacts(run_id))
 
     # What short-lived drivers counted reaches Prometheus through the cluster's metrics actor.
-    found = _scrape(ray_session, {
+    found = scrape(ray_session, {
         "ray_aidc_train_runs_total": 'outcome="completed"',
         "ray_aidc_data_rows_read_total": 'dataset="digits"',
         "ray_aidc_data_rows_kept_total": 'dataset="digits"',

@@ -19,7 +19,7 @@ from aidc.registry import register, tracking_uri
 from aidc.serving.model import load_model
 from aidc.train.trainer import run_training
 from tests.conftest import REPO, free_port
-from tests.integration.conftest import workload_config
+from tests.integration.conftest import metric_total, metrics_text, workload_config
 from tests.security_helpers import make_key, requests_send_key, triton_bearer
 
 pytestmark = pytest.mark.integration
@@ -299,6 +299,34 @@ def test_convenience_routes_classify_and_top_k(server, root):
     assert requests.get(f"{url}/models/digits-cnn/users/1/top", timeout=30).status_code == 404
 
 
+def test_concurrent_requests_run_in_batches_larger_than_one(server, ray_session):
+    """Under concurrent load @serve.batch runs several requests in one model call, and the batch-size metric
+    (aidc_serve_batch_size, a histogram) shows it: model calls counted above its first bucket (size 1)."""
+    import time
+
+    series, where, single = "ray_aidc_serve_batch_size", 'model="digits-cnn"', 'le="1.0"'
+
+    def counts() -> tuple[float, float]:  # (model calls, calls that ran one request)
+        text = metrics_text(ray_session)
+        return metric_total(text, series + "_count", where), metric_total(text, series + "_bucket", where, single)
+
+    calls0, singles0 = counts()
+    image = [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}]
+    n = 96
+    with cf.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: _infer(server["url"], "digits-cnn", image).status_code, range(n)))
+    assert codes == [200] * n
+    for _ in range(60):  # Ray exports on an interval: wait for the load's calls to be counted
+        calls, singles = (c - c0 for c, c0 in zip(counts(), (calls0, singles0)))
+        if calls > singles:
+            break
+        time.sleep(1)
+    # (its _sum is not exact in Ray's export, so the check counts calls: any above size 1 is a real batch)
+    assert calls > singles, f"{n} concurrent requests: {calls:.0f} model calls counted, all of batch size 1"
+    assert calls <= n
+    print(f"{n} requests at concurrency 16: {calls:.0f} model calls counted, {singles:.0f} of them of size 1")
+
+
 def test_backpressure_answers_503_with_retry_after(server):
     body = {"inputs": [{"name": "x1", "shape": [1], "datatype": "FP32", "data": [0.1]},
                        {"name": "x2", "shape": [1], "datatype": "FP32", "data": [0.2]},
@@ -329,10 +357,10 @@ def test_grpc_with_tritonclient(server, models, api_key):
     assert "takes FP32" in report["wrong_datatype_message"]
 
 
-def _replicas(deployment: str) -> int:
+def _replicas(deployment: str, app: str = "tensors") -> int:
     from ray import serve
 
-    states = serve.status().applications["tensors"].deployments[deployment].replica_states
+    states = serve.status().applications[app].deployments[deployment].replica_states
     return states.get("RUNNING", 0)
 
 
@@ -391,6 +419,41 @@ def _digits_version(url, **params) -> str:
     r = _infer(url, "digits-cnn", [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}])
     assert r.status_code == 200, r.text
     return r.json()["model_version"]
+
+
+def test_an_idle_model_scales_to_zero_and_the_next_request_cold_starts_it(server, models, root):
+    """autoscaling_config min_replicas: 0 (an app of its own, so the shared one keeps its replicas): no replica
+    runs while the model is idle, a request starts one and succeeds, and idle again it goes back to zero."""
+    import time
+
+    from ray import serve
+
+    from serve_apps.tensors import app_builder
+
+    deployment = f"tiny-b-v{models['tiny-b'].version}"
+    args = {"tracking_uri": tracking_uri(None, root), "storage": root, "models": [_model_args(
+        name="tiny-b", deployment={"num_cpus": 0.2, "autoscaling_config": {
+            "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "upscale_delay_s": 0,
+            "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.5}})]}
+    serve.run(app_builder(args), name="tensors-zero", route_prefix="/zero")
+    try:
+        assert _replicas(deployment, "tensors-zero") == 0
+        image = [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}]
+        t0 = time.monotonic()
+        r = _infer(f"http://{server['http']}/zero", "tiny-b", image)
+        cold_s = time.monotonic() - t0
+        assert r.status_code == 200 and r.json()["model_name"] == "tiny-b", r.text
+        assert _replicas(deployment, "tensors-zero") == 1
+        t0 = time.monotonic()
+        assert _infer(f"http://{server['http']}/zero", "tiny-b", image).status_code == 200
+        warm_s = time.monotonic() - t0
+        deadline = time.monotonic() + 90
+        while _replicas(deployment, "tensors-zero") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _replicas(deployment, "tensors-zero") == 0, "the idle model kept its replica"
+        print(f"scale to zero: cold start {cold_s:.1f} s (replica start, model load and verify), warm {warm_s * 1000:.0f} ms")
+    finally:
+        serve.delete("tensors-zero")
 
 
 def test_canary_sends_the_configured_share_to_the_second_version(server, models):

@@ -147,7 +147,7 @@ def test_random_median_trials_are_two_worker_train_runs(root):
 
 def test_pbt_exploit_continues_from_the_donors_checkpoint(root):
     out = _sweep(root, "pbt", {"train.lr": {"type": "choice", "values": [1.0e-5, 0.01]}},
-                 search="random", scheduler="pbt", num_samples=2, seed=1, train={"epochs": 4})
+                 search="random", scheduler="pbt", num_samples=2, seed=1, train={"epochs": 6})
     ids = [r.trial_id for r in out.records]
     exploits = []
     for tid in ids:
