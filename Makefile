@@ -27,7 +27,7 @@ DEMO_KEY := $(AIDC_STORAGE)/demo-api-key
 RAY_ENV := PATH=$(BIN):$$PATH RAY_AUTH_MODE=token RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_DATA_USE_DATASOURCE_V2=0 \
   RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
 
-.PHONY: setup clients monitoring head demo demo-steps test test-unit stop bench bench-quality clean
+.PHONY: setup clients monitoring head demo demo-steps test test-unit test-fast stop bench bench-quality clean
 
 setup: $(VENV)/.installed clients monitoring
 
@@ -153,6 +153,11 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
+
+# The edit loop's tier: unit tests and the quickest integration modules (data, security, capacity planning)
+FAST_TESTS := tests/unit tests/integration/test_datasets.py tests/integration/test_security.py tests/integration/test_plan.py
+test-fast: setup
+	$(BIN)/python -m pytest $(FAST_TESTS) --durations=10
 
 stop:
 	-@$(RAY_ENV) $(BIN)/serve shutdown -y --address $(DASHBOARD) >/dev/null 2>&1
