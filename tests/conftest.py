@@ -74,7 +74,7 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray
     from aidc.runtime import apply_ray_env, stop_local_ray
 
     env = apply_ray_env({**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-                           "AIDC_STORAGE": str(tmp_path / "storage"), **(ray_env or {})})
+                         "AIDC_STORAGE": str(tmp_path / "storage"), **(ray_env or {})})
     env.pop("RAY_ADDRESS", None)
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))

@@ -39,22 +39,27 @@ def metrics_text(ray) -> str:
     return requests.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
 
 
+def metric_samples(text: str, name: str, *fragments: str) -> list[float]:
+    """The values of series `name` whose labels contain every fragment, in exposition order."""
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{") and all(f in line for f in fragments)]
+
+
 def metric_total(text: str, name: str, *fragments: str) -> float:
     """The sum of the samples of series `name` whose labels contain every fragment (0 where none is exported)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(f in line for f in fragments))
+    return sum(metric_samples(text, name, *fragments))
 
 
 def scrape(ray, wanted: dict[str, str], tries: int = 60) -> dict[str, float]:
-    """{series: value} of the first sample of each wanted series whose labels contain its fragment, once
+    """{series: value} of the last sample of each wanted series whose labels contain its fragment, once
     every one is exported (Ray exports on an interval of seconds)."""
     found: dict[str, float] = {}
     for _ in range(tries):
-        lines = metrics_text(ray).splitlines()
+        text = metrics_text(ray)
         for key, fragment in wanted.items():
-            for line in lines:
-                if line.startswith(key + "{") and fragment in line:
-                    found[key] = float(line.rsplit(" ", 1)[1])
+            values = metric_samples(text, key, fragment)
+            if values:
+                found[key] = values[-1]
         if set(found) == set(wanted):
             return found
         time.sleep(1)

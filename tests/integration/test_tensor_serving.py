@@ -436,16 +436,17 @@ def test_an_idle_model_scales_to_zero_and_the_next_request_cold_starts_it(server
             "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "upscale_delay_s": 0,
             "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.5}})]}
     serve.run(app_builder(args), name="tensors-zero", route_prefix="/zero")
+    url = f"http://{server['http']}/zero"
     try:
         assert _replicas(deployment, "tensors-zero") == 0
         image = [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}]
         t0 = time.monotonic()
-        r = _infer(f"http://{server['http']}/zero", "tiny-b", image)
+        r = _infer(url, "tiny-b", image)
         cold_s = time.monotonic() - t0
         assert r.status_code == 200 and r.json()["model_name"] == "tiny-b", r.text
         assert _replicas(deployment, "tensors-zero") == 1
         t0 = time.monotonic()
-        assert _infer(f"http://{server['http']}/zero", "tiny-b", image).status_code == 200
+        assert _infer(url, "tiny-b", image).status_code == 200
         warm_s = time.monotonic() - t0
         deadline = time.monotonic() + 90
         while _replicas(deployment, "tensors-zero") and time.monotonic() < deadline:

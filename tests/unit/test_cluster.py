@@ -93,8 +93,9 @@ def test_cli_describe_and_validate(tmp_path, capsys):
 
 
 def test_every_ray_start_carries_the_platform_environment():
-    """aidc.runtime.RAY_ENV (Serve's gRPC request path and HAProxy, Ray Data's Parquet reader) is read by each Ray process at start: the cluster
-    configs' `ray start` commands and the Makefile's must set it, as init_ray does for an embedded Ray."""
+    """aidc.runtime.RAY_ENV (Serve's gRPC request path and HAProxy, Ray Data's Parquet reader) is read by each
+    Ray process at start: the cluster configs' `ray start` commands and the Makefile's must set it, as init_ray
+    does for an embedded Ray."""
     from aidc.runtime import RAY_ENV
 
     wanted = [f"{k}={v}" for k, v in RAY_ENV.items()]
