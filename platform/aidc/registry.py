@@ -245,8 +245,9 @@ def register_model_dir(model_dir: Path, name: str, alias: str, *, uri: str | Non
     run = client.create_run(_experiment_id(client, experiment, root), run_name=run_name or f"import-{name}")
     client.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
     client.set_terminated(run.info.run_id)
-    weights = json.loads((model_dir / MANIFEST).read_text())[WEIGHTS]
-    return _new_version(client, uri, name, alias, run, description, {"weights_sha256": weights, **(tags or {})})
+    weights = json.loads((model_dir / MANIFEST).read_text()).get(WEIGHTS)  # none: a sharded Hugging Face folder
+    return _new_version(client, uri, name, alias, run, description,
+                        {**({"weights_sha256": weights} if weights else {}), **(tags or {})})
 
 
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")

@@ -28,25 +28,11 @@ def test_train_vs_torchrun_quick():
     assert r["ray_train_samples_per_s"] > 0 and r["torchrun_samples_per_s"] > 0
 
 
-def test_llm_kv_cache_quick():
-    from benchmarks.llm_kv_cache import main
-
-    r = main(["--quick"])
-    assert r["same_tokens"] and r["kv_cache_tokens_per_s"] > 0 and r["recompute_tokens_per_s"] > 0
-
-
-def test_llm_engines_quick():
-    from benchmarks.llm_engines import main
-
-    r = main(["--quick"])
-    assert r["aidc_engine_tokens_per_s"] > 0 and r.get("same_greedy_tokens", True)
-
-
 def test_llm_serving_quick():
     from benchmarks.llm_serving import main
 
     r = main(["--quick"])
-    assert all(r[f"{v}_c4"]["tokens_per_s"] > 0 for v in ("continuous", "sequential", "static"))
+    assert r["c1"]["tokens_per_s"] > 0 and r["c4"]["tokens_per_s"] > 0 and r["c4"]["ttft_p50_ms"] > 0
 
 
 def test_oip_serving_quick():
@@ -105,4 +91,4 @@ def test_allocator_quick():
     r = main(["--quick"])  # two fresh processes: glibc's defaults vs aidc's tuning (no Ray)
     assert r["applied"] == {"tuned": True, "default": False}
     assert all(v["tuned"] > 0 and v["glibc_default"] > 0 for k, v in r.items() if k.endswith(("_ms", "_per_s")))
-    assert "llm_engine_tokens_per_s" in r
+    assert "gpt_forward_b16_t190_ms" in r

@@ -31,3 +31,30 @@ def make_tiny_gpt2(directory: Path, n_positions: int = 64, n_embd: int = 32, n_l
     GPT2LMHeadModel(cfg).save_pretrained(str(directory))
     tok.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def make_tiny_llama(directory: Path, max_positions: int = 512, hidden: int = 64, layers: int = 2,
+                    heads: int = 2) -> Path:
+    """A tiny randomly initialised Llama-architecture folder (LlamaForCausalLM.save_pretrained) with the same
+    kind of byte-level BPE tokenizer, its special tokens and a chat template in tokenizer_config.json."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gpt2 = make_tiny_gpt2(directory)  # its tokenizer.json; the GPT-2 weights are replaced below
+    for f in ("model.safetensors", "config.json", "generation_config.json"):
+        (gpt2 / f).unlink(missing_ok=True)
+    vocab = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]) + 1
+    eos = vocab - 1
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                      bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(directory))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+        "model_max_length": max_positions,
+        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
+    return directory

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 DRIVER = ["resources.num_workers=0", "train.epochs=1"]
 TINY = {
     "digits": ["model.channels=[8]", "model.hidden=32", "train.max_steps_per_epoch=30"],
-    "shakespeare-gpt": ["model.d_model=32", "model.layers=1", "model.heads=2", "model.dropout=0.0",
+    "shakespeare-gpt": ["model.d_model=64", "model.layers=1", "model.heads=2", "model.dropout=0.0",
                         "train.max_steps_per_epoch=15"],
     "sms-spam": ["model.d_model=32", "model.layers=1", "train.max_steps_per_epoch=10", "data.text.tokenizer=char"],
     "movielens": ["model.dim=8", "train.max_steps_per_epoch=10"],
@@ -142,32 +142,28 @@ def test_batch_inference_scores_a_split_and_accounts_for_every_bad_row(models, t
             run_batch_inference(own.model_copy(update={"batch_infer": gpu}))
 
 
-def test_lm_batch_completions_match_the_api_and_reject_bad_prompts(models, tmp_path):
-    import asyncio
-
+def test_lm_batch_completions_on_vllm_reject_bad_prompts_and_repeat_with_a_seed(models, tmp_path):
+    """Prompts through vLLM (the llm app's engine) on a Ray Data actor: bad prompts rejected with the API's
+    reasons, the rest completed; the same seed and options give the same completions again."""
     from aidc.batch import run_batch_inference
-    from aidc.serving import openai as oa
-    from aidc.serving.lm_server import LMService, ServedLM
 
-    ref = models["refs"]["shakespeare-gpt"]
     cfg = models["cfgs"]["shakespeare-gpt"]
+    models["refs"]["shakespeare-gpt"]  # trained on first use
     prompts = ["ROMEO:", "To be, or not", "", "x" * 200, "KING HENRY:\nWhat news?"]
     path = tmp_path / "prompts.csv"
     pd.DataFrame({"id": range(len(prompts)), "prompt": prompts}).to_csv(path, index=False)
-    opts = {"path": str(path), "format": "csv", "max_tokens": 12, "temperature": 0.8, "seed": 7, "batch_size": 2,
-            "output": str(tmp_path / "out")}
-    m = run_batch_inference(cfg.model_copy(update={"batch_infer": cfg.batch_infer.model_copy(update=opts)}))
-    assert m["counts"]["rows_in"] == 5 and m["counts"]["predicted"] == 3 and m["counts"]["rejected"] == 2
-    reasons = " | ".join(m["counts"]["rejected_by_reason"])
-    assert "non-empty" in reasons and "context is 128 tokens" in reasons
-    out = pd.read_parquet(tmp_path / "out" / "predictions").sort_values("key")
-    assert out["key"].tolist() == [0, 1, 4] and set(out["finish_reason"]) <= {"length", "stop"}
-    # The same prompt, options and seed through the API's completion path give the same text.
-    lm = ServedLM.from_loaded(load_model(ref, models["uri"]))
-    api = LMService({lm.name: lm})
-    for key, text in zip(out["key"], out["completion"]):
-        req = oa.CompletionRequest(model=lm.name, prompt=prompts[key], max_tokens=12, temperature=0.8, seed=7)
-        assert asyncio.run(api.completion(req)).choices[0].text == text
+    runs = []
+    for out in ("out", "again"):
+        opts = {"path": str(path), "format": "csv", "max_tokens": 12, "temperature": 0.8, "seed": 7,
+                "batch_size": 8, "output": str(tmp_path / out)}
+        m = run_batch_inference(cfg.model_copy(update={"batch_infer": cfg.batch_infer.model_copy(update=opts)}))
+        assert m["counts"]["rows_in"] == 5 and m["counts"]["predicted"] == 3 and m["counts"]["rejected"] == 2
+        reasons = " | ".join(m["counts"]["rejected_by_reason"])
+        assert "non-empty" in reasons and "context is 128 tokens" in reasons
+        runs.append(pd.read_parquet(tmp_path / out / "predictions").sort_values("key"))
+    assert runs[0]["key"].tolist() == [0, 1, 4] and set(runs[0]["finish_reason"]) <= {"length", "stop"}
+    assert all(runs[0]["completion"].str.len() > 0)
+    assert runs[0]["completion"].tolist() == runs[1]["completion"].tolist()
 
 
 def test_compressed_versions_are_registered_signed_loadable_and_smaller(models, capsys):

@@ -49,7 +49,7 @@ def models(root, tmp_path_factory):
     export_model_dir(folder, state_dict=model.state_dict(), spec=spec, config_yaml="test: true\n")
     v1 = register_model_dir(folder, DIGITS, "champion", root=root)
     v2 = register_model_dir(folder, DIGITS, "candidate", root=root)
-    folder = make_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny", n_positions=64)
+    folder = make_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny", n_positions=64, n_embd=64, n_head=2)
     assert aidc_main(["model", "import", str(folder), "--name", GPT, "--alias", "imported", "--storage", root]) == 0
     return {"v1": v1, "v2": v2}
 
@@ -73,7 +73,8 @@ def server(models, root):
         serve.run(tensors({"tracking_uri": uri, "auth": AUTH, "models": [
             {"name": DIGITS, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
              "deployment": {"num_cpus": 0.2}}]}), name="tensors", route_prefix="/v2")
-        serve.run(llm({"models": [f"{GPT}@imported"], "tracking_uri": uri, "auth": AUTH, "max_num_seqs": 4}),
+        serve.run(llm({"models": [f"{GPT}@imported"], "tracking_uri": uri, "auth": AUTH,
+                       "defaults": {"max_num_seqs": 4, "num_cpus": 0.5}}),
                   name="llm", route_prefix="/")
         yield {"url": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}", "uri": uri}
     finally:

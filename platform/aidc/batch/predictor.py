@@ -3,13 +3,12 @@
 Rows from your own files are checked with the same validation the HTTP API applies to a request
 (`Task.parse_instances`), row by row only when a batch has a bad row, so a bad row is rejected with the
 API's own message and never stops the job. Rows of a preprocessed dataset split were validated at
-preprocessing and go straight through `transform_batch`. Language models answer prompts through the
-serving engine (continuous batching) with the API's sampling options.
+preprocessing and go straight through `transform_batch`. Language models answer prompts through vLLM, the
+llm app's engine (its offline `LLM`, in the actor's own process), with the API's sampling options.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -44,6 +43,30 @@ def required_columns(task: str, features: dict) -> list[str]:
     if task == "tabular_classification":
         return [*features["numeric"], *features["categorical"]]
     return RAW_COLUMNS[task]
+
+
+def _vllm(ref: str, tracking_uri: str, max_num_seqs: int):
+    """vLLM's offline engine over the verified version's Hugging Face folder, in this process (no engine
+    process to start inside a Ray actor); the same engine arguments as the llm app's defaults."""
+    import os
+
+    from aidc.serving.hf_folder import check_head_dim, materialize
+    from aidc.serving.llm_app import ModelArgs
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from vllm import LLM
+
+    hf = materialize(ref, tracking_uri)
+    gpu = torch.cuda.is_available()
+    check_head_dim(hf, gpu)
+    m = ModelArgs(ref=ref, num_gpus=1 if gpu else 0)
+    llm = LLM(model=str(hf.folder), max_model_len=hf.max_model_len, max_num_seqs=max_num_seqs, dtype=m.engine_dtype(),
+              enforce_eager=m.enforce_eager, enable_prefix_caching=m.enable_prefix_caching,
+              **({} if gpu else {"block_size": 32}))
+    return llm, hf
 
 
 def _jsonable(v):
@@ -81,12 +104,10 @@ class Predictor:
         self.task_name = self.loaded.spec["task"]
         self.key, self.from_split, self.options = key, from_split, options
         self.features = self.loaded.spec["features"]
-        self.lm = None
+        self.llm = None
         if self.task_name == "language_model":
-            from aidc.serving.lm_server import LMService, ServedLM
-
-            served = ServedLM.from_loaded(self.loaded, max_seqs=max(1, min(options["batch_size"], 32)))
-            self.lm, self.service = served, LMService({self.loaded.name: served})
+            self.llm, self.hf = _vllm(ref, tracking_uri, max_num_seqs=max(1, min(options["batch_size"], 32)))
+            self.max_len = self.hf.max_model_len
 
     # -- per batch --------------------------------------------------------------------------
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
@@ -170,34 +191,38 @@ class Predictor:
             predictions = [{**p, "class": classes[p["class"]]} for p in predictions]
         return {n: [p[n] for p in predictions] for n in names}
 
+    def __del__(self):
+        if getattr(self, "hf", None) is not None:
+            from aidc.serving.hf_folder import remove
+
+            remove(self.hf)
+
     def _complete(self, batch: pd.DataFrame, reasons: np.ndarray):
-        """Prompts -> completions through the serving engine, every prompt checked as the API checks it."""
-        from aidc.serving import openai as oa
+        """Prompts -> completions through vLLM, every prompt checked as the API checks it."""
+        from vllm import SamplingParams
 
         o = self.options
+        tokenizer = self.llm.get_tokenizer()
         prompts = batch["prompt"].to_numpy(dtype=object)
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p:
                 reasons[i] = "prompt must be a non-empty string"
                 continue
-            ids = self.lm.encode(p)
-            try:
-                if not ids:
-                    raise RequestError("prompt encodes to no tokens; send some text")
-                self.lm.engine.check_length(len(ids), o["max_tokens"])
-            except RequestError as exc:
-                reasons[i] = str(exc)
+            n = len(tokenizer.encode(p, add_special_tokens=False))
+            if not n:
+                reasons[i] = "prompt encodes to no tokens; send some text"
+            elif n + o["max_tokens"] > self.max_len:
+                reasons[i] = (f"prompt of {n} tokens + max_tokens {o['max_tokens']} is over the model's context: "
+                              f"context is {self.max_len} tokens; shorten the prompt or lower max_tokens")
         ok = np.flatnonzero(reasons == "")
         if not len(ok):
             return ok, {}, reasons
         try:
-            req = oa.CompletionRequest(model=self.loaded.name, prompt=[str(prompts[i]) for i in ok],
-                                       max_tokens=o["max_tokens"], temperature=o["temperature"], top_p=o["top_p"],
-                                       seed=o["seed"], stop=o["stop"] or None)
-            resp = asyncio.run(self.service.completion(req))
-        except AidcError as exc:  # a problem of the whole batch's options: the same reason for every row
+            params = SamplingParams(max_tokens=o["max_tokens"], temperature=o["temperature"], top_p=o["top_p"],
+                                    seed=o["seed"], stop=o["stop"] or None)
+        except ValueError as exc:  # a problem of the whole batch's options: the same reason for every row
             reasons[ok] = str(exc)
             return np.arange(0), {}, reasons
-        choices = sorted(resp.choices, key=lambda c: c.index)
-        return ok, {"completion": [c.text for c in choices], "finish_reason": [c.finish_reason for c in choices]}, \
-            reasons
+        outs = self.llm.generate([str(prompts[i]) for i in ok], params, use_tqdm=False)
+        return ok, {"completion": [r.outputs[0].text for r in outs],
+                    "finish_reason": [r.outputs[0].finish_reason for r in outs]}, reasons

@@ -15,6 +15,12 @@ from aidc.data.text import SPECIALS
 from aidc.errors import RegistryError
 from aidc.hf import _CONV1D, _GELU, _NAMES
 
+# aidc's own models, trained on plain text: one `role: content` line per message, then `assistant:`
+DEFAULT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
 _OURS = {ours: theirs for theirs, ours in _NAMES.items()}
 _ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
 assert all(_GELU[v] == k for k, v in _ACTIVATION.items())
@@ -61,11 +67,17 @@ def tokenizer_config(tok: dict, max_length: int) -> dict:
            "clean_up_tokenization_spaces": False}
     if tok.get("eos_token"):
         cfg.update(eos_token=tok["eos_token"], bos_token=tok.get("bos_token", tok["eos_token"]))
+    elif tok["kind"] == "bpe" and tok.get("json"):  # the tokenizer's own special tokens, by their ids
+        names = {t["id"]: t["content"] for t in json.loads(tok["json"]).get("added_tokens", [])}
+        roles = {"pad_token": tok.get("pad_id"), "unk_token": tok.get("unk_id"), "eos_token": tok.get("eos_id"),
+                 "bos_token": tok.get("eos_id")}
+        cfg.update({role: names[i] for role, i in roles.items() if i in names})
     else:
         pad, unk, eos = SPECIALS
         cfg.update(pad_token=pad, unk_token=unk, eos_token=eos, bos_token=eos)
-    if tok.get("chat_template"):
-        cfg["chat_template"] = tok["chat_template"]
+    # the model's own template, else aidc's plain `role: content` lines (what it was trained to continue):
+    # vLLM, transformers and lm-eval then render chat the same way
+    cfg["chat_template"] = tok.get("chat_template") or DEFAULT_TEMPLATE
     return cfg
 
 

@@ -30,19 +30,6 @@ class CausalSelfAttention(nn.Module):
         ) if cache is None or t > 1 else F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).contiguous().view(b, t, c)), (k, v)
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, kv: tuple, slots: torch.Tensor, mask: torch.Tensor):
-        """Inference over a slot-indexed cache: row r writes its keys/values at (slots[r], pos[r]) and
-        attends to its own slot's positions allowed by `mask` (b, t, span)."""
-        b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.heads, c // self.heads) for z in self.qkv(x).split(c, dim=2))
-        kbuf, vbuf = kv
-        kbuf[slots[:, None], pos] = k  # (b, t, heads, hd) into (slots, block, heads, hd)
-        vbuf[slots[:, None], pos] = v
-        span = mask.shape[-1]  # gather whole contiguous rows: far cheaper than fancy-indexing a strided view
-        keys, values = (buf[:, :span].index_select(0, slots).transpose(1, 2) for buf in (kbuf, vbuf))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
-
 
 class Block(nn.Module):
     def __init__(self, d_model: int, heads: int, dropout: float, gelu: str = "none"):
@@ -56,10 +43,6 @@ class Block(nn.Module):
         a, new_cache = self.attn(self.ln1(x), cache)
         x = x + a
         return x + self.mlp(self.ln2(x)), new_cache
-
-    def step(self, x, pos, kv, slots, mask):
-        x = x + self.attn.step(self.ln1(x), pos, kv, slots, mask)
-        return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
@@ -101,27 +84,6 @@ class GPT(nn.Module):
                 new_caches.append(kv)
         logits = self.head(self.ln_f(x))
         return logits if caches is None else (logits, new_caches)
-
-    def new_cache(self, slots: int, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Empty key/value buffers, (slots, block_size, heads, head_dim) per layer, for `step`."""
-        attn = self.blocks[0].attn
-        shape = (slots, self.block_size, attn.heads, self.tokens.embedding_dim // attn.heads)
-        w = self.tokens.weight
-        return [tuple(torch.zeros(shape, dtype=dtype or w.dtype, device=w.device) for _ in range(2))
-                for _ in self.blocks]
-
-    @torch.no_grad()
-    def step(self, idx: torch.Tensor, pos: torch.Tensor, cache: list, slots: torch.Tensor) -> torch.Tensor:
-        """One batched inference step for continuous batching. Row r holds tokens `idx[r]` at positions
-        `pos[r]` (b, t) of the sequence living in cache slot `slots[r]`; every row has its own length and
-        attends only to its own cache. Prefill passes whole (right-padded) prompts, decode one token per
-        row. Returns logits (b, t, vocab)."""
-        span = int(pos.max()) + 1
-        mask = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]
-        x = self.tokens(idx) + self.positions(pos)
-        for block, kv in zip(self.blocks, cache):
-            x = block.step(x, pos, kv, slots, mask)
-        return self.head(self.ln_f(x))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

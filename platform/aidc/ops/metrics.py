@@ -81,17 +81,8 @@ CATALOGUE: dict[str, Metric] = {m.name: m for m in [
     _h("aidc_serve_request_duration_seconds", "Request latency as the app saw it.", LATENCY_S,
        "app", "model", "protocol", "route"),
     _h("aidc_serve_batch_size", "Requests run together in one model call.", BATCH, "app", "model", "version"),
-    # language models (the continuous-batching engine)
-    _h("aidc_llm_time_to_first_token_seconds", "Seconds from arrival to the first generated token.", LATENCY_S,
-       "model"),
-    _h("aidc_llm_inter_token_latency_seconds", "Seconds between consecutive tokens of a sequence.", LATENCY_S,
-       "model"),
-    _h("aidc_llm_queue_time_seconds", "Seconds a sequence waited before joining the batch.", LATENCY_S, "model"),
-    _c("aidc_llm_prompt_tokens_total", "Prompt tokens prefilled.", "model"),
-    _c("aidc_llm_generated_tokens_total", "Tokens generated.", "model"),
-    _g("aidc_llm_running_sequences", "Sequences in the running batch.", "model"),
-    _g("aidc_llm_waiting_sequences", "Sequences waiting for a batch slot (the queue depth).", "model"),
-    _g("aidc_llm_kv_cache_usage_ratio", "Fraction of key/value cache positions in use.", "model"),
+    # language models: vLLM's own engine metrics (ray_vllm_*: TTFT, inter-token latency, KV cache, prefix cache)
+    # come through Ray Serve LLM (aidc.serving.llm_app, `metrics: true`); aidc adds the request metrics above
     # -- registry -----------------------------------------------------------------------------
     _c("aidc_model_loads_total", "Model versions loaded from the registry, by outcome (ok, integrity, error).",
        "model", "outcome"),

@@ -10,8 +10,7 @@ from __future__ import annotations
 import re
 
 from aidc.security.auth import BODY, KEY, MODEL, OPEN, ApiKeyAuth, AuthArgs
-from aidc.serving import openai as oa
-from aidc.serving.http import error_body
+from aidc.serving.http import error_body, openai_error_body
 
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 _OIP_MODEL = re.compile(r"^/models/(?P<name>[^/]+)(?P<rest>/.*)?$")
@@ -49,7 +48,7 @@ def openai_policy(path: str) -> str:
 APPS = {
     "predictor": (predictor_policy, lambda msg, status, reason: error_body(msg, status)),
     "tensors": (oip_policy, lambda msg, status, reason: {"error": msg}),
-    "llm": (openai_policy, lambda msg, status, reason: oa.error_body(msg, status, None, OPENAI_CODES.get(status))),
+    "llm": (openai_policy, lambda msg, status, reason: openai_error_body(msg, status, None, OPENAI_CODES.get(status))),
 }
 
 

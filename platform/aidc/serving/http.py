@@ -7,6 +7,40 @@ import json
 from aidc.errors import RequestError
 
 
+# The OpenAI error envelope's type and code by status (the llm app; OpenAI's own values)
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "timeout_error",
+                      413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                      500: "server_error", 503: "server_error"}
+OPENAI_ERROR_CODES = {404: "model_not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
+
+
+def openai_error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error envelope: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code or OPENAI_ERROR_CODES.get(status)}}
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_body_bytes` (by its Content-Length) gets 413 before any parsing.
+    The limit is a class attribute the Serve replica sets from its args (one app per replica process)."""
+
+    max_body_bytes = 1_000_000
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        length = dict(scope.get("headers") or []).get(b"content-length") if scope["type"] == "http" else None
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            body = json.dumps(openai_error_body(f"request body is {int(length)} bytes, over the limit of "
+                                                f"{self.max_body_bytes}; send fewer or shorter prompts", 413)).encode()
+            await send({"type": "http.response.start", "status": 413, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def error_body(message: str, status: int, field: str | None = None) -> dict:
     return {"error": {"status": status, "message": message, **({"field": field} if field else {})}}
 

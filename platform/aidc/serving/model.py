@@ -33,6 +33,12 @@ class LoadedModel:
         from safetensors.torch import load_file
 
         spec = json.loads((directory / SPEC).read_text())
+        if spec.get("format") == "huggingface":
+            from aidc.errors import RegistryError
+
+            raise RegistryError(f"{name}/{version} is a Hugging Face {spec['model'].get('model_type')} folder "
+                                "as it was imported: serve it with the llm app (vLLM); the predictor and tensors "
+                                "apps, export and compression take aidc models")
         task = get_task(spec["task"])
         model = task.build_model(spec["model"], spec["features"])
         model = load_weights(model, load_file(str(directory / WEIGHTS)), spec)  # int8 versions: aidc.compress

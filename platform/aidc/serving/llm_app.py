@@ -1,0 +1,372 @@
+"""The `llm` app on vLLM through Ray Serve LLM: registry versions served by Ray's `LLMServer` deployments
+(one vLLM engine each), behind aidc's OpenAI ingress (a subclass of Ray Serve LLM's `OpenAiIngress`).
+
+What aidc adds to Ray Serve LLM, and where:
+- `AidcLLMServer` (Ray's LLMServer): resolves the registry reference on the replica's own node, verifies
+  it and writes the Hugging Face folder vLLM loads (aidc.serving.hf_folder) before the engine starts; adds
+  `tokenizer_info` and `health`, and fills in vLLM 0.29's tokenization state, which Ray 2.60 looks for
+  under its old name (`openai_serving_tokenization`; vLLM now calls it `serving_tokenization`).
+- `LLMIngress` (Ray's OpenAiIngress, routing by the request's `model` to that model's deployment handle):
+  API keys on every route, aidc's request metrics, a body-size limit, the OpenAI error envelope for every
+  error (404 unknown model, 400 bad request naming the field, 413, 429 + Retry-After when a model's queue
+  is full, 503 + Retry-After while its engine is down), the tokenizer routes at the root where
+  lm-evaluation-harness looks, `/v1/health`, and `max_model_len` in `/v1/models`.
+Serve config: serve_apps/config.yaml; the app module (serve_apps/llm.py) only validates args and builds.
+No `from __future__ import annotations`: FastAPI must see real types on Serve ingress methods.
+"""
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    OpenAIHTTPException,
+)
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.llm._internal.serve.core.ingress.utils import (
+    NON_STREAMING_RESPONSE_TYPES,
+    _openai_json_wrapper,
+    _peek_at_generator,
+)
+from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from starlette.exceptions import HTTPException
+from vllm.exceptions import VLLMClientError
+
+from aidc.errors import RequestError
+from aidc.ops.serving import RequestMetrics, tag_request
+from aidc.security.auth import ApiKeyAuth, AuthArgs
+from aidc.serving.auth import protect
+from aidc.serving.http import BodyLimit, openai_error_body
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+DOWN = ("the model's vLLM engine process is down; Serve is replacing the replica - retry in a few seconds")
+
+
+class ModelArgs(BaseModel):
+    """One served model: a registry reference and its engine and replica settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    ref: str = Field(..., description="Registry reference: name@alias or name/version.")
+    max_num_seqs: int = Field(32, ge=1, description="Sequences vLLM runs in one batch.")
+    max_waiting: int = Field(256, ge=0, description="Requests a replica holds beyond max_num_seqs; 429 above.")
+    max_model_len: Optional[int] = Field(None, ge=1, description="Context length; default: the model's own.")
+    num_cpus: float = Field(1, gt=0, description="CPUs of the engine's placement-group bundle (CPU nodes).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica; > 0 runs vLLM's CUDA engine.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over (vLLM TP).")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU key/value cache in GiB per replica (VLLM_CPU_KVCACHE_SPACE), "
+                                "so a replica fits its node.")
+    enable_prefix_caching: bool = Field(True, description="vLLM's automatic prefix caching.")
+    block_size: Optional[int] = Field(None, ge=16, description="KV-cache block (tokens); default 32 on CPU so "
+                                      "prompts shorter than vLLM's CPU default of 128 can hit the prefix cache.")
+    enforce_eager: bool = Field(True, description="Skip torch.compile/CUDA graphs: starts in seconds instead of "
+                                "about 30 s more on CPU; false for peak throughput on long-lived replicas.")
+    dtype: Optional[str] = Field(None, description="vLLM's dtype (auto, float32, bfloat16, ...); default: auto on "
+                                 "GPUs, float32 on CPUs - vLLM's bf16 CPU kernels died with SIGILL on small "
+                                 "models here (hidden 64, AMX CPU), and aidc's GPTs train in float32.")
+
+    def engine_dtype(self) -> str:
+        return self.dtype or ("auto" if self.num_gpus > 0 else "float32")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Further vLLM engine arguments.")
+    autoscaling_config: dict[str, Any] = Field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 24},
+        description="Serve autoscaling on ongoing requests per replica.")
+
+
+class LLMArgs(BaseModel):
+    """Application arguments (the `args:` block of the Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[Union[str, ModelArgs]] = Field(..., min_length=1, description="Registry references served "
+                                                "(name@alias or name/version), or per-model settings.")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="ModelArgs fields every model starts from.")
+    tracking_uri: Optional[str] = Field(None, description="MLflow registry; default sqlite under $AIDC_STORAGE.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 above).")
+    metrics: bool = Field(True, description="Export vLLM's engine metrics (TTFT, inter-token latency, KV cache, "
+                          "prefix-cache hits) through Ray's Prometheus endpoint.")
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
+
+    def model_args(self) -> list[ModelArgs]:
+        return [m if isinstance(m, ModelArgs) else ModelArgs.model_validate({**self.defaults, "ref": m})
+                for m in self.models]
+
+
+class AidcLLMServer(LLMServer):
+    """Ray Serve LLM's model server, started from a verified registry version."""
+
+    async def __init__(self, llm_config, *, ref: str, tracking_uri: Optional[str] = None, gpu: bool = False):
+        from aidc.serving.hf_folder import check_head_dim, materialize
+
+        self._hf = materialize(ref, tracking_uri)  # on this node, from freshly verified files
+        check_head_dim(self._hf, gpu)
+        llm_config.model_loading_config.model_source = str(self._hf.folder)
+        llm_config._engine_config = None  # derived (and cached) from the deploy-time folder: derive it again
+        await super().__init__(llm_config)
+        engine = self.engine
+        if getattr(engine, "_oai_serving_tokenization", None) is None and engine._app_state is not None:
+            engine._oai_serving_tokenization = getattr(engine._app_state, "serving_tokenization", None)
+
+    async def tokenizer_info(self) -> dict:
+        info = await self.engine._oai_serving_tokenization.get_tokenizer_info()
+        return info.model_dump() if hasattr(info, "model_dump") else dict(info)
+
+    async def health(self) -> dict:
+        """Raises while the engine is dead (so does Serve's own health check: the replica is replaced)."""
+        await self.engine.check_health()
+        client = self.engine._engine_client
+        processor = getattr(client, "output_processor", None)
+        running = processor.get_num_unfinished_requests() if processor is not None else None
+        return {"version": self._hf.version, "engine": "vllm", "replica_pid": os.getpid(), "running": running,
+                "max_model_len": self._llm_config.engine_kwargs.get("max_model_len")}
+
+    async def __del__(self):
+        from aidc.serving.hf_folder import remove
+
+        if getattr(self, "_hf", None) is not None:
+            remove(self._hf)
+        await super().__del__()
+
+
+api = FastAPI(title="aidc LLM", version="2", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+              description="OpenAI-compatible completions and chat completions for language models in the aidc "
+              "registry, served by vLLM through Ray Serve LLM.")
+api.add_middleware(BodyLimit)
+protect(api, "llm")  # API keys: infer:<body model> on generation/tokenizer routes; /health open
+api.add_middleware(RequestMetrics)  # requests, codes, latency (aidc.ops.serving); outermost: counts 401s too
+
+
+def _json_error(message: str, status: int, param: Optional[str] = None):
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(openai_error_body(message, status, param), status_code=status, headers=headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request, exc: RequestError):
+    return _json_error(exc.message, exc.status, exc.field)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request, exc: RequestValidationError):
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid request")
+    return _json_error(f"{msg} at {param}" if param else msg, 400, param)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request, exc: HTTPException):
+    return _json_error(str(exc.detail), exc.status_code)
+
+
+@api.exception_handler(VLLMClientError)
+async def _vllm_client_error(request, exc: VLLMClientError):  # vLLM's protocol validators (e.g. stream_options)
+    return _json_error(str(exc.args[0] if exc.args else exc), 400, getattr(exc, "parameter", None))
+
+
+@api.exception_handler(OpenAIHTTPException)
+async def _openai_error(request, exc: OpenAIHTTPException):
+    return _json_error(exc.message, exc.status_code)
+
+
+def _unavailable(exc: BaseException) -> Optional[RequestError]:
+    """Map a failure reaching a model's replica to the answer a client can act on (else None)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError):
+        return RequestError("this model's queue is full; retry after the Retry-After seconds", status=429)
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, RayActorError) or "EngineDeadError" in text or "EngineCore" in text:
+        return RequestError(DOWN, status=503)
+    return None
+
+
+class LLMIngress(OpenAiIngress):
+    """Ray Serve LLM's OpenAI ingress with aidc's keys, metrics, errors and routes (module docstring)."""
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, args: dict, versions: dict):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self.args = LLMArgs.model_validate(args)
+        self.versions = versions  # model id -> registered version
+        BodyLimit.max_body_bytes = self.args.max_body_bytes
+        ApiKeyAuth.configure("llm", self.args.auth, model=self._only_model())
+
+    def _only_model(self) -> Optional[str]:
+        return next(iter(self._model_cards)) if len(self._model_cards) == 1 else None
+
+    def _model_id(self, model: Optional[str]) -> str:
+        """The served model a request names (the app's one model when it names none), else 400/404."""
+        if model is None:
+            if self._only_model() is None:
+                raise RequestError(f"name a `model`: this app serves {sorted(self._model_cards)}", status=400,
+                                   field="model")
+            model = self._only_model()
+        if model.split(":", 1)[0] not in self._model_cards:
+            raise RequestError(f"model {model!r} is not served here; GET /v1/models lists "
+                               f"{sorted(self._model_cards)}", status=404, field="model")
+        tag_request(model, self.versions.get(model))
+        return model
+
+    async def _call(self, body, method: str, request: Optional[Request], stream_ok: bool = True):
+        body.model = self._model_id(body.model)
+        try:
+            gen = self._get_response(body=body, call_method=method, raw_request=request)
+            first, gen = await _peek_at_generator(gen)
+        except Exception as exc:  # noqa: BLE001 - mapped to an answer the client can act on
+            mapped = _unavailable(exc)
+            if mapped is None and "GenerationError" in f"{type(exc).__name__}: {exc}" and getattr(
+                    body, "response_format", None) is not None:
+                # vLLM's grammar admitted no token of this model's vocabulary (e.g. a character model trained
+                # on text without braces asked for JSON): the request, not the server, is at fault
+                mapped = RequestError("this model's vocabulary cannot write output matching response_format "
+                                      "(its tokens lack characters the format needs); drop response_format or "
+                                      "use a model whose vocabulary covers it", status=400, field="response_format")
+            if mapped is None:
+                logger.exception("generation failed")
+                mapped = RequestError(f"the engine failed this request ({type(exc).__name__}); it is logged on "
+                                      "the replica", status=500)
+            raise mapped from None
+        chunk = first[0] if isinstance(first, list) and first else first
+        if isinstance(chunk, ErrorResponse):
+            e = chunk.error
+            raise RequestError(e.message, status=int(e.code), field=getattr(e, "param", None))
+        if not stream_ok or isinstance(chunk, NON_STREAMING_RESPONSE_TYPES) or not hasattr(body, "stream") \
+                or not body.stream:
+            return JSONResponse(chunk.model_dump(mode="json", exclude_none=False))
+        return StreamingResponse(_openai_json_wrapper(gen), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @api.get("/v1/models")
+    async def models(self):
+        out = await super().models()
+        data = []
+        for card in out.data:
+            d = card.model_dump(mode="json")
+            d["max_model_len"] = d.get("metadata", {}).get("max_request_context_length")
+            d["version"] = self.versions.get(card.id)
+            data.append(d)
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        return await self._call(body, "completions", request)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        return await self._call(body, "chat", request)
+
+    @api.post("/v1/tokenize")
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            raise RequestError(f"request body is not valid JSON: {exc}", status=400) from None
+        kind = TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeCompletionRequest
+        try:
+            parsed = kind.model_validate(body)
+        except Exception as exc:  # pydantic ValidationError -> 400 naming the field
+            raise RequestValidationError(exc.errors() if hasattr(exc, "errors") else []) from None
+        return await self._call(parsed, "tokenize", request, stream_ok=False)
+
+    @api.post("/v1/detokenize")
+    @api.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, request: Request):
+        return await self._call(body, "detokenize", request, stream_ok=False)
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, model: Optional[str] = None):
+        model = self._model_id(model)
+        try:
+            info = await self._default_serve_handles[model].tokenizer_info.remote()
+        except Exception as exc:  # noqa: BLE001
+            raise (_unavailable(exc) or exc) from None
+        return {**info, "model": model}
+
+    @api.get("/v1/health")
+    async def health(self):
+        """Each model's replica answers through its engine: 503 + Retry-After while one is down."""
+        models = {}
+        for name, handle in self._default_serve_handles.items():
+            try:
+                models[name] = await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
+            except asyncio.TimeoutError:  # no replica answers: starting, or being replaced
+                raise RequestError(f"{name}: no replica is ready (starting, or replacing one whose engine died); "
+                                   "retry in a few seconds", status=503) from None
+            except Exception as exc:  # noqa: BLE001
+                raise (_unavailable(exc) or RequestError(f"{name}: {exc}", status=503)) from None
+        return {"status": "ok", "models": models}
+
+
+_INGRESS = serve.ingress(api)(LLMIngress)
+
+
+def llm_config(m: ModelArgs, name: str, folder: str, max_len: int, metrics: bool):
+    """Ray Serve LLM's LLMConfig for one model: engine arguments, placement, env, Serve options."""
+    from ray.serve.llm import LLMConfig
+
+    gpu = m.num_gpus > 0
+    engine = {"max_model_len": m.max_model_len or max_len, "max_num_seqs": m.max_num_seqs,
+              "enable_prefix_caching": m.enable_prefix_caching, "enforce_eager": m.enforce_eager,
+              "dtype": m.engine_dtype(), "tensor_parallel_size": m.tensor_parallel_size,
+              # a random or small model under json_schema would pad with spaces until max_tokens otherwise
+              "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+              "enable_prompt_tokens_details": True,  # usage.prompt_tokens_details.cached_tokens (prefix cache)
+              **({} if gpu else {"block_size": m.block_size or 32}), **m.engine_kwargs}
+    if m.block_size and gpu:
+        engine["block_size"] = m.block_size
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(m.kv_cache_gib)}
+    placement = ({"bundles": [{"GPU": 1, "CPU": 1}] * m.tensor_parallel_size} if gpu
+                 else {"bundles": [{"CPU": m.num_cpus}]})
+    return LLMConfig(
+        model_loading_config={"model_id": name, "model_source": folder},
+        accelerator_config={"kind": "gpu" if gpu else "cpu"},
+        engine_kwargs=engine, placement_group_config=placement, log_engine_metrics=metrics,
+        runtime_env={"env_vars": env},
+        deployment_config={"ray_actor_options": {"num_cpus": 0}, "autoscaling_config": m.autoscaling_config,
+                           "max_ongoing_requests": m.max_num_seqs, "max_queued_requests": max(1, m.max_waiting),
+                           "health_check_period_s": 5})
+
+
+def build_app(args: LLMArgs):
+    """The Serve application: one AidcLLMServer deployment per model, LLMIngress in front.
+
+    Each reference is resolved to its version now (a replica started later by the autoscaler serves the same
+    version) and fetched + verified here, so a tampered version fails the deploy with its reason."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import build_llm_deployment
+
+    from aidc.serving.hf_folder import check_head_dim, materialize, remove
+
+    deployments, cards, versions = {}, {}, {}
+    for m in args.model_args():
+        hf = materialize(m.ref, args.tracking_uri)
+        try:
+            check_head_dim(hf, m.num_gpus > 0)
+            cfg = llm_config(m, hf.name, str(hf.folder), hf.max_model_len, args.metrics)
+            cards[hf.name] = to_model_metadata(hf.name, cfg)
+        finally:
+            remove(hf)
+        pinned = f"{hf.name}/{hf.version}"
+        deployments[hf.name] = build_llm_deployment(
+            cfg, deployment_cls=AidcLLMServer,
+            bind_kwargs={"ref": pinned, "tracking_uri": args.tracking_uri, "gpu": m.num_gpus > 0})
+        versions[hf.name] = hf.version
+    ingress = serve.deployment(_INGRESS, name="LLMIngress",
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    return ingress.bind(deployments, cards, args=args.model_dump(mode="json"), versions=versions)

@@ -1,0 +1,61 @@
+"""The llm app's pieces that need no cluster: args, vLLM engine settings, the registry -> Hugging Face folder
+check, and the exported tokenizer's special tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aidc.errors import AidcError
+from aidc.export.hf_export import DEFAULT_TEMPLATE, tokenizer_config
+from aidc.serving.hf_folder import HFModel, check_head_dim
+from aidc.serving.llm_app import LLMArgs, ModelArgs, llm_config
+
+
+def test_defaults_apply_to_every_model_and_a_model_may_override_them():
+    args = LLMArgs.model_validate({"models": ["a@champion", {"ref": "b/3", "max_num_seqs": 2}],
+                                   "defaults": {"max_num_seqs": 8, "kv_cache_gib": 2}})
+    a, b = args.model_args()
+    assert (a.ref, a.max_num_seqs, a.kv_cache_gib) == ("a@champion", 8, 2)
+    assert (b.ref, b.max_num_seqs) == ("b/3", 2)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLMArgs.model_validate({"models": [{"ref": "a", "max_num_seqs": 0}]})
+    with pytest.raises(ValueError, match="bogus"):
+        LLMArgs.model_validate({"models": ["a"], "bogus": 1})
+
+
+def test_llm_config_on_cpu_and_on_gpu():
+    cpu = llm_config(ModelArgs(ref="m", max_waiting=0), "m", "/tmp/m", 128, metrics=True)
+    assert cpu.accelerator_config.kind == "cpu" and cpu.placement_group_config == {"bundles": [{"CPU": 1.0}]}
+    kw = cpu.engine_kwargs
+    assert kw["max_model_len"] == 128 and kw["block_size"] == 32 and kw["enable_prefix_caching"]
+    assert kw["structured_outputs_config"]["disable_any_whitespace"]
+    assert cpu.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert cpu.deployment_config["max_queued_requests"] == 1  # Serve takes no 0: one request may wait
+    gpu = llm_config(ModelArgs(ref="m", num_gpus=1, tensor_parallel_size=2, max_model_len=64), "m", "/tmp/m", 128,
+                     metrics=False)
+    assert gpu.accelerator_config.kind == "gpu" and "block_size" not in gpu.engine_kwargs
+    assert gpu.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
+    assert gpu.engine_kwargs["max_model_len"] == 64 and gpu.engine_kwargs["tensor_parallel_size"] == 2
+
+
+def test_a_head_size_vllm_cannot_run_on_cpu_is_refused_naming_the_fix(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"n_embd": 64, "n_head": 4}))
+    model = HFModel("tiny", "1", tmp_path, 128, head_dim=16)
+    with pytest.raises(AidcError, match=r"heads of size 16.*model.heads=2"):
+        check_head_dim(model, gpu=False)
+    check_head_dim(model, gpu=True)  # GPU attention backends take it
+    check_head_dim(HFModel("ok", "1", tmp_path, 128, head_dim=32), gpu=False)
+
+
+def test_an_imported_tokenizer_keeps_its_own_special_tokens():
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE())
+    tok.add_special_tokens(["<|endoftext|>"])
+    state = {"kind": "bpe", "json": tok.to_str(), "eos_id": 0, "pad_id": None, "unk_id": None}
+    cfg = tokenizer_config(state, 64)
+    assert cfg["eos_token"] == cfg["bos_token"] == "<|endoftext|>" and "pad_token" not in cfg
+    assert cfg["chat_template"] == DEFAULT_TEMPLATE  # no template of its own: aidc's `role: content` lines
+    assert tokenizer_config({**state, "chat_template": "{{ x }}"}, 64)["chat_template"] == "{{ x }}"
