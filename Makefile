@@ -121,7 +121,8 @@ demo-steps:
 	$(STEP) "6/8 HTTP predictions for held-out digits"
 	AIDC_API_KEY=$$(cat $(DEMO_KEY)) $(BIN)/aidc predict --url $(SERVE_URL)/digits/predict --dataset digits --split test --limit 170
 	$(STEP) "7/8 a streamed chat completion from the llm app (official openai client: aidc chat)"
-	@for i in $$(seq 120); do curl -sf $(SERVE_URL)/v1/health >/dev/null && break; sleep 1; done
+	@# the vLLM replica: ~1 min to start on 2 idle cores (engine process, model load, KV cache); 503 until then
+	@for i in $$(seq 300); do curl -sf $(SERVE_URL)/v1/health >/dev/null && break; sleep 1; done
 	AIDC_API_KEY=$$(cat $(DEMO_KEY)) $(BIN)/aidc chat --url $(SERVE_URL)/v1 --model shakespeare-gpt "Speak, good sir: what news from the court?"
 	@echo "Try the LLM: curl -sN $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' -H \"Authorization: Bearer \$$AIDC_API_KEY\" \\"
 	@echo "              -d '{\"model\": \"shakespeare-gpt\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"What news?\"}]}'"

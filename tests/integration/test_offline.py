@@ -147,8 +147,8 @@ def test_lm_batch_completions_on_vllm_reject_bad_prompts_and_repeat_with_a_seed(
     reasons, the rest completed; the same seed and options give the same completions again."""
     from aidc.batch import run_batch_inference
 
-    cfg = models["cfgs"]["shakespeare-gpt"]
     models["refs"]["shakespeare-gpt"]  # trained on first use
+    cfg = models["cfgs"]["shakespeare-gpt"]
     prompts = ["ROMEO:", "To be, or not", "", "x" * 200, "KING HENRY:\nWhat news?"]
     path = tmp_path / "prompts.csv"
     pd.DataFrame({"id": range(len(prompts)), "prompt": prompts}).to_csv(path, index=False)

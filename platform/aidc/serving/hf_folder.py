@@ -35,6 +35,7 @@ class HFModel:
     folder: Path
     max_model_len: int
     head_dim: int
+    vocab_size: int | None = None
 
 
 def cache_root() -> Path:
@@ -69,7 +70,9 @@ def materialize(ref: str, uri: str | None = None, dst: Path | None = None) -> HF
     m = spec["model"]
     head_dim = int(m.get("head_dim") or m["d_model"] // m["heads"])
     logger.info("materialized %s/%s for vLLM at %s", mv.name, mv.version, out)
-    return HFModel(mv.name, str(mv.version), out, int(spec["features"]["block_size"]), head_dim)
+    vocab = spec["features"].get("vocab_size")
+    return HFModel(mv.name, str(mv.version), out, int(spec["features"]["block_size"]), head_dim,
+                   int(vocab) if vocab else None)
 
 
 def check_head_dim(model: HFModel, gpu: bool) -> None:

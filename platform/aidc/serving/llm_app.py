@@ -197,10 +197,10 @@ def _unavailable(exc: BaseException) -> Optional[RequestError]:
 class LLMIngress(OpenAiIngress):
     """Ray Serve LLM's OpenAI ingress with aidc's keys, metrics, errors and routes (module docstring)."""
 
-    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, args: dict, versions: dict):
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, args: dict, versions: dict, vocab: dict):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.args = LLMArgs.model_validate(args)
-        self.versions = versions  # model id -> registered version
+        self.versions, self.vocab = versions, vocab  # model id -> registered version, vocabulary size
         BodyLimit.max_body_bytes = self.args.max_body_bytes
         ApiKeyAuth.configure("llm", self.args.auth, model=self._only_model())
 
@@ -234,6 +234,9 @@ class LLMIngress(OpenAiIngress):
                 mapped = RequestError("this model's vocabulary cannot write output matching response_format "
                                       "(its tokens lack characters the format needs); drop response_format or "
                                       "use a model whose vocabulary covers it", status=400, field="response_format")
+            if mapped is None and isinstance(exc, (ValueError, OverflowError, TypeError)):  # ray keeps the type
+                cause = getattr(exc, "cause", None) or exc
+                mapped = RequestError(f"vLLM refused this request: {type(cause).__name__}: {cause}", status=400)
             if mapped is None:
                 logger.exception("generation failed")
                 mapped = RequestError(f"the engine failed this request ({type(exc).__name__}); it is logged on "
@@ -287,6 +290,11 @@ class LLMIngress(OpenAiIngress):
     @api.post("/v1/detokenize")
     @api.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest, request: Request):
+        vocab = self.vocab.get(self._model_id(body.model))
+        bad = [t for t in body.tokens if vocab and not 0 <= t < vocab]
+        if bad:  # vLLM's detokenizer would overflow or index past its vocabulary (a 500 there)
+            raise RequestError(f"token id(s) {bad[:5]} are outside this model's vocabulary (0..{vocab - 1})",
+                               status=400, field="tokens")
         return await self._call(body, "detokenize", request, stream_ok=False)
 
     @api.get("/tokenizer_info")
@@ -353,7 +361,7 @@ def build_app(args: LLMArgs):
 
     from aidc.serving.hf_folder import check_head_dim, materialize, remove
 
-    deployments, cards, versions = {}, {}, {}
+    deployments, cards, versions, vocab = {}, {}, {}, {}
     for m in args.model_args():
         hf = materialize(m.ref, args.tracking_uri)
         try:
@@ -366,7 +374,7 @@ def build_app(args: LLMArgs):
         deployments[hf.name] = build_llm_deployment(
             cfg, deployment_cls=AidcLLMServer,
             bind_kwargs={"ref": pinned, "tracking_uri": args.tracking_uri, "gpu": m.num_gpus > 0})
-        versions[hf.name] = hf.version
+        versions[hf.name], vocab[hf.name] = hf.version, hf.vocab_size
     ingress = serve.deployment(_INGRESS, name="LLMIngress",
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-    return ingress.bind(deployments, cards, args=args.model_dump(mode="json"), versions=versions)
+    return ingress.bind(deployments, cards, args=args.model_dump(mode="json"), versions=versions, vocab=vocab)
