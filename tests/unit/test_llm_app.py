@@ -30,12 +30,14 @@ def test_llm_config_on_cpu_and_on_gpu():
     assert cpu.accelerator_config.kind == "cpu" and cpu.placement_group_config == {"bundles": [{"CPU": 1.0}]}
     kw = cpu.engine_kwargs
     assert kw["max_model_len"] == 128 and kw["block_size"] == 32 and kw["enable_prefix_caching"]
+    assert kw["enable_chunked_prefill"] is False and kw["max_num_batched_tokens"] == 2048  # seeded requests on CPU
     assert kw["structured_outputs_config"]["disable_any_whitespace"]
     assert cpu.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert cpu.deployment_config["max_queued_requests"] == 1  # Serve takes no 0: one request may wait
     gpu = llm_config(ModelArgs(ref="m", num_gpus=1, tensor_parallel_size=2, max_model_len=64), "m", "/tmp/m", 128,
                      metrics=False)
     assert gpu.accelerator_config.kind == "gpu" and "block_size" not in gpu.engine_kwargs
+    assert "enable_chunked_prefill" not in gpu.engine_kwargs
     assert gpu.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
     assert gpu.engine_kwargs["max_model_len"] == 64 and gpu.engine_kwargs["tensor_parallel_size"] == 2
 

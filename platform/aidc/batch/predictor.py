@@ -51,7 +51,7 @@ def _vllm(ref: str, tracking_uri: str, max_num_seqs: int):
     import os
 
     from aidc.serving.hf_folder import check_head_dim, materialize
-    from aidc.serving.llm_app import ModelArgs
+    from aidc.serving.llm_app import ModelArgs, cpu_engine_kwargs
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -65,7 +65,7 @@ def _vllm(ref: str, tracking_uri: str, max_num_seqs: int):
     m = ModelArgs(ref=ref, num_gpus=1 if gpu else 0)
     llm = LLM(model=str(hf.folder), max_model_len=hf.max_model_len, max_num_seqs=max_num_seqs, dtype=m.engine_dtype(),
               enforce_eager=m.enforce_eager, enable_prefix_caching=m.enable_prefix_caching,
-              **({} if gpu else {"block_size": 32}))
+              **({} if gpu else cpu_engine_kwargs(None, hf.max_model_len)))
     return llm, hf
 
 

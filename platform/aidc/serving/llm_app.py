@@ -80,6 +80,8 @@ class ModelArgs(BaseModel):
     def engine_dtype(self) -> str:
         return self.dtype or ("auto" if self.num_gpus > 0 else "float32")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Further vLLM engine arguments.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the replica and its engine "
+                                     "(e.g. VLLM_CPU_OMP_THREADS_BIND).")
     autoscaling_config: dict[str, Any] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 24},
         description="Serve autoscaling on ongoing requests per replica.")
@@ -324,6 +326,15 @@ class LLMIngress(OpenAiIngress):
 _INGRESS = serve.ingress(api)(LLMIngress)
 
 
+def cpu_engine_kwargs(block_size: Optional[int], max_len: int) -> dict:
+    """vLLM settings for CPU nodes. Block 32 (not vLLM's CPU default of 128), so prompts of a few dozen tokens
+    share prefix-cache blocks. No chunked prefill: vLLM 0.29's CPU sampler fails a seeded request whose prompt
+    was prefilled in chunks ('CPU Generator does not use offset') and takes the engine down with it - so a
+    whole prompt is prefilled in one step, up to max(2048, the context) tokens a step."""
+    return {"block_size": block_size or 32, "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(2048, max_len)}
+
+
 def llm_config(m: ModelArgs, name: str, folder: str, max_len: int, metrics: bool):
     """Ray Serve LLM's LLMConfig for one model: engine arguments, placement, env, Serve options."""
     from ray.serve.llm import LLMConfig
@@ -335,10 +346,11 @@ def llm_config(m: ModelArgs, name: str, folder: str, max_len: int, metrics: bool
               # a random or small model under json_schema would pad with spaces until max_tokens otherwise
               "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
               "enable_prompt_tokens_details": True,  # usage.prompt_tokens_details.cached_tokens (prefix cache)
-              **({} if gpu else {"block_size": m.block_size or 32}), **m.engine_kwargs}
+              **({} if gpu else cpu_engine_kwargs(m.block_size, m.max_model_len or max_len)), **m.engine_kwargs}
     if m.block_size and gpu:
         engine["block_size"] = m.block_size
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(m.kv_cache_gib)}
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(m.kv_cache_gib),
+           **m.env_vars}
     placement = ({"bundles": [{"GPU": 1, "CPU": 1}] * m.tensor_parallel_size} if gpu
                  else {"bundles": [{"CPU": m.num_cpus}]})
     return LLMConfig(
