@@ -145,6 +145,8 @@ def main(argv=None) -> dict:
     p.add_argument("--parts", nargs="+", default=["throughput", "prefix", "json"])
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=0, help="attention heads (default d_model / 32; vLLM's CPU "
+                   "attention takes head sizes 32, 64, 80, ..., 128, ...)")
     p.add_argument("--no-stream", action="store_true", help="throughput non-streamed (tokens/s only)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (a GPU machine: 1)")
     p.add_argument("--quick", action="store_true")
@@ -166,7 +168,8 @@ def main(argv=None) -> dict:
         base = f"http://127.0.0.1:{port}"
         try:
             if "throughput" in args.parts or "json" in args.parts:
-                ref = register_random_gpt(root, args.d_model, args.layers, block=256, heads=args.d_model // 32)
+                ref = register_random_gpt(root, args.d_model, args.layers, block=256,
+                                          heads=args.heads or args.d_model // 32)
                 t0 = time.perf_counter()
                 url = f"{base}/{deploy('vllm', ref, uri, **gpu)}"
                 results["app_start_s"] = round(time.perf_counter() - t0, 1)
@@ -189,8 +192,8 @@ def main(argv=None) -> dict:
                         results["chat_json_schema"]["tokens_per_s"] / results["chat_plain"]["tokens_per_s"], 2)
                 serve.delete("vllm")
             if "prefix" in args.parts:
-                ref = register_random_gpt(root, args.d_model, args.layers, block=1024, heads=args.d_model // 32,
-                                          name="bench-gpt-long")
+                ref = register_random_gpt(root, args.d_model, args.layers, block=1024,
+                                          heads=args.heads or args.d_model // 32, name="bench-gpt-long")
                 reqs = prefix_workload(64, 512)
                 for label, on in (("cache_on", True), ("cache_off", False)):
                     url = f"{base}/{deploy(label.replace('_', '-'), ref, uri, enable_prefix_caching=on, **gpu)}"
