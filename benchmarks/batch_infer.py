@@ -92,7 +92,7 @@ def _loop(cfg, path: Path, batch_size: int) -> int:
     b = cfg.batch_infer
     predictor = Predictor(f"{cfg.registry.model_name}@champion", tracking_uri(None, cfg.run.storage), "id", False,
                           {"batch_size": batch_size, "max_tokens": LM_TOKENS, "temperature": b.temperature,
-                           "top_p": b.top_p, "seed": b.seed, "stop": []})
+                           "top_p": b.top_p, "seed": b.seed, "stop": []}, cfg.task)
     n = 0
     with tempfile.TemporaryDirectory() as out:
         for i, f in enumerate(sorted(path.glob("*.parquet"))):

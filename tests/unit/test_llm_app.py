@@ -3,13 +3,11 @@ check, and the exported tokenizer's special tokens."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from aidc.errors import AidcError
 from aidc.export.hf_export import DEFAULT_TEMPLATE, tokenizer_config
-from aidc.serving.hf_folder import HFModel, check_head_dim
+from aidc.serving.hf_folder import check_head_dim
 from aidc.serving.llm_app import LLMArgs, ModelArgs, llm_config
 
 
@@ -42,13 +40,13 @@ def test_llm_config_on_cpu_and_on_gpu():
     assert gpu.engine_kwargs["max_model_len"] == 64 and gpu.engine_kwargs["tensor_parallel_size"] == 2
 
 
-def test_a_head_size_vllm_cannot_run_on_cpu_is_refused_naming_the_fix(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"n_embd": 64, "n_head": 4}))
-    model = HFModel("tiny", "1", tmp_path, 128, head_dim=16)
-    with pytest.raises(AidcError, match=r"heads of size 16.*model.heads=2"):
-        check_head_dim(model, gpu=False)
-    check_head_dim(model, gpu=True)  # GPU attention backends take it
-    check_head_dim(HFModel("ok", "1", tmp_path, 128, head_dim=32), gpu=False)
+def test_a_head_size_vllm_cannot_run_on_cpu_is_refused_naming_the_fix():
+    with pytest.raises(AidcError, match=r"tiny/1 has attention heads of size 16.*model.heads=2"):
+        check_head_dim("tiny/1", 16, 64, gpu=False)
+    with pytest.raises(AidcError, match="multiple of 32"):
+        check_head_dim("odd/1", 10, 50, gpu=False)
+    check_head_dim("tiny/1", 16, 64, gpu=True)  # GPU attention backends take it
+    check_head_dim("ok/1", 32, 64, gpu=False)
 
 
 def test_an_imported_tokenizer_keeps_its_own_special_tokens():

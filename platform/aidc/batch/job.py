@@ -132,7 +132,8 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     staged = storage.join(out, "_staged")
     ray.data.DataContext.get_current().enable_progress_bars = False
     (ds.map_batches(Predictor, fn_constructor_kwargs={"ref": pinned, "tracking_uri": uri, "key": b.key,
-                                                      "from_split": from_split, "options": options},
+                                                      "from_split": from_split, "options": options,
+                                                      "task": spec["task"]},
                     compute=ray.data.ActorPoolStrategy(size=b.actors), num_cpus=b.cpus_per_actor,
                     num_gpus=gpus, batch_size=b.batch_size, batch_format="pandas")
        .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus}))

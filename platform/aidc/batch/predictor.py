@@ -50,7 +50,7 @@ def _vllm(ref: str, tracking_uri: str, max_num_seqs: int):
     process to start inside a Ray actor); the same engine arguments as the llm app's defaults."""
     import os
 
-    from aidc.serving.hf_folder import check_head_dim, materialize
+    from aidc.serving.hf_folder import materialize
     from aidc.serving.llm_app import ModelArgs, cpu_engine_kwargs
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -59,9 +59,8 @@ def _vllm(ref: str, tracking_uri: str, max_num_seqs: int):
     import torch
     from vllm import LLM
 
-    hf = materialize(ref, tracking_uri)
     gpu = torch.cuda.is_available()
-    check_head_dim(hf, gpu)
+    hf = materialize(ref, tracking_uri, gpu)
     m = ModelArgs(ref=ref, num_gpus=1 if gpu else 0)
     llm = LLM(model=str(hf.folder), max_model_len=hf.max_model_len, max_num_seqs=max_num_seqs, dtype=m.engine_dtype(),
               enforce_eager=m.enforce_eager, enable_prefix_caching=m.enable_prefix_caching,
@@ -97,17 +96,18 @@ def _instance(task: str, row: dict):
 class Predictor:
     """Ray Data callable class: loads the model once (registry fetch: manifest and signature checks)."""
 
-    def __init__(self, ref: str, tracking_uri: str, key: str, from_split: bool, options: dict):
+    def __init__(self, ref: str, tracking_uri: str, key: str, from_split: bool, options: dict, task: str):
+        """`task`: the version's task, from the spec the job verified (a language model loads into vLLM only)."""
         from aidc.serving.model import load_model
 
-        self.loaded = load_model(ref, tracking_uri)
-        self.task_name = self.loaded.spec["task"]
+        self.task_name = task
         self.key, self.from_split, self.options = key, from_split, options
-        self.features = self.loaded.spec["features"]
-        self.llm = None
-        if self.task_name == "language_model":
+        self.llm, self.features = None, None  # a language model's only column is `prompt`
+        if task == "language_model":
             self.llm, self.hf = _vllm(ref, tracking_uri, max_num_seqs=max(1, min(options["batch_size"], 32)))
-            self.max_len = self.hf.max_model_len
+        else:
+            self.loaded = load_model(ref, tracking_uri)
+            self.features = self.loaded.spec["features"]
 
     # -- per batch --------------------------------------------------------------------------
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
@@ -211,9 +211,9 @@ class Predictor:
             n = len(tokenizer.encode(p, add_special_tokens=False))
             if not n:
                 reasons[i] = "prompt encodes to no tokens; send some text"
-            elif n + o["max_tokens"] > self.max_len:
+            elif n + o["max_tokens"] > self.hf.max_model_len:
                 reasons[i] = (f"prompt of {n} tokens + max_tokens {o['max_tokens']} is over the model's context: "
-                              f"context is {self.max_len} tokens; shorten the prompt or lower max_tokens")
+                              f"context is {self.hf.max_model_len} tokens; shorten the prompt or lower max_tokens")
         ok = np.flatnonzero(reasons == "")
         if not len(ok):
             return ok, {}, reasons

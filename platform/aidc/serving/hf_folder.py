@@ -44,8 +44,9 @@ def cache_root() -> Path:
     return Path(base, "hf")
 
 
-def materialize(ref: str, uri: str | None = None, dst: Path | None = None) -> HFModel:
-    """Fetch + verify `ref` (name@alias or name/version) and write its Hugging Face folder; returns it."""
+def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
+    """Fetch + verify `ref` (name@alias or name/version), check that vLLM can run it on this kind of node
+    (`gpu`), and write its Hugging Face folder; returns it."""
     from aidc.export.hf_export import export_hf
     from aidc.registry import CONFIG, MANIFEST, SPEC, fetch, tracking_uri
     from aidc.security.signing import SIGNATURE
@@ -60,30 +61,29 @@ def materialize(ref: str, uri: str | None = None, dst: Path | None = None) -> HF
         if spec.get("task") != "language_model":
             raise AidcError(f"{mv.name}/{mv.version} is a {spec.get('task')} model, not a language model; "
                             "serve it with the tensors or predictor app instead")
-        out = dst or Path(tempfile.mkdtemp(prefix=f"{mv.name}-v{mv.version}-", dir=root))
+        m = spec["model"]
+        head_dim = int(m.get("head_dim") or m["d_model"] // m["heads"])
+        check_head_dim(f"{mv.name}/{mv.version}", head_dim, int(m.get("d_model") or 0), gpu)
+        out = Path(tempfile.mkdtemp(prefix=f"{mv.name}-v{mv.version}-", dir=root))
         if spec.get("format") == "huggingface":  # imported as it is (aidc.hf.import_as_is): its own files
             for p in files.iterdir():
                 if p.is_file() and p.name not in (SPEC, CONFIG, MANIFEST, SIGNATURE):
                     shutil.copy2(p, out / p.name)
         else:  # an aidc GPT: exported as a GPT-2 folder with its own tokenizer
             export_hf(LoadedModel.from_dir(files, mv.name, str(mv.version)), out)
-    m = spec["model"]
-    head_dim = int(m.get("head_dim") or m["d_model"] // m["heads"])
     logger.info("materialized %s/%s for vLLM at %s", mv.name, mv.version, out)
     vocab = spec["features"].get("vocab_size")
     return HFModel(mv.name, str(mv.version), out, int(spec["features"]["block_size"]), head_dim,
                    int(vocab) if vocab else None)
 
 
-def check_head_dim(model: HFModel, gpu: bool) -> None:
+def check_head_dim(version: str, head_dim: int, width: int, gpu: bool) -> None:
     """vLLM's CPU attention takes only some head sizes: refuse others at deploy, naming the fix."""
-    if gpu or model.head_dim in CPU_HEAD_SIZES:
+    if gpu or head_dim in CPU_HEAD_SIZES:
         return
-    cfg = json.loads((model.folder / "config.json").read_text())
-    width = int(cfg.get("n_embd") or cfg.get("hidden_size") or 0)
     fix = (f"e.g. --set model.heads={width // 32} (heads of 32)" if width and width % 32 == 0
            else "model.d_model a multiple of 32")
-    raise AidcError(f"{model.name}/{model.version} has attention heads of size {model.head_dim} "
+    raise AidcError(f"{version} has attention heads of size {head_dim} "
                     f"(model.d_model / model.heads); vLLM on CPU takes head sizes {list(CPU_HEAD_SIZES)}. "
                     f"Serve it on a GPU replica (num_gpus > 0), or train it with {fix}")
 

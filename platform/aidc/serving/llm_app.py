@@ -109,10 +109,9 @@ class AidcLLMServer(LLMServer):
     """Ray Serve LLM's model server, started from a verified registry version."""
 
     async def __init__(self, llm_config, *, ref: str, tracking_uri: Optional[str] = None, gpu: bool = False):
-        from aidc.serving.hf_folder import check_head_dim, materialize
+        from aidc.serving.hf_folder import materialize
 
-        self._hf = materialize(ref, tracking_uri)  # on this node, from freshly verified files
-        check_head_dim(self._hf, gpu)
+        self._hf = materialize(ref, tracking_uri, gpu)  # on this node, from freshly verified files
         llm_config.model_loading_config.model_source = str(self._hf.folder)
         llm_config._engine_config = None  # derived (and cached) from the deploy-time folder: derive it again
         await super().__init__(llm_config)
@@ -371,13 +370,12 @@ def build_app(args: LLMArgs):
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import build_llm_deployment
 
-    from aidc.serving.hf_folder import check_head_dim, materialize, remove
+    from aidc.serving.hf_folder import materialize, remove
 
     deployments, cards, versions, vocab = {}, {}, {}, {}
     for m in args.model_args():
-        hf = materialize(m.ref, args.tracking_uri)
+        hf = materialize(m.ref, args.tracking_uri, m.num_gpus > 0)
         try:
-            check_head_dim(hf, m.num_gpus > 0)
             cfg = llm_config(m, hf.name, str(hf.folder), hf.max_model_len, args.metrics)
             cards[hf.name] = to_model_metadata(hf.name, cfg)
         finally:
