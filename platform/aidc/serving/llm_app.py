@@ -221,7 +221,7 @@ class LLMIngress(OpenAiIngress):
         tag_request(model, self.versions.get(model))
         return model
 
-    async def _call(self, body, method: str, request: Optional[Request], stream_ok: bool = True):
+    async def _call(self, body, method: str, request: Optional[Request]):
         body.model = self._model_id(body.model)
         try:
             gen = self._get_response(body=body, call_method=method, raw_request=request)
@@ -247,8 +247,7 @@ class LLMIngress(OpenAiIngress):
         if isinstance(chunk, ErrorResponse):
             e = chunk.error
             raise RequestError(e.message, status=int(e.code), field=getattr(e, "param", None))
-        if not stream_ok or isinstance(chunk, NON_STREAMING_RESPONSE_TYPES) or not hasattr(body, "stream") \
-                or not body.stream:
+        if isinstance(chunk, NON_STREAMING_RESPONSE_TYPES) or not getattr(body, "stream", False):
             return JSONResponse(chunk.model_dump(mode="json", exclude_none=False))
         return StreamingResponse(_openai_json_wrapper(gen), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -286,7 +285,7 @@ class LLMIngress(OpenAiIngress):
             parsed = kind.model_validate(body)
         except Exception as exc:  # pydantic ValidationError -> 400 naming the field
             raise RequestValidationError(exc.errors() if hasattr(exc, "errors") else []) from None
-        return await self._call(parsed, "tokenize", request, stream_ok=False)
+        return await self._call(parsed, "tokenize", request)
 
     @api.post("/v1/detokenize")
     @api.post("/detokenize")
@@ -296,7 +295,7 @@ class LLMIngress(OpenAiIngress):
         if bad:  # vLLM's detokenizer would overflow or index past its vocabulary (a 500 there)
             raise RequestError(f"token id(s) {bad[:5]} are outside this model's vocabulary (0..{vocab - 1})",
                                status=400, field="tokens")
-        return await self._call(body, "detokenize", request, stream_ok=False)
+        return await self._call(body, "detokenize", request)
 
     @api.get("/tokenizer_info")
     async def tokenizer_info(self, model: Optional[str] = None):
