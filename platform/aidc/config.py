@@ -65,9 +65,27 @@ class AugmentConfig(Strict):
     flip: bool = Field(False, description="Random horizontal flips (off for digits: a flipped 2 is not a 2).")
 
 
+class ChatDataConfig(Strict):
+    """Fine-tuning data (task causal_lm): chat, instruction or plain-text rows, tokenized with the base model's own
+    tokenizer and chat template."""
+
+    max_length: int = Field(256, ge=8, description="Most tokens of one example (prompt + answer); longer rows are "
+                            "rejected with a reason (never cut), and it may not exceed the base model's context.")
+    mask_prompt: bool = Field(True, description="Loss on the assistant / completion tokens only (system and user "
+                              "turns are context, not targets); false trains on every token.")
+    examples: int = Field(2000, ge=10, description="source: synthetic-instructions: rows generated.")
+    eval_examples: int = Field(64, ge=0, description="Held-out test rows answered greedily after training (and by "
+                               "the base model before it), scored by exact match on the reference answer; 0 = off.")
+    max_new_tokens: int = Field(24, ge=1, description="Most tokens an evaluation answer may take.")
+    samples: int = Field(4, ge=0, description="Sample generations (prompt, reference, base and tuned answer) logged "
+                         "to the MLflow run.")
+
+
 class DataConfig(Strict):
-    source: Literal["digits", "mnist", "sms-spam", "tinyshakespeare", "movielens", "files"] = Field(
-        "digits", description="A named dataset, or 'files' for your own Parquet/CSV/JSONL at data.path."
+    source: Literal["digits", "mnist", "sms-spam", "tinyshakespeare", "movielens", "synthetic-instructions",
+                    "files"] = Field(
+        "digits", description="A named dataset, 'synthetic-instructions' (a letter-reversal instruction task made "
+        "locally, for fine-tuning), or 'files' for your own Parquet/CSV/JSONL at data.path."
     )
     mirror: str | None = Field(
         None, description="Directory or URL mirroring named datasets; default $AIDC_DATA_MIRROR, else upstream."
@@ -81,6 +99,7 @@ class DataConfig(Strict):
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Row cleaning rules.")
     text: TextConfig = Field(default_factory=TextConfig, description="Tokenization (text workloads).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Image augmentation (training only).")
+    chat: ChatDataConfig = Field(default_factory=ChatDataConfig, description="Fine-tuning data (task causal_lm).")
     version: str | None = Field(
         None, description="Dataset version to train on (a folder under datasets/<name>/); default: the latest."
     )
@@ -94,12 +113,10 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _files_need_a_path(self) -> "DataConfig":
         if self.source == "files":
-            missing = [k for k in ("path", "format", "label") if getattr(self, k) is None]
-            if missing or not (self.features or self.categorical):
-                raise ValueError(
-                    f"source: files needs path, format, label and features/categorical (missing: "
-                    f"{missing or ['features']}); e.g. path: data/*.csv, format: csv, features: [x1, x2], label: y"
-                )
+            missing = [k for k in ("path", "format") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"source: files needs path and format (missing: {missing}); e.g. path: data/*.csv, "
+                                 "format: csv")
         return self
 
 
@@ -139,6 +156,29 @@ class GPTConfig(TransformerConfig):
     gelu: Literal["none", "tanh"] = Field("none", description="GELU form: exact, or GPT-2's tanh approximation.")
 
 
+class LoraConfig(Strict):
+    rank: int = Field(8, ge=1, description="LoRA rank r of each adapted weight.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Module names to adapt (e.g. [q_proj, v_proj]); default: PEFT's choice for "
+        "the architecture (Llama/Qwen2/Mistral q_proj+v_proj, GPT-2 c_attn).")
+    save: Literal["merged", "adapter"] = Field(
+        "merged", description="What is registered: merged = the base with the adapter folded in (a plain model); "
+        "adapter = the adapter alone in PEFT's format (adapter_config.json + adapter_model.safetensors), naming "
+        "its base version.")
+
+
+class HFConfig(Strict):
+    arch: Literal["hf"] = Field(..., description="A pretrained Hugging Face causal LM (transformers "
+                                "AutoModelForCausalLM), fine-tuned (task causal_lm).")
+    init_from: str = Field(..., min_length=1, description="The model to start from: a registry reference (name@alias, "
+                           "name/version: an imported model or a GPT aidc trained) or a Hugging Face folder (config.json "
+                           "+ safetensors + tokenizer), local or s3://, gs://.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (train.method: lora).")
+    activation_checkpointing: bool = Field(False, description="Recompute decoder-layer activations in backward.")
+
+
 class MFConfig(Strict):
     arch: Literal["mf"] = Field(..., description="Matrix factorization with user/item biases.")
     dim: int = Field(32, ge=1, description="Embedding width of users and items.")
@@ -146,7 +186,7 @@ class MFConfig(Strict):
 
 
 ModelConfig = Annotated[
-    Union[CNNConfig, MLPConfig, TransformerConfig, GPTConfig, MFConfig], Field(discriminator="arch")
+    Union[CNNConfig, MLPConfig, TransformerConfig, GPTConfig, MFConfig, HFConfig], Field(discriminator="arch")
 ]
 
 class TrainConfig(Strict):
@@ -161,6 +201,10 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU; fp16 uses a grad "
         "scaler (GPU; on CPU it falls back to bf16)."
+    )
+    method: Literal["full", "lora"] = Field(
+        "full", description="Fine-tuning (task causal_lm): full = every weight trains; lora = only LoRA adapters "
+        "(PEFT; model.lora), the base stays frozen."
     )
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: replicate the model; fsdp: shard parameters/gradients/optimizer (FSDP2)."
@@ -396,8 +440,9 @@ class JobConfig(Strict):
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Workload name; names datasets.")
     task: Literal[
-        "image_classification", "text_classification", "language_model", "recommendation", "tabular_classification"
-    ] = Field(..., description="Workload type, from aidc.tasks.")
+        "image_classification", "text_classification", "language_model", "recommendation", "tabular_classification",
+        "causal_lm",
+    ] = Field(..., description="Workload type, from aidc.tasks (causal_lm: fine-tune a pretrained causal LM).")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data comes from and how it splits.")
     model: ModelConfig = Field(default_factory=CNNConfig, description="Model architecture and size.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
@@ -422,6 +467,25 @@ class JobConfig(Strict):
             raise ValueError(f"model.arch {self.model.arch!r} does not fit task {self.task!r}; use one of {allowed}")
         return self
 
+    @model_validator(mode="after")
+    def _source_fits_task(self) -> "JobConfig":
+        d = self.data
+        sources = TASK_SOURCES.get(self.task)
+        if sources and d.source not in sources:
+            raise ValueError(f"data.source {d.source!r} does not fit task {self.task!r}; use one of {sources}")
+        if self.task != "causal_lm" and d.source == "synthetic-instructions":
+            raise ValueError("data.source synthetic-instructions is fine-tuning data: use it with task: causal_lm")
+        if d.source == "files" and self.task == "causal_lm" and d.format != "jsonl":
+            raise ValueError("task causal_lm reads data.format: jsonl (one {\"messages\": [...]}, "
+                             "{\"prompt\", \"completion\"} or {\"text\"} object per line)")
+        if d.source == "files" and self.task == "tabular_classification" and (not d.label or not (
+                d.features or d.categorical)):
+            raise ValueError("source: files needs label and features/categorical for tabular_classification; e.g. "
+                             "features: [x1, x2], label: y")
+        if self.train.method == "lora" and self.task != "causal_lm":
+            raise ValueError("train.method: lora fine-tunes a pretrained causal LM (task: causal_lm, model.arch: hf)")
+        return self
+
 
 TASK_ARCHS = {
     "image_classification": ["cnn"],
@@ -429,7 +493,9 @@ TASK_ARCHS = {
     "language_model": ["gpt"],
     "recommendation": ["mf"],
     "tabular_classification": ["mlp"],
+    "causal_lm": ["hf"],
 }
+TASK_SOURCES = {"causal_lm": ["synthetic-instructions", "files"]}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

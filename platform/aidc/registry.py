@@ -161,7 +161,7 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
     spec_extra: more model.json entries (e.g. how a compressed version was made); tags: more version tags.
     """
     alias = alias or cfg.registry.alias
-    from aidc.config import to_yaml
+    from aidc.tasks import get_task
     from aidc.train import checkpoint as ckpt
 
     root = storage.storage_root(cfg.run.storage)
@@ -182,11 +182,15 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
             "transform": manifest["transform"],
             "dataset": outcome.dataset.uri,
             "dataset_fingerprint": manifest["fingerprint"],
-            "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
             **(spec_extra or {}),
         }
+        task = get_task(cfg.task)
+        before = set(outcome.metrics)
+        extra_artifacts = [*extra_artifacts, *task.after_training(cfg, outcome, state["model"], Path(tmp))]
+        evaluated = {k: v for k, v in outcome.metrics.items() if k not in before}  # logged with the run below
+        spec["metrics"] = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
         model_dir = Path(tmp, "model")
-        hashes = export_model_dir(model_dir, state_dict=state["model"], spec=spec, config_yaml=to_yaml(cfg))
+        hashes = task.write_model_dir(model_dir, state["model"], spec, cfg)
         sign_model_dir(model_dir)  # model-signing over every file (aidc.security.signing)
 
         exp_id = _experiment_id(client, cfg.run.experiment, root)
@@ -207,6 +211,8 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     client.log_metric(run_id, k, float(v), step=int(row["epoch"]))
+        for k, v in evaluated.items():
+            client.log_metric(run_id, k, float(v))
         client.log_artifacts(run_id, str(model_dir), artifact_path="model")
         client.log_artifact(run_id, str(plot_curves(outcome.history, Path(tmp, "curves.png"))))
         client.log_dict(run_id, {"resumes": outcome.resumes}, "resumes.json")  # restarts, with elastic resizes
@@ -215,7 +221,8 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
         client.set_terminated(run_id)
 
     return _new_version(client, uri, cfg.registry.model_name, alias, run, f"aidc {cfg.task} model",
-                        {"dataset": outcome.dataset.uri, "weights_sha256": hashes[WEIGHTS],
+                        {"dataset": outcome.dataset.uri,
+                         **({"weights_sha256": hashes[WEIGHTS]} if WEIGHTS in hashes else {}),
                          "train_run": outcome.run_name, **(tags or {})})
 
 

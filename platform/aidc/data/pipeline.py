@@ -31,12 +31,16 @@ ENCODE_BATCH = 4096
 
 
 def dataset_fingerprint(source_fingerprint: str, cfg) -> str:
-    """Same input + same preprocessing settings + same pipeline -> same fingerprint (and version)."""
+    """Same input + same preprocessing settings + same pipeline -> same fingerprint (and version). Fine-tuning
+    data is tokenized by its base model: the base's pinned version is part of it."""
+    from aidc.tasks.causal_lm import base_identity
+
     d = cfg.data
     settings = {
         "source": d.source, "path": d.path, "format": d.format, "features": d.features,
         "categorical": d.categorical, "label": d.label, "split": d.split.model_dump(), "clean": d.clean.model_dump(),
         "text": d.text.model_dump(), "augment": d.augment.model_dump(), "task": cfg.task,
+        **({"chat": d.chat.model_dump(), "base": base_identity(cfg)} if cfg.task == "causal_lm" else {}),
         "pipeline": PIPELINE_VERSION, "input": source_fingerprint,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -89,9 +93,10 @@ def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[Datas
     root = storage.storage_root(root or cfg.run.storage)
     if getattr(task, "streaming", False):
         return preprocess_streaming(cfg, task, root, force)
-    if cfg.data.source not in SOURCES:
+    loader = (getattr(task, "sources", None) or SOURCES).get(cfg.data.source)
+    if loader is None:
         raise ConfigError(f"data.source {cfg.data.source!r} does not fit task {cfg.task}")
-    raw = SOURCES[cfg.data.source](cfg)
+    raw = loader(cfg)
     fingerprint = dataset_fingerprint(raw.fingerprint, cfg)
     dv = DatasetVersion(root, cfg.name, fingerprint[:12])
     if dv.exists() and not force:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from aidc import storage
 from aidc.data.catalog import CATALOG, fetch
 from aidc.data.readers import read_delimited, read_idx, read_text
 
@@ -100,10 +101,56 @@ def load_movielens(cfg) -> RawData:
                    CATALOG["movielens"].description, {"rating_range": [0.5, 5.0]}, CATALOG["movielens"].terms)
 
 
+SYNTHETIC_LETTERS = "abcdefgh"
+
+
+def load_synthetic_instructions(cfg) -> RawData:
+    """A letter-reversal instruction task made locally (data.chat.examples distinct chat rows): "reverse: c a f"
+    -> "f a c". A tiny model learns it on a CPU in minutes and a held-out exact match measures it, so the whole
+    fine-tuning lifecycle runs offline before a team points it at its own files."""
+    import json
+
+    rng = np.random.default_rng(0)
+    n, seen, records = cfg.data.chat.examples, set(), []
+    if n > sum(len(SYNTHETIC_LETTERS) ** k for k in range(3, 6)):
+        from aidc.errors import ConfigError
+
+        raise ConfigError(f"data.chat.examples {n} is more than the distinct rows of synthetic-instructions")
+    while len(records) < n:
+        word = "".join(rng.choice(list(SYNTHETIC_LETTERS), int(rng.integers(3, 6))))
+        if word in seen:
+            continue
+        seen.add(word)
+        records.append(json.dumps({"messages": [{"role": "user", "content": f"reverse: {' '.join(word)}"},
+                                                {"role": "assistant", "content": " ".join(reversed(word))}]}))
+    col = np.array(records, dtype=object)
+    return RawData({"id": np.arange(n), "record": col}, hashlib.sha256(f"reverse-v1:{n}".encode()).hexdigest(),
+                   f"synthetic letter-reversal instructions ({n} chat rows, letters {SYNTHETIC_LETTERS}, 3-5 long)")
+
+
+def load_jsonl_records(cfg) -> RawData:
+    """Your own JSONL (data.path: a file or folder, local or s3://, gs://): one raw line per row, parsed and
+    checked by the task (a line that is not JSON is a rejected row with its reason, not a failed job)."""
+    from aidc.data.pipeline import _input_files_fingerprint
+    from aidc.data.readers import _gunzip, _read_bytes
+
+    fingerprint, files = _input_files_fingerprint(cfg.data.path)
+    scheme = cfg.data.path.split("://")[0] if storage.is_uri(cfg.data.path) else None
+    lines = []
+    for f in files:
+        path = f"{scheme}://{f}" if scheme else f
+        text = _gunzip(path, _read_bytes(path)).decode("utf-8", errors="replace")
+        lines.extend(line for line in text.splitlines() if line.strip())
+    col = np.array(lines, dtype=object)
+    return RawData({"id": np.arange(len(col)), "record": col}, fingerprint,
+                   f"{len(files)} JSONL file(s) at {cfg.data.path}")
+
+
 SOURCES = {
     "digits": load_digits,
     "mnist": load_mnist,
     "sms-spam": load_sms_spam,
     "tinyshakespeare": load_tinyshakespeare,
     "movielens": load_movielens,
+    "synthetic-instructions": load_synthetic_instructions,
 }

@@ -4,6 +4,7 @@ TASKS maps the `task` field of a job config to its implementation.
 """
 
 from aidc.tasks.base import Task
+from aidc.tasks.causal_lm import CausalLM
 from aidc.tasks.image import ImageClassification
 from aidc.tasks.lm import LanguageModel
 from aidc.tasks.recsys import Recommendation
@@ -12,7 +13,8 @@ from aidc.tasks.text import TextClassification
 
 TASKS: dict[str, Task] = {
     t.name: t
-    for t in (ImageClassification(), TextClassification(), LanguageModel(), Recommendation(), TabularClassification())
+    for t in (ImageClassification(), TextClassification(), LanguageModel(), Recommendation(), TabularClassification(),
+              CausalLM())
 }
 
 

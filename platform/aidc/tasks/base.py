@@ -74,6 +74,10 @@ class Task:
     def build_model(self, model_cfg: dict, features: dict) -> nn.Module:
         raise NotImplementedError
 
+    def adapt(self, model: nn.Module, job: dict) -> nn.Module:
+        """The model as it trains under the job (e.g. wrapped with LoRA adapters); as built by default."""
+        return model
+
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(batch["x"])
 
@@ -89,6 +93,19 @@ class Task:
 
     def count(self, batch: dict) -> int:
         return len(next(iter(batch.values())))
+
+    # -- after training ------------------------------------------------------------------
+    def write_model_dir(self, directory, state_dict: dict, spec: dict, cfg) -> dict:
+        """The registered version's folder (weights, model.json, config, sha256 manifest); returns the hashes."""
+        from aidc.config import to_yaml
+        from aidc.registry import export_model_dir
+
+        return export_model_dir(directory, state_dict=state_dict, spec=spec, config_yaml=to_yaml(cfg))
+
+    def after_training(self, cfg, outcome, state_dict: dict, out_dir) -> list:
+        """More evaluation of the final weights before they are registered (adds to outcome.metrics); returns
+        files to log with the run. Nothing by default."""
+        return []
 
     # -- serving ----------------------------------------------------------------------
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:

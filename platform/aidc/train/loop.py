@@ -101,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
     strategy = tc["parallelism"]
 
     torch.manual_seed(tc["seed"])
-    model = task.build_model(job["model"], features).to(device)
+    model = task.adapt(task.build_model(job["model"], features), job).to(device)  # e.g. LoRA-wrapped
     compute_loss, after_step = training_hooks(config, task, model, device)  # pruning/distillation: aidc.compress
     if local is None:
         model = parallelize(model, strategy, device)

@@ -49,7 +49,10 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
 
     model = ray.train.torch.prepare_model(model, parallel_strategy=None)  # device placement only
     for module in model.modules():
-        blocks = getattr(module, "blocks", None) or getattr(getattr(module, "encoder", None), "layers", None)
+        # aidc's GPT .blocks, its encoders' .encoder.layers; Hugging Face decoders .layers (Llama, Qwen2,
+        # Mistral: model.layers) or .h (GPT-2: transformer.h)
+        blocks = (getattr(module, "blocks", None) or getattr(getattr(module, "encoder", None), "layers", None)
+                  or getattr(module, "layers", None) or getattr(module, "h", None))
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
                 fully_shard(block)
@@ -61,34 +64,58 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def has_frozen(model: nn.Module) -> bool:
+    """Whether part of the model does not train (LoRA: the base): its state is the base's, never checkpointed."""
+    return any(not p.requires_grad for p in model.parameters())
+
+
 def full_state(model: nn.Module, optimizer, strategy: str) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state on CPU (a collective under FSDP: every rank calls it)."""
+    """Unsharded model and optimizer state on CPU (a collective under FSDP: every rank calls it); of the trained
+    parameters only where some are frozen (a LoRA checkpoint holds the adapters, not a copy of the base)."""
+    frozen = has_frozen(model)
     if strategy == "fsdp" and is_distributed():
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=frozen)
         return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    inner = unwrap(model)
+    trained = {n for n, p in inner.named_parameters() if p.requires_grad} if frozen else None
     # clone(): on CPU, .cpu() returns the live tensor itself, and a snapshot must not follow training.
-    model_sd = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    model_sd = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if trained is None or k in trained}
     return model_sd, copy.deepcopy(optimizer.state_dict())
 
 
 def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None, strategy: str) -> None:
+    frozen = has_frozen(model)
     if strategy == "fsdp" and is_distributed():
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
         # With cpu_offload the full state lives on rank 0 only (full_state): rank 0 broadcasts it.
         # It also rewrites the dict it is given (into DTensors): hand it copies, keep the caller's intact.
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not frozen)
         set_model_state_dict(model, dict(model_sd), options=opts)
         if optim_sd is not None:
             set_optimizer_state_dict(model, optimizer, copy.deepcopy(optim_sd), options=opts)
         return
-    unwrap(model).load_state_dict(model_sd)
+    load_trained(unwrap(model), model_sd)
     if optim_sd is not None:
         optimizer.load_state_dict(optim_sd)
+
+
+def load_trained(model: nn.Module, model_sd: dict) -> None:
+    """Load a state dict; where the model has frozen parameters, one of its trained parameters only (every one of
+    them present, nothing else)."""
+    if not has_frozen(model):
+        model.load_state_dict(model_sd)
+        return
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    lost = sorted(trained & set(missing))
+    if lost or unexpected:
+        raise RuntimeError(f"checkpoint does not fit the model's trained parameters: missing {lost[:5]}, "
+                           f"unexpected {list(unexpected)[:5]}")
 
 
 def no_sync(model: nn.Module, skip: bool):
