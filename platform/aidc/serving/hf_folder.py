@@ -65,7 +65,9 @@ def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
         head_dim = int(m.get("head_dim") or m["d_model"] // m["heads"])
         check_head_dim(f"{mv.name}/{mv.version}", head_dim, int(m.get("d_model") or 0), gpu)
         out = Path(tempfile.mkdtemp(prefix=f"{mv.name}-v{mv.version}-", dir=root))
-        if spec.get("format") == "huggingface":  # imported as it is (aidc.hf.import_as_is): its own files
+        if spec.get("format") == "peft-lora":  # a fine-tuned LoRA adapter: folded into its (verified) base
+            merge_adapter(files, spec["base"], out, gpu)
+        elif spec.get("format") == "huggingface":  # imported as it is (aidc.hf.import_as_is): its own files
             for p in files.iterdir():
                 if p.is_file() and p.name not in (SPEC, CONFIG, MANIFEST, SIGNATURE):
                     shutil.copy2(p, out / p.name)
@@ -75,6 +77,27 @@ def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
     vocab = spec["features"].get("vocab_size")
     return HFModel(mv.name, str(mv.version), out, int(spec["features"]["block_size"]), head_dim,
                    int(vocab) if vocab else None)
+
+
+def merge_adapter(adapter: Path, base: dict, out: Path, gpu: bool) -> None:
+    """Write base + LoRA adapter (PEFT's merge_and_unload) as a plain folder, with the adapter's tokenizer files.
+
+    Each adapter served this way is a full copy of its base; vLLM's multi-LoRA (one base, adapters chosen per
+    request) is the way to serve many adapters of one base and is not wired yet."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = materialize(base["ref"], base.get("uri"), gpu).folder if "ref" in base else Path(base["path"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+        PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(str(out))
+    finally:
+        if "ref" in base:
+            shutil.rmtree(base_dir, ignore_errors=True)
+    for p in adapter.iterdir():
+        if p.is_file() and p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy2(p, out / p.name)
 
 
 def check_head_dim(version: str, head_dim: int, width: int, gpu: bool) -> None:
