@@ -79,7 +79,7 @@ def measure(folder: Path, method: str, steps: int, batch_size: int, device: str)
             **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device == "cuda" else {})}
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (the suite's smoke run)")
     p.add_argument("--hidden", type=int, default=512)
@@ -96,12 +96,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_base(Path(tmp, "base"), args.hidden, args.layers)
         full, lora = (measure(folder, m, args.steps, args.batch, args.device) for m in ("full", "lora"))
-    print(json.dumps({"benchmark": "finetune", "hidden": args.hidden, "layers": args.layers, "batch": args.batch,
-                      "device": args.device, "full": full, "lora": lora,
-                      "lora_vs_full_tokens_per_s": round(lora["tokens_per_s"] / full["tokens_per_s"], 3),
-                      "lora_vs_full_checkpoint": round(lora["checkpoint_mb"] / full["checkpoint_mb"], 5)}, indent=2))
-    return 0
+    result = {"benchmark": "finetune", "hidden": args.hidden, "layers": args.layers, "batch": args.batch,
+              "device": args.device, "full": full, "lora": lora,
+              "lora_vs_full_tokens_per_s": round(lora["tokens_per_s"] / full["tokens_per_s"], 3),
+              "lora_vs_full_checkpoint": round(lora["checkpoint_mb"] / full["checkpoint_mb"], 5)}
+    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

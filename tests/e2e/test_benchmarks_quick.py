@@ -28,6 +28,15 @@ def test_train_vs_torchrun_quick():
     assert r["ray_train_samples_per_s"] > 0 and r["torchrun_samples_per_s"] > 0
 
 
+def test_finetune_quick():
+    from benchmarks.finetune import main
+
+    r = main(["--quick"])
+    assert r["full"]["tokens_per_s"] > 0 and r["lora"]["tokens_per_s"] > 0
+    assert r["lora"]["trained_params"] < r["full"]["trained_params"] / 10  # the adapters only
+    assert r["lora"]["checkpoint_mb"] < r["full"]["checkpoint_mb"] / 5
+
+
 def test_llm_serving_quick():
     from benchmarks.llm_serving import main
 
