@@ -139,19 +139,30 @@ def test_a_gpt_in_aidcs_own_format_is_a_base(root, tmp_path):
     assert spec["model"]["model_type"] == "gpt2" and spec["source"]["base"]["ref"] == f"aidc-gpt/{imported.version}"
 
 
-def test_lora_fsdp_run_recovers_from_a_killed_worker(root, llama, tmp_path, monkeypatch):
-    """A worker killed mid-epoch: the group restarts from the last checkpoint (the adapters and their optimizer
-    state only, loaded into the FSDP-sharded model) and ends with the step count of an uninterrupted run."""
-    def run(name):
+def test_lora_fsdp_checkpoints_are_sharded_and_resume_after_a_kill_and_onto_one_worker(root, llama, tmp_path,
+                                                                                      monkeypatch):
+    """FSDP checkpoints are written by every rank (torch.distributed.checkpoint shards, nothing gathered; the
+    adapters and their optimizer state only). A worker killed mid-epoch: the group restarts from the last
+    checkpoint and ends as an uninterrupted run does. A stopped run continues on 1 worker from 2 workers' shards."""
+    from pathlib import Path
+
+    from aidc.train.checkpoint import SHARDS, load
+
+    def run(name, *more):
         cfg = load_config(CONFIGS / "chat-sft.yaml", [
             f"run.storage={root}", f"model.init_from={llama}", f"run.name={name}", "train.method=lora",
             "train.parallelism=fsdp", "train.epochs=2", "train.max_steps_per_epoch=10",
             "train.checkpoint_every_steps=5", "run.max_failures=1", "data.chat.examples=2000",
-            "model.lora.dropout=0.0"])  # no dropout: the same steps give the same weights on every rank
+            "model.lora.dropout=0.0", *more])  # no dropout: the same steps give the same weights on every rank
         preprocess(cfg)
         return run_training(cfg)
 
     whole = run("chat-whole")
+    ckpts = sorted(p for p in Path(root, "runs", "chat-whole").glob("checkpoint_*") if (p / SHARDS).is_dir())
+    assert ckpts, "no sharded checkpoint"
+    assert {f.name for f in (ckpts[0] / SHARDS).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}  # per rank
+    assert "model" not in load(ckpts[0]) and load(ckpts[0])["sharded"]  # no gathered weights beside the shards
+
     marker = tmp_path / "kill"
     marker.touch()
     monkeypatch.setenv("AIDC_FAULT_MARKER", f"{marker}:13")
@@ -161,3 +172,12 @@ def test_lora_fsdp_run_recovers_from_a_killed_worker(root, llama, tmp_path, monk
     assert out.resumes and out.resumes[0]["step"] == 10 and out.resumes[0]["world_size"] == 2
     for key in ("val_loss", "test_loss"):  # as if nothing had happened (float sums in another order: 1e-4)
         assert out.metrics[key] == pytest.approx(whole.metrics[key], rel=1e-4), key
+
+    marker.touch()
+    with pytest.raises(Exception):
+        run("chat-2to1", "run.max_failures=0")
+    monkeypatch.delenv("AIDC_FAULT_MARKER")
+    one = run("chat-2to1", "resources.num_workers=1")
+    assert one.resumes[0]["from_world_size"] == 2 and one.resumes[0]["world_size"] == 1
+    assert one.resumes[0]["step"] == 10 and [h["step"] for h in one.history] == [10, 20]
+    assert one.metrics["val_loss"] == pytest.approx(whole.metrics["val_loss"], rel=0.05)  # other batches, same run

@@ -23,8 +23,8 @@ from aidc.ops.training import TrainTelemetry
 from aidc.runtime import torch_device
 from aidc.tasks import get_task
 from aidc.train import checkpoint as ckpt
-from aidc.train.parallel import (autocast, full_state, grad_scaler, load_full_state, no_sync, parallelize,
-                                 resolve_precision)
+from aidc.train.parallel import (autocast, full_state, grad_scaler, is_distributed, load_full_state, no_sync,
+                                 parallelize, resolve_precision)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ def evaluate(model, task, shard, batch_size: int, device, prefix: str, precision
             for k, v in task.eval_sums(task.forward(model, batch), batch).items():
                 sums[k] = sums.get(k, 0.0) + v
     return task.metrics_from_sums(_all_reduce_sums(sums, device), prefix)
+
+
+# The primary metric a mid-epoch checkpoint reports (it has no validation score): the worst, so Ray keeps epoch
+# checkpoints first. Finite: Ray Train saves its checkpoint list as JSON, where inf came back as null, and a run
+# resumed by name then failed in Ray's controller ("unsupported operand type(s) for *: 'float' and 'NoneType'").
+MID_EPOCH_SCORE = 1e300
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float):
@@ -124,14 +130,39 @@ def train_loop_per_worker(config: dict) -> None:
     local_dir = config.get("local_checkpoint_dir")
     kept = ckpt.numbered(local_dir) if local_dir and resume_from is None else []
     start_from = None if resume_from or kept else config.get("init_checkpoint")
+    # FSDP checkpoints sharded (checkpoint.save_sharded): each rank writes its own shards and nothing is
+    # gathered, except the final best model once, for the registry
+    sharded = strategy == "fsdp" and local is None and is_distributed()
+
+    def restore(d) -> dict:
+        saved = ckpt.load(d)
+        if saved.get("sharded"):
+            if not sharded:
+                raise RuntimeError("this checkpoint is sharded (an FSDP run's): continue it with "
+                                   "train.parallelism: fsdp on one or more workers")
+            best = ckpt.load_sharded(d, model, optimizer, with_best=saved["best"] is not None)
+            if best is not None:
+                saved["best"]["model"] = best
+            return saved
+        load_full_state(model, optimizer, saved["model"], saved["optimizer"], strategy)
+        if sharded and saved["best"] is not None:  # a gathered checkpoint continued sharded: keep the best as shards
+            current = ckpt.sharded_model_state(model)
+            load_full_state(model, optimizer, saved["best"]["model"], None, strategy)
+            saved["best"]["model"] = ckpt.sharded_model_state(model)
+            ckpt.set_sharded_model(model, current)
+        return saved
+
+    def best_snapshot() -> dict:
+        """The best model as this run keeps it: this rank's shards (sharded) or the full state on CPU."""
+        return ckpt.sharded_model_state(model) if sharded else full_state(model, optimizer, strategy)[0]
+
     saved = None
     if resume_from:
         with resume_from.as_directory() as d:
-            saved = ckpt.load(d)
+            saved = restore(d)
     elif kept or start_from:
-        saved = ckpt.load(kept[-1] if kept else start_from)
+        saved = restore(kept[-1] if kept else start_from)
     if saved:
-        load_full_state(model, optimizer, saved["model"], saved["optimizer"], strategy)
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
@@ -147,8 +178,17 @@ def train_loop_per_worker(config: dict) -> None:
     telemetry = TrainTelemetry(config, rank, resumed=bool(resume_from or kept), model=model, world=world)  # aidc.ops
     tune_report = config.get("tune_report")  # a num_workers: 0 Tune trial reports straight to Tune
 
-    def report(metrics: dict) -> None:
-        """Report metrics with a checkpoint (written by rank 0; gathering state is collective)."""
+    def report(metrics: dict, final: bool = False) -> None:
+        """Report metrics with a checkpoint: every rank's shards (sharded), or the full state gathered and
+        written by rank 0 (gathering state is collective)."""
+        if sharded and not final:
+            best = state["best"]
+            with tempfile.TemporaryDirectory() as d:
+                ckpt.save_sharded(d, model, optimizer, best and best["model"], {
+                    **state, "best": best and {k: v for k, v in best.items() if k != "model"},
+                    "scheduler": scheduler.state_dict(), "world_size": world}, job, rank)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            return
         model_sd, optim_sd = full_state(model, optimizer, strategy)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint, d = None, tmp
@@ -213,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
             every = tc["checkpoint_every_steps"]
             if every and state["step"] % every == 0 and micro < micro_per_epoch:
                 report({"epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
-                        "lr": scheduler.get_last_lr()[0], primary: float("inf")})
+                        "lr": scheduler.get_last_lr()[0], primary: MID_EPOCH_SCORE})
         elapsed = time.perf_counter() - t0
         metrics = {
             "epoch": epoch, "step": state["step"], "train_loss": loss_sum / max(micro - skip, 1),
@@ -224,8 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_metrics = {}
         state["history"].append(metrics)
         if state["best"] is None or metrics[primary] < state["best"]["value"] - tc["early_stopping_min_delta"]:
-            model_sd, _ = full_state(model, optimizer, strategy)
-            state["best"] = {"epoch": epoch, "value": metrics[primary], "model": model_sd}
+            state["best"] = {"epoch": epoch, "value": metrics[primary], "model": best_snapshot()}
             stale = 0
         else:
             stale += 1
@@ -242,10 +281,14 @@ def train_loop_per_worker(config: dict) -> None:
         telemetry.epoch(metrics)
 
     # Final: the best weights, scored once on the held-out test split, are the run's result.
-    load_full_state(model, optimizer, state["best"]["model"], None, strategy)
+    if sharded:
+        ckpt.set_sharded_model(model, state["best"]["model"])
+        state["best"]["model"] = full_state(model, optimizer, strategy)[0]  # gathered once, for the registry
+    else:
+        load_full_state(model, optimizer, state["best"]["model"], None, strategy)
     final = {**state["history"][-1], "best_epoch": state["best"]["epoch"], primary: state["best"]["value"],
              "resumes": len(state["resumes"]),
              **evaluate(model, task, shards["test"], bs * 4, device, "test", precision)}
     state["finished"] = True
-    report(final)
+    report(final, final=True)
     telemetry.finish()
