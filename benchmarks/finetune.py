@@ -1,6 +1,7 @@
 """Full fine-tuning vs LoRA on the same model and data, side by side (task causal_lm's own steps: tokenize with the
 base's chat template, answer-only loss, AdamW), one process, no Ray: tokens/s of training, parameters that train,
-optimizer state and checkpoint bytes (what aidc's checkpoint of each holds).
+optimizer state and checkpoint bytes (what aidc's checkpoint of each holds). Then FSDP2 on 2 gloo ranks: checkpoint
+save time and bytes per rank, the full state gathered on rank 0 vs torch.distributed.checkpoint shards.
 
     python -m benchmarks.finetune [--quick] [--hidden 512] [--layers 8] [--steps 20] [--batch 16] [--device cuda]
 """
@@ -79,6 +80,75 @@ def measure(folder: Path, method: str, steps: int, batch_size: int, device: str)
             **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device == "cuda" else {})}
 
 
+def _checkpoint_rank(rank: int, world: int, folder: str, out: str, port: int, queue) -> None:
+    """One of `world` gloo ranks: FSDP2 over the decoder layers, then both checkpoint kinds, timed and sized."""
+    import os
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from aidc.tasks.causal_lm import load_base_model
+    from aidc.train.parallel import full_state
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = load_base_model(Path(folder))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(input_ids=torch.ones(1, 8, dtype=torch.long)).logits.sum().backward()
+    opt.step()  # the optimizer's moments exist, as in any checkpoint after a step
+
+    def size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+    figures = {}
+    for kind in ("gathered", "sharded"):
+        d = Path(out, f"{kind}-rank{rank}")  # each rank its own folder, as each Ray Train worker reports one
+        dist.barrier()
+        t = time.perf_counter()
+        if kind == "gathered":  # aidc before: full state gathered on rank 0, written there
+            model_sd, optim_sd = full_state(model, opt, "fsdp")
+            if rank == 0:
+                d.mkdir(parents=True)
+                torch.save({"model": model_sd, "optimizer": optim_sd}, d / "state.pt")
+        else:
+            dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=str(d))
+        dist.barrier()
+        figures[kind] = {"save_s": round(time.perf_counter() - t, 3), "mb": round(size(d) / 2**20, 2)}
+        shutil.rmtree(d, ignore_errors=True)
+    queue.put((rank, figures))
+    dist.destroy_process_group()
+
+
+def checkpoint_figures(folder: Path, world: int = 2) -> dict:
+    """Save time and bytes written per rank: the full state gathered on rank 0 vs DCP shards from every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as out:
+        procs = [ctx.Process(target=_checkpoint_rank, args=(r, world, str(folder), out, port, queue))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        got = dict(queue.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join()
+    return {kind: {f"rank{r}": got[r][kind] for r in sorted(got)} for kind in ("gathered", "sharded")}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (the suite's smoke run)")
@@ -96,10 +166,12 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_base(Path(tmp, "base"), args.hidden, args.layers)
         full, lora = (measure(folder, m, args.steps, args.batch, args.device) for m in ("full", "lora"))
+        ckpt = checkpoint_figures(folder)
     result = {"benchmark": "finetune", "hidden": args.hidden, "layers": args.layers, "batch": args.batch,
               "device": args.device, "full": full, "lora": lora,
               "lora_vs_full_tokens_per_s": round(lora["tokens_per_s"] / full["tokens_per_s"], 3),
-              "lora_vs_full_checkpoint": round(lora["checkpoint_mb"] / full["checkpoint_mb"], 5)}
+              "lora_vs_full_checkpoint": round(lora["checkpoint_mb"] / full["checkpoint_mb"], 5),
+              "fsdp_checkpoint_2_ranks": ckpt}
     print(json.dumps(result, indent=2))
     return result
 

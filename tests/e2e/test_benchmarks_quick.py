@@ -35,6 +35,8 @@ def test_finetune_quick():
     assert r["full"]["tokens_per_s"] > 0 and r["lora"]["tokens_per_s"] > 0
     assert r["lora"]["trained_params"] < r["full"]["trained_params"] / 10  # the adapters only
     assert r["lora"]["checkpoint_mb"] < r["full"]["checkpoint_mb"] / 5
+    ckpt = r["fsdp_checkpoint_2_ranks"]
+    assert ckpt["gathered"]["rank1"]["mb"] == 0 and ckpt["sharded"]["rank1"]["mb"] > 0  # every rank writes its part
 
 
 def test_llm_serving_quick():

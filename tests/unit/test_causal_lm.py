@@ -150,6 +150,22 @@ def test_merged_output_equals_base_plus_adapter(folders, arch):
     assert base_only is not None
 
 
+def test_activation_checkpointing_gives_the_same_gradients(folders):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        _, _, model, batch = _lora_model(folders["llama"], **{"model.activation_checkpointing": ckpt,
+                                                               "model.lora.dropout": 0.0})
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        TASK.loss(TASK.forward(model, batch), batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[1].values())
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
 def test_lora_target_modules_are_checked(folders):
     with pytest.raises(ConfigError, match="model.lora"):
         _lora_model(folders["llama"], **{"model.lora.target_modules": ["no_such_proj"]})

@@ -332,8 +332,8 @@ class CausalLM(Task):
     def build_model(self, model_cfg: dict, features: dict) -> nn.Module:
         model = load_base_model(base_folder(json.dumps(features["base"], sort_keys=True)))
         model.config.use_cache = False  # training: no KV cache
-        if model_cfg.get("activation_checkpointing"):
-            model.gradient_checkpointing_enable()
+        if model_cfg.get("activation_checkpointing"):  # non-reentrant: LoRA's frozen inputs still get gradients
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def adapt(self, model: nn.Module, job: dict) -> nn.Module:
