@@ -181,3 +181,28 @@ def test_lora_fsdp_checkpoints_are_sharded_and_resume_after_a_kill_and_onto_one_
     assert one.resumes[0]["from_world_size"] == 2 and one.resumes[0]["world_size"] == 1
     assert one.resumes[0]["step"] == 10 and [h["step"] for h in one.history] == [10, 20]
     assert one.metrics["val_loss"] == pytest.approx(whole.metrics["val_loss"], rel=0.05)  # other batches, same run
+
+
+def test_your_own_chat_jsonl_is_preprocessed_with_every_bad_row_kept_with_its_reason(root, llama, tmp_path):
+    import pyarrow.parquet as pq
+
+    good = [{"messages": [{"role": "user", "content": f"reverse: {a} b"}, {"role": "assistant", "content": f"b {a}"}]}
+            for a in "acdefghijklmnopq"] + [{"prompt": "2+2=", "completion": "4"}, {"text": "to be or not to be"}]
+    bad = ["{not json", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+           json.dumps({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}),
+           json.dumps({"prompt": "reverse: " + "a " * 40, "completion": "a " * 40})]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in good] + bad) + "\n")
+    cfg = load_config(CONFIGS / "chat-sft.yaml", [
+        f"run.storage={root}", f"model.init_from={llama}", "name=own-chats", "data.source=files",
+        f"data.path={path}", "data.format=jsonl", "data.chat.max_length=40", "data.clean.dedup=false"])
+    dv, _ = preprocess(cfg)
+    counts = dv.manifest()["counts"]
+    assert counts["read"] == len(good) + len(bad) and counts["kept"] == len(good)
+    reasons = counts["rejected_by_reason"]
+    assert sum(reasons.values()) == len(bad)
+    assert any(r.startswith("not JSON") for r in reasons) and "no assistant turn to learn from" in reasons
+    assert any(r.startswith("messages[0]: role 'bot'") for r in reasons)
+    assert any(r.startswith("over data.chat.max_length (") for r in reasons)
+    kept_rows = pq.read_table(dv.path("rejected")).column("reject_reason").to_pylist()
+    assert sorted(kept_rows) == sorted(r for r, n in reasons.items() for _ in range(n))  # each kept, with its reason
