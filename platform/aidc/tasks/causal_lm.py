@@ -333,7 +333,10 @@ class CausalLM(Task):
         model = load_base_model(base_folder(json.dumps(features["base"], sort_keys=True)))
         model.config.use_cache = False  # training: no KV cache
         if model_cfg.get("activation_checkpointing"):  # non-reentrant: LoRA's frozen inputs still get gradients
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def adapt(self, model: nn.Module, job: dict) -> nn.Module:
