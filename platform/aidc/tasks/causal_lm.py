@@ -83,15 +83,34 @@ def base_folder(base_json: str) -> Path:
     written by hf_folder.materialize; a folder URI is downloaded; a local folder is checked as it is."""
     base = json.loads(base_json)
     if "ref" in base:
-        from aidc.serving.hf_folder import materialize
-
-        return materialize(base["ref"], base["uri"], gpu=True).folder  # training has no vLLM head-size limit
+        return _materialized_base(base["ref"], base["uri"])
     path = base["path"]
     if "://" in path:
         path = str(_download(path))
     folder = Path(path).expanduser()
     check_folder(folder)
     return folder
+
+
+def _materialized_base(ref: str, uri: str) -> Path:
+    """The verified folder of a registry base, one per version and content on each node: every worker and run
+    fetches and verifies the version, and keeps the folder it wrote only if no identical one is there yet (a
+    7B base is 15 GB: a copy per worker and run would fill the disk)."""
+    import os
+    import shutil
+
+    from aidc.serving.hf_folder import materialize
+    from aidc.storage import sha256_file
+
+    fresh = materialize(ref, uri, gpu=True)  # training has no vLLM head-size limit
+    digest = hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in sorted(fresh.folder.iterdir())
+                                    if p.is_file()).encode()).hexdigest()[:16]
+    stable = fresh.folder.parent / f"base-{fresh.name}-v{fresh.version}-{digest}"
+    try:
+        os.rename(fresh.folder, stable)  # atomic; fails when another process put the same folder there first
+    except OSError:
+        shutil.rmtree(fresh.folder, ignore_errors=True)
+    return stable
 
 
 def _download(uri: str) -> Path:
