@@ -71,23 +71,44 @@ def test_without_the_loss_mask_it_learns_the_task_worse(full, root, llama):
         unmasked.metrics, masked.metrics)
 
 
-def test_lora_adapter_with_fsdp_is_registered_in_peft_format_and_served_like_peft(full, root):
-    """LoRA on the fully fine-tuned version (a registry reference as the base), FSDP over 2 workers, saved as an
-    adapter; vLLM serves it (merged onto its verified base) with PEFT's greedy answers and logprobs."""
-    from openai import OpenAI
+def _peft_answer(base_folder, adapter_files, prompt: str, max_tokens: int):
+    """PEFT's greedy answer (text, token logprobs) to `prompt`: base + adapter, offline."""
     from peft import PeftModel
-    from ray import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(adapter_files))
+    offline = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_folder)),
+                                        str(adapter_files)).eval()
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    with torch.no_grad():
+        out = offline.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.eos_token_id)
+    new = out.sequences[0, ids.shape[1]:]
+    return (tok.decode(new, skip_special_tokens=True),
+            [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, new)])
+
+
+def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_peft(full, root):
+    """LoRA on the fully fine-tuned version (a registry reference as the base), FSDP over 2 workers, saved as
+    adapters in PEFT's format; the llm app serves both on one vLLM engine of their base (multi-LoRA: the request's
+    model picks the adapter), each with PEFT's greedy answer and logprobs."""
+    from openai import OpenAI
+    from ray import serve
+    from transformers import AutoTokenizer
 
     from aidc.serving.hf_folder import materialize
     from serve_apps.llm import app_builder
 
     base_ref = f"{full[2].name}/{full[2].version}"
-    cfg, outcome, version = finetune(root, base_ref, "chat-lora", "train.epochs=2", "train.method=lora",
-                                     "train.parallelism=fsdp", "model.lora.save=adapter", "train.lr=0.001")
+    cfg, outcome, lora_a = finetune(root, base_ref, "chat-lora", "train.epochs=2", "train.method=lora",
+                                    "train.parallelism=fsdp", "model.lora.save=adapter", "train.lr=0.001")
+    _, _, lora_b = finetune(root, base_ref, "chat-lora-b", "train.epochs=1", "train.max_steps_per_epoch=5",
+                            "train.method=lora", "model.lora.save=adapter", "train.lr=0.01", "model.lora.rank=4",
+                            "resources.num_workers=1")
     assert outcome.metrics["world_size"] == 2
     uri = tracking_uri(None, root)
-    _, files = fetch(version.ref, uri)
+    _, files = fetch(lora_a.ref, uri)
     names = {p.name for p in files.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
     spec = json.loads((files / "model.json").read_text())
@@ -95,32 +116,29 @@ def test_lora_adapter_with_fsdp_is_registered_in_peft_format_and_served_like_pef
     assert json.loads((files / "adapter_config.json").read_text())["base_model_name_or_path"] == base_ref
 
     base = materialize(base_ref, uri)
-    tok = AutoTokenizer.from_pretrained(str(files))
-    offline = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base.folder)), str(files)).eval()
     messages = [{"role": "user", "content": "reverse: a c e g"}]
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
-    with torch.no_grad():
-        out = offline.generate(input_ids=ids, max_new_tokens=12, do_sample=False, output_scores=True,
-                               return_dict_in_generate=True, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.eos_token_id)
-    new = out.sequences[0, ids.shape[1]:]
-    want_text = tok.decode(new, skip_special_tokens=True)
-    want_lp = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, new)]
+    prompt = AutoTokenizer.from_pretrained(str(files)).apply_chat_template(messages, tokenize=False,
+                                                                           add_generation_prompt=True)
+    want = {v.name: _peft_answer(base.folder, fetch(v.ref, uri)[1], prompt, 12) for v in (lora_a, lora_b)}
+    assert want["chat-lora"][1] != want["chat-lora-b"][1]  # two different adapters
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(app_builder({"models": [{"ref": version.ref, "max_model_len": 64, "num_cpus": 0.5}],
-                               "tracking_uri": uri}), name="llm-ft", route_prefix="/ft")
+        serve.run(app_builder({"models": [{"ref": v.ref, "max_model_len": 64, "num_cpus": 0.5} for v in (
+            lora_a, lora_b)], "tracking_uri": uri}), name="llm-ft", route_prefix="/ft")
+        deployments = serve.status().applications["llm-ft"].deployments
+        assert [d for d in deployments if d.startswith("AidcLLMServer")] == [
+            f"AidcLLMServer:{full[2].name}"]  # one base engine, no copy per adapter
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/ft/v1", api_key=make_key("infer:*", owner="ft-tests"),
                         max_retries=0, timeout=120)
-        r = client.completions.create(model="chat-lora", prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
-        assert r.choices[0].text == want_text  # the same greedy answer, token for token
-        got_lp = r.choices[0].logprobs.token_logprobs
-        assert got_lp[:len(want_lp)] == pytest.approx(want_lp, abs=1e-3)
+        assert {m.id for m in client.models.list().data} == {full[2].name, "chat-lora", "chat-lora-b"}
+        for name, (text, logprobs) in want.items():
+            r = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
+            assert r.model == name and r.choices[0].text == text  # the same greedy answer, token for token
+            assert r.choices[0].logprobs.token_logprobs[:len(logprobs)] == pytest.approx(logprobs, abs=1e-3)
         chat = client.chat.completions.create(model="chat-lora", messages=messages, max_tokens=12, temperature=0)
-        assert chat.choices[0].message.content == want_text  # the chat template it trained with
+        assert chat.choices[0].message.content == want["chat-lora"][0]  # the chat template it trained with
     finally:
         serve.shutdown()
 

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -43,7 +44,7 @@ from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMClientError
 
-from aidc.errors import RequestError
+from aidc.errors import AidcError, RequestError
 from aidc.ops.serving import RequestMetrics, tag_request
 from aidc.security.auth import ApiKeyAuth, AuthArgs
 from aidc.serving.auth import protect
@@ -108,13 +109,14 @@ class LLMArgs(BaseModel):
 class AidcLLMServer(LLMServer):
     """Ray Serve LLM's model server, started from a verified registry version."""
 
-    async def __init__(self, llm_config, *, ref: str, tracking_uri: Optional[str] = None, gpu: bool = False):
+    async def __init__(self, llm_config, *, ref: str, tracking_uri: Optional[str] = None, gpu: bool = False,
+                       adapters: Optional[dict] = None):
         from aidc.serving.hf_folder import materialize
 
         self._hf = materialize(ref, tracking_uri, gpu)  # on this node, from freshly verified files
         llm_config.model_loading_config.model_source = str(self._hf.folder)
         llm_config._engine_config = None  # derived (and cached) from the deploy-time folder: derive it again
-        await super().__init__(llm_config)
+        await super().__init__(llm_config, model_downloader=adapter_loader(adapters or {}, tracking_uri))
         engine = self.engine
         if getattr(engine, "_oai_serving_tokenization", None) is None and engine._app_state is not None:
             engine._oai_serving_tokenization = getattr(engine._app_state, "serving_tokenization", None)
@@ -198,10 +200,13 @@ def _unavailable(exc: BaseException) -> Optional[RequestError]:
 class LLMIngress(OpenAiIngress):
     """Ray Serve LLM's OpenAI ingress with aidc's keys, metrics, errors and routes (module docstring)."""
 
-    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, args: dict, versions: dict, vocab: dict):
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, args: dict, versions: dict, vocab: dict,
+                 adapters: Optional[dict] = None, adapter_cards: Optional[dict] = None):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self._adapter_cards = adapter_cards or {}
         self.args = LLMArgs.model_validate(args)
         self.versions, self.vocab = versions, vocab  # model id -> registered version, vocabulary size
+        self.adapters = adapters or {}  # LoRA adapter name -> its base model's id
         BodyLimit.max_body_bytes = self.args.max_body_bytes
         ApiKeyAuth.configure("llm", self.args.auth, model=self._only_model())
 
@@ -215,7 +220,7 @@ class LLMIngress(OpenAiIngress):
                 raise RequestError(f"name a `model`: this app serves {sorted(self._model_cards)}", status=400,
                                    field="model")
             model = self._only_model()
-        if model.split(":", 1)[0] not in self._model_cards:
+        if model not in self.adapters and model.split(":", 1)[0] not in self._model_cards:
             raise RequestError(f"model {model!r} is not served here; GET /v1/models lists "
                                f"{sorted(self._model_cards)}", status=404, field="model")
         tag_request(model, self.versions.get(model))
@@ -252,11 +257,25 @@ class LLMIngress(OpenAiIngress):
         return StreamingResponse(_openai_json_wrapper(gen), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    def _get_configured_serve_handle(self, model_id: str):
+        """An adapter's requests go to its base's replicas as Serve's multiplexed model id (the adapter's name),
+        which Ray Serve LLM loads with the RegistryAdapters loader and vLLM applies per request."""
+        base = self.adapters.get(model_id)
+        if base is None:
+            return super()._get_configured_serve_handle(model_id)
+        if model_id not in self._configured_serve_handles:
+            self._configured_serve_handles[model_id] = self._default_serve_handles[base].options(
+                stream=True, multiplexed_model_id=model_id)
+        return self._configured_serve_handles[model_id]
+
+    async def _get_model_id(self, model: Optional[str]) -> str:
+        return model if model in self.adapters else await super()._get_model_id(model)
+
     @api.get("/v1/models")
     async def models(self):
         out = await super().models()
         data = []
-        for card in out.data:
+        for card in [*out.data, *self._adapter_cards.values()]:
             d = card.model_dump(mode="json")
             d["max_model_len"] = d.get("metadata", {}).get("max_request_context_length")
             d["version"] = self.versions.get(card.id)
@@ -333,8 +352,45 @@ def cpu_engine_kwargs(block_size: Optional[int], max_len: int) -> dict:
             "max_num_batched_tokens": max(2048, max_len)}
 
 
-def llm_config(m: ModelArgs, name: str, folder: str, max_len: int, metrics: bool):
-    """Ray Serve LLM's LLMConfig for one model: engine arguments, placement, env, Serve options."""
+def adapter_loader(adapters: dict, tracking_uri: Optional[str]):
+    """Ray Serve LLM's LoRA loader class for one base: an adapter named by a request (Serve's multiplexed model id,
+    its registered name) is fetched from the registry and verified (signature, sha256 manifest) on this replica,
+    then vLLM loads it (its PEFT files) beside the others on the one base."""
+    import itertools
+
+    from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+    from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+
+    ids = itertools.count(1)
+
+    class RegistryAdapters(LoraModelLoader):
+        async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+            import asyncio
+
+            from aidc.registry import fetch, tracking_uri as resolve_uri
+
+            if lora_model_id not in adapters:
+                raise ValueError(f"no adapter {lora_model_id!r} on this base; it serves {sorted(adapters)}")
+            _, files = await asyncio.to_thread(fetch, adapters[lora_model_id], resolve_uri(tracking_uri))
+            return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=str(files),
+                                       lora_assigned_int_id=next(ids))
+
+    return RegistryAdapters
+
+
+def lora_engine_kwargs(ranks: list[int]) -> dict:
+    """vLLM's multi-LoRA settings for a base serving adapters of these ranks (its max rank is one of its sizes)."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    rank = min(r for r in get_args(MaxLoRARanks) if r >= max(ranks))
+    return {"enable_lora": True, "max_loras": len(ranks), "max_lora_rank": rank}
+
+
+def llm_config(m: ModelArgs, name: str, folder: str, max_len: int, metrics: bool, lora_ranks: Optional[list] = None):
+    """Ray Serve LLM's LLMConfig for one model: engine arguments, placement, env, Serve options; with
+    `lora_ranks`, multi-LoRA for that many adapters."""
     from ray.serve.llm import LLMConfig
 
     gpu = m.num_gpus > 0
@@ -347,6 +403,8 @@ def llm_config(m: ModelArgs, name: str, folder: str, max_len: int, metrics: bool
               **({} if gpu else cpu_engine_kwargs(m.block_size, m.max_model_len or max_len)), **m.engine_kwargs}
     if m.block_size and gpu:
         engine["block_size"] = m.block_size
+    if lora_ranks:
+        engine.update(lora_engine_kwargs(lora_ranks))
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(m.kv_cache_gib),
            **m.env_vars}
     placement = ({"bundles": [{"GPU": 1, "CPU": 1}] * m.tensor_parallel_size} if gpu
@@ -356,6 +414,7 @@ def llm_config(m: ModelArgs, name: str, folder: str, max_len: int, metrics: bool
         accelerator_config={"kind": "gpu" if gpu else "cpu"},
         engine_kwargs=engine, placement_group_config=placement, log_engine_metrics=metrics,
         runtime_env={"env_vars": env},
+        **({"lora_config": {"max_num_adapters_per_replica": len(lora_ranks)}} if lora_ranks else {}),
         deployment_config={"ray_actor_options": {"num_cpus": 0}, "autoscaling_config": m.autoscaling_config,
                            "max_ongoing_requests": m.max_num_seqs, "max_queued_requests": max(1, m.max_waiting),
                            "health_check_period_s": 5})
@@ -371,19 +430,82 @@ def build_app(args: LLMArgs):
 
     from aidc.serving.hf_folder import materialize, remove
 
-    deployments, cards, versions, vocab = {}, {}, {}, {}
-    for m in args.model_args():
+    deployments, cards, adapter_cards, versions, vocab = {}, {}, {}, {}, {}
+    models, adapters = split_adapters(args)  # LoRA adapter versions are served on their base (multi-LoRA)
+    for m in models:
         hf = materialize(m.ref, args.tracking_uri, m.num_gpus > 0)
+        mine = {a.name: a for a in adapters if a.base == f"{hf.name}/{hf.version}"}
         try:
-            cfg = llm_config(m, hf.name, str(hf.folder), hf.max_model_len, args.metrics)
+            cfg = llm_config(m, hf.name, str(hf.folder), hf.max_model_len, args.metrics,
+                             [a.rank for a in mine.values()])
             cards[hf.name] = to_model_metadata(hf.name, cfg)
+            for a in mine.values():
+                adapter_cards[a.name] = to_model_metadata(a.name, cfg)
         finally:
             remove(hf)
         pinned = f"{hf.name}/{hf.version}"
         deployments[hf.name] = build_llm_deployment(
             cfg, deployment_cls=AidcLLMServer,
-            bind_kwargs={"ref": pinned, "tracking_uri": args.tracking_uri, "gpu": m.num_gpus > 0})
+            bind_kwargs={"ref": pinned, "tracking_uri": args.tracking_uri, "gpu": m.num_gpus > 0,
+                         "adapters": {a.name: a.ref for a in mine.values()}})
         versions[hf.name], vocab[hf.name] = hf.version, hf.vocab_size
+        for a in mine.values():
+            versions[a.name], vocab[a.name] = a.version, hf.vocab_size
     ingress = serve.deployment(_INGRESS, name="LLMIngress",
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-    return ingress.bind(deployments, cards, args=args.model_dump(mode="json"), versions=versions, vocab=vocab)
+    return ingress.bind(deployments, cards, args=args.model_dump(mode="json"), versions=versions, vocab=vocab,
+                        adapters={a.name: a.base.split("/")[0] for a in adapters}, adapter_cards=adapter_cards)
+
+
+@dataclass
+class Adapter:
+    """A registered LoRA adapter version: served by its base's deployment, chosen by the request's model."""
+
+    name: str
+    version: str
+    base: str  # its base's pinned reference, name/version
+    rank: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def split_adapters(args: "LLMArgs") -> tuple[list, list]:
+    """The app's models, its LoRA adapter versions taken out (each verified here); a base that is not listed
+    itself is added with its adapter's settings."""
+    import shutil
+
+    from aidc.registry import fetch, tracking_uri
+
+    models, adapters, bases = [], [], {}
+    for m in args.model_args():
+        mv, files = fetch(m.ref, tracking_uri(args.tracking_uri))  # signature + manifest: a tampered one fails here
+        try:
+            spec = json.loads((files / "model.json").read_text())
+            if spec.get("format") != "peft-lora":
+                models.append(m)
+                continue
+            rank = int(json.loads((files / "adapter_config.json").read_text())["r"])
+        finally:
+            shutil.rmtree(files, ignore_errors=True)
+        base = spec["base"].get("ref")
+        if not base:
+            raise AidcError(f"{mv.name}/{mv.version} is a LoRA adapter on a folder ({spec['base'].get('path')}), "
+                            "not on a registered model: register its base (aidc model import) to serve it")
+        adapters.append(Adapter(mv.name, str(mv.version), base, rank))
+        bases.setdefault(base, m)
+    listed = set()
+    for m in models:
+        mv = resolve_version(m.ref, args.tracking_uri)
+        listed.add(f"{mv.name}/{mv.version}")
+    for base, m in bases.items():
+        if base not in listed:
+            models.append(m.model_copy(update={"ref": base}))
+    return models, adapters
+
+
+def resolve_version(ref: str, uri: Optional[str]):
+    from aidc.registry import resolve, tracking_uri
+
+    return resolve(ref, tracking_uri(uri))
