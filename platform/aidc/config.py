@@ -73,6 +73,9 @@ class ChatDataConfig(Strict):
                             "rejected with a reason (never cut), and it may not exceed the base model's context.")
     mask_prompt: bool = Field(True, description="Loss on the assistant / completion tokens only (system and user "
                               "turns are context, not targets); false trains on every token.")
+    packing: bool = Field(False, description="Pack several training examples into each max_length row (fewer "
+                          "padding tokens); each example attends only to itself (a block-diagonal mask, positions "
+                          "restarting per example), so packing changes throughput, not what is learned.")
     examples: int = Field(2000, ge=10, description="source: synthetic-instructions: rows generated.")
     eval_examples: int = Field(64, ge=0, description="Held-out test rows answered greedily after training (and by "
                                "the base model before it), scored by exact match on the reference answer; 0 = off.")

@@ -166,6 +166,35 @@ def test_activation_checkpointing_gives_the_same_gradients(folders):
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_examples_attend_only_to_themselves(folders, arch):
+    """Packing changes throughput, not what is learned: the same logits per example and the same loss."""
+    cfg = job(folders[arch], **{"data.chat.packing": True, "data.chat.mask_prompt": False, "data.chat.max_length": 64})
+    rows = [CHAT, {"prompt": "reverse: c d e", "completion": "e d c"}, {"text": "to be or not"}]
+    table = {"id": np.arange(3), "record": np.array([json.dumps(r) for r in rows], dtype=object)}
+    state = TASK.fit(table, cfg, {})
+    packed = TASK.encode_batch(table, {**state, "split": "train"})
+    single = TASK.encode_batch(table, {**state, "split": "val"})  # held-out splits stay one example per row
+    assert len(packed["input_ids"]) < 3 and len(single["input_ids"]) == 3
+    assert max(s.max() for s in packed["segments"]) >= 2  # a row holds more than one example
+    model = TASK.build_model(cfg.model.model_dump(mode="json"), TASK.features({}, state)).eval()
+    tensors = lambda enc: {k: torch.from_numpy(v) for k, v in TASK.transform_batch(enc, state).items()}  # noqa: E731
+    pb, sb = tensors(packed), tensors(single)
+    with torch.no_grad():
+        pl, sl = TASK.forward(model, pb), TASK.forward(model, sb)
+        example = 0
+        for row, segs in enumerate(packed["segments"]):
+            start = 0
+            for seg in np.unique(segs):
+                n = int((segs == seg).sum())
+                assert torch.allclose(pl[row, start:start + n - 1], sl[example, :n - 1], atol=1e-4), example
+                start, example = start + n, example + 1
+        assert example == 3
+        ps, ss = TASK.eval_sums(pl, pb), TASK.eval_sums(sl, sb)
+    assert ps["tokens"] == ss["tokens"]  # no target across an example boundary
+    assert ps["loss_sum"] == pytest.approx(ss["loss_sum"], rel=1e-4)
+
+
 def test_lora_target_modules_are_checked(folders):
     with pytest.raises(ConfigError, match="model.lora"):
         _lora_model(folders["llama"], **{"model.lora.target_modules": ["no_such_proj"]})

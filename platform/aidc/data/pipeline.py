@@ -124,12 +124,14 @@ def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[Datas
         if not split_rows[s]:
             continue
         sub = _take(cols, mask)
+        split_state = {**state, "split": s}  # what encode_batch may do per split (fine-tuning packs train rows)
         (to_ray_dataset(sub, blocks)
-         .map_batches(task.encode_batch, fn_kwargs={"state": state}, batch_format="numpy", batch_size=ENCODE_BATCH)
+         .map_batches(task.encode_batch, fn_kwargs={"state": split_state}, batch_format="numpy",
+                      batch_size=ENCODE_BATCH)
          .write_parquet(dv.path(s)))
         examples[s] = _row_count(dv.path(s))
         if hasattr(task, "describe_split"):
-            details[s] = task.describe_split(task.encode_batch(sub, state))
+            details[s] = task.describe_split(task.encode_batch(sub, split_state))
     rejected = reason_counts(reasons)
     if rejected:
         rej = _take(cols, ~good)

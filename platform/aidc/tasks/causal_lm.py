@@ -307,7 +307,7 @@ class CausalLM(Task):
             raise ConfigError(f"data.chat.max_length {c.max_length} is over the base model's context ({context} "
                               f"tokens, {folder}/config.json); set --set data.chat.max_length={context} or less")
         tok = load_tokenizer(str(folder))
-        return {"base": base, "max_length": c.max_length, "mask_prompt": c.mask_prompt,
+        return {"base": base, "max_length": c.max_length, "mask_prompt": c.mask_prompt, "packing": c.packing,
                 "pad_id": int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0),
                 "vocab_size": len(tok)}
 
@@ -323,6 +323,10 @@ class CausalLM(Task):
             prompts.append(p)
             refs.append(r)
         ragged = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # noqa: E731 - keep an object array of arrays
+        if state.get("packing") and state.get("split") == "train":
+            rows = pack(ids, labels, state["max_length"])
+            return {"input_ids": ragged([r[0] for r in rows]), "labels": ragged([r[1] for r in rows]),
+                    "segments": ragged([r[2] for r in rows])}
         return {"id": batch["id"], "input_ids": ragged(ids), "labels": ragged(labels),
                 "prompt": np.array(prompts, dtype=object), "reference": np.array(refs, dtype=object)}
 
@@ -337,7 +341,8 @@ class CausalLM(Task):
 
     # -- training ---------------------------------------------------------------------
     def transform_batch(self, batch: dict, state: dict, training: bool = False) -> dict:
-        """Ragged examples -> fixed [n, max_length - 1] inputs, next-token labels and attention masks."""
+        """Ragged examples -> fixed [n, max_length - 1] inputs, next-token labels and attention masks; packed
+        rows also carry each token's example (`seg`, 0 = padding) and its position within that example."""
         width = state["max_length"] - 1
         n = len(batch["input_ids"])
         x = np.full((n, width), state["pad_id"], dtype=np.int64)
@@ -346,7 +351,18 @@ class CausalLM(Task):
         for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
             k = len(ids) - 1
             x[i, :k], y[i, :k], mask[i, :k] = ids[:-1], np.asarray(labels)[1:], 1
-        return {"x": x, "y": y, "mask": mask}
+        out = {"x": x, "y": y, "mask": mask}
+        if "segments" in batch:
+            seg, pos = np.zeros((n, width), dtype=np.int64), np.zeros((n, width), dtype=np.int64)
+            for i, full in enumerate(batch["segments"]):
+                full = np.asarray(full)
+                s = full[:-1]
+                seg[i, :len(s)] = s
+                y[i, :len(s)][full[1:] != s] = IGNORE  # an example's last token does not predict the next one's first
+                starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # first token of each example
+                pos[i, :len(s)] = np.arange(len(s)) - np.repeat(starts, np.diff(np.r_[starts, len(s)]))
+            out.update(seg=seg, pos=pos)
+        return out
 
     def build_model(self, model_cfg: dict, features: dict) -> nn.Module:
         model = load_base_model(base_folder(json.dumps(features["base"], sort_keys=True)))
@@ -368,6 +384,12 @@ class CausalLM(Task):
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         w = self._width(batch)
+        if "seg" in batch:  # packed: each example attends causally to itself only, positions restart per example
+            seg = batch["seg"][:, :w]
+            causal = torch.ones(w, w, dtype=torch.bool, device=seg.device).tril()
+            blocks = (seg[:, :, None] == seg[:, None, :]) & causal
+            return model(input_ids=batch["x"][:, :w], attention_mask=blocks[:, None],
+                         position_ids=batch["pos"][:, :w]).logits
         return model(input_ids=batch["x"][:, :w], attention_mask=batch["mask"][:, :w]).logits
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -463,6 +485,21 @@ class CausalLM(Task):
         path.write_text(json.dumps(samples, indent=2))
         logger.info("fine-tuned %s: %s", cfg.name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         return [path]
+
+
+def pack(ids: list, labels: list, max_length: int) -> list[tuple]:
+    """Examples packed in order into rows of at most max_length tokens (an example is never split):
+    [(ids, labels, segments)], segments numbering each row's examples from 1."""
+    rows, cur = [], ([], [], [])
+    for i, lab in zip(ids, labels):
+        if cur[0] and len(cur[0]) + len(i) > max_length:
+            rows.append(cur)
+            cur = ([], [], [])
+        seg = (cur[2][-1] + 1) if cur[2] else 1
+        cur = (cur[0] + list(i), cur[1] + list(lab), cur[2] + [seg] * len(i))
+    if cur[0]:
+        rows.append(cur)
+    return [tuple(np.asarray(part, dtype=np.int64) for part in row) for row in rows]
 
 
 def generate(model, tok, prompt: str, max_new_tokens: int) -> str:
