@@ -80,10 +80,9 @@ def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
 
 
 def merge_adapter(adapter: Path, base: dict, out: Path, gpu: bool) -> None:
-    """Write base + LoRA adapter (PEFT's merge_and_unload) as a plain folder, with the adapter's tokenizer files.
-
-    Each adapter served this way is a full copy of its base; vLLM's multi-LoRA (one base, adapters chosen per
-    request) is the way to serve many adapters of one base and is not wired yet."""
+    """Write base + LoRA adapter (PEFT's merge_and_unload) as a plain folder, with the adapter's tokenizer files:
+    an adapter version as a model of its own (batch inference, export). The llm app does not use this: it serves
+    adapters multi-LoRA on one engine of their base (aidc.serving.llm_app.split_adapters)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
