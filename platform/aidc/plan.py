@@ -252,11 +252,6 @@ def model_shape(cfg, kind: str = "cpu", features: dict | None = None) -> Shape:
 
     from aidc.tasks import get_task
 
-    if cfg.task == "causal_lm":
-        from aidc.errors import ConfigError
-
-        raise ConfigError("aidc plan does not model fine-tuning runs (task causal_lm) yet: a pretrained "
-                          "Hugging Face model's memory and step time are not predicted; the job runs unplanned")
     features = features if features is not None else _features(cfg, _manifest(cfg))
     task = get_task(cfg.task)
     model_cfg = cfg.model.model_dump(mode="json")
@@ -632,6 +627,9 @@ def make_plans(cfg, cluster_path: str | Path | None = None, headroom: float | No
 
     from aidc.cluster import load_cluster_yaml, prepare_and_validate
 
+    if cfg.task == "causal_lm":
+        raise ConfigError("aidc plan does not model fine-tuning runs (task causal_lm) yet: a pretrained "
+                          "Hugging Face model's memory and step time are not predicted; the job runs unplanned")
     manifest = _manifest(cfg)
     features = _features(cfg, manifest)
 

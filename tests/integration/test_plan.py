@@ -14,7 +14,19 @@ from tests.conftest import CONFIGS, REPO
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+FINE_TUNES = {"chat-sft"}  # task causal_lm: a pretrained Hugging Face model the planner does not model yet
+
+
+def test_aidc_plan_says_it_does_not_model_a_fine_tune(tmp_path, monkeypatch, capsys):
+    from aidc.cli import main
+
+    monkeypatch.setenv("AIDC_STORAGE", str(tmp_path))
+    rc = main(["plan", "--config", str(CONFIGS / "chat-sft.yaml"), "--cluster", str(REPO / "cluster.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not model fine-tuning runs (task causal_lm) yet" in err, err
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in FINE_TUNES))
 def test_aidc_plan_prints_a_plan_for_every_shipped_config(config, tmp_path, monkeypatch, capsys):
     from aidc.cli import main
 
