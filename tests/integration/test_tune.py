@@ -223,8 +223,10 @@ def test_driver_sigkill_then_resume_keeps_progress_and_asha_rungs(root, ray_sess
     first = by_lr[0.01]
     assert first["status"] == "completed" and first["epochs"] == 3
     rows = pd.read_json(next(sweep.glob("*_00000_*/result.json")), lines=True, convert_dates=False, dtype=False)
-    # continued from its checkpoint: epoch 1 ran once; the first result after the kill says where it started
-    assert (rows["epochs_done"] == 1).sum() == 1
+    # continued from its checkpoint: epoch 1 ran at most once (Tune rewrites a restored trial's result file from
+    # its experiment snapshot, which in a slow run predated the epoch-1 row: rows [2, 3, 3] in one full run);
+    # the first result after the kill says where it started
+    assert (rows["epochs_done"] == 1).sum() <= 1 and rows["epochs_done"].max() == 3
     resumed = rows[rows["init_trial"].notna()] if "init_trial" in rows else rows.iloc[0:0]
     assert len(resumed) >= 1 and resumed["init_trial"].iloc[0] == first["trial_id"]
     # ASHA after the restore still knows the first trial's rung records: the weak trials stop at the first rung
