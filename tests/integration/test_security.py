@@ -68,14 +68,14 @@ def server(models, root):
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
     uri = tracking_uri(None, root)
     try:
-        serve.run(predictor({"model": models["v1"].ref, "tracking_uri": uri, "auth": AUTH}), name="sd",
-                  route_prefix="/sd")
-        serve.run(tensors({"tracking_uri": uri, "auth": AUTH, "models": [
-            {"name": DIGITS, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
-             "deployment": {"num_cpus": 0.2}}]}), name="tensors", route_prefix="/v2")
-        serve.run(llm({"models": [f"{GPT}@imported"], "tracking_uri": uri, "auth": AUTH,
-                       "defaults": {"max_num_seqs": 4, "num_cpus": 0.5}}),
-                  name="llm", route_prefix="/")
+        serve.run_many([  # all three at once: run_many waits for every one
+            serve.RunTarget(predictor({"model": models["v1"].ref, "tracking_uri": uri, "auth": AUTH}), name="sd",
+                            route_prefix="/sd"),
+            serve.RunTarget(tensors({"tracking_uri": uri, "auth": AUTH, "models": [
+                {"name": DIGITS, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
+                 "deployment": {"num_cpus": 0.2}}]}), name="tensors", route_prefix="/v2"),
+            serve.RunTarget(llm({"models": [f"{GPT}@imported"], "tracking_uri": uri, "auth": AUTH,
+                                 "defaults": {"max_num_seqs": 4, "num_cpus": 0.5}}), name="llm", route_prefix="/")])
         yield {"url": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}", "uri": uri}
     finally:
         serve.shutdown()

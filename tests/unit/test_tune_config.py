@@ -161,3 +161,26 @@ def test_every_shipped_tune_section_validates(path):
     if cfg.tune is not None:
         spec = validate_sweep(cfg)
         assert spec.metric.startswith("val_") and set(tune_space(cfg)) == set(cfg.tune.space)
+
+
+def test_a_checkpoint_gone_from_storage_falls_back_to_the_trials_newest_whole_one(tmp_path):
+    """Tune's experiment snapshot can name a checkpoint pruned after it was taken (driver killed in between):
+    the restored trial continues from its newest whole checkpoint instead of erroring, or starts afresh."""
+    from ray import tune
+
+    from aidc.tune.trainable import ORIGIN, prune_checkpoints, usable_checkpoint
+
+    trial = tmp_path / "run_trial_00000"
+    for i, files in enumerate([("state.pt", ORIGIN), ("state.pt", ORIGIN), ("state.pt",)]):
+        (trial / f"checkpoint_00000{i}").mkdir(parents=True)
+        for f in files:
+            (trial / f"checkpoint_00000{i}" / f).write_text("x")
+    whole = tune.Checkpoint(str(trial / "checkpoint_000000"))
+    assert usable_checkpoint(whole) is whole
+    gone = usable_checkpoint(tune.Checkpoint(str(trial / "checkpoint_000007")))
+    assert gone.path == str(trial / "checkpoint_000001")  # 000002 lacks its origin: a kill mid-copy
+    assert usable_checkpoint(None) is None
+    prune_checkpoints(str(trial), keep=2)
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000001", "checkpoint_000002"]
+    prune_checkpoints(str(trial), keep=1)
+    assert usable_checkpoint(tune.Checkpoint(str(trial / "checkpoint_000001"))) is None

@@ -54,6 +54,8 @@ def error_reason(err: BaseException) -> str:
 
 def collect(grid, metric: str) -> list[TrialRecord]:
     """Trial records from Tune's ResultGrid."""
+    from aidc.tune.trainable import usable_checkpoint
+
     records = []
     for r in grid:
         df = _reported_rows(r)
@@ -65,10 +67,11 @@ def collect(grid, metric: str) -> list[TrialRecord]:
         epochs = epochs.drop_duplicates("epochs_done", keep="last").sort_values("epochs_done")
         history = [(int(e), float(v)) for e, v in zip(epochs["epochs_done"], epochs[metric])] if len(epochs) else []
         status = "errored" if r.error else "completed" if len(finals) else "stopped early"
+        checkpoint = usable_checkpoint(r.checkpoint)
         records.append(TrialRecord(
             trial_id=str(trial_id), status=status, params=dict(r.config or {}), history=history,
             final=finals.iloc[-1].to_dict() if len(finals) else {},
-            checkpoint_path=r.checkpoint.path if r.checkpoint else None,
+            checkpoint_path=checkpoint.path if checkpoint else None,
             error=error_reason(r.error) if r.error else None,
             epoch_rows=epochs.to_dict("records"),
         ))

@@ -188,6 +188,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     _check_trial_fits(spec, res)
     share = not any(p.startswith("data.") for p in tc.space)
     payload = trial_payload(spec, root, name, share_datasets=share)
+    payload["keep_checkpoints"] = None if tc.scheduler == "pbt" else KEEP_CHECKPOINTS
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload), res.per_trial)
     logger.info("sweep %s: %s, %s, %d sample(s), %d trial(s) at once, %s per trial",
                 name, tc.search, tc.scheduler, tc.num_samples, res.concurrency, res.per_trial)
@@ -207,14 +208,19 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
             run_config=tune.RunConfig(
                 name=name, storage_path=storage.join(root, "sweeps"),
                 failure_config=tune.FailureConfig(max_failures=tc.max_failures),
-                # PBT hands checkpoints to other trials: keep them all (deleting one can break an exploit)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if tc.scheduler == "pbt" else 2),
+                # Tune deletes none: each trial prunes its own (TrialReporter; PBT keeps all for exploits).
+                # Tune's num_to_keep deletes from the driver between experiment snapshots: a driver killed in
+                # between leaves a snapshot naming a deleted checkpoint, and deleting it again on restore raises
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 verbose=0,
                 # trials by state as metrics (aidc.ops); what ended trials left reserved released; live status
                 callbacks=[TrialStateMetrics(name, job.train.epochs), ReleaseOrphans(), LiveStatus(path)],
             ),
         )
     return tuner.fit()
+
+
+KEEP_CHECKPOINTS = 2  # per trial: the newest and the one before it (a kill mid-copy of the newest)
 
 
 def sweep_reads(spec: SweepSpec) -> bool:

@@ -35,12 +35,47 @@ logger = logging.getLogger(__name__)
 ORIGIN = "origin.json"  # in each Tune checkpoint: which trial and epoch the state comes from
 
 
+def usable_checkpoint(checkpoint):
+    """`checkpoint` if it is whole on storage; else the newest whole checkpoint of the same trial; else None.
+
+    Tune's experiment snapshot can lag the trial directory: a driver killed after a trial's newer checkpoint
+    made CheckpointConfig(num_to_keep) delete the one the last snapshot names, but before the next snapshot,
+    restores that trial from a checkpoint that is gone (the sweep then lost the trial and registered a missing
+    file). Whole = the loop's state and its origin are both there (a kill mid-copy leaves neither usable)."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from aidc.train.checkpoint import STATE_FILE
+
+    if checkpoint is None:
+        return None
+    fs = checkpoint.filesystem
+
+    def whole(path: str) -> bool:
+        return all(i.type == pafs.FileType.File
+                   for i in fs.get_file_info([f"{path}/{ORIGIN}", f"{path}/{STATE_FILE}"]))
+
+    if whole(checkpoint.path):
+        return checkpoint
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    found = [i.path for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    for path in sorted(found, reverse=True):
+        if whole(path):
+            logger.warning("checkpoint %s is gone (Tune's snapshot lagged the trial directory): using %s",
+                           checkpoint.path, path)
+            return tune.Checkpoint(path, filesystem=fs)
+    logger.warning("checkpoint %s is gone and its trial has no other whole checkpoint", checkpoint.path)
+    return None
+
+
 class TrialReporter:
     """Turns the loop's reports into Tune results with a Tune checkpoint (the loop's state + its origin)."""
 
-    def __init__(self, trial_id: str, origin: dict | None):
+    def __init__(self, trial_id: str, origin: dict | None, trial_dir: str | None = None, keep: int | None = None):
         self.trial_id = trial_id
         self.origin = origin  # set when this run started from a checkpoint (its own, or a PBT donor's)
+        self.trial_dir, self.keep = trial_dir, keep  # the trial's directory on storage; checkpoints kept there
 
     def __call__(self, metrics: dict, directory: str | None) -> None:
         from ray import tune
@@ -68,6 +103,22 @@ class TrialReporter:
             (dst / ORIGIN).write_text(json.dumps({"trial_id": self.trial_id, "epoch": int(metrics["epoch"]),
                                                   "metrics": val}))
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(dst)))
+        if self.keep and self.trial_dir:
+            prune_checkpoints(self.trial_dir, self.keep)
+
+
+def prune_checkpoints(trial_dir: str, keep: int) -> None:
+    """Delete all but the trial's newest `keep` checkpoints (it has just persisted the newest)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(trial_dir)
+    found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for old in found[:-keep]:
+        try:
+            fs.delete_dir(old)
+        except OSError as exc:  # another attempt of the trial pruned it first
+            logger.debug("could not delete %s: %s", old, exc)
 
 
 class ForwardToTrial(UserCallback):
@@ -171,7 +222,7 @@ def run_trial(params: dict, sweep: dict) -> None:
     # test hook as in jobs.train, from the sweep driver's environment: <file>:<step> kills this trial once
     extras: dict = {"fault_marker": sweep.get("fault_marker")}
     origin = None
-    start = tune.get_checkpoint()
+    start = usable_checkpoint(tune.get_checkpoint())
     workdir = tempfile.mkdtemp(prefix="aidc-trial-")
     try:
         if start is not None:  # restored/retried trial, or a PBT exploit: continue from this state
@@ -179,7 +230,8 @@ def run_trial(params: dict, sweep: dict) -> None:
             origin = json.loads(Path(local, ORIGIN).read_text())
             extras["init_checkpoint"] = local
             logger.info("trial %s starts from trial %s's epoch %d", trial_id, origin["trial_id"], origin["epoch"])
-        reporter = TrialReporter(trial_id, origin)
+        trial_dir = storage.join(sweep["sweep_dir"], Path(tune.get_context().get_trial_dir()).name)
+        reporter = TrialReporter(trial_id, origin, trial_dir, sweep.get("keep_checkpoints"))
         run_name = f"{trial_id}-{time.strftime('%H%M%S')}"  # one Train run per start of this trial
 
         def make_trainer(callbacks):
