@@ -186,11 +186,13 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
         }
         task = get_task(cfg.task)
         before = set(outcome.metrics)
-        extra_artifacts = [*extra_artifacts, *task.after_training(cfg, outcome, state["model"], Path(tmp))]
+        files, final = task.after_training(cfg, outcome, state["model"], Path(tmp))
+        extra_artifacts = [*extra_artifacts, *files]
         evaluated = {k: v for k, v in outcome.metrics.items() if k not in before}  # logged with the run below
         spec["metrics"] = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
         model_dir = Path(tmp, "model")
-        hashes = task.write_model_dir(model_dir, state["model"], spec, cfg)
+        hashes = task.write_model_dir(model_dir, state["model"], spec, cfg, model=final)
+        del final
         sign_model_dir(model_dir)  # model-signing over every file (aidc.security.signing)
 
         exp_id = _experiment_id(client, cfg.run.experiment, root)
@@ -292,6 +294,18 @@ _MAKES = {None: "Train one first (python -m jobs.train --config ...)",
           "tuned": "Run a sweep first (python -m jobs.tune --config ...)",
           **{alias: f"Make it first (python -m jobs.compress --config ... --set compress.method={method})"
              for method, alias in COMPRESSED_ALIAS.items()}}
+
+
+def read_spec(ref: str, uri: str) -> tuple[object, dict]:
+    """A version's model.json alone, unverified: what the version is (to route it), without downloading its
+    weights. Whatever then loads the version fetches it with fetch(), which verifies every file."""
+    import mlflow
+
+    mv = resolve(ref, uri)
+    _set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source.rstrip('/')}/{SPEC}", dst_path=tmp)
+        return mv, json.loads(Path(path).read_text())
 
 
 def fetch(ref: str, uri: str, dst: str | None = None) -> tuple[object, Path]:

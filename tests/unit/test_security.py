@@ -163,7 +163,7 @@ def _tiny_model_dir(path: Path) -> Path:
 def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from aidc.registry import WEIGHTS, fetch, register_model_dir, tracking_uri, write_manifest
+    from aidc.registry import WEIGHTS, fetch, read_spec, register_model_dir, tracking_uri, write_manifest
     from aidc.security import signing
 
     uri = tracking_uri()
@@ -172,6 +172,8 @@ def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_pat
     assert oct(key.stat().st_mode & 0o777) == "0o600" and (home / "trusted" / "aidc-default.pem").exists()
     mv, local = fetch("sig-test/1", uri)
     assert (local / signing.SIGNATURE).exists()
+    # what a version is, read without downloading its weights (the llm app routes adapters so)
+    assert read_spec("sig-test@champion", uri)[1] == json.loads((local / "model.json").read_text())
     assert aidc_main(["model", "verify", "sig-test/1"]) == 0 and "signature OK" in capsys.readouterr().out
 
     def stored(version) -> Path:  # the version's files in the artifact store

@@ -77,6 +77,14 @@ def _take(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndar
     return {k: v[mask] for k, v in columns.items()}
 
 
+def _read_columns(path: str, columns: list[str]) -> dict:
+    import pyarrow.dataset as pads
+
+    fs, inner = storage.filesystem(path)
+    table = pads.dataset(inner, format="parquet", filesystem=fs).to_table(columns=columns)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
 def _row_count(path: str) -> int:
     import pyarrow.dataset as pads
 
@@ -130,8 +138,8 @@ def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[Datas
                       batch_size=ENCODE_BATCH)
          .write_parquet(dv.path(s)))
         examples[s] = _row_count(dv.path(s))
-        if hasattr(task, "describe_split"):
-            details[s] = task.describe_split(task.encode_batch(sub, split_state))
+        if hasattr(task, "describe_split"):  # from what was written (encoding it again cost a tokenizer pass)
+            details[s] = task.describe_split(_read_columns(dv.path(s), task.describe_columns))
     rejected = reason_counts(reasons)
     if rejected:
         rej = _take(cols, ~good)

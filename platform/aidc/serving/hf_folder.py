@@ -9,6 +9,7 @@ folder from freshly verified files; nothing earlier left in the cache is trusted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ class HFModel:
     max_model_len: int
     head_dim: int
     vocab_size: int | None = None
+    digest: str = ""  # of the version's sha256 manifest (fetch verified every file against it): its content
 
 
 def cache_root() -> Path:
@@ -58,6 +60,7 @@ def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         mv, files = fetch(ref, uri, dst=tmp)  # signature, then sha256 manifest: AidcError when tampered
         spec = json.loads((files / SPEC).read_text())
+        digest = hashlib.sha256((files / MANIFEST).read_bytes()).hexdigest()[:16]
         if spec.get("task") != "language_model":
             raise AidcError(f"{mv.name}/{mv.version} is a {spec.get('task')} model, not a language model; "
                             "serve it with the tensors or predictor app instead")
@@ -76,7 +79,7 @@ def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
     logger.info("materialized %s/%s for vLLM at %s", mv.name, mv.version, out)
     vocab = spec["features"].get("vocab_size")
     return HFModel(mv.name, str(mv.version), out, int(spec["features"]["block_size"]), head_dim,
-                   int(vocab) if vocab else None)
+                   int(vocab) if vocab else None, digest)
 
 
 def merge_adapter(adapter: Path, base: dict, out: Path, gpu: bool) -> None:

@@ -472,20 +472,24 @@ class Adapter:
 
 
 def split_adapters(args: "LLMArgs") -> tuple[list, list]:
-    """The app's models, its LoRA adapter versions taken out (each verified here); a base that is not listed
+    """The app's models, its LoRA adapter versions taken out (each fetched and verified here; a model's weights
+    are not downloaded here, only its model.json: its replicas fetch and verify it); a base that is not listed
     itself is added with its adapter's settings."""
     import shutil
 
-    from aidc.registry import fetch, tracking_uri
+    from aidc.registry import fetch, read_spec, tracking_uri
 
-    models, adapters, bases = [], [], {}
+    uri = tracking_uri(args.tracking_uri)
+    models, adapters, bases, listed = [], [], {}, set()
     for m in args.model_args():
-        mv, files = fetch(m.ref, tracking_uri(args.tracking_uri))  # signature + manifest: a tampered one fails here
+        mv, spec = read_spec(m.ref, uri)
+        if spec.get("format") != "peft-lora":
+            models.append(m)
+            listed.add(f"{mv.name}/{mv.version}")
+            continue
+        mv, files = fetch(f"{mv.name}/{mv.version}", uri)  # signature + manifest: a tampered adapter fails here
         try:
             spec = json.loads((files / "model.json").read_text())
-            if spec.get("format") != "peft-lora":
-                models.append(m)
-                continue
             rank = int(json.loads((files / "adapter_config.json").read_text())["r"])
         finally:
             shutil.rmtree(files, ignore_errors=True)
@@ -495,17 +499,8 @@ def split_adapters(args: "LLMArgs") -> tuple[list, list]:
                             "not on a registered model: register its base (aidc model import) to serve it")
         adapters.append(Adapter(mv.name, str(mv.version), base, rank))
         bases.setdefault(base, m)
-    listed = set()
-    for m in models:
-        mv = resolve_version(m.ref, args.tracking_uri)
-        listed.add(f"{mv.name}/{mv.version}")
     for base, m in bases.items():
         if base not in listed:
             models.append(m.model_copy(update={"ref": base}))
     return models, adapters
 
-
-def resolve_version(ref: str, uri: Optional[str]):
-    from aidc.registry import resolve, tracking_uri
-
-    return resolve(ref, tracking_uri(uri))

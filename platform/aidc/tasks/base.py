@@ -95,17 +95,19 @@ class Task:
         return len(next(iter(batch.values())))
 
     # -- after training ------------------------------------------------------------------
-    def write_model_dir(self, directory, state_dict: dict, spec: dict, cfg) -> dict:
-        """The registered version's folder (weights, model.json, config, sha256 manifest); returns the hashes."""
+    def write_model_dir(self, directory, state_dict: dict, spec: dict, cfg, model=None) -> dict:
+        """The registered version's folder (weights, model.json, config, sha256 manifest); returns the hashes.
+        `model`: the final model as after_training built it, where it did (else built here if needed)."""
         from aidc.config import to_yaml
         from aidc.registry import export_model_dir
 
         return export_model_dir(directory, state_dict=state_dict, spec=spec, config_yaml=to_yaml(cfg))
 
-    def after_training(self, cfg, outcome, state_dict: dict, out_dir) -> list:
+    def after_training(self, cfg, outcome, state_dict: dict, out_dir) -> tuple[list, object | None]:
         """More evaluation of the final weights before they are registered (adds to outcome.metrics); returns
-        files to log with the run. Nothing by default."""
-        return []
+        files to log with the run and the final model if it built one (handed to write_model_dir, so a large
+        model is loaded once). Nothing by default."""
+        return [], None
 
     # -- serving ----------------------------------------------------------------------
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:

@@ -100,12 +100,10 @@ def _materialized_base(ref: str, uri: str) -> Path:
     import shutil
 
     from aidc.serving.hf_folder import materialize
-    from aidc.storage import sha256_file
 
     fresh = materialize(ref, uri, gpu=True)  # training has no vLLM head-size limit
-    digest = hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in sorted(fresh.folder.iterdir())
-                                    if p.is_file()).encode()).hexdigest()[:16]
-    stable = fresh.folder.parent / f"base-{fresh.name}-v{fresh.version}-{digest}"
+    # named by the version's verified manifest (its files' sha256s): no second hashing pass over the weights
+    stable = fresh.folder.parent / f"base-{fresh.name}-v{fresh.version}-{fresh.digest}"
     try:
         os.rename(fresh.folder, stable)  # atomic; fails when another process put the same folder there first
     except OSError:
@@ -330,6 +328,8 @@ class CausalLM(Task):
         return {"id": batch["id"], "input_ids": ragged(ids), "labels": ragged(labels),
                 "prompt": np.array(prompts, dtype=object), "reference": np.array(refs, dtype=object)}
 
+    describe_columns = ["input_ids", "labels"]
+
     def describe_split(self, encoded: dict) -> dict:
         lengths = [len(x) for x in encoded["input_ids"]]
         targets = [int((np.asarray(y) != IGNORE).sum()) for y in encoded["labels"]]
@@ -419,7 +419,7 @@ class CausalLM(Task):
         load_trained(model, state_dict)
         return model.eval()
 
-    def write_model_dir(self, directory: Path, state_dict: dict, spec: dict, cfg) -> dict:
+    def write_model_dir(self, directory: Path, state_dict: dict, spec: dict, cfg, model=None) -> dict:
         """A Hugging Face folder: merged weights (model.safetensors, config.json), or the LoRA adapter alone in
         PEFT's format (model.lora.save: adapter), with the base's tokenizer and the chat template it trained with;
         model.json says what it is and which base version it came from."""
@@ -430,7 +430,7 @@ class CausalLM(Task):
         job, features = cfg.model_dump(mode="json"), spec["features"]
         base = features["base"]
         folder = base_folder(json.dumps(base, sort_keys=True))
-        model = self.trained_model(job, features, state_dict)
+        model = model if model is not None else self.trained_model(job, features, state_dict)
         adapter = job["train"]["method"] == "lora" and job["model"]["lora"]["save"] == "adapter"
         directory.mkdir(parents=True, exist_ok=True)
         if adapter:
@@ -453,26 +453,32 @@ class CausalLM(Task):
         (directory / CONFIG).write_text(to_yaml(cfg))
         return write_manifest(directory)
 
-    def after_training(self, cfg, outcome, state_dict: dict, out_dir: Path) -> list[Path]:
+    def after_training(self, cfg, outcome, state_dict: dict, out_dir: Path) -> tuple[list[Path], nn.Module | None]:
         """Held-out loss of the base before training, and exact match of greedy answers before and after on up
-        to data.chat.eval_examples test rows; adds them to the run's metrics, writes sample generations."""
+        to data.chat.eval_examples test rows; adds them to the run's metrics, writes sample generations.
+        The base is loaded once: evaluated as it is, then given the run's trained weights (or adapters) in place;
+        that tuned model is returned for write_model_dir."""
+        from aidc.train.parallel import load_trained
+
         manifest = outcome.dataset.manifest()
         features, c = manifest["features"], cfg.data.chat
         job = cfg.model_dump(mode="json")
         rows = outcome.dataset.read("test").take(max(c.eval_examples, c.samples, 64))
         if not rows:
-            return []
+            return [], None
         tok = self._tokenizer(features)
-        base = self.build_model(job["model"], features).eval()
-        tuned = self.trained_model(job, features, state_dict)
+        model = self.build_model(job["model"], features).eval()
         batch = {k: torch.from_numpy(v) for k, v in self.transform_batch(
             {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}, features).items()}
         with torch.no_grad():
-            sums = self.eval_sums(self.forward(base, batch), batch)
+            sums = self.eval_sums(self.forward(model, batch), batch)
         metrics = {f"base_{k}": v for k, v in self.metrics_from_sums(sums, "test").items()}
         asked = [r for r in rows if r["reference"]][:max(c.eval_examples, c.samples)]
-        answers = {"base": [generate(base, tok, r["prompt"], c.max_new_tokens) for r in asked],
-                   "tuned": [generate(tuned, tok, r["prompt"], c.max_new_tokens) for r in asked]}
+        answers = {"base": [generate(model, tok, r["prompt"], c.max_new_tokens) for r in asked]}
+        model = self.adapt(model, job)  # the base becomes the tuned model: LoRA wraps it, full overwrites it
+        load_trained(model, state_dict)
+        model.eval()
+        answers["tuned"] = [generate(model, tok, r["prompt"], c.max_new_tokens) for r in asked]
         scored = asked[:c.eval_examples]
         if scored:
             for who, prefix in (("base", "base_"), ("tuned", "")):
@@ -484,7 +490,7 @@ class CausalLM(Task):
         path = Path(out_dir, "samples.json")
         path.write_text(json.dumps(samples, indent=2))
         logger.info("fine-tuned %s: %s", cfg.name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-        return [path]
+        return [path], model
 
 
 def pack(ids: list, labels: list, max_length: int) -> list[tuple]:

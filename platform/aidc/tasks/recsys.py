@@ -42,6 +42,8 @@ class Recommendation(Task):
                 "item_idx": apply_index_map(batch["item"], state["items"]),
                 "rating": np.asarray(batch["rating"], dtype=np.float32)}
 
+    describe_columns = ["user_idx", "item_idx"]
+
     def describe_split(self, encoded: dict) -> dict:
         return {"unseen_users": int((encoded["user_idx"] == 0).sum()),
                 "unseen_items": int((encoded["item_idx"] == 0).sum())}
