@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.common import ROOT
 
@@ -41,17 +42,32 @@ CASES = [
     ("shakespeare-gpt", ["model.d_model=512", "model.heads=8", "model.layers=6", "data.text.block_size=256",
                          "train.batch_size=16", "model.activation_checkpointing=true"]),
 ]
+# Fine-tuning (task causal_lm): a random Llama-architecture base made here (benchmarks.finetune.make_base, hidden
+# 512, 8 layers, 21M parameters), fully and with LoRA, with and without activation checkpointing
+_FT = ["model.init_from={base}", "data.chat.max_length=256", "train.batch_size=8", "model.lora.dropout=0.0"]
+FINETUNE_CASES = [("chat-sft", _FT + extra) for extra in (
+    [], ["train.method=lora"], ["model.activation_checkpointing=true"],
+    ["train.method=lora", "model.activation_checkpointing=true"])]
+CASES += FINETUNE_CASES
 QUICK = [CASES[0], CASES[3]]
 # Memory only (gloo's communication on one host says nothing of a cluster's): 2 workers, DDP and FSDP2.
 _MID = ["model.d_model=256", "model.heads=4", "model.layers=8", "data.text.block_size=256", "train.batch_size=16",
         "model.dropout=0.0", "resources.num_workers=2"]
 DIST_CASES = [("shakespeare-gpt", _MID + [f"train.parallelism={p}"] + ckpt) for p in ("ddp", "fsdp")
               for ckpt in ([], ["model.activation_checkpointing=true"])]
+DIST_CASES += [("chat-sft", _FT + ["resources.num_workers=2", f"train.parallelism={p}"] + m)
+               for p in ("ddp", "fsdp") for m in ([], ["train.method=lora"])]
 
 
-def _inputs(shape_inputs, features: dict, device):
+def _inputs(shape_inputs, features: dict, device, vocab: int | None = None):
     import torch
 
+    if isinstance(shape_inputs, dict):  # a transformers model's keywords (plan._sample_inputs: causal_lm)
+        ids = shape_inputs["input_ids"]
+        n, t = ids.shape
+        return {"input_ids": torch.randint(0, vocab, (n, t), device=device),
+                "attention_mask": torch.ones(n, 1, t, t, dtype=torch.bool, device=device).tril(),
+                "position_ids": torch.arange(t, device=device).expand(n, t)}
     out = []
     for t in shape_inputs:
         if t is None:
@@ -81,27 +97,29 @@ def _train(cfg, features: dict, device, precision: str, steps: int) -> list[floa
 
     from aidc import plan
     from aidc.tasks import get_task
-    from aidc.train.parallel import autocast
+    from aidc.train.parallel import autocast, blocks_of
 
-    model = get_task(cfg.task).build_model(cfg.model.model_dump(mode="json"), features).to(device).train()
+    task = get_task(cfg.task)
+    model = task.adapt(task.build_model(cfg.model.model_dump(mode="json"), features), cfg.model_dump(mode="json"))
+    model = model.to(device).train()
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if torch.distributed.is_initialized():  # as aidc.train.parallel wraps it: DDP, or FSDP2 per block then root
         if cfg.train.parallelism == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for block in model.blocks:
+            for block in blocks_of(model):
                 fully_shard(block)
             fully_shard(model)
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     sample = plan._sample_inputs(features, cfg.task, cfg.train.batch_size)
     times = []
     for _ in range(steps):
-        inputs = _inputs(sample, features, device)
+        inputs = _inputs(sample, features, device, vocab)
         t = time.perf_counter()
         with autocast(precision, device):
-            out = model(*inputs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = plan._call(model, inputs)
             loss = out.float().logsumexp(-1).mean() if out.dim() > 1 else out.float().pow(2).mean()
         loss.backward()
         opt.step()
@@ -253,6 +271,17 @@ def main(argv=None) -> int:
         return 0
     cases = QUICK if args.quick else CASES
     steps = 4 if args.quick else args.steps
+    import tempfile
+
+    from benchmarks.finetune import make_base
+
+    tmp = tempfile.TemporaryDirectory(prefix="aidc-calibrate-")
+    if any("{base}" in o for _, overrides in cases + ([] if args.quick else DIST_CASES) for o in overrides):
+        base = str(make_base(Path(tmp.name, "llama"), hidden=512, layers=8))
+        cases = [(c, [o.replace("{base}", base) for o in ov]) for c, ov in cases]
+        dist_cases = [(c, [o.replace("{base}", base) for o in ov]) for c, ov in DIST_CASES]
+    else:
+        dist_cases = DIST_CASES
     rows = []
     for config, overrides in [("framework", []), *cases]:  # one worker each: the step-time fit's cases
         proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_calibrate", "--steps", str(steps), "--one",
@@ -262,7 +291,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{config} {overrides}: {proc.stderr[-2000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     dist = []
-    for config, overrides in ([] if args.quick else DIST_CASES):
+    for config, overrides in ([] if args.quick else dist_cases):
         proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_calibrate", "--steps", str(steps), "--one",
                                json.dumps([config, overrides])], cwd=ROOT, capture_output=True, text=True,
                               timeout=1800)

@@ -132,6 +132,11 @@ class Shape:
     ops_ckpt: int
     tokens_per_sample: int  # 1 for non-sequence models
     unit: str
+    trainable: int | None = None  # parameters that train (LoRA: the adapters); None: all of them
+
+    @property
+    def trained(self) -> int:
+        return self.params if self.trainable is None else self.trainable
 
 
 # --- the model's shape --------------------------------------------------------------------------------------
@@ -158,6 +163,10 @@ def _features(cfg, manifest: dict | None) -> dict:
         return manifest["features"]
     # before preprocessing: what the config and the source's fixed shapes say (a char vocabulary: bytes)
     text = cfg.data.text
+    if cfg.task == "causal_lm":  # a pretrained base: its config.json sizes it; rows are padded to max_length
+        from aidc.tasks.causal_lm import resolve_base
+
+        return {"base": resolve_base(cfg.model.init_from, cfg.run), "max_length": cfg.data.chat.max_length}
     if cfg.task == "language_model":
         vocab = text.vocab_size if text.tokenizer == "bpe" else 256
         return {"vocab_size": vocab, "block_size": text.block_size, "tokenizer": text.tokenizer}
@@ -180,6 +189,11 @@ def _sample_inputs(features: dict, task: str, batch: int) -> tuple:
     long = {"device": "meta", "dtype": torch.long}
     if task == "language_model":
         return (torch.zeros(batch, features["block_size"], **long),)
+    if task == "causal_lm":  # next-token inputs of rows padded to data.chat.max_length, as CausalLM.forward
+        t = features["max_length"] - 1  # passes them; the mask 4D (transformers checks a 2D one's values)
+        return {"input_ids": torch.zeros(batch, t, **long),
+                "attention_mask": torch.ones(batch, 1, t, t, device="meta", dtype=torch.bool).tril(),
+                "position_ids": torch.zeros(batch, t, **long)}
     if task == "image_classification":
         return (torch.zeros(batch, 1, *features["image_shape"], device="meta"),)  # (n, 1, H, W)
     if task == "text_classification":
@@ -219,6 +233,18 @@ class _Attention:
         return Fused.apply(q, k, v)
 
 
+def _call(model, inputs: tuple | dict):
+    """The model's output tensor (logits) for sample inputs: positional, or keywords (transformers' models)."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _tokens(inputs: tuple | dict):
+    return inputs["input_ids"] if isinstance(inputs, dict) else inputs[0]
+
+
 def _saved_bytes(model, inputs: tuple, kind: str) -> float:
     """Bytes autograd saves for backward in one forward pass (each tensor once)."""
     import torch
@@ -236,8 +262,7 @@ def _saved_bytes(model, inputs: tuple, kind: str) -> float:
     F.scaled_dot_product_attention = _Attention(real, kind)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(*inputs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = _call(model, inputs)
         # the loss: cross-entropy saves the logits' log-softmax (fp32) beside the logits themselves
         saved[-1] = out.numel() * 4
     finally:
@@ -251,34 +276,54 @@ def model_shape(cfg, kind: str = "cpu", features: dict | None = None) -> Shape:
     import torch
 
     from aidc.tasks import get_task
+    from aidc.train.parallel import blocks_of
 
     features = features if features is not None else _features(cfg, _manifest(cfg))
     task = get_task(cfg.task)
-    model_cfg = cfg.model.model_dump(mode="json")
+    job = cfg.model_dump(mode="json")
     with torch.device("meta"):
-        model = task.build_model(model_cfg, features)
+        model = task.planning_model(job, features)
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    blocks = getattr(model, "blocks", None) or getattr(getattr(model, "encoder", None), "layers", None) or []
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    blocks = blocks_of(model)
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=params)
     inputs = _sample_inputs(features, cfg.task, cfg.train.batch_size)
-    checkpointable = getattr(model, "activation_checkpointing", None) is not None and bool(blocks)
-    if checkpointable:
-        model.activation_checkpointing = False
+    checkpointable = bool(blocks) and _checkpointing(model, False)
     saved, (flops, ops) = _saved_bytes(model, inputs, kind), _flops(model, inputs)
     saved_ckpt, flops_ckpt, ops_ckpt = saved, flops, ops
     if checkpointable:
-        model.activation_checkpointing = True
+        _checkpointing(model, True)
+        width = job["model"].get("d_model") or model.config.hidden_size
         # torch's checkpoint keeps each block's input (outside autograd's saved tensors: added here)
-        kept = _saved_bytes(model, inputs, kind) + len(blocks) * inputs[0].numel() * model_cfg["d_model"] * 4
+        kept = _saved_bytes(model, inputs, kind) + len(blocks) * _tokens(inputs).numel() * width * 4
         block = max(0.0, saved - kept) / len(blocks)  # one block's activations
         # backward's working set: the block being differentiated (its activations' gradients) and the
         # next; under checkpointing also the block recomputed (measured: benchmarks.plan_calibrate)
         saved += BACKWARD_BLOCKS * block
         saved_ckpt = kept + (BACKWARD_BLOCKS + 1) * block
         flops_ckpt, ops_ckpt = _flops(model, inputs)
-    tokens, unit = (inputs[0].shape[1], "tokens") if cfg.task == "language_model" else (1, "samples")
-    return Shape(params, largest, saved, saved_ckpt, flops, flops_ckpt, ops, ops_ckpt, tokens, unit)
+    tokens, unit = (_tokens(inputs).shape[1], "tokens") if cfg.task in ("language_model", "causal_lm") else (1, "samples")
+    return Shape(params, largest, saved, saved_ckpt, flops, flops_ckpt, ops, ops_ckpt, tokens, unit,
+                 None if trainable == params else trainable)
+
+
+def _checkpointing(model, on: bool) -> bool:
+    """Turn activation checkpointing on/off (aidc's models: an attribute; transformers': non-reentrant, as
+    CausalLM.build_model sets it); False where the model has none."""
+    if getattr(model, "activation_checkpointing", None) is not None:
+        model.activation_checkpointing = on
+        return True
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    new = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.x names it so
+    if on and new:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    return True
 
 
 def _flops(model, inputs: tuple) -> tuple[float, int]:
@@ -294,8 +339,7 @@ def _flops(model, inputs: tuple) -> tuple[float, int]:
             return func(*args, **(kwargs or {}))
 
     with FlopCounterMode(display=False) as counter, Ops():
-        out = model(*inputs)
-        out = out[0] if isinstance(out, tuple) else out
+        out = _call(model, inputs)
         out.float().sum().backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops()), Ops.n
@@ -453,8 +497,9 @@ def memory(shape: Shape, *, workers: int, parallelism: str, precision: str, chec
     fsdp = parallelism == "fsdp" and workers > 1
     n = workers if fsdp else 1
     params = shape.params * 4 / n + (2 * shape.largest_block * 4 if fsdp else 0)
-    grads = shape.params * 4 / n + (0 if fsdp or workers <= 1 else shape.params * 4)  # DDP's bucket copy
-    optim = shape.params * 8 / n
+    # gradients and Adam's two moments of the parameters that train only (LoRA: the adapters)
+    grads = shape.trained * 4 / n + (0 if fsdp or workers <= 1 else shape.trained * 4)  # DDP's bucket copy
+    optim = shape.trained * 8 / n
     saved = shape.saved_ckpt_fp32 if checkpointing else shape.saved_fp32
     act = saved * (0.5 if precision in ("bf16", "fp16") else 1.0)
     return Memory(params, grads, optim, act, framework_bytes)
@@ -481,7 +526,9 @@ def plan_for(cfg, shape: Shape, device: Device, *, headroom: float = 0.1, train_
     bw = (device.link_gbps if nodes == 1 else min(device.link_gbps, device.network_gbps)) * 1e9
     ring = 2 * (workers - 1) / workers if workers > 1 else 0.0
     fsdp = cfg.train.parallelism == "fsdp" and workers > 1
-    comm = (1.5 if fsdp else 1.0) * ring * shape.params * 4 / bw  # FSDP: 2 all-gathers + a reduce-scatter
+    # DDP all-reduces the trained gradients; FSDP all-gathers the parameters twice (forward, backward) and
+    # reduce-scatters the trained gradients, each half an all-reduce's traffic
+    comm = ring * ((2 * shape.params + shape.trained) / 2 if fsdp else shape.trained) * 4 / bw
     step = compute + comm
     steps = None
     if train_rows is not None:
@@ -627,9 +674,6 @@ def make_plans(cfg, cluster_path: str | Path | None = None, headroom: float | No
 
     from aidc.cluster import load_cluster_yaml, prepare_and_validate
 
-    if cfg.task == "causal_lm":
-        raise ConfigError("aidc plan does not model fine-tuning runs (task causal_lm) yet: a pretrained "
-                          "Hugging Face model's memory and step time are not predicted; the job runs unplanned")
     manifest = _manifest(cfg)
     features = _features(cfg, manifest)
 
@@ -661,7 +705,8 @@ def _gib(b: float) -> str:
 
 
 def format_plans(cfg, plans: list[Plan]) -> str:
-    shape_line = f"plan for {cfg.name} ({cfg.model.arch}, {cfg.train.parallelism}, batch {cfg.train.batch_size}" \
+    method = "" if cfg.train.method == "full" else f" {cfg.train.method}"
+    shape_line = f"plan for {cfg.name} ({cfg.model.arch}{method}, {cfg.train.parallelism}, batch {cfg.train.batch_size}" \
                  f" x accum {cfg.train.grad_accum_steps}, {_workers(cfg)} worker(s))"
     lines = [shape_line]
     for p in plans:

@@ -52,6 +52,37 @@ def test_gpt_parameters_and_per_worker_bytes_match_hand_computed_figures(tmp_pat
     assert half.activations == one.activations / 2 and half.parameters == one.parameters  # autocast: fp32 weights
 
 
+def test_llama_fine_tune_full_and_lora_match_hand_computed_figures(tmp_path):
+    """A Hugging Face Llama base (config.json only is read: built on the meta device), fully fine-tuned and with
+    LoRA rank 8 on PEFT's default q_proj + v_proj: parameters, the adapters that train, and per-worker bytes."""
+    import json
+
+    from tests.integration.hf_tiny import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "llama", hidden=64, layers=2, heads=2)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    h, i, layers, r = 64, 128, 2, 8
+    per_layer = 4 * h * h + 3 * h * i + 2 * h  # q, k, v, o (no bias); gate, up, down; two RMSNorms
+    params = 2 * vocab * h + layers * per_layer + h  # embeddings, untied head, final norm
+
+    def cfg(*extra):
+        return load_config(CONFIGS / "chat-sft.yaml", [f"run.storage={tmp_path}", f"model.init_from={folder}",
+                                                       "data.chat.max_length=128", "train.batch_size=4", *extra])
+
+    full = plan.model_shape(cfg(), "cpu")
+    assert full.params == params and full.trainable is None and full.largest_block == per_layer
+    assert full.tokens_per_sample == 127 and full.unit == "tokens"
+    lora = plan.model_shape(cfg("train.method=lora", "model.lora.rank=8"), "cpu")
+    adapters = layers * 2 * (r * h + h * r)  # q_proj and v_proj: A (r x 64) + B (64 x r) each
+    assert lora.trainable == adapters and lora.params == params + adapters
+    ddp = plan.memory(lora, workers=2, parallelism="ddp", precision="fp32", checkpointing=False, framework_bytes=0)
+    assert ddp.parameters == lora.params * 4  # the frozen base is held whole
+    assert ddp.gradients == adapters * 4 * 2 and ddp.optimizer == adapters * 8  # of the adapters only
+    assert lora.saved_fp32 < full.saved_fp32 * 1.2 and lora.flops < full.flops  # no weight gradients of the base
+    ckpt = plan.model_shape(cfg("model.activation_checkpointing=true"), "cpu")
+    assert ckpt.saved_ckpt_fp32 < ckpt.saved_fp32 and ckpt.flops_ckpt > ckpt.flops
+
+
 def test_activations_follow_the_shapes_and_checkpointing_saves_them(tmp_path):
     small = plan.model_shape(_gpt(tmp_path), "gpu")
     double = plan.model_shape(_gpt(tmp_path, "train.batch_size=8"), "gpu")

@@ -78,6 +78,11 @@ class Task:
         """The model as it trains under the job (e.g. wrapped with LoRA adapters); as built by default."""
         return model
 
+    def planning_model(self, job: dict, features: dict) -> nn.Module:
+        """The model as it trains, for the capacity planner: built under torch.device("meta") (shapes only), so
+        it must not read weights."""
+        return self.adapt(self.build_model(job["model"], features), job)
+
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(batch["x"])
 

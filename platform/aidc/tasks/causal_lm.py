@@ -377,6 +377,16 @@ class CausalLM(Task):
     def adapt(self, model: nn.Module, job: dict) -> nn.Module:
         return add_lora(model, job["model"]["lora"]) if job["train"]["method"] == "lora" else model
 
+    def planning_model(self, job: dict, features: dict) -> nn.Module:
+        """The base's architecture from its config.json alone (no weights read), with the job's adapters."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = base_folder(json.dumps(features["base"], sort_keys=True))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True),
+                                                 dtype=torch.float32)
+        model.config.use_cache = False
+        return self.adapt(model, job)
+
     @staticmethod
     def _width(batch: dict) -> int:
         """Columns up to the longest example of the batch (the rest is padding)."""

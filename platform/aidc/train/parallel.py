@@ -48,16 +48,26 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
     from torch.distributed.fsdp import fully_shard
 
     model = ray.train.torch.prepare_model(model, parallel_strategy=None)  # device placement only
+    for block in blocks_of(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (FSDP's units; what activation checkpointing recomputes), each once: aidc's GPT
+    .blocks, its encoders' .encoder.layers; Hugging Face decoders .layers (Llama, Qwen2, Mistral: model.layers)
+    or .h (GPT-2: transformer.h), also inside a PEFT wrapper."""
+    found, seen = [], set()
     for module in model.modules():
-        # aidc's GPT .blocks, its encoders' .encoder.layers; Hugging Face decoders .layers (Llama, Qwen2,
-        # Mistral: model.layers) or .h (GPT-2: transformer.h)
         blocks = (getattr(module, "blocks", None) or getattr(getattr(module, "encoder", None), "layers", None)
                   or getattr(module, "layers", None) or getattr(module, "h", None))
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
-                fully_shard(block)
-    fully_shard(model)
-    return model
+                if id(block) not in seen:
+                    seen.add(id(block))
+                    found.append(block)
+    return found
 
 
 def unwrap(model: nn.Module) -> nn.Module:
