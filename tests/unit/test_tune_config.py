@@ -180,7 +180,23 @@ def test_a_checkpoint_gone_from_storage_falls_back_to_the_trials_newest_whole_on
     gone = usable_checkpoint(tune.Checkpoint(str(trial / "checkpoint_000007")))
     assert gone.path == str(trial / "checkpoint_000001")  # 000002 lacks its origin: a kill mid-copy
     assert usable_checkpoint(None) is None
-    prune_checkpoints(str(trial), keep=2)
-    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000001", "checkpoint_000002"]
+    prune_checkpoints(str(trial), keep=2)  # the half-copied one goes first
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000000", "checkpoint_000001"]
     prune_checkpoints(str(trial), keep=1)
-    assert usable_checkpoint(tune.Checkpoint(str(trial / "checkpoint_000001"))) is None
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000001"]
+    (trial / "checkpoint_000001" / ORIGIN).unlink()
+    assert usable_checkpoint(tune.Checkpoint(str(trial / "checkpoint_000001"))) is None  # nothing whole left
+
+    # after a restore Tune's counter can name a new checkpoint below older folders: age decides, not the name
+    import os
+
+    for i, age in ((3, 100), (4, 200), (1, 300)):  # checkpoint_000001 written last
+        d = trial / f"checkpoint_00000{i}"
+        d.mkdir(exist_ok=True)
+        for f in ("state.pt", ORIGIN):
+            (d / f).write_text("x")
+        os.utime(d / ORIGIN, (age, age))
+    assert usable_checkpoint(tune.Checkpoint(str(trial / "checkpoint_000009"))).path == str(
+        trial / "checkpoint_000001")
+    prune_checkpoints(str(trial), keep=2)
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000001", "checkpoint_000004"]

@@ -92,6 +92,9 @@ def base_folder(base_json: str) -> Path:
     return folder
 
 
+LAYOUT = 1  # of a materialized base folder (hf_folder.materialize); bump when what it writes changes
+
+
 def _materialized_base(ref: str, uri: str) -> Path:
     """The verified folder of a registry base, one per version and content on each node: every worker and run
     fetches and verifies the version, and keeps the folder it wrote only if no identical one is there yet (a
@@ -102,8 +105,9 @@ def _materialized_base(ref: str, uri: str) -> Path:
     from aidc.serving.hf_folder import materialize
 
     fresh = materialize(ref, uri, gpu=True)  # training has no vLLM head-size limit
-    # named by the version's verified manifest (its files' sha256s): no second hashing pass over the weights
-    stable = fresh.folder.parent / f"base-{fresh.name}-v{fresh.version}-{fresh.digest}"
+    # named by the version's verified manifest (its files' sha256s; no second hashing pass over the weights) and
+    # by how materialize lays a version out (a change there must not reuse an old folder)
+    stable = fresh.folder.parent / f"base-{fresh.name}-v{fresh.version}-{fresh.digest}-l{LAYOUT}"
     try:
         os.rename(fresh.folder, stable)  # atomic; fails when another process put the same folder there first
     except OSError:
@@ -523,7 +527,7 @@ def generate(model, tok, prompt: str, max_new_tokens: int) -> str:
     ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tok.eos_token_id,
+                             do_sample=False, eos_token_id=tok.eos_token_id, use_cache=True,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 

@@ -35,13 +35,31 @@ logger = logging.getLogger(__name__)
 ORIGIN = "origin.json"  # in each Tune checkpoint: which trial and epoch the state comes from
 
 
+def _checkpoints(fs, trial_dir: str) -> list[tuple[str, bool]]:
+    """(path, whole) of a trial's checkpoint folders, oldest first by when their origin.json was written (not by
+    name: after a restore, Tune's counter can name a new checkpoint below older ones). Whole = the loop's state
+    and its origin are both there (a kill mid-copy leaves one of them missing)."""
+    import pyarrow.fs as pafs
+
+    from aidc.train.checkpoint import STATE_FILE
+
+    dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    origins = fs.get_file_info([f"{d}/{ORIGIN}" for d in dirs])
+    states = fs.get_file_info([f"{d}/{STATE_FILE}" for d in dirs])
+    rows = [(o.mtime_ns if o.type == pafs.FileType.File else -1, d,
+             o.type == pafs.FileType.File and st.type == pafs.FileType.File)
+            for d, o, st in zip(dirs, origins, states)]
+    return [(d, ok) for _, d, ok in sorted(rows)]
+
+
 def usable_checkpoint(checkpoint):
     """`checkpoint` if it is whole on storage; else the newest whole checkpoint of the same trial; else None.
 
     Tune's experiment snapshot can lag the trial directory: a driver killed after a trial's newer checkpoint
     made CheckpointConfig(num_to_keep) delete the one the last snapshot names, but before the next snapshot,
     restores that trial from a checkpoint that is gone (the sweep then lost the trial and registered a missing
-    file). Whole = the loop's state and its origin are both there (a kill mid-copy leaves neither usable)."""
+    file). aidc's own pruning (prune_checkpoints) can leave the same."""
     import pyarrow.fs as pafs
     from ray import tune
 
@@ -49,24 +67,33 @@ def usable_checkpoint(checkpoint):
 
     if checkpoint is None:
         return None
-    fs = checkpoint.filesystem
-
-    def whole(path: str) -> bool:
-        return all(i.type == pafs.FileType.File
-                   for i in fs.get_file_info([f"{path}/{ORIGIN}", f"{path}/{STATE_FILE}"]))
-
-    if whole(checkpoint.path):
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if all(i.type == pafs.FileType.File for i in fs.get_file_info([f"{path}/{ORIGIN}", f"{path}/{STATE_FILE}"])):
         return checkpoint
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    found = [i.path for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-    for path in sorted(found, reverse=True):
-        if whole(path):
+    for other, ok in reversed(_checkpoints(fs, path.rsplit("/", 1)[0])):
+        if ok:
             logger.warning("checkpoint %s is gone (Tune's snapshot lagged the trial directory): using %s",
-                           checkpoint.path, path)
-            return tune.Checkpoint(path, filesystem=fs)
+                           checkpoint.path, other)
+            return tune.Checkpoint(other, filesystem=fs)
     logger.warning("checkpoint %s is gone and its trial has no other whole checkpoint", checkpoint.path)
     return None
+
+
+def continue_numbering(trial_dir: str) -> None:
+    """Name this trial's next checkpoint after its highest-numbered folder. A restored trial's counter comes from
+    Tune's snapshot, which can lag the folder (see usable_checkpoint): its new checkpoints would otherwise be
+    written over older folders of the same name. Ray's session counter is private API: best effort."""
+    try:
+        from ray.train._internal.session import get_session
+
+        fs, path = storage.filesystem(trial_dir)
+        highest = max((int(d.rsplit("_", 1)[1]) for d, _ in _checkpoints(fs, path)), default=-1)
+        session = get_session()
+        if session is not None and session.storage.current_checkpoint_index < highest:
+            logger.info("trial folder %s holds checkpoint_%06d: continuing the numbering after it", path, highest)
+            session.storage.current_checkpoint_index = highest
+    except Exception as exc:  # noqa: BLE001 - only names folders; pruning orders by age anyway
+        logger.debug("could not align the checkpoint numbering of %s: %s", trial_dir, exc)
 
 
 class TrialReporter:
@@ -108,13 +135,9 @@ class TrialReporter:
 
 
 def prune_checkpoints(trial_dir: str, keep: int) -> None:
-    """Delete all but the trial's newest `keep` checkpoints (it has just persisted the newest)."""
-    import pyarrow.fs as pafs
-
+    """Delete all but the trial's newest `keep` checkpoints by age (it has just persisted the newest)."""
     fs, path = storage.filesystem(trial_dir)
-    found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    for old in found[:-keep]:
+    for old, _ in _checkpoints(fs, path)[:-keep]:
         try:
             fs.delete_dir(old)
         except OSError as exc:  # another attempt of the trial pruned it first
@@ -231,6 +254,7 @@ def run_trial(params: dict, sweep: dict) -> None:
             extras["init_checkpoint"] = local
             logger.info("trial %s starts from trial %s's epoch %d", trial_id, origin["trial_id"], origin["epoch"])
         trial_dir = storage.join(sweep["sweep_dir"], Path(tune.get_context().get_trial_dir()).name)
+        continue_numbering(trial_dir)
         reporter = TrialReporter(trial_id, origin, trial_dir, sweep.get("keep_checkpoints"))
         run_name = f"{trial_id}-{time.strftime('%H%M%S')}"  # one Train run per start of this trial
 
