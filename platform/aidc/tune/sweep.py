@@ -190,6 +190,10 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     payload = trial_payload(spec, root, name, share_datasets=share)
     payload["keep_checkpoints"] = None if tc.scheduler == "pbt" else KEEP_CHECKPOINTS
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload), res.per_trial)
+    # Tune's experiment snapshot (what --resume restores; it also copies result.json to storage) every second.
+    # With num_to_keep set Tune forced one every num_to_keep checkpoints of a trial; without it, "auto" waits 10 s
+    # or more, and a resume would start each trial further back (and progress on storage would lag as much).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_S))
     logger.info("sweep %s: %s, %s, %d sample(s), %d trial(s) at once, %s per trial",
                 name, tc.search, tc.scheduler, tc.num_samples, res.concurrency, res.per_trial)
     if exists:
@@ -221,6 +225,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
 
 
 KEEP_CHECKPOINTS = 2  # per trial: the newest and the one before it (a kill mid-copy of the newest)
+SNAPSHOT_S = 1  # Tune's experiment snapshot period (TUNE_GLOBAL_CHECKPOINT_S, which overrides it)
 
 
 def sweep_reads(spec: SweepSpec) -> bool:
