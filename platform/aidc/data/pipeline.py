@@ -77,19 +77,21 @@ def _take(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndar
     return {k: v[mask] for k, v in columns.items()}
 
 
-def _read_columns(path: str, columns: list[str]) -> dict:
+def _parquet(path: str):
+    """The written split at `path` (local or object store) as a pyarrow dataset."""
     import pyarrow.dataset as pads
 
     fs, inner = storage.filesystem(path)
-    table = pads.dataset(inner, format="parquet", filesystem=fs).to_table(columns=columns)
+    return pads.dataset(inner, format="parquet", filesystem=fs)
+
+
+def _read_columns(path: str, columns: list[str]) -> dict:
+    table = _parquet(path).to_table(columns=columns)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
 def _row_count(path: str) -> int:
-    import pyarrow.dataset as pads
-
-    fs, inner = storage.filesystem(path)
-    return pads.dataset(inner, format="parquet", filesystem=fs).count_rows()
+    return _parquet(path).count_rows()
 
 
 @instrument_preprocess  # rows read/kept/rejected and rows/s as metrics (aidc.ops.data)

@@ -35,22 +35,27 @@ logger = logging.getLogger(__name__)
 ORIGIN = "origin.json"  # in each Tune checkpoint: which trial and epoch the state comes from
 
 
-def _checkpoints(fs, trial_dir: str) -> list[tuple[str, bool]]:
-    """(path, whole) of a trial's checkpoint folders, oldest first by when their origin.json was written (not by
-    name: after a restore, Tune's counter can name a new checkpoint below older ones). Whole = the loop's state
+def _ages(fs, dirs: list[str]) -> list[tuple[int, str, bool]]:
+    """(when its origin.json was written or -1, path, whole) of each checkpoint folder. Whole = the loop's state
     and its origin are both there (a kill mid-copy leaves one of them missing)."""
     import pyarrow.fs as pafs
 
     from aidc.train.checkpoint import STATE_FILE
 
-    dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
     origins = fs.get_file_info([f"{d}/{ORIGIN}" for d in dirs])
     states = fs.get_file_info([f"{d}/{STATE_FILE}" for d in dirs])
-    rows = [(o.mtime_ns if o.type == pafs.FileType.File else -1, d,
-             o.type == pafs.FileType.File and st.type == pafs.FileType.File)
-            for d, o, st in zip(dirs, origins, states)]
-    return [(d, ok) for _, d, ok in sorted(rows)]
+    return [(o.mtime_ns if o.type == pafs.FileType.File else -1, d,
+             o.type == pafs.FileType.File and st.type == pafs.FileType.File) for d, o, st in zip(dirs, origins, states)]
+
+
+def _checkpoints(fs, trial_dir: str) -> list[tuple[str, bool]]:
+    """(path, whole) of a trial's checkpoint folders, oldest first by when their origin.json was written (not by
+    name: after a restore, Tune's counter can name a new checkpoint below older ones)."""
+    import pyarrow.fs as pafs
+
+    dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    return [(d, ok) for _, d, ok in sorted(_ages(fs, dirs))]
 
 
 def usable_checkpoint(checkpoint):
@@ -60,15 +65,12 @@ def usable_checkpoint(checkpoint):
     made CheckpointConfig(num_to_keep) delete the one the last snapshot names, but before the next snapshot,
     restores that trial from a checkpoint that is gone (the sweep then lost the trial and registered a missing
     file). aidc's own pruning (prune_checkpoints) can leave the same."""
-    import pyarrow.fs as pafs
     from ray import tune
-
-    from aidc.train.checkpoint import STATE_FILE
 
     if checkpoint is None:
         return None
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    if all(i.type == pafs.FileType.File for i in fs.get_file_info([f"{path}/{ORIGIN}", f"{path}/{STATE_FILE}"])):
+    if _ages(fs, [path])[0][2]:
         return checkpoint
     for other, ok in reversed(_checkpoints(fs, path.rsplit("/", 1)[0])):
         if ok:
