@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             from ray import serve
 
             from serve_apps.tensors import app_builder
-            from tests.conftest import free_port
+            from aidc.testing import free_port
 
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,5 +1,5 @@
 """Batch inference: rows/s of the Ray Data actor-pool job vs a single-process loop over the same model,
-rows and code (the same Predictor class, called batch by batch in this process), and a streaming run whose
+rows and code (the same BatchPredictor class, called batch by batch in this process), and a streaming run whose
 input is larger than the object store.
 
     python -m benchmarks.batch_infer [--quick]
@@ -35,8 +35,8 @@ def _ray(num_cpus: float, **kwargs):
 
 def _train(root: str, name: str = "digits"):
     from aidc.config import load_config
-    from aidc.data.pipeline import preprocess
-    from aidc.registry import register
+    from aidc.tasks import preprocess
+    from aidc.train.register import register
     from aidc.train.trainer import run_training
 
     cfg = load_config(ROOT / "jobs" / "configs" / f"{name}.yaml", [
@@ -86,11 +86,11 @@ def _loop(cfg, path: Path, batch_size: int) -> int:
     """The single-process baseline: one model, the same Predictor, Parquet batches read in order."""
     import pyarrow.parquet as pq
 
-    from aidc.batch.predictor import Predictor
+    from aidc.batch.predictor import BatchPredictor
     from aidc.registry import tracking_uri
 
     b = cfg.batch_infer
-    predictor = Predictor(f"{cfg.registry.model_name}@champion", tracking_uri(None, cfg.run.storage), "id", False,
+    predictor = BatchPredictor(f"{cfg.registry.model_name}@champion", tracking_uri(None, cfg.run.storage), "id", False,
                           {"batch_size": batch_size, "max_tokens": LM_TOKENS, "temperature": b.temperature,
                            "top_p": b.top_p, "seed": b.seed, "stop": []}, cfg.task)
     n = 0

@@ -128,8 +128,8 @@ def lost_checkpoints(run_dir: Path) -> int:
 
 
 def run(a) -> dict:
-    from aidc.data.pipeline import preprocess
-    from aidc.registry import register
+    from aidc.tasks import preprocess
+    from aidc.train.register import register
     from aidc.serving.retry import LoadRun, percentile, retry_policy, run_load
     from aidc.train.trainer import resizes, run_training
     from aidc.security.keys import create

@@ -60,8 +60,9 @@ def run(root: str, tmp: Path, quick: bool, only: list[str] | None = None) -> dic
     from aidc.compress.compare import compare
     from aidc.compress.job import compress
     from aidc.config import JobConfig, apply_overrides, load_config, validate
-    from aidc.data.pipeline import preprocess
-    from aidc.registry import register, tracking_uri
+    from aidc.tasks import preprocess
+    from aidc.registry import tracking_uri
+    from aidc.train.register import register
     from aidc.train.trainer import run_training
 
     uri = tracking_uri(None, root)

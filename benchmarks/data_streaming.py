@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     ratio = 0.2 if args.quick else args.ratio
 
     from aidc.config import load_config
-    from aidc.data.pipeline import preprocess
+    from aidc.tasks import preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp, "input")

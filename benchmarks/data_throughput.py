@@ -36,13 +36,13 @@ def clean_text(t: str) -> str:
 
 
 def make_tokenizer_state(texts):
-    from aidc.data.text import train_tokenizer
+    from aidc.data.tokenizer import train_tokenizer
 
     return train_tokenizer([clean_text(t) for t in texts[:2000]], "bpe", 2000, lowercase=False)
 
 
 def text_batch(batch: pd.DataFrame, state: dict) -> pd.DataFrame:
-    from aidc.data.text import encode, pad_truncate
+    from aidc.data.tokenizer import encode, pad_truncate
 
     cleaned = [clean_text(t) for t in batch["text"]]
     ids = pad_truncate(encode(cleaned, state), 64, 0)

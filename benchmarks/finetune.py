@@ -22,7 +22,7 @@ from benchmarks.common import ROOT  # noqa: F401 - puts platform/ on sys.path
 def make_base(directory: Path, hidden: int, layers: int) -> Path:
     """A random Llama-architecture folder (heads of 64) with the tests' byte-level tokenizer."""
     sys.path.insert(0, str(ROOT))
-    from tests.integration.hf_tiny import make_tiny_llama
+    from aidc.testing import make_tiny_llama
 
     return make_tiny_llama(directory, max_positions=512, hidden=hidden, layers=layers, heads=max(1, hidden // 64))
 

@@ -41,7 +41,7 @@ def register_random_gpt(root: str, d_model: int, layers: int, block: int, heads:
     """A GPT of the given shape with random weights (speed does not depend on training), registered."""
     import torch
 
-    from aidc.data.text import SPECIALS
+    from aidc.data.tokenizer import SPECIALS
     from aidc.models.gpt import GPT
     from aidc.registry import export_model_dir, register_model_dir
 

@@ -15,8 +15,8 @@ def build_app(model_dir: str):
     from fastapi.responses import JSONResponse, Response
 
     from aidc.errors import RequestError
-    from aidc.serving import oip
-    from aidc.serving.model import LoadedModel
+    from aidc.serving.oip import protocol as oip
+    from aidc.tasks.loaded import LoadedModel
 
     loaded = LoadedModel.from_dir(Path(model_dir), "mnist-cnn", "1")
     sig = loaded.tensor_signature()

@@ -180,7 +180,7 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
     from ray import serve
 
     from serve_apps.tensors import app_builder
-    from tests.conftest import free_port
+    from aidc.testing import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -201,7 +201,7 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
 
 
 def plain_fastapi(model_dir: Path, levels: list[int], seconds: float, procs: int = 1, binary: bool = False) -> dict:
-    from tests.conftest import free_port
+    from aidc.testing import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.oip_plain_server", str(model_dir), str(port)],

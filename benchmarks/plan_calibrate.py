@@ -62,7 +62,7 @@ DIST_CASES += [("chat-sft", _FT + ["resources.num_workers=2", f"train.parallelis
 def _inputs(shape_inputs, features: dict, device, vocab: int | None = None):
     import torch
 
-    if isinstance(shape_inputs, dict):  # a transformers model's keywords (plan._sample_inputs: causal_lm)
+    if isinstance(shape_inputs, dict):  # a transformers model's keywords (plan.sample_inputs: causal_lm)
         ids = shape_inputs["input_ids"]
         n, t = ids.shape
         return {"input_ids": torch.randint(0, vocab, (n, t), device=device),
@@ -113,13 +113,13 @@ def _train(cfg, features: dict, device, precision: str, steps: int) -> list[floa
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    sample = plan._sample_inputs(features, cfg.task, cfg.train.batch_size)
+    sample = plan.sample_inputs(features, cfg.task, cfg.train.batch_size)
     times = []
     for _ in range(steps):
         inputs = _inputs(sample, features, device, vocab)
         t = time.perf_counter()
         with autocast(precision, device):
-            out = plan._call(model, inputs)
+            out = plan.call_model(model, inputs)
             loss = out.float().logsumexp(-1).mean() if out.dim() > 1 else out.float().pow(2).mean()
         loss.backward()
         opt.step()
@@ -174,7 +174,7 @@ def run_one(config: str, overrides: list[str], steps: int, cap_gib: float | None
     from aidc.train.parallel import resolve_precision
 
     cfg = load_config(str(ROOT / "jobs" / "configs" / f"{config}.yaml"), overrides)
-    world = plan._workers(cfg)
+    world = plan.planned_workers(cfg)
     if world > 1 and "RANK" not in os.environ:
         return _spawn_ranks(config, overrides, steps, world)
     if world > 1:
@@ -182,7 +182,7 @@ def run_one(config: str, overrides: list[str], steps: int, cap_gib: float | None
         torch.distributed.init_process_group("gloo")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    features = plan._features(cfg, plan._manifest(cfg))
+    features = plan.planning_features(cfg, plan.read_manifest(cfg))
     dev = plan.local_device(world, cfg.resources.cpus_per_worker)
     shape = plan.model_shape(cfg, dev.kind)
     predicted = plan.plan_for(cfg, shape, dev, mfu=1.0)
@@ -216,7 +216,7 @@ def run_one(config: str, overrides: list[str], steps: int, cap_gib: float | None
     step_s = statistics.median(times[2:] or times)
     ckpt = getattr(cfg.model, "activation_checkpointing", False)
     flops, ops = (shape.flops_ckpt, shape.ops_ckpt) if ckpt else (shape.flops, shape.ops)
-    peak_flops = (dev.tflops.get(plan._precision(cfg, dev)) or dev.tflops["fp32"]) * 1e12
+    peak_flops = (dev.tflops.get(plan.planned_precision(cfg, dev)) or dev.tflops["fp32"]) * 1e12
     return {"config": config, "overrides": overrides, "device": plan.calibration_key(dev), "precision": precision,
             "params": shape.params, "measured_peak_gib": round(peak / plan.GIB, 4),
             "predicted_peak_gib": round(predicted.memory.total / plan.GIB, 4),

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from aidc.config import load_config
-    from aidc.data.pipeline import preprocess
+    from aidc.tasks import preprocess
     from aidc.runtime import init_ray
     from aidc.telemetry import setup_logging
     from aidc.train.trainer import run_training

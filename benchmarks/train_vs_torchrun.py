@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
         args.workload, args.steps, args.epochs, args.batch_size = "digits", 5, 2, 32
 
     from aidc.config import load_config
-    from aidc.data.pipeline import preprocess
+    from aidc.tasks import preprocess
     from aidc.train.trainer import run_training
 
     with tempfile.TemporaryDirectory() as root:

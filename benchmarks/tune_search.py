@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from aidc.config import load_config
-    from aidc.data.pipeline import preprocess
+    from aidc.tasks import preprocess
     from aidc.runtime import init_ray
     from aidc.telemetry import setup_logging
 

@@ -5,7 +5,8 @@
 
 import sys
 
-from aidc.data.pipeline import preprocess, summary_lines
+from aidc.data.pipeline import summary_lines
+from aidc.tasks import preprocess
 from aidc.entry import run_job
 
 

@@ -10,8 +10,8 @@ import logging
 import sys
 
 from aidc.entry import run_job
-from aidc.ops.training import LIVE_MLFLOW
-from aidc.registry import register
+from aidc.train.telemetry import LIVE_MLFLOW
+from aidc.train.register import register
 from aidc.train.trainer import describe_model, run_training
 
 

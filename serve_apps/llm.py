@@ -5,7 +5,7 @@ GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/tokeni
 GET /v1/health; the OpenAPI document at /v1/openapi.json. At the root, as vLLM's server has them (where
 lm-evaluation-harness's `tokenizer_backend=remote` looks): POST /tokenize, POST /detokenize,
 GET /tokenizer_info - `model` optional where the app serves one model. A thin shell: the deployments, the
-ingress and what aidc adds to Ray Serve LLM live in aidc.serving.llm_app.
+ingress and what aidc adds to Ray Serve LLM live in aidc.serving.llm.app.
 Serve config: serve_apps/config.yaml (import_path: serve_apps.llm:app_builder).
 """
 
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from aidc.errors import AidcError
 from aidc.security.audit import record_quietly
-from aidc.serving.llm_app import LLMArgs, build_app
+from aidc.serving.llm.app import LLMArgs, build_app
 
 
 def app_builder(args: dict):

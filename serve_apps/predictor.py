@@ -10,14 +10,14 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from ray import serve
 
 from aidc.errors import RequestError
 from aidc.serving import error_body, load_model, parse_json_body
 from aidc.security.audit import record_quietly
-from aidc.serving.auth import ApiKeyAuth, AuthArgs, protect
-from aidc.serving.http import require
+from aidc.serving.protect import ApiKeyAuth, protect
+from aidc.serving.http import AppArgs, require
 from aidc.ops.serving import RequestMetrics, tag_request
 
 logger = logging.getLogger(__name__)
@@ -26,15 +26,12 @@ protect(api, "predictor")  # API keys: infer:<model> on /predict and /metadata; 
 api.add_middleware(RequestMetrics)  # requests, codes, latency (aidc.ops.serving); outermost: counts 401s too
 
 
-class PredictorArgs(BaseModel):
+class PredictorArgs(AppArgs):
     """Application arguments (the `args:` block of the Serve config)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(..., description="Registered model: name@alias or name/version.")
-    tracking_uri: str | None = Field(None, description="MLflow registry; default sqlite under $AIDC_STORAGE.")
     max_batch_size: int = Field(256, ge=1, description="Most instances in one request (413 above).")
     max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above).")
-    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})

@@ -6,13 +6,14 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from aidc.testing import free_port  # noqa: F401 - tests import it from here too
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -45,12 +46,6 @@ if not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TO
 # session- or package-scoped fixture keeps the environment it started with, and its Ray Data workers made
 # ~/.cache/aidc/datasets/<name> folders in the real home (found after a full run on a fresh machine).
 os.environ.setdefault("AIDC_CACHE", tempfile.mkdtemp(prefix="aidc-test-cache-"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 BIN = Path(sys.executable).parent

@@ -141,7 +141,7 @@ class Shape:
 
 # --- the model's shape --------------------------------------------------------------------------------------
 
-def _manifest(cfg) -> dict | None:
+def read_manifest(cfg) -> dict | None:
     """The job's preprocessed dataset's manifest (features, counts), or None before preprocessing."""
     from aidc import storage
     from aidc.data.dataset import open_dataset
@@ -153,7 +153,7 @@ def _manifest(cfg) -> dict | None:
         return None
 
 
-def _features(cfg, manifest: dict | None) -> dict:
+def planning_features(cfg, manifest: dict | None) -> dict:
     """The features that size the model: the dataset's (its `manifest`), else what the config and the source
     say."""
     from aidc.data.sources import SOURCES
@@ -182,7 +182,7 @@ def _features(cfg, manifest: dict | None) -> dict:
                       f"`python -m jobs.preprocess --config <this config>` first (the data sizes the model)")
 
 
-def _sample_inputs(features: dict, task: str, batch: int) -> tuple:
+def sample_inputs(features: dict, task: str, batch: int) -> tuple:
     """One micro-batch of model inputs on the meta device (shapes only)."""
     import torch
 
@@ -233,7 +233,7 @@ class _Attention:
         return Fused.apply(q, k, v)
 
 
-def _call(model, inputs: tuple | dict):
+def call_model(model, inputs: tuple | dict):
     """The model's output tensor (logits) for sample inputs: positional, or keywords (transformers' models)."""
     out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     if hasattr(out, "logits"):
@@ -262,7 +262,7 @@ def _saved_bytes(model, inputs: tuple, kind: str) -> float:
     F.scaled_dot_product_attention = _Attention(real, kind)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = _call(model, inputs)
+            out = call_model(model, inputs)
         # the loss: cross-entropy saves the logits' log-softmax (fp32) beside the logits themselves
         saved[-1] = out.numel() * 4
     finally:
@@ -278,7 +278,7 @@ def model_shape(cfg, kind: str = "cpu", features: dict | None = None) -> Shape:
     from aidc.tasks import get_task
     from aidc.train.parallel import blocks_of
 
-    features = features if features is not None else _features(cfg, _manifest(cfg))
+    features = features if features is not None else planning_features(cfg, read_manifest(cfg))
     task = get_task(cfg.task)
     job = cfg.model_dump(mode="json")
     with torch.device("meta"):
@@ -288,7 +288,7 @@ def model_shape(cfg, kind: str = "cpu", features: dict | None = None) -> Shape:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     blocks = blocks_of(model)
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=params)
-    inputs = _sample_inputs(features, cfg.task, cfg.train.batch_size)
+    inputs = sample_inputs(features, cfg.task, cfg.train.batch_size)
     checkpointable = bool(blocks) and _checkpointing(model, False)
     saved, (flops, ops) = _saved_bytes(model, inputs, kind), _flops(model, inputs)
     saved_ckpt, flops_ckpt, ops_ckpt = saved, flops, ops
@@ -339,7 +339,7 @@ def _flops(model, inputs: tuple) -> tuple[float, int]:
             return func(*args, **(kwargs or {}))
 
     with FlopCounterMode(display=False) as counter, Ops():
-        out = _call(model, inputs)
+        out = call_model(model, inputs)
         out.float().sum().backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops()), Ops.n
@@ -454,7 +454,7 @@ def running_cluster_devices(cfg) -> list[Device]:
     if total.get("GPU", 0) > 0 and cfg.resources.use_gpu is not False:
         kinds = [k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:")]
         if not kinds:
-            return [local_device(_workers(cfg), cfg.resources.cpus_per_worker)] if _local_cuda() else []
+            return [local_device(planned_workers(cfg), cfg.resources.cpus_per_worker)] if _local_cuda() else []
         out = []
         for kind in kinds:
             name = catalogue_name(kind)
@@ -468,7 +468,7 @@ def running_cluster_devices(cfg) -> list[Device]:
         return []
     node = min(nodes, key=lambda n: n["Resources"].get("memory", 0))
     cpus = node["Resources"]["CPU"]
-    per_node = max(1, min(_workers(cfg), int(cpus // max(cfg.resources.cpus_per_worker, 1e-9)) or 1))
+    per_node = max(1, min(planned_workers(cfg), int(cpus // max(cfg.resources.cpus_per_worker, 1e-9)) or 1))
     import psutil
 
     # Ray's `memory` resource is 70 % of a node's RAM by default; this node's own RAM when it is the only one
@@ -484,7 +484,7 @@ def _local_cuda() -> bool:
 
 # --- the plan --------------------------------------------------------------------------------------------------
 
-def _precision(cfg, device: Device) -> str:
+def planned_precision(cfg, device: Device) -> str:
     p = cfg.train.precision
     if p == "auto":
         return "bf16" if device.kind == "gpu" and "bf16" in device.tflops else "fp32"
@@ -507,8 +507,8 @@ def memory(shape: Shape, *, workers: int, parallelism: str, precision: str, chec
 
 def plan_for(cfg, shape: Shape, device: Device, *, headroom: float = 0.1, train_rows: int | None = None,
              mfu: float | None = None) -> Plan:
-    workers = _workers(cfg)
-    precision = _precision(cfg, device)
+    workers = planned_workers(cfg)
+    precision = planned_precision(cfg, device)
     ckpt = bool(getattr(cfg.model, "activation_checkpointing", False))
     coef = coefficients(device)
     mem = memory(shape, workers=workers, parallelism=cfg.train.parallelism, precision=precision,
@@ -593,7 +593,7 @@ def record_calibration(key: str, storage_root: str | None = None, **measured) ->
     return path
 
 
-def _workers(cfg) -> int:
+def planned_workers(cfg) -> int:
     n = cfg.resources.num_workers
     n = n[1] if isinstance(n, tuple | list) else n
     return max(1, int(n))
@@ -605,7 +605,7 @@ def with_fixes(cfg, shape_of, plan: Plan, others: list[Plan], **kw) -> Plan:
     fewest of them together; each candidate is planned again. Also a node type where it fits as it is."""
     if plan.fits:
         return plan
-    workers = _workers(cfg)
+    workers = planned_workers(cfg)
     has_ckpt = hasattr(cfg.model, "activation_checkpointing") and not cfg.model.activation_checkpointing
     fsdp = {"train.parallelism": "fsdp"} if cfg.train.parallelism == "ddp" else {}
     steps = []  # (label, overrides), cumulative order: the cheapest first
@@ -674,8 +674,8 @@ def make_plans(cfg, cluster_path: str | Path | None = None, headroom: float | No
 
     from aidc.cluster import load_cluster_yaml, prepare_and_validate
 
-    manifest = _manifest(cfg)
-    features = _features(cfg, manifest)
+    manifest = read_manifest(cfg)
+    features = planning_features(cfg, manifest)
 
     @lru_cache(maxsize=None)
     def shape_of_batch(batch_size: int, kind: str) -> Shape:
@@ -687,7 +687,7 @@ def make_plans(cfg, cluster_path: str | Path | None = None, headroom: float | No
     rows = _train_rows(manifest)
     headroom = cfg.train.plan_headroom if headroom is None else headroom
     if devs is None and cluster_path is None:
-        devs = [local_device(_workers(cfg), cfg.resources.cpus_per_worker)]
+        devs = [local_device(planned_workers(cfg), cfg.resources.cpus_per_worker)]
     elif devs is None:
         raw = load_cluster_yaml(cluster_path)
         prepare_and_validate(raw, str(cluster_path))
@@ -707,7 +707,7 @@ def _gib(b: float) -> str:
 def format_plans(cfg, plans: list[Plan]) -> str:
     method = "" if cfg.train.method == "full" else f" {cfg.train.method}"
     shape_line = f"plan for {cfg.name} ({cfg.model.arch}{method}, {cfg.train.parallelism}, batch {cfg.train.batch_size}" \
-                 f" x accum {cfg.train.grad_accum_steps}, {_workers(cfg)} worker(s))"
+                 f" x accum {cfg.train.grad_accum_steps}, {planned_workers(cfg)} worker(s))"
     lines = [shape_line]
     for p in plans:
         m = p.memory

@@ -51,14 +51,16 @@ def _set_tracking_uri(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An MLflow client of `uri` (the environment's MLFLOW_TRACKING_URI left as it was)."""
     from mlflow import MlflowClient
 
     _set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client, name: str, root: str) -> str:
+def experiment_id(client, name: str, root: str) -> str:
+    """The id of MLflow experiment `name`, created (its artifacts under the storage root) when new."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -66,6 +68,17 @@ def _experiment_id(client, name: str, root: str) -> str:
     if client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri:
         location = Path(root, "mlartifacts").as_uri()  # not ./mlruns of whatever cwd a job has
     return client.create_experiment(name, artifact_location=location)
+
+
+# the tag of the MLflow run a training run logs into while it trains (aidc.train.telemetry); registration logs
+# the model into that same run (aidc.train.register)
+RUN_TAG = "aidc.train_run"
+
+
+def find_live_run(client, experiment_id: str, run_name: str):
+    """The MLflow run a live training run logs into (tag aidc.train_run), or None."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
+    return runs[0] if runs else None
 
 
 def write_manifest(directory: Path) -> dict:
@@ -118,117 +131,7 @@ class RegisteredVersion:
         return f"{self.name}@{self.alias}"
 
 
-def plot_curves(history: list[dict], path: Path) -> Path:
-    """A PNG of the per-epoch training curves (losses, and the validation metrics besides loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] + 1 for h in history]
-    metrics = sorted({k for h in history for k, v in h.items()
-                      if k.startswith("val_") and k != "val_loss" and isinstance(v, (int, float))})
-    fig, axes = plt.subplots(1, 1 + bool(metrics), figsize=(11 if metrics else 6, 4), squeeze=False)
-    for key in ("train_loss", "val_loss"):
-        axes[0][0].plot(epochs, [h.get(key) for h in history], marker="o", label=key)
-    axes[0][0].set(xlabel="epoch", ylabel="loss", title="loss")
-    axes[0][0].legend()
-    for key in metrics:
-        axes[0][-1].plot(epochs, [h.get(key) for h in history], marker="o", label=key)
-    if metrics:
-        axes[0][-1].set(xlabel="epoch", title="validation metrics")
-        axes[0][-1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None = None,
-             parent_run_id: str | None = None, spec_extra: dict | None = None,
-             tags: dict | None = None) -> RegisteredVersion:
-    """Log the run (params, per-epoch metrics, artifacts) and register its final model under an alias.
-
-    alias: default cfg.registry.alias; parent_run_id: log the run as a child of that run (a sweep's);
-    spec_extra: more model.json entries (e.g. how a compressed version was made); tags: more version tags.
-    """
-    alias = alias or cfg.registry.alias
-    from aidc.tasks import get_task
-    from aidc.train import checkpoint as ckpt
-
-    root = storage.storage_root(cfg.run.storage)
-    uri = tracking_uri(cfg.run.tracking_uri, root)
-    client = _client(uri)
-    manifest = outcome.dataset.manifest()
-    with tempfile.TemporaryDirectory() as tmp:
-        from ray.train import Checkpoint
-
-        with Checkpoint(outcome.checkpoint_path).as_directory() as d:
-            state = ckpt.load(d)
-        if state.get("best"):  # the registered weights are the best epoch's (what test metrics scored)
-            state["model"] = state["best"]["model"]
-        spec = {
-            "task": cfg.task,
-            "model": cfg.model.model_dump(mode="json"),
-            "features": manifest["features"],
-            "transform": manifest["transform"],
-            "dataset": outcome.dataset.uri,
-            "dataset_fingerprint": manifest["fingerprint"],
-            **(spec_extra or {}),
-        }
-        task = get_task(cfg.task)
-        before = set(outcome.metrics)
-        files, final = task.after_training(cfg, outcome, state["model"], Path(tmp))
-        extra_artifacts = [*extra_artifacts, *files]
-        evaluated = {k: v for k, v in outcome.metrics.items() if k not in before}  # logged with the run below
-        spec["metrics"] = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
-        model_dir = Path(tmp, "model")
-        hashes = task.write_model_dir(model_dir, state["model"], spec, cfg, model=final)
-        del final
-        sign_model_dir(model_dir)  # model-signing over every file (aidc.security.signing)
-
-        exp_id = _experiment_id(client, cfg.run.experiment, root)
-        run_tags = {"aidc.dataset": outcome.dataset.uri,
-                    **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-        from aidc.ops.training import find_live_run
-
-        live = find_live_run(client, exp_id, outcome.run_name)  # the run the loop logged epochs into, live
-        if live is not None and client.list_artifacts(live.info.run_id, "model"):
-            live = None  # it already holds a registered version: a second registration gets a run of its own
-        run = live or client.create_run(exp_id, run_name=outcome.run_name, tags=run_tags)
-        run_id = run.info.run_id
-        for k, v in (run_tags if live else {}).items():
-            client.set_tag(run_id, k, v)
-        for k, v in _flatten(cfg.model_dump(mode="json")).items():
-            client.log_param(run_id, k, str(v)[:500])
-        for row in ([] if live else outcome.history):  # a live run has every epoch's metrics already
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    client.log_metric(run_id, k, float(v), step=int(row["epoch"]))
-        for k, v in evaluated.items():
-            client.log_metric(run_id, k, float(v))
-        client.log_artifacts(run_id, str(model_dir), artifact_path="model")
-        client.log_artifact(run_id, str(plot_curves(outcome.history, Path(tmp, "curves.png"))))
-        client.log_dict(run_id, {"resumes": outcome.resumes}, "resumes.json")  # restarts, with elastic resizes
-        for path in extra_artifacts:
-            client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id)
-
-    return _new_version(client, uri, cfg.registry.model_name, alias, run, f"aidc {cfg.task} model",
-                        {"dataset": outcome.dataset.uri,
-                         **({"weights_sha256": hashes[WEIGHTS]} if WEIGHTS in hashes else {}),
-                         "train_run": outcome.run_name, **(tags or {})})
-
-
-def _new_version(client, uri: str, name: str, alias: str, run, description: str, tags: dict) -> RegisteredVersion:
+def new_version(client, uri: str, name: str, alias: str, run, description: str, tags: dict) -> RegisteredVersion:
     """A new version of `name` (created if new) from the run's `model/` artifacts, with `alias` moved to it."""
     try:
         client.get_registered_model(name)
@@ -250,12 +153,12 @@ def register_model_dir(model_dir: Path, name: str, alias: str, *, uri: str | Non
     sign_model_dir(model_dir)  # model-signing over every file (aidc.security.signing)
     root = storage.storage_root(root)
     uri = tracking_uri(uri, root)
-    client = _client(uri)
-    run = client.create_run(_experiment_id(client, experiment, root), run_name=run_name or f"import-{name}")
+    client = mlflow_client(uri)
+    run = client.create_run(experiment_id(client, experiment, root), run_name=run_name or f"import-{name}")
     client.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
     client.set_terminated(run.info.run_id)
     weights = json.loads((model_dir / MANIFEST).read_text()).get(WEIGHTS)  # none: a sharded Hugging Face folder
-    return _new_version(client, uri, name, alias, run, description,
+    return new_version(client, uri, name, alias, run, description,
                         {**({"weights_sha256": weights} if weights else {}), **(tags or {})})
 
 
@@ -267,7 +170,7 @@ def resolve(ref: str, uri: str):
     m = _REF.match(ref or "")
     if not m:
         raise RegistryError(f"bad model reference {ref!r}; use name@alias (digits-cnn@champion) or name/version")
-    client = _client(uri)
+    client = mlflow_client(uri)
     name = m["name"]
     try:
         if m["alias"]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aidc.data.pipeline import preprocess
+from aidc.tasks import preprocess
 from aidc.errors import StorageError
 from aidc.train import checkpoint as ckpt
 from aidc.train.trainer import resizes, run_training
@@ -62,7 +62,7 @@ COMMON = [f"train.epochs={EPOCHS}", "run.max_failures=null"]
 @pytest.fixture(scope="module")
 def trained(cluster):
     """The uninterrupted run (2 workers on the 2 worker nodes), registered: the baseline and the served model."""
-    from aidc.registry import register
+    from aidc.train.register import register
 
     cfg = _cfg(cluster.storage, *COMMON, "resources.num_workers=2", "run.name=fixed")
     preprocess(cfg)
@@ -263,7 +263,7 @@ def served(cluster, trained):
     from aidc.registry import tracking_uri
     from aidc.serving.retry import wait_ready
     from serve_apps.predictor import Predictor
-    from tests.conftest import free_port
+    from aidc.testing import free_port
     from tests.security_helpers import make_key
 
     _, _, version = trained

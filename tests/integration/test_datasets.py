@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from aidc.config import load_config
-from aidc.data.pipeline import preprocess
+from aidc.tasks import preprocess
 from tests.conftest import CONFIGS, SHARED_DATA
 from tests.integration.conftest import workload_config
 

@@ -7,8 +7,9 @@ import pytest
 import requests
 
 from aidc.config import load_config
-from aidc.data.pipeline import preprocess
-from aidc.registry import CONFIG, fetch, register, tracking_uri
+from aidc.tasks import preprocess
+from aidc.registry import CONFIG, fetch, tracking_uri
+from aidc.train.register import register
 from aidc.train.trainer import run_training
 from tests.conftest import CONFIGS, free_port
 from tests.security_helpers import bearer, make_key

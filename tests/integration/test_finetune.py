@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from aidc.config import load_config
-from aidc.data.pipeline import preprocess
-from aidc.registry import fetch, register, tracking_uri
+from aidc.tasks import preprocess
+from aidc.registry import fetch, tracking_uri
+from aidc.train.register import register
 from aidc.train.trainer import run_training
 from tests.conftest import CONFIGS, free_port
-from tests.integration.hf_tiny import make_tiny_gpt2, make_tiny_llama
+from aidc.testing import make_tiny_gpt2, make_tiny_llama
 from tests.security_helpers import make_key
 
 pytestmark = pytest.mark.integration
@@ -97,7 +98,7 @@ def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_pe
     from ray import serve
     from transformers import AutoTokenizer
 
-    from aidc.serving.hf_folder import materialize
+    from aidc.hf.folder import materialize
     from serve_apps.llm import app_builder
 
     base_ref = f"{full[2].name}/{full[2].version}"

@@ -16,18 +16,19 @@ import pytest
 import requests
 
 from aidc.cli import main as aidc_main
-from aidc.data.pipeline import preprocess
-from aidc.registry import register, tracking_uri
+from aidc.tasks import preprocess
+from aidc.registry import tracking_uri
+from aidc.train.register import register
 from aidc.train.trainer import run_training
-from tests.conftest import free_port
+from aidc.testing import free_port
 from tests.integration.conftest import metrics_text, workload_config
-from tests.integration.hf_tiny import make_tiny_gpt2, make_tiny_llama
+from aidc.testing import make_tiny_gpt2, make_tiny_llama
 from tests.security_helpers import make_key, requests_send_key
 
 pytestmark = pytest.mark.integration
 
 # num_workers: 0: the loop runs in the driver, no worker group to start. Heads of 32: what vLLM's CPU
-# attention takes (aidc.serving.hf_folder.CPU_HEAD_SIZES).
+# attention takes (aidc.hf.folder.CPU_HEAD_SIZES).
 TINY = ["resources.num_workers=0", "train.epochs=1", "model.d_model=64",
         "model.layers=1", "model.heads=2", "train.max_steps_per_epoch=30", "run.name=llm-tiny",
         "registry.alias=serving"]
@@ -100,7 +101,7 @@ def client(server, api_key):
 
 
 @pytest.fixture(scope="module")
-def hf_client(server, api_key):
+def hfmlflow_client(server, api_key):
     return openai.OpenAI(base_url=f"{server}/hf/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
@@ -186,7 +187,7 @@ def test_perplexity_through_the_api_equals_offline_test_perplexity(client, char_
     generate it fills the 128-token context."""
     import torch
 
-    from aidc.serving.model import load_model
+    from aidc.tasks.loaded import load_model
 
     ref, dataset, _ = char_gpt
     windows = [b[:127] for b in dataset.read_numpy("test")["tokens"].tolist()]
@@ -313,7 +314,7 @@ def test_a_llama_imported_as_it_is_is_served_by_vllm(server, hf_client, hf_llama
     import torch
 
     from aidc.errors import RegistryError
-    from aidc.serving.model import load_model
+    from aidc.tasks.loaded import load_model
 
     _, folder = hf_llama
     out = hf_client.completions.create(model="tiny-llama", prompt="to be or not", max_tokens=8, temperature=0,
@@ -445,7 +446,7 @@ def test_engine_metrics_reach_prometheus(server, client, ray_session):
     assert served and float(served[0].rsplit(" ", 1)[1]) >= 1
 
 
-def test_aidc_chat_streams_a_reply_with_the_openai_client(server, client, capsys):
+def test_aidc_chat_streams_a_reply_with_the_openaimlflow_client(server, client, capsys):
     key = ["--api-key", client.api_key]
     assert aidc_main(["chat", "What news?", "--url", f"{server}/v1", "--model", MODEL, "--seed", "3", *key]) == 0
     printed = capsys.readouterr().out

@@ -16,11 +16,12 @@ import pytest
 
 from aidc.cli import main as aidc
 from aidc.config import JobConfig, apply_overrides, load_config, validate
-from aidc.data.pipeline import preprocess
+from aidc.tasks import preprocess
 from aidc.errors import ConfigError
-from aidc.registry import register, tracking_uri
+from aidc.registry import tracking_uri
+from aidc.train.register import register
 from aidc.runtime import cluster_has_gpus
-from aidc.serving.model import load_model
+from aidc.tasks.loaded import load_model
 from aidc.train.trainer import run_training
 from tests.conftest import CONFIGS, REPO
 from tests.integration.conftest import workload_config
@@ -291,7 +292,7 @@ def test_hf_export_loads_in_transformers_with_matching_logits_and_imports_back(m
     hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
     text = "ROMEO:\nWhat light through yonder window breaks?"
-    from aidc.data.text import encode
+    from aidc.data.tokenizer import encode
 
     ids = encode([text], ours.spec["transform"]["tokenizer"])[0]
     assert tok(text)["input_ids"] == ids  # the exported tokenizer encodes as ours does

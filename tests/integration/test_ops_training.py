@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from aidc.data.pipeline import preprocess
-from aidc.ops.training import LIVE_MLFLOW, RUN_TAG
-from aidc.registry import _client, register, tracking_uri
+from aidc.tasks import preprocess
+from aidc.registry import RUN_TAG
+from aidc.train.telemetry import LIVE_MLFLOW
+from aidc.registry import mlflow_client, tracking_uri
+from aidc.train.register import register
 from aidc.train.trainer import run_training
 from tests.integration.conftest import scrape, workload_config
 
@@ -34,7 +36,7 @@ def test_live_mlflow_metrics_platform_metrics_and_a_quiet_log(ray_session, tmp_p
     # Every epoch reached MLflow while the run trained: epoch 0's point is older than the final checkpoint,
     # which is written after the last epoch (logging the history at the end would come after it).
     uri = tracking_uri(None, root)
-    client = _client(uri)
+    client = mlflow_client(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"tags.`{RUN_TAG}` = 'ops-live'")
     assert len(runs) == 1

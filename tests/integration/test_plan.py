@@ -21,7 +21,7 @@ def test_aidc_plan_plans_a_fine_tune_of_a_hugging_face_base_full_and_lora(tmp_pa
     """chat-sft on a Llama folder: a plan per node type, LoRA's gradients and optimizer state a sliver of full
     fine-tuning's; with its default base not registered: an error naming what to do."""
     from aidc.cli import main
-    from tests.integration.hf_tiny import make_tiny_llama
+    from aidc.testing import make_tiny_llama
 
     monkeypatch.setenv("AIDC_STORAGE", str(tmp_path))
     llama = make_tiny_llama(tmp_path / "llama")

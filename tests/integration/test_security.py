@@ -16,8 +16,8 @@ import requests
 from aidc.cli import main as aidc_main
 from aidc.registry import register_model_dir, tracking_uri
 from aidc.security import audit, keys
-from tests.conftest import free_port
-from tests.integration.hf_tiny import make_tiny_gpt2
+from aidc.testing import free_port
+from aidc.testing import make_tiny_gpt2
 from tests.security_helpers import bearer, make_key
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,10 @@ import pytest
 import requests
 
 from aidc.config import validate
-from aidc.data.pipeline import preprocess
-from aidc.registry import register, tracking_uri
-from aidc.serving.model import load_model
+from aidc.tasks import preprocess
+from aidc.registry import tracking_uri
+from aidc.train.register import register
+from aidc.tasks.loaded import load_model
 from aidc.train.trainer import run_training
 from tests.conftest import REPO, free_port
 from tests.integration.conftest import metric_total, metrics_text, workload_config

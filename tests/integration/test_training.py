@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from aidc.data.pipeline import preprocess
-from aidc.registry import register, tracking_uri
-from aidc.serving.model import load_model
+from aidc.tasks import preprocess
+from aidc.registry import tracking_uri
+from aidc.train.register import register
+from aidc.tasks.loaded import load_model
 from aidc.train.trainer import run_training
 from tests.integration.conftest import workload_config
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from aidc.config import validate
-from aidc.data.pipeline import preprocess
+from aidc.tasks import preprocess
 from aidc.train import checkpoint as ckpt
 from aidc.tune.space import validate_sweep
 from aidc.tune.sweep import tune_job
@@ -93,7 +93,7 @@ def test_best_trial_is_registered_served_and_tracked(optuna_asha, root):
 
     from aidc.data.dataset import open_dataset
     from aidc.registry import tracking_uri
-    from aidc.serving.model import load_model
+    from aidc.tasks.loaded import load_model
 
     out = optuna_asha
     assert out.version.ref == "digits-cnn@tuned" and out.best.status == "completed"

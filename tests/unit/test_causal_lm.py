@@ -14,7 +14,7 @@ from aidc.errors import ConfigError
 from aidc.tasks import get_task
 from aidc.tasks.causal_lm import IGNORE, encode_row, load_tokenizer, parse_record
 from aidc.train.parallel import full_state, load_trained
-from tests.integration.hf_tiny import make_tiny_gpt2, make_tiny_llama
+from aidc.testing import make_tiny_gpt2, make_tiny_llama
 
 TASK = get_task("causal_lm")
 

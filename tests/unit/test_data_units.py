@@ -9,7 +9,7 @@ from aidc.data.catalog import CATALOG, fetch
 from aidc.data.clean import mark_duplicates, reason_counts
 from aidc.data.readers import check_tabular_header, read_delimited, read_idx, read_text
 from aidc.data.split import assign_splits, predefined_splits, time_splits
-from aidc.data.text import decode, encode, pack_blocks, pad_truncate, train_tokenizer
+from aidc.data.tokenizer import decode, encode, pack_blocks, pad_truncate, train_tokenizer
 from aidc.data.transforms import apply_index_map, augment_images, fit_index_map, fit_scalar_standardizer, standardize
 from aidc.errors import AidcError, DataError, RequestError
 from aidc.tasks import get_task

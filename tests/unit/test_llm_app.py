@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from aidc.errors import AidcError
-from aidc.export.hf_export import DEFAULT_TEMPLATE, tokenizer_config
-from aidc.serving.hf_folder import check_head_dim
-from aidc.serving.llm_app import LLMArgs, ModelArgs, llm_config
+from aidc.hf.gpt2 import DEFAULT_TEMPLATE, tokenizer_config
+from aidc.hf.folder import check_head_dim
+from aidc.serving.llm.app import LLMArgs, ModelArgs, llm_config
 
 
 def test_defaults_apply_to_every_model_and_a_model_may_override_them():

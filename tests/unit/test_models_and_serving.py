@@ -8,7 +8,7 @@ from aidc.errors import RegistryError, RequestError
 from aidc.models import SmallCNN
 from aidc.registry import MANIFEST, export_model_dir, verify_manifest
 from aidc.serving.http import parse_json_body, require
-from aidc.serving.model import LoadedModel
+from aidc.tasks.loaded import LoadedModel
 from aidc.tasks import get_task
 
 FEATURES = {"image_shape": [8, 8], "num_classes": 10, "raw_range": [0.0, 16.0]}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from aidc.errors import RequestError
-from aidc.serving import oip
-from aidc.serving.oip_plane import DataPlane, ModelRoute, run_batch
+from aidc.serving.oip import protocol as oip
+from aidc.serving.oip.plane import DataPlane, ModelRoute, run_batch
 from aidc.tasks import get_task
 
 IMAGE_SIG = get_task("image_classification").tensor_signature({"image_shape": [8, 8], "num_classes": 10})
@@ -121,8 +121,8 @@ def test_responses_encode_json_or_binary_as_asked():
 
 
 def test_grpc_requests_decode_from_raw_and_typed_contents():
-    from aidc.serving.oip_grpc import decode_infer_request, encode_infer_response, pb
-    from aidc.serving.oip_plane import InferResult
+    from aidc.serving.oip.grpc_codec import decode_infer_request, encode_infer_response, pb
+    from aidc.serving.oip.plane import InferResult
 
     req = pb.ModelInferRequest(model_name="m")
     req.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend([b"a", b"bc"])

@@ -221,7 +221,7 @@ SNAPSHOT = {  # shapes as Ray 2.60's dashboard and Prometheus answer them
 
 
 def test_status_renders_one_screen():
-    from aidc.ops.status import parse_usage, render
+    from aidc.cli.status import parse_usage, render
 
     assert parse_usage("1.5GiB/11.57GiB memory\n0.5/2.0 CPU")["memory"] == (1.5 * 2**30, 11.57 * 2**30)
     screen = render(SNAPSHOT)
@@ -242,7 +242,7 @@ def test_status_renders_one_screen():
 
 
 def test_status_command_says_what_is_unreachable(capsys):
-    from tests.conftest import free_port
+    from aidc.testing import free_port
 
     from aidc.cli import main
 
@@ -303,7 +303,7 @@ def test_sweep_trials_are_counted_by_state():
 
 
 def test_model_flops_utilization_uses_the_gpu_peak():
-    from aidc.ops.training import model_flops_utilization, peak_flops
+    from aidc.train.telemetry import model_flops_utilization, peak_flops
 
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Some Unknown GPU") is None

@@ -57,7 +57,7 @@ def test_llama_fine_tune_full_and_lora_match_hand_computed_figures(tmp_path):
     LoRA rank 8 on PEFT's default q_proj + v_proj: parameters, the adapters that train, and per-worker bytes."""
     import json
 
-    from tests.integration.hf_tiny import make_tiny_llama
+    from aidc.testing import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path / "llama", hidden=64, layers=2, heads=2)
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]

@@ -126,7 +126,7 @@ def test_retrying_session_retries_a_response_cut_off_mid_body(flaky):
 
 def test_retry_policy_retries_refused_connections_then_reports_them(tmp_path):
     from aidc.serving.retry import retry_policy, run_load
-    from tests.conftest import free_port
+    from aidc.testing import free_port
 
     run = run_load(f"http://127.0.0.1:{free_port()}/predict", {}, clients=1, total=1,
                    policy=retry_policy(attempts=2, backoff_s=0.01))

@@ -91,7 +91,7 @@ def test_middleware_answers_each_protocol_shape_and_leaves_health_open(home):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from aidc.serving.auth import protect
+    from aidc.serving.protect import protect
 
     apps = {}
     for kind in ("predictor", "tensors", "llm"):

@@ -6,7 +6,7 @@ from aidc.config import load_config
 from aidc.errors import ConfigError
 from aidc.models import GPT, MatrixFactorization, TextTransformer
 from aidc.registry import export_model_dir
-from aidc.serving.model import LoadedModel
+from aidc.tasks.loaded import LoadedModel
 from aidc.tasks import get_task
 from aidc.train.loop import warmup_cosine
 from aidc.train.parallel import autocast, grad_scaler, resolve_precision
@@ -75,7 +75,7 @@ def _serve(tmp_path, task_name, model, spec_extra):
 
 
 def test_every_task_answers_through_the_serving_loader(tmp_path):
-    from aidc.data.text import train_tokenizer
+    from aidc.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["free prize now", "see you at lunch"] * 10, "bpe", 300, True)
     text = _serve(tmp_path, "text_classification", TextTransformer(tok["vocab_size"], 16, 2, d_model=16),

@@ -1,6 +1,6 @@
 """Batch inference: a registered model scores a dataset split or your own files on a Ray Data actor pool.
 
-    input (split or files) ──Ray Data read──▶ Predictor actors (one model copy each) ──▶ staged Parquet,
+    input (split or files) ──Ray Data read──▶ BatchPredictor actors (one model copy each) ──▶ staged Parquet,
     partitioned by status ──▶ predictions/ (key + prediction columns) and rejected/ (key, reason, input)
     + manifest.json (model version, input fingerprint, counts: rows in = predicted + rejected)
 
@@ -16,7 +16,7 @@ import json
 import logging
 
 from aidc import storage
-from aidc.batch.predictor import INPUT, PREDICTION_COLUMNS, REASON, STATUS, Predictor, required_columns
+from aidc.batch.predictor import INPUT, PREDICTION_COLUMNS, REASON, STATUS, BatchPredictor, required_columns
 from aidc.errors import ConfigError, DataError
 from aidc.provenance import code_version, now_iso
 from aidc.registry import MANIFEST as MODEL_MANIFEST
@@ -37,7 +37,7 @@ def _read_input(cfg, spec: dict, root: str):
 
     b = cfg.batch_infer
     if b.path:
-        from aidc.data.pipeline import _input_files_fingerprint
+        from aidc.data.readers import input_files_fingerprint
         from aidc.data.readers import check_tabular_header
 
         try:
@@ -45,7 +45,7 @@ def _read_input(cfg, spec: dict, root: str):
         except DataError as exc:
             raise DataError(f"{exc} (batch_infer scores the columns the model was trained on, plus "
                             f"batch_infer.key: {b.key!r})") from None
-        fingerprint, files = _input_files_fingerprint(b.path)
+        fingerprint, files = input_files_fingerprint(b.path)
         io = {"ray_remote_args": {"num_cpus": b.io_cpus}}
         readers = {"csv": ray.data.read_csv, "parquet": ray.data.read_parquet,
                    "jsonl": lambda p, **kw: ray.data.read_json(p, lines=True, **kw)}
@@ -131,7 +131,7 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
                "top_p": b.top_p, "seed": b.seed, "stop": list(b.stop)}
     staged = storage.join(out, "_staged")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    (ds.map_batches(Predictor, fn_constructor_kwargs={"ref": pinned, "tracking_uri": uri, "key": b.key,
+    (ds.map_batches(BatchPredictor, fn_constructor_kwargs={"ref": pinned, "tracking_uri": uri, "key": b.key,
                                                       "from_split": from_split, "options": options,
                                                       "task": spec["task"]},
                     compute=ray.data.ActorPoolStrategy(size=b.actors), num_cpus=b.cpus_per_actor,

@@ -45,13 +45,31 @@ def required_columns(task: str, features: dict) -> list[str]:
     return RAW_COLUMNS[task]
 
 
+def _llm_app():
+    """aidc.serving.llm.app, imported once more where the first import lost Ray's registry race: importing Ray
+    Serve LLM registers vLLM's KV-connector backends in the cluster's KV store, checking first and then writing
+    (ray.llm ... kv_transfer/factory.py, Ray 2.60), so two actors importing it at the same moment can both see
+    a backend missing and the second write raises "already registered". The retry sees it registered."""
+    for attempt in range(3):
+        try:
+            from aidc.serving.llm import app as llm_app
+
+            return llm_app
+        except ValueError as exc:
+            if "already registered" not in str(exc) or attempt == 2:
+                raise
+            logger.info("importing Ray Serve LLM raced another process's registration; importing again")
+
+
 def _vllm(ref: str, tracking_uri: str, max_num_seqs: int):
     """vLLM's offline engine over the verified version's Hugging Face folder, in this process (no engine
     process to start inside a Ray actor); the same engine arguments as the llm app's defaults."""
     import os
 
-    from aidc.serving.hf_folder import materialize
-    from aidc.serving.llm_app import ModelArgs, cpu_engine_kwargs
+    from aidc.hf.folder import materialize
+
+    llm_app = _llm_app()
+    ModelArgs, cpu_engine_kwargs = llm_app.ModelArgs, llm_app.cpu_engine_kwargs
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -93,12 +111,12 @@ def _instance(task: str, row: dict):
     return v
 
 
-class Predictor:
+class BatchPredictor:
     """Ray Data callable class: loads the model once (registry fetch: manifest and signature checks)."""
 
     def __init__(self, ref: str, tracking_uri: str, key: str, from_split: bool, options: dict, task: str):
         """`task`: the version's task, from the spec the job verified (a language model loads into vLLM only)."""
-        from aidc.serving.model import load_model
+        from aidc.tasks.loaded import load_model
 
         self.task_name = task
         self.key, self.from_split, self.options = key, from_split, options
@@ -193,7 +211,7 @@ class Predictor:
 
     def __del__(self):
         if getattr(self, "hf", None) is not None:
-            from aidc.serving.hf_folder import remove
+            from aidc.hf.folder import remove
 
             remove(self.hf)
 

@@ -15,19 +15,6 @@ logger = logging.getLogger(__name__)
 EVAL_BATCH = 256
 
 
-def _loaded(ref: str, uri: str):
-    """A registered version through the registry (signature + manifest checks), on the CPU, and its folder."""
-    from aidc.registry import fetch
-    from aidc.serving.model import LoadedModel
-
-    mv, directory = fetch(ref, uri)
-    loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
-    if loaded.device.type != "cpu":
-        loaded.model.cpu()
-        loaded.device = torch.device("cpu")
-    return loaded, directory
-
-
 def test_rows(spec: dict, root: str) -> dict:
     from aidc.data.dataset import open_dataset
 
@@ -99,7 +86,9 @@ def figures(loaded, directory: Path, rows: dict) -> dict:
 
 def compare(refs: list[str], uri: str, root: str) -> list[dict]:
     """Figures of each version, with CPU latency p50 at batch 1 and 32 measured side by side."""
-    loaded = [_loaded(ref, uri) for ref in refs]
+    from aidc.tasks.loaded import load_on_cpu
+
+    loaded = [load_on_cpu(ref, uri) for ref in refs]
     rows = [test_rows(m.spec, root) for m, _ in loaded]
     out = [figures(m, d, r) for (m, d), r in zip(loaded, rows)]
     for bs in (1, 32):

@@ -1,6 +1,6 @@
 """Compress a registered model into a new, signed version of the same model (python -m jobs.compress).
 
-int8:    quantize the linear layers (aidc.compress.quantize), score it on the test split, register.
+int8:    quantize the linear layers (aidc.models.quantize), score it on the test split, register.
 prune:   zero the smallest-magnitude `sparsity` of linear/conv weights (torch.nn.utils.prune, global L1),
          fine-tune through the normal train loop with the mask held, register.
 distill: train this config's (smaller) model through the normal train loop on the source model's soft
@@ -27,7 +27,7 @@ def source_ref(cfg) -> str:
 
 def _source(cfg, uri: str):
     from aidc.registry import fetch
-    from aidc.serving.model import LoadedModel
+    from aidc.tasks.loaded import LoadedModel
 
     mv, directory = fetch(source_ref(cfg), uri)  # signature + manifest checks
     loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
@@ -52,10 +52,10 @@ def prune_masks(model, sparsity: float) -> tuple[dict, dict]:
     from torch import nn
     from torch.nn.utils import prune
 
-    from aidc.compress.quantize import _tied
+    from aidc.models.quantize import tied_linear
 
     model = copy.deepcopy(model).cpu()
-    tied = _tied(model)
+    tied = tied_linear(model)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in tied]
     prune.global_unstructured([(m, "weight") for _, m in targets], pruning_method=prune.L1Unstructured,
                               amount=sparsity)
@@ -67,7 +67,7 @@ def prune_masks(model, sparsity: float) -> tuple[dict, dict]:
 
 def _int8(cfg, loaded, directory: Path, uri: str, root: str, alias: str):
     from aidc.compress.compare import test_metrics, test_rows
-    from aidc.compress.quantize import quantize
+    from aidc.models.quantize import quantize
     from aidc.registry import CONFIG, export_model_dir, register_model_dir
 
     quantized, state, qspec = quantize(loaded.model)
@@ -88,7 +88,8 @@ def _int8(cfg, loaded, directory: Path, uri: str, root: str, alias: str):
 
 def compress(cfg):
     """Make and register the compressed version; returns the RegisteredVersion."""
-    from aidc.registry import COMPRESSED_ALIAS, register, tracking_uri
+    from aidc.registry import COMPRESSED_ALIAS, tracking_uri
+    from aidc.train.register import register
     from aidc.train.trainer import run_training
 
     c = cfg.compress

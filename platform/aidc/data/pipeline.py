@@ -30,17 +30,15 @@ PIPELINE_VERSION = 2
 ENCODE_BATCH = 4096
 
 
-def dataset_fingerprint(source_fingerprint: str, cfg) -> str:
-    """Same input + same preprocessing settings + same pipeline -> same fingerprint (and version). Fine-tuning
-    data is tokenized by its base model: the base's pinned version is part of it."""
-    from aidc.tasks.causal_lm import base_identity
-
+def dataset_fingerprint(source_fingerprint: str, cfg, task) -> str:
+    """Same input + same preprocessing settings + same pipeline -> same fingerprint (and version); the task adds
+    what else its encoding depends on (Task.fingerprint_settings: a fine-tune's base)."""
     d = cfg.data
     settings = {
         "source": d.source, "path": d.path, "format": d.format, "features": d.features,
         "categorical": d.categorical, "label": d.label, "split": d.split.model_dump(), "clean": d.clean.model_dump(),
         "text": d.text.model_dump(), "augment": d.augment.model_dump(), "task": cfg.task,
-        **({"chat": d.chat.model_dump(), "base": base_identity(cfg)} if cfg.task == "causal_lm" else {}),
+        **task.fingerprint_settings(cfg),
         "pipeline": PIPELINE_VERSION, "input": source_fingerprint,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -95,11 +93,9 @@ def _row_count(path: str) -> int:
 
 
 @instrument_preprocess  # rows read/kept/rejected and rows/s as metrics (aidc.ops.data)
-def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[DatasetVersion, bool]:
-    """Build (or reuse) the dataset version for `cfg`; returns (version, reused)."""
-    from aidc.tasks import get_task
-
-    task = get_task(cfg.task)
+def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple[DatasetVersion, bool]:
+    """Build (or reuse) the dataset version for `cfg`, encoded by its workload `task` (aidc.tasks.get_task(cfg.task):
+    the data layer knows no workload of its own); returns (version, reused)."""
     root = storage.storage_root(root or cfg.run.storage)
     if getattr(task, "streaming", False):
         return preprocess_streaming(cfg, task, root, force)
@@ -107,7 +103,7 @@ def preprocess(cfg, root: str | None = None, force: bool = False) -> tuple[Datas
     if loader is None:
         raise ConfigError(f"data.source {cfg.data.source!r} does not fit task {cfg.task}")
     raw = loader(cfg)
-    fingerprint = dataset_fingerprint(raw.fingerprint, cfg)
+    fingerprint = dataset_fingerprint(raw.fingerprint, cfg, task)
     dv = DatasetVersion(root, cfg.name, fingerprint[:12])
     if dv.exists() and not force:
         logger.info("dataset %s already exists for this input and config: reusing it", dv.uri)
@@ -167,37 +163,19 @@ def _finish(dv, cfg, fingerprint, counts, features, state, source, schema) -> No
     logger.info("wrote dataset %s to %s", dv.uri, dv.dir)
 
 
-def _input_files_fingerprint(path: str) -> tuple[str, list[str]]:
-    """Identity of a file input: every file's path, size and modification time (no full re-read)."""
-    import pyarrow.fs as pafs
-
-    fs, inner = storage.filesystem(path)
-    info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.Directory:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
-    elif info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        raise DataError(f"data.path {path} not found")
-    h = hashlib.sha256()
-    for i in sorted(infos, key=lambda i: i.path):
-        h.update(f"{i.path}|{i.size}|{i.mtime_ns}\n".encode())
-    return h.hexdigest(), [i.path for i in infos]
-
-
 def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVersion, bool]:
     """Your own tabular files, streamed: read -> clean -> [dedup] -> split by content hash -> one
     partitioned Parquet write; the fit then streams over the training split."""
     import pyarrow.fs as pafs
     import ray.data
 
-    from aidc.data.readers import check_tabular_header
+    from aidc.data.readers import check_tabular_header, input_files_fingerprint
 
     d = cfg.data
     columns = task.columns(cfg)
     check_tabular_header(d.path, d.format, columns)
-    input_fp, files = _input_files_fingerprint(d.path)
-    fingerprint = dataset_fingerprint(input_fp, cfg)
+    input_fp, files = input_files_fingerprint(d.path)
+    fingerprint = dataset_fingerprint(input_fp, cfg, task)
     dv = DatasetVersion(root, cfg.name, fingerprint[:12])
     if dv.exists() and not force:
         logger.info("dataset %s already exists for this input and config: reusing it", dv.uri)

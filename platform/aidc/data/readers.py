@@ -7,6 +7,7 @@ read by Ray Data itself (see sources.py), after `check_tabular_header` has looke
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import struct
 import zlib
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 
 from aidc import storage
 from aidc.errors import DataError
@@ -22,7 +24,7 @@ from aidc.errors import DataError
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path) -> bytes:
     fs, inner = storage.filesystem(str(path))
     try:
         with fs.open_input_stream(inner, compression=None) as f:  # we gunzip ourselves, to report truncation
@@ -34,7 +36,7 @@ def _read_bytes(path: str | Path) -> bytes:
     return data
 
 
-def _gunzip(path: str | Path, data: bytes) -> bytes:
+def gunzip(path: str | Path, data: bytes) -> bytes:
     if data[:2] != b"\x1f\x8b":
         return data
     try:
@@ -55,7 +57,7 @@ def _gunzip(path: str | Path, data: bytes) -> bytes:
 
 def read_idx(path: str | Path, expect_dims: int | None = None) -> np.ndarray:
     """An IDX file (MNIST format, optionally gzipped) as a numpy array."""
-    data = _gunzip(path, _read_bytes(path))
+    data = gunzip(path, read_bytes(path))
     if len(data) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
@@ -79,7 +81,7 @@ def read_idx(path: str | Path, expect_dims: int | None = None) -> np.ndarray:
 
 
 def read_text(path: str | Path, encoding: str = "utf-8") -> str:
-    data = _gunzip(path, _read_bytes(path))
+    data = gunzip(path, read_bytes(path))
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -95,7 +97,7 @@ def read_delimited(
     types: dict[str, pa.DataType] | None = None,
 ) -> pa.Table:
     """A CSV/TSV file as a pyarrow table with exactly `columns`; bad quotes and rows are reported by line."""
-    data = _gunzip(path, _read_bytes(path))
+    data = gunzip(path, read_bytes(path))
     read_opts = pacsv.ReadOptions(column_names=None if header else columns, block_size=1 << 26)
     parse_opts = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False,
                                     newlines_in_values=False)
@@ -170,3 +172,19 @@ def check_tabular_header(path: str, fmt: str, columns: list[str]) -> None:
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(f"{first}: missing column(s) {missing}; the file has {names}. Fix data.columns in the config")
+
+
+def input_files_fingerprint(path: str) -> tuple[str, list[str]]:
+    """Identity of a file input: every file's path, size and modification time (no full re-read)."""
+    fs, inner = storage.filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.Directory:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
+    elif info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        raise DataError(f"data.path {path} not found")
+    h = hashlib.sha256()
+    for i in sorted(infos, key=lambda i: i.path):
+        h.update(f"{i.path}|{i.size}|{i.mtime_ns}\n".encode())
+    return h.hexdigest(), [i.path for i in infos]

@@ -131,15 +131,14 @@ def load_synthetic_instructions(cfg) -> RawData:
 def load_jsonl_records(cfg) -> RawData:
     """Your own JSONL (data.path: a file or folder, local or s3://, gs://): one raw line per row, parsed and
     checked by the task (a line that is not JSON is a rejected row with its reason, not a failed job)."""
-    from aidc.data.pipeline import _input_files_fingerprint
-    from aidc.data.readers import _gunzip, _read_bytes
+    from aidc.data.readers import gunzip, input_files_fingerprint, read_bytes
 
-    fingerprint, files = _input_files_fingerprint(cfg.data.path)
+    fingerprint, files = input_files_fingerprint(cfg.data.path)
     scheme = cfg.data.path.split("://")[0] if storage.is_uri(cfg.data.path) else None
     lines = []
     for f in files:
         path = f"{scheme}://{f}" if scheme else f
-        text = _gunzip(path, _read_bytes(path)).decode("utf-8", errors="replace")
+        text = gunzip(path, read_bytes(path)).decode("utf-8", errors="replace")
         lines.extend(line for line in text.splitlines() if line.strip())
     col = np.array(lines, dtype=object)
     return RawData({"id": np.arange(len(col)), "record": col}, fingerprint,

@@ -16,21 +16,22 @@ FORMATS = ("onnx", "edge", "hf")
 def export_model(ref: str, fmt: str, out: str | Path, uri: str | None = None, root: str | None = None) -> dict:
     """Export `ref`; returns what was written and its parity figures."""
     from aidc import storage
-    from aidc.compress.compare import _loaded, test_rows
+    from aidc.compress.compare import test_rows
     from aidc.registry import MANIFEST, WEIGHTS, tracking_uri
+    from aidc.tasks.loaded import load_on_cpu
 
     if fmt not in FORMATS:
         raise RegistryError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     root = storage.storage_root(root)
     uri = tracking_uri(uri, root)
-    loaded, directory = _loaded(ref, uri)  # registry fetch: signature and manifest checks
+    loaded, directory = load_on_cpu(ref, uri)  # registry fetch: signature and manifest checks
     out = Path(out)
     source = {"ref": ref, "name": loaded.name, "version": loaded.version,
               "weights_sha256": json.loads((directory / MANIFEST).read_text())[WEIGHTS]}
     if fmt == "hf":
-        from aidc.export.hf_export import export_hf
+        from aidc.hf.gpt2 import export_hf
 
-        export_hf(loaded, out)
+        export_hf(loaded.model.state_dict(), loaded.spec, out)
         return {"format": fmt, "out": str(out), **source}
     rows = test_rows(loaded.spec, root)
     if fmt == "edge":

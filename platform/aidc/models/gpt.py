@@ -104,3 +104,9 @@ class GPT(nn.Module):
             pos = min(out.shape[1], self.block_size) - 1
             logits, caches = self(nxt, caches=caches, start=pos)
         return out
+
+
+def build_gpt(model_cfg: dict, features: dict) -> GPT:
+    """aidc's GPT from a version's model.json entries (`model` without `arch`; vocab and context from `features`)."""
+    cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
+    return GPT(vocab_size=features["vocab_size"], block_size=features["block_size"], **cfg)

@@ -22,15 +22,15 @@ def _holder():
     @ray.remote(num_cpus=0, max_restarts=-1)
     class MetricsHolder:
         def record(self, kind: str, name: str, value: float, labels: dict) -> None:
-            metrics._record(kind, name, value, labels)
+            metrics.record(kind, name, value, labels)
 
     return MetricsHolder.options(name=ACTOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
 
 
 def durable_record(kind: str, name: str, value: float, **labels) -> None:
     """Record through the cluster's metrics actor (counter: add; gauge: set); never raises."""
-    metrics._record(kind, name, value, labels, export=False)
-    if not metrics._ray_on():
+    metrics.record(kind, name, value, labels, export=False)
+    if not metrics.ray_on():
         return
     try:
         import ray

@@ -82,7 +82,7 @@ CATALOGUE: dict[str, Metric] = {m.name: m for m in [
        "app", "model", "protocol", "route"),
     _h("aidc_serve_batch_size", "Requests run together in one model call.", BATCH, "app", "model", "version"),
     # language models: vLLM's own engine metrics (ray_vllm_*: TTFT, inter-token latency, KV cache, prefix cache)
-    # come through Ray Serve LLM (aidc.serving.llm_app, `metrics: true`); aidc adds the request metrics above
+    # come through Ray Serve LLM (aidc.serving.llm.app, `metrics: true`); aidc adds the request metrics above
     # -- registry -----------------------------------------------------------------------------
     _c("aidc_model_loads_total", "Model versions loaded from the registry, by outcome (ok, integrity, error).",
        "model", "outcome"),
@@ -98,7 +98,7 @@ _exporters: dict[str, object] = {}
 _local: dict[tuple, float] = {}
 
 
-def _ray_on() -> bool:
+def ray_on() -> bool:
     try:
         return sys.modules["ray"].is_initialized() if "ray" in sys.modules else False
     except Exception:  # noqa: BLE001 - metrics never break the caller
@@ -126,7 +126,7 @@ def _tags(m: Metric, labels: dict) -> dict[str, str]:
     return {k: str(labels.get(k, "")) for k in m.labels}
 
 
-def _record(kind: str, name: str, value: float, labels: dict, export: bool = True) -> None:
+def record(kind: str, name: str, value: float, labels: dict, export: bool = True) -> None:
     m = CATALOGUE.get(name)
     if m is None:
         raise KeyError(f"unknown metric {name!r}: define it in aidc.ops.metrics.CATALOGUE")
@@ -142,7 +142,7 @@ def _record(kind: str, name: str, value: float, labels: dict, export: bool = Tru
         else:
             _local[key + ("count",)] = _local.get(key + ("count",), 0.0) + 1
             _local[key + ("sum",)] = _local.get(key + ("sum",), 0.0) + value
-    if not export or not _ray_on():
+    if not export or not ray_on():
         return
     try:
         exporter = _exporter(m)
@@ -158,17 +158,17 @@ def _record(kind: str, name: str, value: float, labels: dict, export: bool = Tru
 
 def inc(name: str, value: float = 1.0, **labels) -> None:
     """Add `value` to a counter."""
-    _record("counter", name, value, labels)
+    record("counter", name, value, labels)
 
 
 def set_gauge(name: str, value: float, **labels) -> None:
     """Set a gauge."""
-    _record("gauge", name, value, labels)
+    record("gauge", name, value, labels)
 
 
 def observe(name: str, value: float, **labels) -> None:
     """Record one observation in a histogram."""
-    _record("histogram", name, value, labels)
+    record("histogram", name, value, labels)
 
 
 def value(name: str, stat: str | None = None, **labels) -> float:

@@ -1,10 +1,34 @@
-"""HTTP request parsing and error bodies: bad input is a 4xx JSON error that names the problem."""
+"""What every Serve app shares over HTTP: the app-args base, body limits, JSON decoding, error bodies per protocol
+(OpenAI's envelope, OIP's, the predictor's) and Retry-After. Bad input is a 4xx JSON error that names the problem."""
 
 from __future__ import annotations
 
 import json
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from aidc.errors import RequestError
+from aidc.security.auth import AuthArgs
+
+
+class Strict(BaseModel):
+    """Arguments and bodies that refuse unknown fields (a typo is an error, never silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class AppArgs(Strict):
+    """What every app's `args:` block has: where the registry is, the largest body, API keys."""
+
+    tracking_uri: Optional[str] = Field(None, description="MLflow registry; default sqlite under $AIDC_STORAGE.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 above).")
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
+
+
+def retry_after(status: int) -> Optional[dict]:
+    """The Retry-After header of an answer a client should retry (429 queue full, 503 not available now)."""
+    return {"Retry-After": "1"} if status in (429, 503) else None
 
 
 # The OpenAI error envelope's type and code by status (the llm app; OpenAI's own values)

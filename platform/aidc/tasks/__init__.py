@@ -25,4 +25,12 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "get_task"]
+def preprocess(cfg, root: str | None = None, force: bool = False):
+    """Build (or reuse) the dataset version of job config `cfg`, encoded by its task; returns (version, reused).
+    (aidc.data.pipeline.preprocess with the workload looked up: the data layer imports no task.)"""
+    from aidc.data.pipeline import preprocess as run_pipeline
+
+    return run_pipeline(cfg, get_task(cfg.task), root=root, force=force)
+
+
+__all__ = ["TASKS", "Task", "get_task", "preprocess"]

@@ -46,6 +46,11 @@ class Task:
     input_column: str = ""  # raw column that requests carry
 
     # -- preprocessing --------------------------------------------------------------
+    def fingerprint_settings(self, cfg) -> dict:
+        """What else a dataset's content depends on, beyond data.* (e.g. a fine-tune's base tokenizer): part of
+        its fingerprint, so a change makes a new dataset version."""
+        return {}
+
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
         """Reject reason per row ('' = keep)."""
         raise NotImplementedError

@@ -3,7 +3,7 @@
 with LoRA adapters (PEFT), on chat, instruction or plain-text rows.
 
 `model.init_from` names the base: a registry reference (verified and laid out as a Hugging Face folder by
-aidc.serving.hf_folder, on each node that needs it) or a folder. Preprocessing tokenizes with the base's own
+aidc.hf.folder, on each node that needs it) or a folder. Preprocessing tokenizes with the base's own
 tokenizer and chat template, so a dataset version belongs to one base (its pinned version is in the dataset's
 fingerprint). Each example is stored as token ids and labels; the labels of every token that is not a target
 (system and user turns, the prompt of an instruction, padding) are -100, which cross-entropy ignores: the loss
@@ -102,7 +102,7 @@ def _materialized_base(ref: str, uri: str) -> Path:
     import os
     import shutil
 
-    from aidc.serving.hf_folder import materialize
+    from aidc.hf.folder import materialize
 
     fresh = materialize(ref, uri, gpu=True)  # training has no vLLM head-size limit
     # named by the version's verified manifest (its files' sha256s; no second hashing pass over the weights) and
@@ -118,7 +118,7 @@ def _materialized_base(ref: str, uri: str) -> Path:
 def _download(uri: str) -> Path:
     import pyarrow.fs as pafs
 
-    from aidc.serving.hf_folder import cache_root
+    from aidc.hf.folder import cache_root
 
     fs, inner = pafs.FileSystem.from_uri(uri)
     out = cache_root() / ("base-" + hashlib.sha256(uri.encode()).hexdigest()[:16])
@@ -150,7 +150,7 @@ def load_tokenizer(folder: str):
     """The base's tokenizer; a base without a chat template gets aidc's plain one (the export's default)."""
     from transformers import AutoTokenizer
 
-    from aidc.export.hf_export import DEFAULT_TEMPLATE
+    from aidc.hf.gpt2 import DEFAULT_TEMPLATE
 
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -281,6 +281,10 @@ class CausalLM(Task):
         return {"synthetic-instructions": load_synthetic_instructions, "files": load_jsonl_records}
 
     # -- preprocessing ----------------------------------------------------------------
+    def fingerprint_settings(self, cfg) -> dict:
+        """Fine-tuning data is tokenized by its base model: the base's pinned version (or folder) is part of it."""
+        return {"chat": cfg.data.chat.model_dump(), "base": base_identity(cfg)}
+
     def _tokenizer(self, state: dict):
         """The base's tokenizer (state: the fitted transform or the features, both name the base)."""
         return load_tokenizer(str(base_folder(json.dumps(state["base"], sort_keys=True))))
@@ -427,7 +431,7 @@ class CausalLM(Task):
     # -- after training: the model as registered, and how it answers ----------------------------------------------
     def trained_model(self, job: dict, features: dict, state_dict: dict) -> nn.Module:
         """The base with the run's trained weights (all of them, or its LoRA adapters) on CPU, for eval."""
-        from aidc.train.parallel import load_trained
+        from aidc.models.state import load_trained
 
         model = self.adapt(self.build_model(job["model"], features), job)
         load_trained(model, state_dict)
@@ -438,7 +442,7 @@ class CausalLM(Task):
         PEFT's format (model.lora.save: adapter), with the base's tokenizer and the chat template it trained with;
         model.json says what it is and which base version it came from."""
         from aidc.config import to_yaml
-        from aidc.hf import hf_spec
+        from aidc.hf.importer import hf_spec
         from aidc.registry import CONFIG, SPEC, write_manifest
 
         job, features = cfg.model_dump(mode="json"), spec["features"]
@@ -472,7 +476,7 @@ class CausalLM(Task):
         to data.chat.eval_examples test rows; adds them to the run's metrics, writes sample generations.
         The base is loaded once: evaluated as it is, then given the run's trained weights (or adapters) in place;
         that tuned model is returned for write_model_dir."""
-        from aidc.train.parallel import load_trained
+        from aidc.models.state import load_trained
 
         manifest = outcome.dataset.manifest()
         features, c = manifest["features"], cfg.data.chat

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aidc.data.text import decode, encode, pack_blocks, train_tokenizer
+from aidc.data.tokenizer import decode, encode, pack_blocks, train_tokenizer
 from aidc.errors import RequestError
-from aidc.models import MODELS
+from aidc.models.gpt import build_gpt
 from aidc.tasks.base import Table, Task, empty_text_reasons, row_hashes
 from aidc.tasks.image import check_batch
 
@@ -46,8 +46,7 @@ class LanguageModel(Task):
         return {"x": tokens[:, :-1], "y": tokens[:, 1:]}
 
     def build_model(self, model_cfg: dict, features: dict) -> nn.Module:
-        cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
-        return MODELS["gpt"](vocab_size=features["vocab_size"], block_size=features["block_size"], **cfg)
+        return build_gpt(model_cfg, features)
 
     def loss(self, outputs, batch):
         return F.cross_entropy(outputs.flatten(0, 1), batch["y"].flatten())

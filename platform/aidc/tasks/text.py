@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aidc.data.text import encode, pad_truncate, train_tokenizer
+from aidc.data.tokenizer import encode, pad_truncate, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
 from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, classification_tensors,

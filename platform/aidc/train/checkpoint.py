@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aidc.ops.training import observe_checkpoint_save
+from aidc.train.telemetry import observe_checkpoint_save
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -31,7 +31,7 @@ def save(directory: str | Path, state: dict, config: dict) -> None:
     start, directory = time.perf_counter(), Path(directory)
     torch.save({**state, "rng": rng_state()}, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    observe_checkpoint_save(config.get("name", ""), time.perf_counter() - start)  # aidc.ops.training
+    observe_checkpoint_save(config.get("name", ""), time.perf_counter() - start)  # aidc.train.telemetry
 
 
 # FSDP runs on several workers: each rank writes its own shards of the model, optimizer and best-model state
@@ -44,7 +44,7 @@ SHARDS = "shards"
 def _sharded_opts(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    from aidc.train.parallel import has_frozen
+    from aidc.models.state import has_frozen
 
     frozen = has_frozen(model)
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
@@ -78,7 +78,7 @@ def save_sharded(directory: str | Path, model, optimizer, best_model: dict | Non
     if rank == 0:
         torch.save({**state, "sharded": True, "rng": rng_state()}, directory / STATE_FILE)
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    observe_checkpoint_save(config.get("name", ""), time.perf_counter() - start)  # aidc.ops.training
+    observe_checkpoint_save(config.get("name", ""), time.perf_counter() - start)  # aidc.train.telemetry
 
 
 def load_sharded(directory: str | Path, model, optimizer, with_best: bool) -> dict | None:

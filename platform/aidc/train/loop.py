@@ -18,8 +18,8 @@ import torch
 
 import ray.train
 import ray.train.torch
-from aidc.compress.hooks import training_hooks
-from aidc.ops.training import TrainTelemetry
+from aidc.train.hooks import training_hooks
+from aidc.train.telemetry import TrainTelemetry
 from aidc.runtime import torch_device
 from aidc.tasks import get_task
 from aidc.train import checkpoint as ckpt

@@ -10,6 +10,8 @@ import logging
 import torch
 from torch import nn
 
+from aidc.models.state import has_frozen, load_trained
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,11 +76,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def has_frozen(model: nn.Module) -> bool:
-    """Whether part of the model does not train (LoRA: the base): its state is the base's, never checkpointed."""
-    return any(not p.requires_grad for p in model.parameters())
-
-
 def full_state(model: nn.Module, optimizer, strategy: str) -> tuple[dict, dict]:
     """Unsharded model and optimizer state on CPU (a collective under FSDP: every rank calls it); of the trained
     parameters only where some are frozen (a LoRA checkpoint holds the adapters, not a copy of the base)."""
@@ -112,20 +109,6 @@ def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict 
     load_trained(unwrap(model), model_sd)
     if optim_sd is not None:
         optimizer.load_state_dict(optim_sd)
-
-
-def load_trained(model: nn.Module, model_sd: dict) -> None:
-    """Load a state dict; where the model has frozen parameters, one of its trained parameters only (every one of
-    them present, nothing else)."""
-    if not has_frozen(model):
-        model.load_state_dict(model_sd)
-        return
-    missing, unexpected = model.load_state_dict(model_sd, strict=False)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    lost = sorted(trained & set(missing))
-    if lost or unexpected:
-        raise RuntimeError(f"checkpoint does not fit the model's trained parameters: missing {lost[:5]}, "
-                           f"unexpected {list(unexpected)[:5]}")
 
 
 def no_sync(model: nn.Module, skip: bool):

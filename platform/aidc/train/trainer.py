@@ -13,7 +13,7 @@ from aidc.data.split import SPLITS
 from aidc.errors import ResourcesUnavailable
 from aidc.runtime import cluster_has_gpus, describe_resources, start_timeout_s
 from aidc.tasks import get_task
-from aidc.ops.training import track_training_run
+from aidc.train.telemetry import track_training_run
 from aidc.train.loop import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def start_failure(cfg, what: str, asked: dict | None = None, who: str | None = N
         "--set resources.start_timeout_s=<s>")
 
 
-@track_training_run  # live MLflow metrics per epoch; run outcomes as metrics (aidc.ops.training)
+@track_training_run  # live MLflow metrics per epoch; run outcomes as metrics (aidc.train.telemetry)
 def run_training(cfg, loop_extras: dict | None = None) -> TrainOutcome:
     from aidc.train import checkpoint as ckpt
 

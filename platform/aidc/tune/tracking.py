@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from aidc import storage
-from aidc.registry import _client, _experiment_id, register, tracking_uri
+from aidc.registry import experiment_id, mlflow_client, tracking_uri
+from aidc.train.register import register
 from aidc.tune.results import TrialRecord
 
 logger = logging.getLogger(__name__)
@@ -17,8 +18,8 @@ def log_sweep(spec, name: str, records: list[TrialRecord], artifacts: list[Path]
     """Parent + child runs; returns (tracking URI, parent run id)."""
     root = storage.storage_root(spec.job.run.storage)
     uri = tracking_uri(spec.job.run.tracking_uri, root)
-    client = _client(uri)
-    exp_id = _experiment_id(client, spec.job.run.experiment, root)
+    client = mlflow_client(uri)
+    exp_id = experiment_id(client, spec.job.run.experiment, root)
     tc = spec.job_tune
     parent = client.create_run(exp_id, run_name=f"sweep-{name}", tags={"aidc.sweep": name, "aidc.kind": "sweep"})
     pid = parent.info.run_id

@@ -237,7 +237,7 @@ def run_trial(params: dict, sweep: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = JobConfig.model_validate(apply_params(sweep["job"], params))
     if sweep.get("datasets") is None:  # the space changes preprocessing (data.*): this trial's own version
-        from aidc.data.pipeline import preprocess
+        from aidc.tasks import preprocess
 
         dv, _ = preprocess(cfg)
         _, manifest, datasets = prepare_datasets(cfg, dv)

@@ -1,4 +1,5 @@
-"""Open Inference Protocol gRPC transport: the generated KServe v2 stubs plus converters to the data plane.
+"""Open Inference Protocol gRPC stubs: the generated KServe v2 messages and servicer registration (the path Serve
+configs name in grpc_servicer_functions); converters to the data plane: aidc.serving.oip.grpc_codec.
 
 `grpc_predict_v2_pb2*.py` are generated from `grpc_predict_v2.proto` (see README.md here); they need
 protobuf >= 7.35 and grpcio >= 1.85 at run time, which the project venv has.
@@ -6,78 +7,9 @@ protobuf >= 7.35 and grpcio >= 1.85 at run time, which the project venv has.
 
 from __future__ import annotations
 
-import numpy as np
-
-from aidc.errors import RequestError
-from aidc.serving.oip import DTYPES, decode_binary, to_binary
 from aidc.serving.oip_grpc import grpc_predict_v2_pb2 as pb
 from aidc.serving.oip_grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 
 SERVICER = "aidc.serving.oip_grpc.add_GRPCInferenceServiceServicer_to_server"  # Serve's grpc_servicer_functions
-_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
-# HTTP status of a RequestError -> gRPC status code name
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 422: "INVALID_ARGUMENT",
-              429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
 
-
-def decode_infer_request(req: "pb.ModelInferRequest") -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
-    """ModelInferRequest -> ({input: array}, {input: datatype}, requested output names)."""
-    if not req.inputs:
-        raise RequestError("request has no inputs; send every input the model metadata lists", status=400)
-    if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
-        raise RequestError(f"{len(req.raw_input_contents)} raw_input_contents for {len(req.inputs)} inputs; "
-                           "send one per input, in order", status=400)
-    arrays, types = {}, {}
-    for i, t in enumerate(req.inputs):
-        if t.datatype not in DTYPES:
-            raise RequestError(f"input {t.name!r} has unknown datatype {t.datatype!r}; use one of {sorted(DTYPES)}",
-                               status=400, field=t.name)
-        if t.name in arrays:
-            raise RequestError(f"input {t.name!r} appears twice", status=400, field=t.name)
-        shape = list(t.shape)
-        if req.raw_input_contents:
-            arr = decode_binary(req.raw_input_contents[i], t.datatype, shape, t.name)
-        else:
-            field = _CONTENTS.get(t.datatype)
-            if field is None:
-                raise RequestError(f"input {t.name!r}: {t.datatype} must be sent in raw_input_contents", status=400)
-            values = list(getattr(t.contents, field))
-            n = int(np.prod(shape)) if all(d >= 0 for d in shape) else -1
-            if len(values) != n:
-                raise RequestError(f"input {t.name!r} has {len(values)} values but shape {shape} needs {n}",
-                                   status=400, field=t.name)
-            if t.datatype == "BYTES":
-                try:
-                    values = [v.decode("utf-8") for v in values]
-                except UnicodeDecodeError:
-                    raise RequestError(f"input {t.name!r}: BYTES element is not UTF-8 text", status=400) from None
-            arr = np.array(values, dtype=DTYPES[t.datatype]).reshape(shape)
-            if t.datatype.startswith("FP") and not np.isfinite(arr).all():
-                raise RequestError(f"input {t.name!r} has NaN or infinite values", status=400, field=t.name)
-        arrays[t.name], types[t.name] = arr, t.datatype
-    return arrays, types, [o.name for o in req.outputs]
-
-
-def encode_infer_response(result, request_id: str) -> "pb.ModelInferResponse":
-    """Data-plane result -> ModelInferResponse with raw_output_contents (what tritonclient reads)."""
-    resp = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=request_id)
-    for name, arr in result.outputs.items():
-        dt = result.datatypes[name]
-        resp.outputs.add(name=name, datatype=dt, shape=list(arr.shape))
-        resp.raw_output_contents.append(to_binary(arr, dt))
-    return resp
-
-
-def model_metadata_response(meta: dict) -> "pb.ModelMetadataResponse":
-    resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
-    for kind in ("inputs", "outputs"):
-        for t in meta[kind]:
-            getattr(resp, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-    return resp
-
-
-__all__ = ["GRPC_CODES", "SERVICER", "add_GRPCInferenceServiceServicer_to_server", "decode_infer_request",
-           "encode_infer_response", "model_metadata_response", "pb"]
+__all__ = ["SERVICER", "add_GRPCInferenceServiceServicer_to_server", "pb"]

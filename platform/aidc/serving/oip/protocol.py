@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aidc.errors import RequestError
+from aidc.serving.http import Strict
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton binary extension: JSON header size in bytes
 DTYPES: dict[str, Any] = {
@@ -32,10 +33,6 @@ ACCEPTS = {
 }
 Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                    "FP16", "FP32", "FP64", "BYTES"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class RequestInput(Strict):

@@ -3,7 +3,7 @@
 `materialize(ref)` fetches the version from the registry - which verifies its signature (trusted keys) and
 its sha256 manifest, so a tampered version is refused here, before any engine reads a byte - and writes
 the folder vLLM reads: an aidc GPT is exported as a GPT-2 folder with its own tokenizer
-(aidc.export.hf_export, the same files `aidc model export --format hf` writes). Each call writes a fresh
+(aidc.hf.gpt2, the same files `aidc model export --format hf` writes). Each call writes a fresh
 folder from freshly verified files; nothing earlier left in the cache is trusted.
 """
 
@@ -49,10 +49,11 @@ def cache_root() -> Path:
 def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
     """Fetch + verify `ref` (name@alias or name/version), check that vLLM can run it on this kind of node
     (`gpu`), and write its Hugging Face folder; returns it."""
-    from aidc.export.hf_export import export_hf
-    from aidc.registry import CONFIG, MANIFEST, SPEC, fetch, tracking_uri
+    from safetensors.torch import load_file
+
+    from aidc.hf.gpt2 import export_hf
+    from aidc.registry import CONFIG, MANIFEST, SPEC, WEIGHTS, fetch, tracking_uri
     from aidc.security.signing import SIGNATURE
-    from aidc.serving.model import LoadedModel
 
     uri = tracking_uri(uri)
     root = cache_root()
@@ -75,7 +76,7 @@ def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
                 if p.is_file() and p.name not in (SPEC, CONFIG, MANIFEST, SIGNATURE):
                     shutil.copy2(p, out / p.name)
         else:  # an aidc GPT: exported as a GPT-2 folder with its own tokenizer
-            export_hf(LoadedModel.from_dir(files, mv.name, str(mv.version)), out)
+            export_hf(load_file(str(files / WEIGHTS)), spec, out)
     logger.info("materialized %s/%s for vLLM at %s", mv.name, mv.version, out)
     vocab = spec["features"].get("vocab_size")
     return HFModel(mv.name, str(mv.version), out, int(spec["features"]["block_size"]), head_dim,
@@ -85,7 +86,7 @@ def materialize(ref: str, uri: str | None = None, gpu: bool = False) -> HFModel:
 def merge_adapter(adapter: Path, base: dict, out: Path, gpu: bool) -> None:
     """Write base + LoRA adapter (PEFT's merge_and_unload) as a plain folder, with the adapter's tokenizer files:
     an adapter version as a model of its own (batch inference, export). The llm app does not use this: it serves
-    adapters multi-LoRA on one engine of their base (aidc.serving.llm_app.split_adapters)."""
+    adapters multi-LoRA on one engine of their base (aidc.serving.llm.app.split_adapters)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

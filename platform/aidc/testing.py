@@ -1,8 +1,20 @@
-"""A tiny randomly initialised Hugging Face GPT-2 folder made locally (nothing downloaded)."""
+"""Helpers that tests and benchmarks share (as torch.testing): a free local port, and tiny randomly initialised
+Hugging Face model folders made locally (nothing is downloaded from a model hub).
+
+Nothing in the platform imports this module.
+"""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "to be or not to be, that is the question",
              "all the world's a stage, and all the men and women merely players", "hello world"] * 4

@@ -48,11 +48,12 @@ def training_hooks(config: dict, task, model: torch.nn.Module, device):
     teacher_cfg = c.get("teacher")
     if not teacher_cfg:
         return plain, after_step
-    from aidc.compress.quantize import load_weights
+    from aidc.models.quantize import load_weights
 
+    device = torch.device(device)
     teacher = task.build_model(teacher_cfg["model"], teacher_cfg["features"])
-    teacher = load_weights(teacher, teacher_cfg["state"], teacher_cfg["spec"]).eval().requires_grad_(False)
-    if not teacher_cfg["spec"].get("quantization"):
+    teacher = load_weights(teacher, teacher_cfg["state"], teacher_cfg["spec"], device).eval().requires_grad_(False)
+    if device.type != "cpu" or not teacher_cfg["spec"].get("quantization"):  # int8 runs on CPU; a GPU takes floats
         teacher = teacher.to(device)
     alpha, temperature = float(c["alpha"]), float(c["temperature"])
 

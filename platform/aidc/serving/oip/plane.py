@@ -16,7 +16,7 @@ import numpy as np
 
 from aidc.errors import RequestError
 from aidc.ops.serving import tag_request
-from aidc.serving.oip import select_outputs, validate_inputs
+from aidc.serving.oip.protocol import select_outputs, validate_inputs
 from aidc.tasks import get_task
 
 logger = logging.getLogger(__name__)

@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from aidc.cli_ops import add_parsers as add_ops_parsers
+from aidc.cli.ops import add_parsers as add_ops_parsers
 from aidc.cluster import default_cluster_path
-from aidc.cli_security import add_parsers as add_security_parsers
-from aidc.cli_offline import add_offline_args, model_command
+from aidc.cli.security import add_parsers as add_security_parsers
+from aidc.cli.offline import add_offline_args, model_command
 from aidc.errors import AidcError
 
 
@@ -42,7 +42,7 @@ def _data(args) -> int:
     from aidc.data.pipeline import summary_lines
 
     if args.action == "prepare":
-        from aidc.data.pipeline import preprocess
+        from aidc.tasks import preprocess
         from aidc.entry import run_job
 
         def prepare(cfg, job_args) -> None:
@@ -109,10 +109,10 @@ def _predict(args) -> int:
 def _model(args) -> int:
     from aidc.hf import import_hf_model
 
-    if args.action in ("export", "compare"):  # aidc.cli_offline
+    if args.action in ("export", "compare"):  # aidc.cli.offline
         return model_command(args)
     if args.action == "verify":
-        from aidc.cli_security import model_verify
+        from aidc.cli.security import model_verify
 
         return model_verify(args)
     if not args.name:
@@ -247,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--alias", default="champion", help="alias to point at the new version")
     m.add_argument("--tracking-uri", help="MLflow registry (default $MLFLOW_TRACKING_URI or sqlite under storage)")
     m.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
-    add_offline_args(m)  # export/compare options (aidc.cli_offline)
+    add_offline_args(m)  # export/compare options (aidc.cli.offline)
     m.set_defaults(fn=_model)
-    add_security_parsers(sub)  # aidc keys, aidc audit (aidc.cli_security)
-    add_ops_parsers(sub)  # aidc status (aidc.cli_ops)
+    add_security_parsers(sub)  # aidc keys, aidc audit (aidc.cli.security)
+    add_ops_parsers(sub)  # aidc status (aidc.cli.ops)
     return p
 
 

@@ -3,7 +3,7 @@
 The loop calls a `TrainTelemetry` (one line per hook); `run_training` is wrapped by `track_training_run`,
 which counts each run's outcome; `loop_extras=LIVE_MLFLOW` (jobs.train) turns live MLflow logging on. The
 live MLflow run is found again by its tag `aidc.train_run` (a restarted worker continues the same run), and
-`registry.register` logs the model into that same run, so the MLflow UI shows the curves while training
+`aidc.train.register` logs the model into that same run, so the MLflow UI shows the curves while training
 and the model after it.
 """
 
@@ -14,29 +14,21 @@ import logging
 import os
 import time
 
+from aidc import registry, storage
 from aidc.ops import metrics
 from aidc.ops.energy import GpuEnergy
 
 logger = logging.getLogger(__name__)
-RUN_TAG = "aidc.train_run"
 # loop_extras that turn on live MLflow logging (jobs.train passes them; rank 0 opens the MLflow run, ~1-2 s)
 LIVE_MLFLOW = {"mlflow_live": True}
 
 
 def _tracking(job: dict):
     """(MLflow client, tracking URI, experiment id) of the job's registry."""
-    from aidc import registry, storage
-
     root = storage.storage_root(job["run"].get("storage"))
     uri = registry.tracking_uri(job["run"].get("tracking_uri"), root)
-    client = registry._client(uri)
-    return client, uri, registry._experiment_id(client, job["run"]["experiment"], root)
-
-
-def find_live_run(client, experiment_id: str, run_name: str):
-    """The MLflow run a live training run logs into (tag aidc.train_run), or None."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
-    return runs[0] if runs else None
+    client = registry.mlflow_client(uri)
+    return client, uri, registry.experiment_id(client, job["run"]["experiment"], root)
 
 
 # Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s, vendor data sheets); AIDC_GPU_PEAK_TFLOPS overrides.
@@ -106,9 +98,9 @@ class TrainTelemetry:
     def _start_mlflow(self, job: dict) -> None:
         try:
             self.client, _, exp_id = _tracking(job)
-            run = find_live_run(self.client, exp_id, self.run)
+            run = registry.find_live_run(self.client, exp_id, self.run)
             if run is None:
-                run = self.client.create_run(exp_id, run_name=self.run, tags={RUN_TAG: self.run,
+                run = self.client.create_run(exp_id, run_name=self.run, tags={registry.RUN_TAG: self.run,
                                                                              "aidc.status": "training"})
             self.run_id = run.info.run_id
             logger.info("logging live metrics to MLflow run %s (%s)", self.run_id, self.run)

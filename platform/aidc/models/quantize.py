@@ -21,8 +21,6 @@ import warnings
 import torch
 from torch import nn
 
-from aidc.runtime import torch_device
-
 logger = logging.getLogger(__name__)
 
 METHOD = "int8_dynamic"
@@ -40,7 +38,7 @@ def _quantize_dynamic(model: nn.Module) -> nn.Module:
     the attention projections of batch-first encoder layers."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
-    tied = _tied(model)
+    tied = tied_linear(model)
     names = {n: default_dynamic_qconfig for n, m in model.named_modules() if type(m) is nn.Linear and n not in tied}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
@@ -128,7 +126,7 @@ def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: torch.Tensor,
     return layer.norm2(x + feed_forward(x))
 
 
-def _tied(model: nn.Module) -> set[str]:
+def tied_linear(model: nn.Module) -> set[str]:
     """Linear layers whose weight is shared with another module (GPT's head = token embedding): kept float."""
     owners: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
@@ -171,8 +169,9 @@ def _int8_module(model: nn.Module, key: str) -> nn.Module:
     return model.get_submodule(key.removesuffix(".weight"))
 
 
-def load_weights(model: nn.Module, state: dict, spec: dict) -> nn.Module:
-    """Load stored weights into a freshly built model: plain, or int8 (dequantized, then re-quantized exactly)."""
+def load_weights(model: nn.Module, state: dict, spec: dict, device: torch.device) -> nn.Module:
+    """Load stored weights into a freshly built model that will run on `device`: plain, or int8 (dequantized, then
+    re-quantized exactly; on a GPU the dequantized float weights)."""
     q = spec.get("quantization")
     if not q:
         model.load_state_dict(state)
@@ -184,7 +183,7 @@ def load_weights(model: nn.Module, state: dict, spec: dict) -> nn.Module:
     for k, (w, scale) in ints.items():
         state[k] = w.float() * scale
     model.load_state_dict(state)
-    if torch_device().type == "cuda":  # the device the model will be put on (aidc.serving.model)
+    if device.type == "cuda":
         logger.info("int8 dynamic quantization runs on CPU only: using the dequantized float weights on the GPU")
         return model
     from torch.ao.nn.quantized.dynamic import Linear as QLinear

@@ -1,4 +1,4 @@
-"""`aidc status`: a thin handler over aidc.ops.status."""
+"""`aidc status`: a thin handler over the status screen (aidc.cli.status)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 
 def status_command(args) -> int:
-    from aidc.ops.status import collect, render
+    from aidc.cli.status import collect, render
 
     snap = collect(args.address, args.prometheus)
     print(render(snap))

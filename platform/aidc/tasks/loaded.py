@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from aidc.ops.metrics import model_load
-from aidc.compress.quantize import load_weights
+from aidc.models.quantize import load_weights
 from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
 from aidc.runtime import torch_device
 from aidc.tasks import Task, get_task
@@ -41,8 +41,8 @@ class LoadedModel:
                                 "apps, export and compression take aidc models")
         task = get_task(spec["task"])
         model = task.build_model(spec["model"], spec["features"])
-        model = load_weights(model, load_file(str(directory / WEIGHTS)), spec)  # int8 versions: aidc.compress
         device = torch_device()  # a replica/actor without a GPU of its own stays on CPU on a GPU node
+        model = load_weights(model, load_file(str(directory / WEIGHTS)), spec, device)  # int8: aidc.models.quantize
         model.to(device).eval()
         return cls(name, version, task, spec, model, device)
 
@@ -87,3 +87,14 @@ def load_model(ref: str, uri: str | None = None) -> LoadedModel:
         loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
     logger.info("loaded %s version %s on %s", mv.name, mv.version, loaded.device)
     return loaded
+
+
+def load_on_cpu(ref: str, uri: str) -> tuple[LoadedModel, Path]:
+    """A registered version through the registry (signature + manifest checks), on the CPU, and its folder
+    (compression figures and exports read both)."""
+    mv, directory = fetch(ref, uri)
+    loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
+    if loaded.device.type != "cpu":
+        loaded.model.cpu()
+        loaded.device = torch.device("cpu")
+    return loaded, directory

@@ -3,7 +3,7 @@
 
 What aidc adds to Ray Serve LLM, and where:
 - `AidcLLMServer` (Ray's LLMServer): resolves the registry reference on the replica's own node, verifies
-  it and writes the Hugging Face folder vLLM loads (aidc.serving.hf_folder) before the engine starts; adds
+  it and writes the Hugging Face folder vLLM loads (aidc.hf.folder) before the engine starts; adds
   `tokenizer_info` and `health`, and fills in vLLM 0.29's tokenization state, which Ray 2.60 looks for
   under its old name (`openai_serving_tokenization`; vLLM now calls it `serving_tokenization`).
 - `LLMIngress` (Ray's OpenAiIngress, routing by the request's `model` to that model's deployment handle):
@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
@@ -46,9 +46,9 @@ from vllm.exceptions import VLLMClientError
 
 from aidc.errors import AidcError, RequestError
 from aidc.ops.serving import RequestMetrics, tag_request
-from aidc.security.auth import ApiKeyAuth, AuthArgs
-from aidc.serving.auth import protect
-from aidc.serving.http import BodyLimit, openai_error_body
+from aidc.security.auth import ApiKeyAuth
+from aidc.serving.protect import protect
+from aidc.serving.http import AppArgs, BodyLimit, Strict, openai_error_body, retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,9 @@ HEALTH_TIMEOUT_S = 5.0
 DOWN = ("the model's vLLM engine process is down; Serve is replacing the replica - retry in a few seconds")
 
 
-class ModelArgs(BaseModel):
+class ModelArgs(Strict):
     """One served model: a registry reference and its engine and replica settings."""
 
-    model_config = ConfigDict(extra="forbid")
     ref: str = Field(..., description="Registry reference: name@alias or name/version.")
     max_num_seqs: int = Field(32, ge=1, description="Sequences vLLM runs in one batch.")
     max_waiting: int = Field(256, ge=0, description="Requests a replica holds beyond max_num_seqs; 429 above.")
@@ -88,18 +87,14 @@ class ModelArgs(BaseModel):
         description="Serve autoscaling on ongoing requests per replica.")
 
 
-class LLMArgs(BaseModel):
+class LLMArgs(AppArgs):
     """Application arguments (the `args:` block of the Serve config)."""
 
-    model_config = ConfigDict(extra="forbid")
     models: list[Union[str, ModelArgs]] = Field(..., min_length=1, description="Registry references served "
                                                 "(name@alias or name/version), or per-model settings.")
     defaults: dict[str, Any] = Field(default_factory=dict, description="ModelArgs fields every model starts from.")
-    tracking_uri: Optional[str] = Field(None, description="MLflow registry; default sqlite under $AIDC_STORAGE.")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 above).")
     metrics: bool = Field(True, description="Export vLLM's engine metrics (TTFT, inter-token latency, KV cache, "
                           "prefix-cache hits) through Ray's Prometheus endpoint.")
-    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys (aidc keys); on unless enabled: false.")
 
     def model_args(self) -> list[ModelArgs]:
         return [m if isinstance(m, ModelArgs) else ModelArgs.model_validate({**self.defaults, "ref": m})
@@ -111,7 +106,7 @@ class AidcLLMServer(LLMServer):
 
     async def __init__(self, llm_config, *, ref: str, tracking_uri: Optional[str] = None, gpu: bool = False,
                        adapters: Optional[dict] = None):
-        from aidc.serving.hf_folder import materialize
+        from aidc.hf.folder import materialize
 
         self._hf = materialize(ref, tracking_uri, gpu)  # on this node, from freshly verified files
         llm_config.model_loading_config.model_source = str(self._hf.folder)
@@ -135,7 +130,7 @@ class AidcLLMServer(LLMServer):
                 "max_model_len": self._llm_config.engine_kwargs.get("max_model_len")}
 
     async def __del__(self):
-        from aidc.serving.hf_folder import remove
+        from aidc.hf.folder import remove
 
         if getattr(self, "_hf", None) is not None:
             remove(self._hf)
@@ -151,8 +146,7 @@ api.add_middleware(RequestMetrics)  # requests, codes, latency (aidc.ops.serving
 
 
 def _json_error(message: str, status: int, param: Optional[str] = None):
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse(openai_error_body(message, status, param), status_code=status, headers=headers)
+    return JSONResponse(openai_error_body(message, status, param), status_code=status, headers=retry_after(status))
 
 
 @api.exception_handler(RequestError)
@@ -428,7 +422,7 @@ def build_app(args: LLMArgs):
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import build_llm_deployment
 
-    from aidc.serving.hf_folder import materialize, remove
+    from aidc.hf.folder import materialize, remove
 
     deployments, cards, adapter_cards, versions, vocab = {}, {}, {}, {}, {}
     models, adapters = split_adapters(args)  # LoRA adapter versions are served on their base (multi-LoRA)
