@@ -62,7 +62,7 @@ DIST_CASES += [("chat-sft", _FT + ["resources.num_workers=2", f"train.parallelis
 def _inputs(shape_inputs, features: dict, device, vocab: int | None = None):
     import torch
 
-    if isinstance(shape_inputs, dict):  # a transformers model's keywords (plan.sample_inputs: causal_lm)
+    if isinstance(shape_inputs, dict):  # a transformers model's keywords (Task.planning_inputs: causal_lm)
         ids = shape_inputs["input_ids"]
         n, t = ids.shape
         return {"input_ids": torch.randint(0, vocab, (n, t), device=device),
@@ -113,7 +113,7 @@ def _train(cfg, features: dict, device, precision: str, steps: int) -> list[floa
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    sample = plan.sample_inputs(features, cfg.task, cfg.train.batch_size)
+    sample = task.planning_inputs(features, cfg.train.batch_size)
     times = []
     for _ in range(steps):
         inputs = _inputs(sample, features, device, vocab)

@@ -438,14 +438,24 @@ class CompressConfig(Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="distill: weight of the soft-target loss (1 - alpha: labels).")
 
 
+# The workloads a job config can name, each implemented by a module of aidc.tasks (a unit test checks that the two
+# agree): the model architectures (model.arch) it takes, and the data sources where it takes only some.
+TASK_ARCHS = {
+    "image_classification": ["cnn"],
+    "text_classification": ["transformer"],
+    "language_model": ["gpt"],
+    "recommendation": ["mf"],
+    "tabular_classification": ["mlp"],
+    "causal_lm": ["hf"],
+}
+TASK_SOURCES = {"causal_lm": ["synthetic-instructions", "files"]}
+
+
 class JobConfig(Strict):
     """One config tree drives every stage of a workload: preprocess, train, serve."""
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Workload name; names datasets.")
-    task: Literal[
-        "image_classification", "text_classification", "language_model", "recommendation", "tabular_classification",
-        "causal_lm",
-    ] = Field(..., description="Workload type, from aidc.tasks (causal_lm: fine-tune a pretrained causal LM).")
+    task: Literal[tuple(TASK_ARCHS)] = Field(..., description="Workload type, from aidc.tasks (causal_lm: fine-tune a pretrained causal LM).")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data comes from and how it splits.")
     model: ModelConfig = Field(default_factory=CNNConfig, description="Model architecture and size.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
@@ -490,15 +500,6 @@ class JobConfig(Strict):
         return self
 
 
-TASK_ARCHS = {
-    "image_classification": ["cnn"],
-    "text_classification": ["transformer"],
-    "language_model": ["gpt"],
-    "recommendation": ["mf"],
-    "tabular_classification": ["mlp"],
-    "causal_lm": ["hf"],
-}
-TASK_SOURCES = {"causal_lm": ["synthetic-instructions", "files"]}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

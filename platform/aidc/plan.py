@@ -182,29 +182,6 @@ def planning_features(cfg, manifest: dict | None) -> dict:
                       f"`python -m jobs.preprocess --config <this config>` first (the data sizes the model)")
 
 
-def sample_inputs(features: dict, task: str, batch: int) -> tuple:
-    """One micro-batch of model inputs on the meta device (shapes only)."""
-    import torch
-
-    long = {"device": "meta", "dtype": torch.long}
-    if task == "language_model":
-        return (torch.zeros(batch, features["block_size"], **long),)
-    if task == "causal_lm":  # next-token inputs of rows padded to data.chat.max_length, as CausalLM.forward
-        t = features["max_length"] - 1  # passes them; the mask 4D (transformers checks a 2D one's values)
-        return {"input_ids": torch.zeros(batch, t, **long),
-                "attention_mask": torch.ones(batch, 1, t, t, device="meta", dtype=torch.bool).tril(),
-                "position_ids": torch.zeros(batch, t, **long)}
-    if task == "image_classification":
-        return (torch.zeros(batch, 1, *features["image_shape"], device="meta"),)  # (n, 1, H, W)
-    if task == "text_classification":
-        return (torch.zeros(batch, features["max_length"], **long),)
-    if task == "tabular_classification":
-        cats = len(features.get("categorical", []))
-        return (torch.zeros(batch, len(features["numeric"]), device="meta"),
-                torch.zeros(batch, cats, **long) if cats else None)
-    return (torch.zeros(batch, **long), torch.zeros(batch, **long))  # recommendation: users, items
-
-
 class _Attention:
     """F.scaled_dot_product_attention as the target device runs it in training. A fused kernel (CUDA's flash
     or memory-efficient attention; on CPU, flash attention without dropout) saves its inputs and output; the
@@ -288,7 +265,7 @@ def model_shape(cfg, kind: str = "cpu", features: dict | None = None) -> Shape:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     blocks = blocks_of(model)
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=params)
-    inputs = sample_inputs(features, cfg.task, cfg.train.batch_size)
+    inputs = task.planning_inputs(features, cfg.train.batch_size)
     checkpointable = bool(blocks) and _checkpointing(model, False)
     saved, (flops, ops) = _saved_bytes(model, inputs, kind), _flops(model, inputs)
     saved_ckpt, flops_ckpt, ops_ckpt = saved, flops, ops
@@ -303,7 +280,7 @@ def model_shape(cfg, kind: str = "cpu", features: dict | None = None) -> Shape:
         saved += BACKWARD_BLOCKS * block
         saved_ckpt = kept + (BACKWARD_BLOCKS + 1) * block
         flops_ckpt, ops_ckpt = _flops(model, inputs)
-    tokens, unit = (_tokens(inputs).shape[1], "tokens") if cfg.task in ("language_model", "causal_lm") else (1, "samples")
+    tokens, unit = (_tokens(inputs).shape[1], "tokens") if task.counts_tokens else (1, "samples")
     return Shape(params, largest, saved, saved_ckpt, flops, flops_ckpt, ops, ops_ckpt, tokens, unit,
                  None if trainable == params else trainable)
 

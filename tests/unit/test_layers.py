@@ -55,3 +55,15 @@ def test_benchmarks_import_nothing_from_tests():
              and any(n.split(".")[0] == "tests" for n in ([node.module or ""] if isinstance(node, ast.ImportFrom)
                                                           else [a.name for a in node.names]))]
     assert not found, f"benchmarks import tests/ (shared helpers live in aidc.testing): {found}"
+
+
+def test_every_workload_a_config_can_name_is_a_task_and_every_task_can_be_named():
+    """config.py (a leaf: it imports no task) lists the workloads and their model architectures; aidc.tasks
+    implements them. Adding a workload adds one to each; this keeps the two lists one."""
+    from aidc.config import TASK_ARCHS, TASK_SOURCES
+    from aidc.tasks import TASKS
+
+    assert set(TASK_ARCHS) == set(TASKS)
+    assert set(TASK_SOURCES) <= set(TASKS)
+    for name, task in TASKS.items():
+        assert task.name == name

@@ -16,9 +16,10 @@ import json
 import logging
 
 from aidc import storage
-from aidc.batch.predictor import INPUT, PREDICTION_COLUMNS, REASON, STATUS, BatchPredictor, required_columns
+from aidc.batch.predictor import INPUT, REASON, STATUS, BatchPredictor
 from aidc.errors import ConfigError, DataError
 from aidc.provenance import code_version, now_iso
+from aidc.tasks import get_task
 from aidc.registry import MANIFEST as MODEL_MANIFEST
 from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
 
@@ -41,7 +42,7 @@ def _read_input(cfg, spec: dict, root: str):
         from aidc.data.readers import check_tabular_header
 
         try:
-            check_tabular_header(b.path, b.format, [b.key, *required_columns(spec["task"], spec["features"])])
+            check_tabular_header(b.path, b.format, [b.key, *get_task(spec["task"]).batch_inputs(spec["features"])])
         except DataError as exc:
             raise DataError(f"{exc} (batch_infer scores the columns the model was trained on, plus "
                             f"batch_infer.key: {b.key!r})") from None
@@ -51,7 +52,7 @@ def _read_input(cfg, spec: dict, root: str):
                    "jsonl": lambda p, **kw: ray.data.read_json(p, lines=True, **kw)}
         return readers[b.format](b.path, **io), False, {"path": b.path, "format": b.format, "files": len(files),
                                                   "fingerprint": fingerprint}
-    if spec["task"] == "language_model":
+    if get_task(spec["task"]).batch_on_vllm:
         raise ConfigError("batch_infer on a language model takes a file of prompts: set batch_infer.path and "
                           "batch_infer.format (a 'prompt' column per row)")
     from aidc.data.dataset import open_dataset
@@ -114,6 +115,8 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     uri = tracking_uri(cfg.run.tracking_uri, root)
     mv, directory = fetch(model_ref(cfg), uri)  # verified here too: fail before any actor starts
     spec = json.loads((directory / SPEC).read_text())
+    if not get_task(spec["task"]).batch_outputs:
+        raise ConfigError(f"{mv.name}/{mv.version} is a {spec['task']} model, which batch inference does not score")
     pinned = f"{mv.name}/{mv.version}"
     ds, from_split, source = _read_input(cfg, spec, root)
     run_id = run_id or f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -138,7 +141,7 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
                     num_gpus=gpus, batch_size=b.batch_size, batch_format="pandas")
        .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus}))
     predicted = _rewrite(storage.join(staged, f"{STATUS}=predicted"), storage.join(out, "predictions"),
-                         ["key", *(n for n, _ in PREDICTION_COLUMNS[spec["task"]])])
+                         ["key", *(n for n, _ in get_task(spec["task"]).batch_outputs)])
     rejected = _rewrite(storage.join(staged, f"{STATUS}=rejected"), storage.join(out, "rejected"),
                         ["key", REASON, INPUT])
     by_reason = {}

@@ -17,32 +17,15 @@ import pandas as pd
 import pyarrow as pa
 
 from aidc.errors import AidcError, RequestError
+from aidc.tasks.base import jsonable
 
 logger = logging.getLogger(__name__)
 
 STATUS, REASON, INPUT = "status", "reject_reason", "input"
 
-_CLASSIFICATION = [("class", pa.int64()), ("probabilities", pa.list_(pa.float32()))]
-PREDICTION_COLUMNS = {
-    "image_classification": _CLASSIFICATION,
-    "text_classification": _CLASSIFICATION,
-    "tabular_classification": _CLASSIFICATION,
-    "recommendation": [("rating", pa.float32())],
-    "language_model": [("completion", pa.string()), ("finish_reason", pa.string())],
-}
-RAW_COLUMNS = {"image_classification": ["image"], "text_classification": ["text"],
-               "recommendation": ["user", "item"], "language_model": ["prompt"]}
-
-
-def output_schema(task: str, key_type: pa.DataType) -> pa.Schema:
-    return pa.schema([("key", key_type), *PREDICTION_COLUMNS[task], (REASON, pa.string()), (INPUT, pa.string()),
+def output_schema(task, key_type: pa.DataType) -> pa.Schema:
+    return pa.schema([("key", key_type), *task.batch_outputs, (REASON, pa.string()), (INPUT, pa.string()),
                       (STATUS, pa.string())])
-
-
-def required_columns(task: str, features: dict) -> list[str]:
-    if task == "tabular_classification":
-        return [*features["numeric"], *features["categorical"]]
-    return RAW_COLUMNS[task]
 
 
 def _llm_app():
@@ -86,42 +69,18 @@ def _vllm(ref: str, tracking_uri: str, max_num_seqs: int):
     return llm, hf
 
 
-def _jsonable(v):
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return str(v)
-    return v
-
-
-def _instance(task: str, row: dict):
-    """One raw row as the API's `instances[i]` (lists, not arrays; ints stay ints)."""
-    if task == "recommendation":
-        return {k: _jsonable(row[k]) for k in ("user", "item")}
-    v = _jsonable(row[RAW_COLUMNS[task][0]])
-    if task == "image_classification" and isinstance(v, str):  # CSV cells hold images as JSON arrays
-        try:
-            v = json.loads(v)
-        except ValueError:
-            pass
-    if task == "image_classification" and isinstance(v, list) and v and isinstance(v[0], np.ndarray):
-        v = [x.tolist() for x in v]
-    return v
-
-
 class BatchPredictor:
     """Ray Data callable class: loads the model once (registry fetch: manifest and signature checks)."""
 
     def __init__(self, ref: str, tracking_uri: str, key: str, from_split: bool, options: dict, task: str):
         """`task`: the version's task, from the spec the job verified (a language model loads into vLLM only)."""
+        from aidc.tasks import get_task
         from aidc.tasks.loaded import load_model
 
-        self.task_name = task
+        self.task = get_task(task)
         self.key, self.from_split, self.options = key, from_split, options
         self.llm, self.features = None, None  # a language model's only column is `prompt`
-        if task == "language_model":
+        if self.task.batch_on_vllm:
             self.llm, self.hf = _vllm(ref, tracking_uri, max_num_seqs=max(1, min(options["batch_size"], 32)))
         else:
             self.loaded = load_model(ref, tracking_uri)
@@ -131,7 +90,7 @@ class BatchPredictor:
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         n = len(batch)
         reasons = np.full(n, "", dtype=object)
-        preds: dict[str, list] = {name: [None] * n for name, _ in PREDICTION_COLUMNS[self.task_name]}
+        preds: dict[str, list] = {name: [None] * n for name, _ in self.task.batch_outputs}
         if self.from_split:
             ok = np.arange(n)
             values = self._predict_split(batch)
@@ -143,15 +102,15 @@ class BatchPredictor:
         bad = reasons != ""
         inputs = np.full(n, None, dtype=object)  # the row as it came, for rejected rows only
         for i, row in zip(np.flatnonzero(bad), batch.iloc[np.flatnonzero(bad)].to_dict("records")):
-            inputs[i] = json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str)
+            inputs[i] = json.dumps({k: jsonable(v) for k, v in row.items()}, default=str)
         keys = batch[self.key].to_numpy() if self.key in batch else np.arange(n)
         key_arr = pa.array(keys.tolist() if keys.dtype == object else keys)
         cols = {"key": key_arr,
-                **{name: pa.array(preds[name], type=t) for name, t in PREDICTION_COLUMNS[self.task_name]},
+                **{name: pa.array(preds[name], type=t) for name, t in self.task.batch_outputs},
                 REASON: pa.array([r or None for r in reasons], type=pa.string()),
                 INPUT: pa.array(inputs.tolist(), type=pa.string()),
                 STATUS: pa.array(np.where(bad, "rejected", "predicted").tolist(), type=pa.string())}
-        return pa.table(cols, schema=output_schema(self.task_name, key_arr.type))
+        return pa.table(cols, schema=output_schema(self.task, key_arr.type))
 
     def _predict_split(self, batch: pd.DataFrame) -> dict[str, list]:
         cols = {}
@@ -163,17 +122,16 @@ class BatchPredictor:
         return self._rows(self.loaded.predict(cols))
 
     def _predict_raw(self, batch: pd.DataFrame, reasons: np.ndarray):
-        missing = [c for c in required_columns(self.task_name, self.features) if c not in batch.columns]
+        columns = self.task.batch_inputs(self.features)
+        missing = [c for c in columns if c not in batch.columns]
         if missing:
             reasons[:] = f"missing column(s) {missing}"
             return np.arange(0), {}, reasons
-        if self.task_name == "language_model":
+        if self.task.batch_on_vllm:
             return self._complete(batch, reasons)
-        if self.task_name == "tabular_classification":
-            x = self._tabular(batch, reasons)
-        else:
-            records = batch[required_columns(self.task_name, self.features)].to_dict("records")
-            instances = [_instance(self.task_name, r) for r in records]
+        x = self.task.parse_batch_columns(batch, self.features, reasons)
+        if x is None:
+            instances = [self.task.batch_instance(r) for r in batch[columns].to_dict("records")]
             try:  # the whole batch at once; row by row only to name the bad rows
                 x = self.loaded.task.parse_instances(instances, self.features, max_batch=len(instances))
             except RequestError:
@@ -189,25 +147,10 @@ class BatchPredictor:
             return ok, {}, reasons
         return ok, self._rows(self.loaded.predict(x)), reasons
 
-    def _tabular(self, batch: pd.DataFrame, reasons: np.ndarray) -> dict:
-        out = {}
-        for c in self.features["numeric"]:
-            v = pd.to_numeric(batch[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-            reasons[(~np.isfinite(v)) & (reasons == "")] = f"{c} is missing or not a finite number"
-            out[c] = v
-        for c in self.features["categorical"]:
-            v = batch[c].to_numpy(dtype=object)
-            reasons[pd.isna(v) & (reasons == "")] = f"{c} is missing"
-            out[c] = v.astype(str)
-        keep = reasons == ""
-        return {k: v[keep] for k, v in out.items()}
-
     def _rows(self, predictions: list[dict]) -> dict[str, list]:
-        names = [n for n, _ in PREDICTION_COLUMNS[self.task_name]]
-        if self.task_name == "tabular_classification":  # class index -> the label value, as infer_tensors does
-            classes = self.loaded.spec["transform"]["classes"]
-            predictions = [{**p, "class": classes[p["class"]]} for p in predictions]
-        return {n: [p[n] for p in predictions] for n in names}
+        transform = self.loaded.spec["transform"]
+        predictions = [self.task.batch_prediction(p, transform) for p in predictions]
+        return {n: [p[n] for p in predictions] for n, _ in self.task.batch_outputs}
 
     def __del__(self):
         if getattr(self, "hf", None) is not None:

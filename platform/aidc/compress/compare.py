@@ -68,9 +68,7 @@ def figures(loaded, directory: Path, rows: dict) -> dict:
     """Size, parameters and the task's quality metric on the test split of one loaded version."""
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-    quality = {"image_classification": "test_accuracy", "text_classification": "test_macro_f1",
-               "tabular_classification": "test_accuracy", "recommendation": "test_rmse",
-               "language_model": "test_perplexity"}[loaded.spec["task"]]
+    quality = loaded.task.quality_metric
     qlayers = [m for m in loaded.model.modules() if isinstance(m, QLinear)]  # packed: not in parameters()
     qtensors = [m.weight().int_repr() for m in qlayers] + [m.bias() for m in qlayers if m.bias() is not None]
     tensors = [*loaded.model.parameters(), *qtensors]

@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 OUTPUT = "output"
-ONNX_TASKS = ("image_classification", "text_classification", "tabular_classification", "recommendation")
 
 
 class _TaskGraph(nn.Module):
@@ -49,10 +48,13 @@ def model_inputs(loaded, rows: dict) -> dict[str, np.ndarray]:
 
 def export_onnx(loaded, example_rows: dict, path: Path) -> list[str]:
     """Write `loaded`'s model as ONNX at `path` (batch dimension dynamic); returns the input names."""
-    task = loaded.spec["task"]
-    if task not in ONNX_TASKS:
-        hint = " (language models: --format hf)" if task == "language_model" else ""
-        raise RegistryError(f"ONNX export covers {', '.join(ONNX_TASKS)}; this is a {task} model{hint}")
+    task = loaded.task
+    if not task.onnx_export:
+        from aidc.tasks import TASKS
+
+        covered = ", ".join(name for name, t in TASKS.items() if t.onnx_export)
+        hint = f" ({task.export_hint})" if task.export_hint else ""
+        raise RegistryError(f"ONNX export covers {covered}; this is a {task.name} model{hint}")
     if loaded.spec.get("quantization"):
         raise RegistryError("this is an int8 version (PyTorch dynamic quantization); export its float source "
                             f"version ({loaded.spec.get('compression', {}).get('source')}) instead")

@@ -11,10 +11,13 @@ import hashlib
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
 Table = dict[str, np.ndarray]
+# a classifier's batch-inference output columns
+CLASSIFICATION_OUTPUTS = (("class", pa.int64()), ("probabilities", pa.list_(pa.float32())))
 
 
 def row_hashes(*columns: np.ndarray) -> np.ndarray:
@@ -88,6 +91,13 @@ class Task:
         it must not read weights."""
         return self.adapt(self.build_model(job["model"], features), job)
 
+    counts_tokens: bool = False  # the planner's step time is per token (language models), else per sample
+
+    def planning_inputs(self, features: dict, batch: int) -> tuple | dict:
+        """One micro-batch of model inputs on the meta device (shapes only), as `forward` passes them to the model:
+        positional (a tuple) or keywords (a dict)."""
+        raise NotImplementedError(f"task {self.name!r} cannot be planned")
+
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(batch["x"])
 
@@ -127,6 +137,30 @@ class Task:
     def predict(self, model: nn.Module, batch: dict) -> list[dict]:
         raise NotImplementedError
 
+    # -- offline: batch inference, compression figures, exports ------------------------------------------
+    quality_metric: str = ""  # the test-split metric `aidc model compare` sets versions side by side on
+    onnx_export: bool = False  # `aidc model export --format onnx|edge` takes this task's models
+    export_hint: str = ""  # where an export this task lacks goes instead
+    batch_outputs: tuple = ()  # (column, pyarrow type) of a batch prediction; () = no batch inference
+    batch_on_vllm: bool = False  # batch inference answers through vLLM's offline engine (language models)
+
+    def batch_inputs(self, features: dict) -> list[str]:
+        """The raw columns a batch-inference input file must have."""
+        return [self.input_column]
+
+    def batch_instance(self, row: dict) -> Any:
+        """One raw input row as the API's `instances[i]` (plain lists and numbers, as JSON would carry them)."""
+        return jsonable(row[self.input_column])
+
+    def parse_batch_columns(self, batch, features: dict, reasons: np.ndarray) -> dict | None:
+        """Whole columns of a batch (a pandas DataFrame) -> the model's input, setting a reason on each bad row;
+        None: the task parses row by row as the API does (parse_instances)."""
+        return None
+
+    def batch_prediction(self, prediction: dict, transform: dict) -> dict:
+        """One prediction as the batch output stores it (e.g. a class index as its label value)."""
+        return prediction
+
     # -- tensor serving (Open Inference Protocol v2) -----------------------------------
     def tensor_signature(self, features: dict) -> dict:
         """{"inputs": [...], "outputs": [...]}, each {name, datatype, shape} with -1 for a variable dimension.
@@ -142,6 +176,17 @@ class Task:
     def infer_tensors(self, model: nn.Module, batch: dict, state: dict) -> dict[str, np.ndarray]:
         """Model-ready torch batch (from transform_batch) -> named output arrays of the signature."""
         raise NotImplementedError(f"task {self.name!r} has no tensor signature")
+
+
+def jsonable(v):
+    """A value as JSON would carry it: arrays as lists, numpy scalars as Python ones, NaN/inf as text."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return str(v)
+    return v
 
 
 def tensor_spec(name: str, datatype: str, shape: list[int]) -> dict:

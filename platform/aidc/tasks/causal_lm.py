@@ -80,7 +80,7 @@ def base_identity(cfg) -> str:
 @functools.lru_cache(maxsize=8)
 def base_folder(base_json: str) -> Path:
     """The local Hugging Face folder of a base (cached per process): a registry version is fetched, verified and
-    written by hf_folder.materialize; a folder URI is downloaded; a local folder is checked as it is."""
+    written by aidc.hf.folder.materialize; a folder URI is downloaded; a local folder is checked as it is."""
     base = json.loads(base_json)
     if "ref" in base:
         return _materialized_base(base["ref"], base["uri"])
@@ -92,7 +92,7 @@ def base_folder(base_json: str) -> Path:
     return folder
 
 
-LAYOUT = 1  # of a materialized base folder (hf_folder.materialize); bump when what it writes changes
+LAYOUT = 1  # of a materialized base folder (aidc.hf.folder.materialize); bump when what it writes changes
 
 
 def _materialized_base(ref: str, uri: str) -> Path:
@@ -281,6 +281,17 @@ class CausalLM(Task):
         return {"synthetic-instructions": load_synthetic_instructions, "files": load_jsonl_records}
 
     # -- preprocessing ----------------------------------------------------------------
+    counts_tokens = True
+
+    def planning_inputs(self, features: dict, batch: int) -> dict:
+        """Next-token inputs of rows padded to data.chat.max_length, as `forward` passes them; the mask 4D
+        (transformers checks a 2D one's values)."""
+        t = features["max_length"] - 1
+        long = {"device": "meta", "dtype": torch.long}
+        return {"input_ids": torch.zeros(batch, t, **long),
+                "attention_mask": torch.ones(batch, 1, t, t, device="meta", dtype=torch.bool).tril(),
+                "position_ids": torch.zeros(batch, t, **long)}
+
     def fingerprint_settings(self, cfg) -> dict:
         """Fine-tuning data is tokenized by its base model: the base's pinned version (or folder) is part of it."""
         return {"chat": cfg.data.chat.model_dump(), "base": base_identity(cfg)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -13,13 +14,16 @@ from torch.nn import functional as F
 from aidc.data.transforms import augment_images, fit_scalar_standardizer, standardize
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, classification_tensors,
-                             row_hashes, tensor_spec)
+from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Table, Task, classification_metrics, classification_sums, classification_tensors,
+                             jsonable, row_hashes, tensor_spec)
 
 
 class ImageClassification(Task):
     name = "image_classification"
     input_column = "image"
+    quality_metric = "test_accuracy"
+    onnx_export = True
+    batch_outputs = CLASSIFICATION_OUTPUTS
 
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
         x = table["image"].reshape(len(table["image"]), -1).astype(np.float64)
@@ -63,6 +67,20 @@ class ImageClassification(Task):
 
     def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
         return classification_metrics(sums, prefix)
+
+    def planning_inputs(self, features: dict, batch: int) -> tuple:
+        return (torch.zeros(batch, 1, *features["image_shape"], device="meta"),)  # (n, 1, H, W)
+
+    def batch_instance(self, row: dict) -> Any:
+        v = jsonable(row[self.input_column])
+        if isinstance(v, str):  # CSV cells hold images as JSON arrays
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        if isinstance(v, list) and v and isinstance(v[0], np.ndarray):
+            v = [x.tolist() for x in v]
+        return v
 
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:
         height, width = features["image_shape"]

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -20,6 +21,17 @@ from aidc.tasks.image import check_batch
 class LanguageModel(Task):
     name = "language_model"
     input_column = "text"
+    quality_metric = "test_perplexity"
+    export_hint = "language models: --format hf"
+    batch_outputs = (("completion", pa.string()), ("finish_reason", pa.string()))
+    batch_on_vllm = True
+    counts_tokens = True
+
+    def planning_inputs(self, features: dict, batch: int) -> tuple:
+        return (torch.zeros(batch, features["block_size"], device="meta", dtype=torch.long),)
+
+    def batch_inputs(self, features: dict) -> list[str]:
+        return ["prompt"]
 
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
         return empty_text_reasons(table["text"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -12,13 +13,16 @@ from torch.nn import functional as F
 from aidc.data.transforms import apply_index_map, fit_index_map
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import Table, Task, row_hashes, tensor_spec
+from aidc.tasks.base import Table, Task, jsonable, row_hashes, tensor_spec
 from aidc.tasks.image import check_batch
 
 
 class Recommendation(Task):
     name = "recommendation"
     input_column = "pairs"
+    quality_metric = "test_rmse"
+    onnx_export = True
+    batch_outputs = (("rating", pa.float32()),)
 
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
         lo, hi = meta["rating_range"]
@@ -79,6 +83,15 @@ class Recommendation(Task):
     def metrics_from_sums(self, sums, prefix):
         mse = sums["se_sum"] / max(sums["count"], 1.0)
         return {f"{prefix}_loss": mse, f"{prefix}_rmse": mse**0.5}
+
+    def planning_inputs(self, features: dict, batch: int) -> tuple:  # users, items
+        return (torch.zeros(batch, device="meta", dtype=torch.long), torch.zeros(batch, device="meta", dtype=torch.long))
+
+    def batch_inputs(self, features: dict) -> list[str]:
+        return ["user", "item"]
+
+    def batch_instance(self, row: dict) -> Any:
+        return {k: jsonable(row[k]) for k in ("user", "item")}
 
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> dict:
         check_batch(instances, max_batch, "user/item pairs")

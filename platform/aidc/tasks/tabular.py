@@ -14,7 +14,8 @@ from torch.nn import functional as F
 from aidc.data.transforms import apply_index_map, fit_index_map, fit_table_statistics, standardize
 from aidc.models import MODELS
 from aidc.errors import RequestError
-from aidc.tasks.base import Task, classification_metrics, classification_sums, classification_tensors, tensor_spec
+from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Task, classification_metrics, classification_sums,
+                             classification_tensors, tensor_spec)
 
 
 def _as_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -30,6 +31,9 @@ def _as_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 class TabularClassification(Task):
     name = "tabular_classification"
     input_column = "rows"
+    quality_metric = "test_accuracy"
+    onnx_export = True
+    batch_outputs = CLASSIFICATION_OUTPUTS
     streaming = True
 
     @staticmethod
@@ -110,6 +114,33 @@ class TabularClassification(Task):
 
     def metrics_from_sums(self, sums, prefix):
         return classification_metrics(sums, prefix)
+
+    def planning_inputs(self, features: dict, batch: int) -> tuple:
+        import torch
+
+        cats = len(features.get("categorical", []))
+        return (torch.zeros(batch, len(features["numeric"]), device="meta"),
+                torch.zeros(batch, cats, device="meta", dtype=torch.long) if cats else None)
+
+    def batch_inputs(self, features: dict) -> list[str]:
+        return [*features["numeric"], *features["categorical"]]
+
+    def parse_batch_columns(self, batch, features: dict, reasons: np.ndarray) -> dict:
+        """Numeric columns as finite floats, categorical ones as text; a missing value rejects its row."""
+        out = {}
+        for c in features["numeric"]:
+            v = pd.to_numeric(batch[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            reasons[(~np.isfinite(v)) & (reasons == "")] = f"{c} is missing or not a finite number"
+            out[c] = v
+        for c in features["categorical"]:
+            v = batch[c].to_numpy(dtype=object)
+            reasons[pd.isna(v) & (reasons == "")] = f"{c} is missing"
+            out[c] = v.astype(str)
+        keep = reasons == ""
+        return {k: v[keep] for k, v in out.items()}
+
+    def batch_prediction(self, prediction: dict, transform: dict) -> dict:
+        return {**prediction, "class": transform["classes"][prediction["class"]]}  # the label value, as served
 
     def tensor_signature(self, features: dict) -> dict:
         """One input per column: numeric ones FP32, categorical ones BYTES (index-mapped server-side)."""

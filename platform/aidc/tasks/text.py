@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from aidc.data.tokenizer import encode, pad_truncate, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import (Table, Task, classification_metrics, classification_sums, classification_tensors,
+from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Table, Task, classification_metrics, classification_sums, classification_tensors,
                              empty_text_reasons, num_classes_in, row_hashes, tensor_spec)
 from aidc.tasks.image import check_batch
 
@@ -22,6 +22,12 @@ MAX_CHARS = 5000
 class TextClassification(Task):
     name = "text_classification"
     input_column = "text"
+    quality_metric = "test_macro_f1"
+    onnx_export = True
+    batch_outputs = CLASSIFICATION_OUTPUTS
+
+    def planning_inputs(self, features: dict, batch: int) -> tuple:
+        return (torch.zeros(batch, features["max_length"], device="meta", dtype=torch.long),)
 
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
         reason = empty_text_reasons(table["text"])
