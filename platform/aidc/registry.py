@@ -75,9 +75,9 @@ def experiment_id(client, name: str, root: str) -> str:
 RUN_TAG = "aidc.train_run"
 
 
-def find_live_run(client, experiment_id: str, run_name: str):
+def find_live_run(client, exp_id: str, run_name: str):
     """The MLflow run a live training run logs into (tag aidc.train_run), or None."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
     return runs[0] if runs else None
 
 

@@ -101,7 +101,7 @@ def client(server, api_key):
 
 
 @pytest.fixture(scope="module")
-def hfmlflow_client(server, api_key):
+def hf_client(server, api_key):
     return openai.OpenAI(base_url=f"{server}/hf/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
@@ -446,7 +446,7 @@ def test_engine_metrics_reach_prometheus(server, client, ray_session):
     assert served and float(served[0].rsplit(" ", 1)[1]) >= 1
 
 
-def test_aidc_chat_streams_a_reply_with_the_openaimlflow_client(server, client, capsys):
+def test_aidc_chat_streams_a_reply_with_the_openai_client(server, client, capsys):
     key = ["--api-key", client.api_key]
     assert aidc_main(["chat", "What news?", "--url", f"{server}/v1", "--model", MODEL, "--seed", "3", *key]) == 0
     printed = capsys.readouterr().out

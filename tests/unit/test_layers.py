@@ -67,3 +67,14 @@ def test_every_workload_a_config_can_name_is_a_task_and_every_task_can_be_named(
     assert set(TASK_SOURCES) <= set(TASKS)
     for name, task in TASKS.items():
         assert task.name == name
+
+
+def test_every_package_of_the_library_is_installed():
+    """pyproject.toml lists the packages a wheel holds: a package missing there imports from a checkout (an
+    editable install) but not from a built image."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    root = REPO / "platform"
+    packages = {".".join(p.parent.relative_to(root).parts) for p in root.glob("aidc/**/__init__.py")}
+    assert packages - listed == set(), f"add these to [tool.setuptools] packages: {sorted(packages - listed)}"

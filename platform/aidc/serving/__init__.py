@@ -4,7 +4,7 @@ llm/        language models: OpenAI-compatible, vLLM through Ray Serve LLM (app 
 oip/        tensor models: the Open Inference Protocol v2 over REST and gRPC (app `tensors`)
 oip_grpc/   the OIP gRPC stubs and tensor codecs
 http.py     what both share: app-args base, body limits, JSON decoding, error bodies per protocol, Retry-After
-auth.py     API keys on every app (aidc.security.auth underneath)
+protect.py  API keys on every app (aidc.security.auth underneath)
 retry.py    the client retry policy the platform recommends
 The JSON `predictor` app (serve_apps/predictor.py) uses http.py and the loaded model (aidc.tasks.loaded).
 """

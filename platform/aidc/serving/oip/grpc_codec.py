@@ -73,5 +73,5 @@ def model_metadata_response(meta: dict) -> "pb.ModelMetadataResponse":
     return resp
 
 
-__all__ = ["GRPC_CODES", "SERVICER", "add_GRPCInferenceServiceServicer_to_server", "decode_infer_request",
+__all__ = ["GRPC_CODES", "decode_infer_request",
            "encode_infer_response", "model_metadata_response", "pb"]
