@@ -59,3 +59,9 @@ class RequestError(AidcError):
 
     def __reduce__(self):
         return (type(self), (self.message, self.status, self.field))
+
+
+# The gRPC status code (grpc.StatusCode name) of each HTTP status a request error carries: one table for every
+# gRPC answer (the OIP servicer's errors, auth refusals).
+GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+              413: "RESOURCE_EXHAUSTED", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}

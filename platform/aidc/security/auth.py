@@ -22,7 +22,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from aidc import storage
-from aidc.errors import AidcError
+from aidc.errors import GRPC_CODES, AidcError
 from aidc.ops.metrics import count_auth_failure
 from aidc.security import audit, keys
 
@@ -280,9 +280,6 @@ async def _send_json(send, status: int, body: dict, retry_after: int | None) -> 
 
 # ---- gRPC ------------------------------------------------------------------------------------------------------
 
-GRPC_STATUS = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}
-
-
 def grpc_check(guard: Guard, grpc_context, model: str | None) -> bool:
     """Check a gRPC call's key; on refusal set UNAUTHENTICATED / PERMISSION_DENIED / RESOURCE_EXHAUSTED with the
     message on the context and return False (the servicer then answers an empty message)."""
@@ -294,7 +291,7 @@ def grpc_check(guard: Guard, grpc_context, model: str | None) -> bool:
     except AuthError as exc:
         if grpc_context is None:
             raise
-        grpc_context.set_code(getattr(grpc.StatusCode, GRPC_STATUS[exc.status]))
+        grpc_context.set_code(getattr(grpc.StatusCode, GRPC_CODES[exc.status]))
         grpc_context.set_details(exc.message)
         return False
 
@@ -309,5 +306,5 @@ def grpc_authorization(grpc_context) -> str | None:
     return None
 
 
-__all__ = ["BODY", "GRPC_STATUS", "KEY", "MODEL", "OPEN", "ApiKeyAuth", "AuthArgs", "AuthError", "Guard", "Principal",
+__all__ = ["BODY", "KEY", "MODEL", "OPEN", "ApiKeyAuth", "AuthArgs", "AuthError", "Guard", "Principal",
            "grpc_authorization", "grpc_check"]

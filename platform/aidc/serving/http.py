@@ -69,26 +69,36 @@ def error_body(message: str, status: int, field: str | None = None) -> dict:
     return {"error": {"status": status, "message": message, **({"field": field} if field else {})}}
 
 
-def parse_json_body(raw: bytes, max_bytes: int) -> dict:
-    """Decode a JSON object body, refusing oversized, non-JSON and non-object bodies."""
-    if len(raw) > max_bytes:
-        raise RequestError(f"request body is {len(raw)} bytes, over the limit of {max_bytes}", status=413)
-    if not raw.strip():
-        raise RequestError('empty request body; send JSON like {"instances": [...]}', status=400)
+def check_body_size(size: int, max_bytes: int, hint: str = "") -> None:
+    """413 for a body over the app's limit (max_body_bytes), saying what to send instead."""
+    if size > max_bytes:
+        raise RequestError(f"request body is {size} bytes, over the limit of {max_bytes}" + (f"; {hint}" if hint else ""),
+                           status=413)
+
+
+def parse_json(raw: bytes, constant_status: int) -> object:
+    """JSON text -> value; 400 for what is not JSON, `constant_status` for NaN/Infinity literals (json.loads
+    takes them; a request must not: 422 in the predictor's API, 400 in the Open Inference Protocol's)."""
+    def reject(name: str):
+        raise RequestError(f"{name} is not allowed in requests: send finite numbers", status=constant_status)
+
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=reject)
     except RequestError:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"request body is not valid JSON: {exc}", status=400) from None
+
+
+def parse_json_body(raw: bytes, max_bytes: int) -> dict:
+    """Decode a JSON object body, refusing oversized, non-JSON and non-object bodies."""
+    check_body_size(len(raw), max_bytes)
+    if not raw.strip():
+        raise RequestError('empty request body; send JSON like {"instances": [...]}', status=400)
+    body = parse_json(raw, constant_status=422)
     if not isinstance(body, dict):
         raise RequestError('request body must be a JSON object like {"instances": [...]}', status=422)
     return body
-
-
-def _reject_constant(name: str) -> float:
-    """json.loads accepts NaN/Infinity literals; a prediction request must not."""
-    raise RequestError(f"{name} is not allowed in requests: send finite numbers", status=422)
 
 
 def require(body: dict, key: str, allowed: set[str]):

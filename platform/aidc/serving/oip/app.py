@@ -286,7 +286,7 @@ class GrpcServicer:
         """Run a gRPC method; a RequestError becomes the matching status code and its message."""
         import grpc
 
-        from aidc.serving.oip.grpc_codec import GRPC_CODES
+        from aidc.errors import GRPC_CODES
 
         try:
             with grpc_request(empty.__name__.removesuffix("Response")):  # metrics (aidc.ops.serving)

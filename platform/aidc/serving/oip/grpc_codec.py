@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aidc.errors import RequestError
+from aidc.errors import GRPC_CODES, RequestError
 from aidc.serving.oip.protocol import DTYPES, decode_binary, to_binary
 from aidc.serving.oip_grpc import pb
 
@@ -12,9 +12,6 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
-# HTTP status of a RequestError -> gRPC status code name
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 422: "INVALID_ARGUMENT",
-              429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
 
 
 def decode_infer_request(req: "pb.ModelInferRequest") -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:

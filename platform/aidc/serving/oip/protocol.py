@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aidc.errors import RequestError
-from aidc.serving.http import Strict
+from aidc.serving.http import Strict, check_body_size, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton binary extension: JSON header size in bytes
 DTYPES: dict[str, Any] = {
@@ -133,9 +133,7 @@ def describe_validation_error(err: ValidationError) -> str:
 # -- decoding ------------------------------------------------------------------------------
 def parse_rest_body(raw: bytes, header_length: str | None, max_bytes: int) -> tuple[InferenceRequest, dict]:
     """A REST infer body (JSON, or JSON header + binary tensors) -> (request, {input name: array})."""
-    if len(raw) > max_bytes:
-        raise RequestError(f"request body is {len(raw)} bytes, over the limit of {max_bytes}; "
-                           "send fewer rows per request", status=413)
+    check_body_size(len(raw), max_bytes, "send fewer rows per request")
     split = len(raw)
     if header_length is not None:
         try:
@@ -144,12 +142,7 @@ def parse_rest_body(raw: bytes, header_length: str | None, max_bytes: int) -> tu
             raise RequestError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}", status=400) from None
         if not 0 < split <= len(raw):
             raise RequestError(f"{HEADER_LENGTH} is {split} but the body has {len(raw)} bytes", status=400)
-    try:
-        body = json.loads(raw[:split], parse_constant=_reject_constant)
-    except RequestError:
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", status=400) from None
+    body = parse_json(raw[:split], constant_status=400)
     try:
         request = InferenceRequest.model_validate(body)
     except ValidationError as exc:
@@ -171,10 +164,6 @@ def parse_rest_body(raw: bytes, header_length: str | None, max_bytes: int) -> tu
         raise RequestError(f"{len(binary) - offset} binary bytes after the JSON header belong to no input",
                            status=400)
     return request, arrays
-
-
-def _reject_constant(name: str):
-    raise RequestError(f"{name} is not allowed in requests: send finite numbers", status=400)
 
 
 def _count(shape: list[int], name: str) -> int:
