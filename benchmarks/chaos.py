@@ -130,7 +130,8 @@ def lost_checkpoints(run_dir: Path) -> int:
 def run(a) -> dict:
     from aidc.tasks import preprocess
     from aidc.train.register import register
-    from aidc.serving.retry import LoadRun, percentile, retry_policy, run_load
+    from aidc.serving.retry import LoadRun, retry_policy, run_load
+    from benchmarks.common import percentile_ms
     from aidc.train.trainer import resizes, run_training
     from aidc.security.keys import create
 
@@ -208,8 +209,8 @@ def run(a) -> dict:
             "failures": load.failure_counts(events[0]["t"] if events else t_chaos),
             "retried_for": dict(Counter(s.retried_for for s in load.samples if s.retried_for)),
             "requests_retried": sum(s.retries > 0 for s in load.samples),
-            "p50_ms_before": round(percentile(before, 50) * 1000, 1), "p99_ms_before": round(percentile(before, 99) * 1000, 1),
-            "p50_ms_chaos": round(percentile(during, 50) * 1000, 1), "p99_ms_chaos": round(percentile(during, 99) * 1000, 1),
+            "p50_ms_before": percentile_ms(before, 50), "p99_ms_before": percentile_ms(before, 99),
+            "p50_ms_chaos": percentile_ms(during, 50), "p99_ms_chaos": percentile_ms(during, 99),
             "capacity_back_s": capacity_back_s(events, states),
             # 0 would mean the route was gone for a while: Serve drops an app's route from HAProxy while it has
             # no RUNNING ingress replica, and its path then answers 404 (never retried)

@@ -18,6 +18,14 @@ _MIRROR = os.environ.get("AIDC_DATA_MIRROR", "")
 SHARED_DATA = Path(_MIRROR).resolve() if _MIRROR and "://" not in _MIRROR else ROOT.parent / "shared" / "data"
 
 
+def percentile_ms(seconds: list[float], q: float, digits: int = 1) -> float | None:
+    """The q-th percentile of latencies in seconds, in milliseconds (numpy's linear interpolation); None for no
+    samples. The one latency statistic of every benchmark."""
+    import numpy as np
+
+    return round(float(np.percentile(seconds, q)) * 1000, digits) if len(seconds) else None
+
+
 def gpu_split(gpus: float, users: int) -> float:
     """Each of `users` replicas' GPU when they share `gpus`: aidc.runtime.gpu_share for whole GPUs (so every one
     can be placed), a fraction of one GPU split evenly and rounded down to Ray's unit (1e-4)."""

@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from benchmarks.common import api_key_header, local_ray
+from benchmarks.common import api_key_header, local_ray, percentile_ms
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"  # prompts are drawn from these
 JSON_CHARS = '{}[]"0123456789-'  # in the vocabulary too: a model whose vocabulary lacks them cannot write JSON
@@ -63,10 +62,6 @@ def workload(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": "".join(rng.choice(CHARS) for _ in range(rng.randint(8, 64))),
              "max_tokens": rng.randint(16, 128), "seed": i} for i in range(n)]
-
-
-def pct(xs: list[float], q: float):
-    return round(float(np.percentile(xs, q)) * 1000, 1) if xs else None
 
 
 async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream: bool, route: str = "completions",
@@ -116,8 +111,8 @@ async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800), headers=api_key_header()) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    return {"tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
-            "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99), "requests": len(reqs), "tokens": tokens}
+    return {"tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": percentile_ms(ttft, 50), "ttft_p99_ms": percentile_ms(ttft, 99),
+            "itl_p50_ms": percentile_ms(itl, 50), "itl_p99_ms": percentile_ms(itl, 99), "requests": len(reqs), "tokens": tokens}
 
 
 def deploy(name: str, ref: str, uri: str, **settings) -> str:

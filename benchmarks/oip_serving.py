@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, api_key_header, gpu_split, local_ray
+from benchmarks.common import ROOT, api_key_header, gpu_split, local_ray, percentile_ms
 
 MODEL = "mnist-cnn"
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}  # per-request logs cost CPU on both sides
@@ -76,9 +76,8 @@ def drive(url: str, concurrency: int, seconds: float, procs: int = 1, binary: bo
             runs = list(pool.map(_drive_sync, [url] * len(shares), shares, [seconds] * len(shares),
                                  [binary] * len(shares), [start] * len(shares)))
     latencies = [x for r in runs for x in r[0]]
-    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     return {"req_per_s": round(len(latencies) / max(r[2] for r in runs), 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "p50_ms": percentile_ms(latencies, 50, 2), "p99_ms": percentile_ms(latencies, 99, 2),
             "errors": sum(r[1] for r in runs)}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from aidc.errors import AidcError, RequestError
+from aidc.errors import RequestError
 from aidc.tasks.base import jsonable
 
 logger = logging.getLogger(__name__)

@@ -159,13 +159,6 @@ class LoadRun:
         return [s for s in self.samples if s.end >= t0 and s.start <= t1]
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
 def _retried_for(history) -> str | None:
     """urllib3's retry history in a line: the status or error each retried attempt got."""
     return "; ".join(f"HTTP {h.status}" if h.status else f"{type(h.error).__name__}: {h.error}"[:120]

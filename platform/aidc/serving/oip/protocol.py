@@ -12,7 +12,7 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from aidc.errors import RequestError
 from aidc.serving.http import Strict, check_body_size, parse_json
