@@ -174,7 +174,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     from aidc.ops.tuning import TrialStateMetrics
     from aidc.tune.cleanup import ReleaseOrphans
     from aidc.tune.live import LiveStatus
-    from aidc.tune.trainable import run_trial, trial_payload
+    from aidc.tune.trainable import repair_snapshot_checkpoints, run_trial, trial_payload
 
     job, tc = spec.job, spec.job_tune
     root = storage.storage_root(job.run.storage)
@@ -198,6 +198,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
                 name, tc.search, tc.scheduler, tc.num_samples, res.concurrency, res.per_trial)
     if exists:
         logger.info("sweep %s exists in %s: resuming it (finished trials are kept)", name, path)
+        repair_snapshot_checkpoints(path)  # a checkpoint the snapshot names may have been pruned since
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=tune_space(job_with_tune(spec)))
     else:

@@ -81,6 +81,50 @@ def usable_checkpoint(checkpoint):
     return None
 
 
+def repair_snapshot_checkpoints(sweep_dir: str) -> list[str]:
+    """Before a resume: give every checkpoint the last experiment snapshot names, and that is gone, the contents
+    of its trial's newest whole checkpoint; returns the folders written.
+
+    Tune restores an unfinished trial from the checkpoint its snapshot names, and refuses one that is gone
+    before any trial code runs ("Could not recover from checkpoint as it does not exist on storage anymore":
+    the trial errors). The snapshot lags the trial directory, whose own pruning (prune_checkpoints) can remove
+    the named checkpoint between two snapshots - a fresh-clone run lost a trial so. The trial then continues
+    from its newest state, as usable_checkpoint does inside it. Reads the snapshot with Tune's own Trial
+    (from_json_state); best effort: a snapshot it cannot read is left to Tune."""
+    import json
+
+    import pyarrow.fs as pafs
+    from ray.tune.experiment.trial import Trial
+
+    fs, path = storage.filesystem(sweep_dir)
+    states = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                    if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+    if not states:
+        return []
+    written = []
+    try:
+        with fs.open_input_stream(states[-1]) as f:
+            trial_data = json.loads(f.read().decode())["trial_data"]
+        for json_state, run_metadata in trial_data:
+            trial = Trial.from_json_state(json_state, stub=True)
+            trial.restore_run_metadata(run_metadata)
+            named = trial.checkpoint
+            if named is None or _ages(fs, [named.path.rstrip("/")])[0][2]:
+                continue
+            target = named.path.rstrip("/")
+            newest = [d for d, ok in _checkpoints(fs, target.rsplit("/", 1)[0]) if ok and d != target]
+            if not newest:
+                continue
+            logger.warning("sweep snapshot names %s, which is gone: giving it the contents of %s", target, newest[-1])
+            fs.create_dir(target)  # (a half-copied one: emptied first)
+            fs.delete_dir_contents(target)
+            pafs.copy_files(newest[-1], target, source_filesystem=fs, destination_filesystem=fs)
+            written.append(target)
+    except Exception as exc:  # noqa: BLE001 - Tune's own restore then reports what it finds
+        logger.warning("could not check the checkpoints %s names: %s", states[-1], exc)
+    return written
+
+
 def continue_numbering(trial_dir: str) -> None:
     """Name this trial's next checkpoint after its highest-numbered folder. A restored trial's counter comes from
     Tune's snapshot, which can lag the folder (see usable_checkpoint): its new checkpoints would otherwise be
