@@ -107,6 +107,8 @@ def repair_snapshot_checkpoints(sweep_dir: str) -> list[str]:
             trial_data = json.loads(f.read().decode())["trial_data"]
         for json_state, run_metadata in trial_data:
             trial = Trial.from_json_state(json_state, stub=True)
+            if trial.status == Trial.TERMINATED:  # finished: Tune restores it no more
+                continue
             trial.restore_run_metadata(run_metadata)
             named = trial.checkpoint
             if named is None or _ages(fs, [named.path.rstrip("/")])[0][2]:
