@@ -133,15 +133,15 @@ class BatchPredictor:
         if x is None:
             instances = [self.task.batch_instance(r) for r in batch[columns].to_dict("records")]
             try:  # the whole batch at once; row by row only to name the bad rows
-                x = self.loaded.task.parse_instances(instances, self.features, max_batch=len(instances))
+                x = self.task.parse_instances(instances, self.features, max_batch=len(instances))
             except RequestError:
                 for i, inst in enumerate(instances):
                     try:
-                        self.loaded.task.parse_instances([inst], self.features, max_batch=1)
+                        self.task.parse_instances([inst], self.features, max_batch=1)
                     except RequestError as exc:
                         reasons[i] = str(exc).replace("instances[0]", "row")
                 good = [inst for inst, r in zip(instances, reasons) if not r]
-                x = self.loaded.task.parse_instances(good, self.features, len(good)) if good else None
+                x = self.task.parse_instances(good, self.features, len(good)) if good else None
         ok = np.flatnonzero(reasons == "")
         if not len(ok):
             return ok, {}, reasons

@@ -58,6 +58,15 @@ def _checkpoints(fs, trial_dir: str) -> list[tuple[str, bool]]:
     return [(d, ok) for _, d, ok in sorted(_ages(fs, dirs))]
 
 
+def _whole(fs, path: str) -> bool:
+    return _ages(fs, [path])[0][2]
+
+
+def _newest_whole(fs, trial_dir: str) -> str | None:
+    """The trial's newest whole checkpoint folder (by age), or None."""
+    return next((d for d, ok in reversed(_checkpoints(fs, trial_dir)) if ok), None)
+
+
 def usable_checkpoint(checkpoint):
     """`checkpoint` if it is whole on storage; else the newest whole checkpoint of the same trial; else None.
 
@@ -70,13 +79,13 @@ def usable_checkpoint(checkpoint):
     if checkpoint is None:
         return None
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    if _ages(fs, [path])[0][2]:
+    if _whole(fs, path):
         return checkpoint
-    for other, ok in reversed(_checkpoints(fs, path.rsplit("/", 1)[0])):
-        if ok:
-            logger.warning("checkpoint %s is gone (Tune's snapshot lagged the trial directory): using %s",
-                           checkpoint.path, other)
-            return tune.Checkpoint(other, filesystem=fs)
+    other = _newest_whole(fs, path.rsplit("/", 1)[0])
+    if other is not None:
+        logger.warning("checkpoint %s is gone (Tune's snapshot lagged the trial directory): using %s",
+                       checkpoint.path, other)
+        return tune.Checkpoint(other, filesystem=fs)
     logger.warning("checkpoint %s is gone and its trial has no other whole checkpoint", checkpoint.path)
     return None
 
@@ -111,16 +120,15 @@ def repair_snapshot_checkpoints(sweep_dir: str) -> list[str]:
                 continue
             trial.restore_run_metadata(run_metadata)
             named = trial.checkpoint
-            if named is None or _ages(fs, [named.path.rstrip("/")])[0][2]:
+            if named is None or _whole(fs, target := named.path.rstrip("/")):
                 continue
-            target = named.path.rstrip("/")
-            newest = [d for d, ok in _checkpoints(fs, target.rsplit("/", 1)[0]) if ok and d != target]
-            if not newest:
+            newest = _newest_whole(fs, target.rsplit("/", 1)[0])  # never target itself: it is not whole
+            if newest is None:
                 continue
-            logger.warning("sweep snapshot names %s, which is gone: giving it the contents of %s", target, newest[-1])
+            logger.warning("sweep snapshot names %s, which is gone: giving it the contents of %s", target, newest)
             fs.create_dir(target)  # (a half-copied one: emptied first)
             fs.delete_dir_contents(target)
-            pafs.copy_files(newest[-1], target, source_filesystem=fs, destination_filesystem=fs)
+            pafs.copy_files(newest, target, source_filesystem=fs, destination_filesystem=fs)
             written.append(target)
     except Exception as exc:  # noqa: BLE001 - Tune's own restore then reports what it finds
         logger.warning("could not check the checkpoints %s names: %s", states[-1], exc)
