@@ -76,6 +76,25 @@ def _maybe_inject_fault(marker: str | None, step: int) -> None:
         os._exit(1)
 
 
+def _until_the_controller_has_it() -> None:
+    """Return once Ray Train's controller has taken this worker's last report (and the checkpoint in it).
+
+    `ray.train.report` returns when the checkpoint is on storage and the report is in the worker's result
+    queue (one deep); the controller takes it at its next poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
+    default). A worker that died before that poll took its report with it, and the restart continued from the
+    checkpoint before: a fresh-clone CI run's FSDP kill at step 13 resumed from step 5, not 10 (Ray's own
+    TODO in worker.poll_status: "two phase commit"). Waiting here makes a reported checkpoint the one a
+    restart continues from, for at most one poll per checkpoint (the next report would wait for that poll
+    anyway: the queue holds one). Every rank waits: the controller keeps a report once every rank's is in.
+    """
+    try:  # Ray's internal context (2.60): without it, Ray's own behaviour
+        from ray.train.v2._internal.execution.context import get_train_context
+        result_queue = get_train_context().get_result_queue()
+    except (ImportError, AttributeError, RuntimeError):
+        return
+    result_queue.join()
+
+
 def apply_hyperparameters(optimizer, scheduler, tc: dict) -> None:
     """Continue another run's state under this config: its weights and optimizer moments, this lr/weight decay.
 
@@ -188,6 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
                     **state, "best": best and {k: v for k, v in best.items() if k != "model"},
                     "scheduler": scheduler.state_dict(), "world_size": world}, job, rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            _until_the_controller_has_it()
             return
         model_sd, optim_sd = full_state(model, optimizer, strategy)
         with tempfile.TemporaryDirectory() as tmp:
@@ -203,6 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
                 tune_report(metrics, d)
             else:
                 ray.train.report(metrics, checkpoint=checkpoint)
+                _until_the_controller_has_it()
 
     shards = {s: ray.train.get_dataset_shard(s) if local is None else local[s].iterator()
               for s in ("train", "val", "test")}
