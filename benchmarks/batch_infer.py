@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, SHARED_DATA, local_ray, timed

@@ -26,6 +26,33 @@ def percentile_ms(seconds: list[float], q: float, digits: int = 1) -> float | No
     return round(float(np.percentile(seconds, q)) * 1000, digits) if len(seconds) else None
 
 
+async def closed_loop(concurrency: int, send, *, todo: list | None = None, seconds: float | None = None,
+                      ready=None, **session) -> float:
+    """The one load driver of the serving benchmarks: `concurrency` clients over one aiohttp session, each
+    sending its next request when its last is answered (a closed loop), until `todo` is empty or for `seconds`.
+    `await send(session, item)` makes one request (item: the next of `todo`, else None) and records what it
+    measures; `await ready(session)` (warm-up, waiting for other client processes) runs before the clock
+    starts. `session`: aiohttp.ClientSession arguments. Returns the loop's wall seconds."""
+    import asyncio
+
+    import aiohttp
+
+    if (todo is None) == (seconds is None):
+        raise ValueError("closed_loop: give either todo (a work list) or seconds (a time window)")
+    async with aiohttp.ClientSession(**session) as client:
+        if ready is not None:
+            await ready(client)
+        start = time.perf_counter()
+        end = start + (seconds or 0.0)
+
+        async def one_client():
+            while todo if todo is not None else time.perf_counter() < end:
+                await send(client, todo.pop() if todo is not None else None)
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
 def gpu_split(gpus: float, users: int) -> float:
     """Each of `users` replicas' GPU when they share `gpus`: aidc.runtime.gpu_share for whole GPUs (so every one
     can be placed), a fraction of one GPU split evenly and rounded down to Ray's unit (1e-4)."""

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 
-from benchmarks.common import api_key_header, local_ray, percentile_ms
+from benchmarks.common import api_key_header, closed_loop, local_ray, percentile_ms
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"  # prompts are drawn from these
 JSON_CHARS = '{}[]"0123456789-'  # in the vocabulary too: a model whose vocabulary lacks them cannot write JSON
@@ -69,48 +69,44 @@ async def drive(url: str, model: str, reqs: list[dict], concurrency: int, stream
     """`concurrency` closed-loop clients over `reqs`; tokens/s, TTFT and per-request inter-token latency."""
     import aiohttp
 
-    todo = list(reqs)
     ttft, itl, tokens = [], [], 0
 
-    async def worker(session):
+    async def send(session, r):
         nonlocal tokens
-        while todo:
-            r = dict(todo.pop())
-            if route == "chat/completions":
-                r["messages"] = [{"role": "user", "content": r.pop("prompt")}]
-            body = {"model": model, **r, "ignore_eos": True, "stream": stream, **(extra or {}),
-                    **({"stream_options": {"include_usage": True}} if stream else {})}
-            t0 = time.perf_counter()
-            async with session.post(f"{url}/v1/{route}", json=body) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"{resp.status}: {await resp.text()}")
-                if not stream:
-                    out = await resp.json()
-                    ttft.append(time.perf_counter() - t0)
-                    tokens += out["usage"]["completion_tokens"]
+        r = dict(r)
+        if route == "chat/completions":
+            r["messages"] = [{"role": "user", "content": r.pop("prompt")}]
+        body = {"model": model, **r, "ignore_eos": True, "stream": stream, **(extra or {}),
+                **({"stream_options": {"include_usage": True}} if stream else {})}
+        t0 = time.perf_counter()
+        async with session.post(f"{url}/v1/{route}", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{resp.status}: {await resp.text()}")
+            if not stream:
+                out = await resp.json()
+                ttft.append(time.perf_counter() - t0)
+                tokens += out["usage"]["completion_tokens"]
+                return
+            first = last = None
+            n = 0
+            async for line in resp.content:
+                if not line.startswith(b"data: {"):
                     continue
-                first = last = None
-                n = 0
-                async for line in resp.content:
-                    if not line.startswith(b"data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if not chunk["choices"]:  # the usage chunk: exact token count
-                        n = chunk["usage"]["completion_tokens"]
-                        continue
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                tokens += n
-                if first is not None:
-                    ttft.append(first - t0)
-                    if n > 1:
-                        itl.append((last - first) / (n - 1))
+                chunk = json.loads(line[6:])
+                if not chunk["choices"]:  # the usage chunk: exact token count
+                    n = chunk["usage"]["completion_tokens"]
+                    continue
+                now = time.perf_counter()
+                first = first or now
+                last = now
+            tokens += n
+            if first is not None:
+                ttft.append(first - t0)
+                if n > 1:
+                    itl.append((last - first) / (n - 1))
 
-    start = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800), headers=api_key_header()) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    wall = time.perf_counter() - start
+    wall = await closed_loop(concurrency, send, todo=list(reqs), timeout=aiohttp.ClientTimeout(total=1800),
+                             headers=api_key_header())
     return {"tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": percentile_ms(ttft, 50), "ttft_p99_ms": percentile_ms(ttft, 99),
             "itl_p50_ms": percentile_ms(itl, 50), "itl_p99_ms": percentile_ms(itl, 99), "requests": len(reqs), "tokens": tokens}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, api_key_header, gpu_split, local_ray, percentile_ms
+from benchmarks.common import ROOT, api_key_header, closed_loop, gpu_split, local_ray, percentile_ms
 
 MODEL = "mnist-cnn"
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}  # per-request logs cost CPU on both sides
@@ -104,30 +104,28 @@ async def _drive(url: str, concurrency: int, seconds: float, binary: bool = Fals
 
     body, headers = request_body(binary)
     latencies, errors = [], 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
+
+    async def ready(client):
         for _ in range(3):  # warm up
             async with client.post(url, data=body, headers=headers) as r:
                 await r.read()
         if start is not None:  # one of several client processes: wait for the others
             start.wait(timeout=300)
-        end = time.perf_counter() + seconds
 
-        async def worker():
-            nonlocal errors
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                async with client.post(url, data=body, headers=headers) as r:
-                    await r.read()
-                    ok = r.status == 200
-                if ok:
-                    latencies.append(time.perf_counter() - t)
-                else:
-                    errors += 1
+    async def send(client, _):
+        nonlocal errors
+        t = time.perf_counter()
+        async with client.post(url, data=body, headers=headers) as r:
+            await r.read()
+            ok = r.status == 200
+        if ok:
+            latencies.append(time.perf_counter() - t)
+        else:
+            errors += 1
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
+    elapsed = await closed_loop(concurrency, send, seconds=seconds, ready=ready,
+                                connector=aiohttp.TCPConnector(limit=concurrency),
+                                timeout=aiohttp.ClientTimeout(total=60))
     return latencies, errors, elapsed
 
 

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 from benchmarks.common import ROOT, SHARED_DATA, local_ray
 

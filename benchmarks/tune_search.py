@@ -12,7 +12,6 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from benchmarks.common import ROOT
 
