@@ -84,6 +84,28 @@ class ChatDataConfig(Strict):
                          "to the MLflow run.")
 
 
+# Personal data types data.privacy.scrub can replace (aidc.data.privacy maps each to a Presidio recognizer)
+PII_TYPES = ("email", "phone", "credit_card", "iban", "ip_address", "url", "us_ssn", "crypto", "uk_nhs")
+
+
+class PrivacyConfig(Strict):
+    scrub: list[Literal[PII_TYPES]] = Field(
+        [], description="Personal data to replace by typed placeholders (<EMAIL>, <PHONE>, ...) in text datasets "
+        "before anything is written (Presidio's recognizers; cards and IBANs checksum-validated). The manifest "
+        "counts what was found per type, never the values.")
+    min_score: float = Field(0.0, ge=0, le=1, description="Presidio's confidence a hit needs to be replaced (phone "
+                             "numbers without context score 0.4, checksum-validated cards and IBANs 1.0).")
+
+    @field_validator("scrub", mode="before")
+    @classmethod
+    def _no_model_types(cls, value):
+        needs_model = [v for v in value or [] if v in ("person", "location", "organization", "date_time", "nrp")]
+        if needs_model:
+            raise ValueError(f"{needs_model} need a named-entity model, which aidc does not download at run time; "
+                             f"scrub the pattern-based types: {list(PII_TYPES)}")
+        return value
+
+
 class DataConfig(Strict):
     source: Literal["digits", "mnist", "sms-spam", "tinyshakespeare", "movielens", "synthetic-instructions",
                     "files"] = Field(
@@ -103,6 +125,7 @@ class DataConfig(Strict):
     text: TextConfig = Field(default_factory=TextConfig, description="Tokenization (text workloads).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Image augmentation (training only).")
     chat: ChatDataConfig = Field(default_factory=ChatDataConfig, description="Fine-tuning data (task causal_lm).")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Personal data in text datasets.")
     version: str | None = Field(
         None, description="Dataset version to train on (a folder under datasets/<name>/); default: the latest."
     )

@@ -70,3 +70,83 @@ def make_tiny_llama(directory: Path, max_positions: int = 512, hidden: int = 64,
         "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
     return directory
+
+
+# Ordinary text with numbers and dots that is no personal data: a scrubber must leave every one as it is.
+NOT_PERSONAL = ["Congrats, you came 2nd!", "Win £1000 cash now", "see you at 10:30 tomorrow", "call me in 5 mins",
+                "1st prize is a 2-week holiday", "it costs $19.99 or 20% off", "version 2.1.3 is out",
+                "card ending 4111 1111 1111 1112 declined", "txt STOP to end, 150p/msg", "meet on 12/03 at 3pm",
+                "ok lor... u r 2 gud 4 me", "pi is 3.14159", "I'll be there in 15-20 minutes", "room 101, floor 3",
+                "score was 3-1", "I.O.U. one", "e.g. this and that", "Dear Mr.Smith, thanks"]
+
+
+def planted_personal_data(n_per_type: int = 100, seed: int = 0) -> list[tuple[str, str, str]]:
+    """Sentences each holding one known piece of personal data: (type, the value, the sentence). Cards pass the
+    Luhn check and IBANs ISO 7064 (as real ones do); phone numbers are valid for their region by
+    libphonenumber, written in international, national and E.164 forms."""
+    import random
+
+    import phonenumbers
+
+    rng = random.Random(seed)
+    names = ["john", "mary", "wei", "ana", "olu", "sven", "priya", "li"]
+    words = ["acme", "example", "shop", "news", "uni-bonn", "data", "my-site", "alpha"]
+
+    def luhn_complete(prefix: str, length: int) -> str:
+        body = prefix + "".join(rng.choice("0123456789") for _ in range(length - len(prefix) - 1))
+        total = 0
+        for i, d in enumerate(reversed(body)):
+            d = int(d) * (2 if i % 2 == 0 else 1)
+            total += d - 9 if d > 9 else d
+        return body + str((10 - total % 10) % 10)
+
+    def card() -> str:
+        number = luhn_complete(*rng.choice([("4", 16), ("51", 16), ("55", 16), ("37", 15), ("6011", 16)]))
+        style = rng.choice(["plain", "space", "dash"])
+        if style == "plain":
+            return number
+        groups = [number[i:i + 4] for i in range(0, len(number), 4)]
+        return (" " if style == "space" else "-").join(groups)
+
+    def iban() -> str:
+        country, length = rng.choice([("GB", 22), ("DE", 22), ("FR", 27), ("NL", 18), ("ES", 24)])
+        if country in ("GB", "NL"):
+            bban = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(4)) + \
+                "".join(rng.choice("0123456789") for _ in range(length - 8))
+        else:
+            bban = "".join(rng.choice("0123456789") for _ in range(length - 4))
+        digits = "".join(str(int(c, 36)) for c in bban + country + "00")
+        code = f"{country}{98 - int(digits) % 97:02d}{bban}"
+        return " ".join(code[i:i + 4] for i in range(0, len(code), 4)) if rng.random() < 0.5 else code
+
+    def phone() -> str:
+        region = rng.choice(["US", "GB", "DE", "FR", "IN", "CA", "BR"])
+        example = phonenumbers.example_number_for_type(region, rng.choice(
+            [phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE]))
+        while True:
+            national = str(example.national_number)
+            digits = national[:-4] + "".join(rng.choice("0123456789") for _ in range(4))
+            number = phonenumbers.parse(f"+{example.country_code}{digits}")
+            if phonenumbers.is_valid_number(number):
+                break
+        form = rng.choice([phonenumbers.PhoneNumberFormat.INTERNATIONAL, phonenumbers.PhoneNumberFormat.E164,
+                           phonenumbers.PhoneNumberFormat.NATIONAL if region == "US" else
+                           phonenumbers.PhoneNumberFormat.INTERNATIONAL])
+        return phonenumbers.format_number(number, form)
+
+    make = {
+        "email": lambda: f"{rng.choice(names)}.{rng.choice(names)}{rng.randint(1, 99)}@"
+                         f"{rng.choice(words)}.{rng.choice(['com', 'org', 'co.uk', 'de', 'io'])}",
+        "phone": phone,
+        "credit_card": card,
+        "iban": iban,
+        "ip_address": lambda: ".".join(str(rng.randint(1, 254)) for _ in range(4)),
+        "url": lambda: rng.choice([f"https://www.{rng.choice(words)}.{rng.choice(['com', 'org', 'net'])}/"
+                                   f"{rng.choice(words)}?id={rng.randint(1, 999)}",
+                                   f"www.{rng.choice(words)}{rng.randint(1, 99)}.co.uk",
+                                   f"{rng.choice(words)}.com/{rng.choice(words)}"]),
+    }
+    templates = ["contact me at {} tomorrow", "my details: {}. thanks!", "{} is what you asked for",
+                 "Please send it to {} asap", "ok lor, its {} i think", "URGENT! reply with {} now"]
+    return [(kind, value, rng.choice(templates).format(value))
+            for kind, fn in make.items() for value in (fn() for _ in range(n_per_type))]

@@ -54,6 +54,14 @@ def test_oip_serving_quick():
     assert r["batched_1r"]["c8"]["errors"] == 0
 
 
+def test_pii_scrub_quick():
+    from benchmarks.pii_scrub import main
+
+    r = main(["--quick"])
+    assert min(r["planted"]["recall"].values()) >= 0.95 and not r["planted"]["hits_in_ordinary_text"]
+    assert r["sms"]["hits"].get("phone", 0) > 10 and r["sms"]["presidio_url_hits_alone"] > r["sms"]["hits"]["url"]
+
+
 def test_auth_overhead_quick():
     from benchmarks.auth_overhead import main
 

@@ -104,3 +104,36 @@ def test_own_csv_files_stream_with_every_bad_row_accounted(root, tmp_path):
     state = dv.manifest()["transform"]
     assert state["categorical"]["colour"] == ["blue", "green", "red"] and state["classes"] == [0, 1]
     assert abs(state["numeric"]["mean"][1] - 1) < 0.5
+
+
+def test_sms_spam_personal_data_is_scrubbed_before_anything_is_written(root):
+    """data.privacy.scrub on the Ray Data stream: the manifest counts per type what the scrubber finds in the raw
+    messages (never the values); the rejected rows (raw text, kept with their reasons) hold placeholders, each
+    still beside its own id; an image workload refuses the setting before reading anything."""
+    import json
+    from collections import Counter
+
+    from aidc.data.privacy import Scrubber
+    from aidc.data.sources import load_sms_spam
+    from aidc.errors import ConfigError
+
+    cfg = workload_config("sms-spam", root, "data.privacy.scrub=[email, phone, url, credit_card]")
+    raw = load_sms_spam(cfg).columns["text"]
+    scrubber, expected = Scrubber(["email", "phone", "url", "credit_card"]), Counter()
+    scrubbed = [scrubber.text(t, expected) for t in raw]
+    dv, _ = preprocess(cfg)
+    m = dv.manifest()
+    found = m["counts"]["personal_data_scrubbed"]
+    assert found == {k: expected[k] for k in ("email", "phone", "url", "credit_card")}
+    assert found["email"] >= 5 and found["phone"] >= 400 and found["url"] >= 100  # SMS spam's contact lines
+    assert dv.version != _prep("sms-spam", root)[0].version  # another setting, another version
+    rejected = dv.read_numpy("rejected")
+    assert len(rejected["id"]) > 300
+    for i, text in zip(rejected["id"], rejected["text"]):
+        assert text == scrubbed[int(i)]
+    assert sum("<PHONE>" in t for t in rejected["text"]) > 10 and not any(
+        raw[int(i)] == t for i, t in zip(rejected["id"], rejected["text"]) if scrubbed[int(i)] != raw[int(i)])
+    assert "@" not in json.dumps(m["counts"])
+
+    with pytest.raises(ConfigError, match="data.privacy.scrub works on text: task image_classification"):
+        preprocess(workload_config("digits", root, "data.privacy.scrub=[email]"))

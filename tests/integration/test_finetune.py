@@ -202,6 +202,33 @@ def test_lora_fsdp_checkpoints_are_sharded_and_resume_after_a_kill_and_onto_one_
     assert one.metrics["val_loss"] == pytest.approx(whole.metrics["val_loss"], rel=0.05)  # other batches, same run
 
 
+def test_personal_data_in_chat_rows_is_scrubbed_in_prompts_replies_and_rejected_rows(root, llama, tmp_path):
+    """data.privacy.scrub on fine-tuning data: the strings inside each JSON chat row are scrubbed (the row stays
+    valid JSON with its roles); the held-out prompts and references hold placeholders, never the values; a
+    line that is not JSON is kept among the rejected rows scrubbed as text."""
+    import pyarrow.parquet as pq
+
+    mails = [f"user{i}@example.com" for i in range(40)]
+    words = [f"{a} {b}" for a in "abcdefgh" for b in "abcde"]  # rows that stay distinct once scrubbed
+    rows = [{"messages": [{"role": "user", "content": f"reverse: {w}, then mail {m}"},
+                          {"role": "assistant", "content": f"{w[::-1]}, card 4111 1111 1111 1111 to {m}"}]}
+            for w, m in zip(words, mails)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in rows] + ["{not json, write to leak@example.com"]) + "\n")
+    cfg = load_config(CONFIGS / "chat-sft.yaml", [
+        f"run.storage={root}", f"model.init_from={llama}", "name=private-chats", "data.source=files",
+        f"data.path={path}", "data.format=jsonl", "data.privacy.scrub=[email, credit_card]",
+        "data.split.train=0.5", "data.split.val=0.25", "data.split.test=0.25", "data.chat.max_length=160"])
+    dv, _ = preprocess(cfg)
+    assert dv.manifest()["counts"]["personal_data_scrubbed"] == {"email": 81, "credit_card": 40}
+    held_out = [t for s in ("val", "test") for c in ("prompt", "reference")
+                for t in pq.read_table(dv.path(s)).column(c).to_pylist()]
+    assert held_out and all("@" not in t and "4111" not in t for t in held_out)
+    assert any("<EMAIL>" in t for t in held_out) and any("<CREDIT_CARD>" in t for t in held_out)
+    rejected = pq.read_table(dv.path("rejected")).to_pylist()
+    assert [r["record"] for r in rejected] == ["{not json, write to <EMAIL>"]
+
+
 def test_your_own_chat_jsonl_is_preprocessed_with_every_bad_row_kept_with_its_reason(root, llama, tmp_path):
     import pyarrow.parquet as pq
 

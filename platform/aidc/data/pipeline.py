@@ -38,6 +38,7 @@ def dataset_fingerprint(source_fingerprint: str, cfg, task) -> str:
         "source": d.source, "path": d.path, "format": d.format, "features": d.features,
         "categorical": d.categorical, "label": d.label, "split": d.split.model_dump(), "clean": d.clean.model_dump(),
         "text": d.text.model_dump(), "augment": d.augment.model_dump(), "task": cfg.task,
+        **({"privacy": d.privacy.model_dump()} if d.privacy.scrub else {}),
         **task.fingerprint_settings(cfg),
         "pipeline": PIPELINE_VERSION, "input": source_fingerprint,
     }
@@ -55,6 +56,28 @@ def to_ray_dataset(columns: dict[str, np.ndarray], num_blocks: int):
     table = pa.table(arrays)
     step = max(1, -(-table.num_rows // max(1, num_blocks)))
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
+
+
+def scrub_personal_data(columns: dict[str, np.ndarray], cfg, task) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """data.privacy.scrub: the task's text columns with personal data replaced by placeholders, on a Ray Data
+    stream (a pool of aidc.data.privacy.Scrubber actors), before anything is validated, split or written (the
+    rejected rows too); returns the table and the counts per type."""
+    from aidc.data.privacy import Scrubber, total
+
+    p, text_columns = cfg.data.privacy, task.text_columns
+    n = len(columns["id"])
+    part = {"_row": np.arange(n), **{c: columns[c] for c in text_columns}}
+    blocks = max(2, min(16, n // 2000))
+    done = (to_ray_dataset(part, blocks)
+            .map_batches(Scrubber, fn_constructor_kwargs={"types": p.scrub, "columns": text_columns,
+                                                          "min_score": p.min_score},
+                         batch_format="numpy", batch_size=256, concurrency=(1, 2))
+            .to_pandas()
+            .sort_values("_row"))
+    out = dict(columns)
+    for c in text_columns:
+        out[c] = done[c].to_numpy(dtype=object)
+    return out, total(done[Scrubber.found_column], p.scrub)
 
 
 def _assign(raw: RawData, cfg) -> np.ndarray:
@@ -97,6 +120,9 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
     """Build (or reuse) the dataset version for `cfg`, encoded by its workload `task` (aidc.tasks.get_task(cfg.task):
     the data layer knows no workload of its own); returns (version, reused)."""
     root = storage.storage_root(root or cfg.run.storage)
+    if cfg.data.privacy.scrub and not task.text_columns:
+        raise ConfigError(f"data.privacy.scrub works on text: task {cfg.task} has no text column; remove "
+                          f"data.privacy or use a text workload (text_classification, language_model, causal_lm)")
     if getattr(task, "streaming", False):
         return preprocess_streaming(cfg, task, root, force)
     loader = (getattr(task, "sources", None) or SOURCES).get(cfg.data.source)
@@ -110,7 +136,9 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
         return dv, True
     _clear(dv.dir)
 
-    cols = raw.columns
+    cols, found = raw.columns, None
+    if cfg.data.privacy.scrub:
+        cols, found = scrub_personal_data(cols, cfg, task)
     n_read = len(cols["id"])
     reasons = np.asarray(task.validate(cols, cfg, raw.meta), dtype=object)
     if cfg.data.clean.dedup:
@@ -145,7 +173,8 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
         to_ray_dataset(rej, 1).write_parquet(dv.path("rejected"))
 
     counts = {"read": n_read, "kept": int(good.sum()), "rejected": int((~good).sum()), "rejected_by_reason": rejected,
-              "splits": split_rows, "examples": examples, **({"split_details": details} if details else {})}
+              "splits": split_rows, "examples": examples, **({"split_details": details} if details else {}),
+              **({"personal_data_scrubbed": found} if found is not None else {})}
     _finish(dv, cfg, fingerprint, counts, task.features(raw.meta, state), state,
             {"name": cfg.data.source, "description": raw.description, "fingerprint": raw.fingerprint,
              "terms": raw.terms},
@@ -259,6 +288,9 @@ def summary_lines(dv: DatasetVersion, reused: bool) -> list[str]:
         lines.append(f"  {s}: " + ", ".join(f"{k} {v}" for k, v in detail.items()))
     for reason, n in c["rejected_by_reason"].items():
         lines.append(f"  rejected {n}: {reason}")
+    if "personal_data_scrubbed" in c:
+        lines.append("  personal data replaced by placeholders: " +
+                     ", ".join(f"{k} {v}" for k, v in c["personal_data_scrubbed"].items()))
     state = json.dumps(m["transform"])
     lines.append(f"  fitted transform: {state[:300]}{'...' if len(state) > 300 else ''}")
     return lines

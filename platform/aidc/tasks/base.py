@@ -47,6 +47,9 @@ class Task:
     name: str = ""
     primary_metric: str = "val_loss"  # lower is better; picks the best checkpoints
     input_column: str = ""  # raw column that requests carry
+    # the raw text columns data.privacy.scrub cleans: "text" (plain) or "json" (one JSON document per row, whose
+    # strings are scrubbed); none: the workload's data holds no text
+    text_columns: dict[str, str] = {}
 
     # -- preprocessing --------------------------------------------------------------
     def fingerprint_settings(self, cfg) -> dict:

@@ -272,6 +272,7 @@ def prompt_and_reference(row: dict, tok) -> tuple[str, str]:
 
 class CausalLM(Task):
     name = "causal_lm"
+    text_columns = {"record": "json"}
     input_column = "record"
 
     @property

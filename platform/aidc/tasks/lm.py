@@ -20,6 +20,7 @@ from aidc.tasks.image import check_batch
 
 class LanguageModel(Task):
     name = "language_model"
+    text_columns = {"text": "text"}
     input_column = "text"
     quality_metric = "test_perplexity"
     export_hint = "language models: --format hf"

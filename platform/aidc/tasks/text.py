@@ -21,6 +21,7 @@ MAX_CHARS = 5000
 
 class TextClassification(Task):
     name = "text_classification"
+    text_columns = {"text": "text"}
     input_column = "text"
     quality_metric = "test_macro_f1"
     onnx_export = True
