@@ -7,13 +7,15 @@ No `from __future__ import annotations` here: FastAPI must see real types on Ser
 
 
 import logging
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 from ray import serve
 
-from aidc.errors import RequestError
+from aidc.config import PII_TYPES
+from aidc.errors import ConfigError, RequestError
 from aidc.serving import error_body, load_model, parse_json_body
 from aidc.security.audit import record_quietly
 from aidc.serving.protect import ApiKeyAuth, protect
@@ -32,6 +34,9 @@ class PredictorArgs(AppArgs):
     model: str = Field(..., description="Registered model: name@alias or name/version.")
     max_batch_size: int = Field(256, ge=1, description="Most instances in one request (413 above).")
     max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above).")
+    scrub: list[Literal[PII_TYPES]] = Field(
+        [], description="Text models: personal data replaced by placeholders in each instance before the model "
+        "sees it, as data.privacy.scrub did to its training data (name the same types).")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -41,6 +46,14 @@ class Predictor:
         self.args = PredictorArgs.model_validate(args)
         self.loaded = load_model(self.args.model, self.args.tracking_uri)
         ApiKeyAuth.configure("predictor", self.args.auth, model=self.loaded.name)
+        self.scrubber = None
+        if self.args.scrub:
+            if not self.loaded.task.text_columns:
+                raise ConfigError(f"scrub works on text models; {self.loaded.name} is {self.loaded.task.name}: "
+                                  f"remove scrub from the app's args")
+            from aidc.data.privacy import Scrubber
+
+            self.scrubber = Scrubber(self.args.scrub)
 
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
@@ -49,6 +62,8 @@ class Predictor:
             body = parse_json_body(await request.body(), self.args.max_body_bytes)
             instances = require(body, "instances", allowed={"instances"})
             x = self.loaded.task.parse_instances(instances, self.loaded.spec["features"], self.args.max_batch_size)
+            if self.scrubber is not None:
+                x = self.scrubber.texts(x)
         except RequestError as exc:
             return JSONResponse(error_body(exc.message, exc.status, exc.field), status_code=exc.status)
         return JSONResponse({"model": {"name": self.loaded.name, "version": self.loaded.version},

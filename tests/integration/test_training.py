@@ -52,6 +52,36 @@ def test_tiny_run_per_workload_trains_registers_and_serves(name, root):
     version = register(cfg, outcome)
     loaded = load_model(version.ref, tracking_uri(None, root))
     assert loaded.metadata()["version"] == version.version
+    if name == "sms-spam":
+        _served_with_scrub_sees_placeholders(version, loaded, root)
+
+
+def _served_with_scrub_sees_placeholders(version, loaded, root):
+    """The predictor's `scrub` arg: a served text model sees its instances as its scrubbed training data was
+    (placeholders for the personal data), through Serve over HTTP."""
+    import numpy as np
+    import requests
+    from ray import serve
+
+    from serve_apps.predictor import app_builder
+    from tests.conftest import free_port
+    from tests.security_helpers import bearer, make_key
+
+    texts = ["WIN! mail claims@prize-win.com or call +44 20 7946 0958 now", "ok see u at 5"]
+    placeholders = ["WIN! mail <EMAIL> or call <PHONE> now", "ok see u at 5"]
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app_builder({"model": version.ref, "tracking_uri": tracking_uri(None, root),
+                               "scrub": ["email", "phone"]}), name="sms", route_prefix="/sms")
+        r = requests.post(f"http://127.0.0.1:{port}/sms/predict", json={"instances": texts},
+                          headers=bearer(make_key("infer:*")), timeout=60)
+        assert r.status_code == 200, r.text
+        served = r.json()["predictions"]
+        assert served == loaded.predict(np.array(placeholders, dtype=object))
+        assert served[0] != loaded.predict(np.array(texts, dtype=object))[0]  # the raw text reads otherwise
+    finally:
+        serve.shutdown()
 
 
 def test_resume_after_a_stop_matches_an_uninterrupted_run(root, tmp_path, monkeypatch):

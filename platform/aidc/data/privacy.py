@@ -105,6 +105,11 @@ class Scrubber:
         found.update(self._name[item.entity_type] for item in out.items)
         return out.text
 
+    def texts(self, texts, found: Counter | None = None) -> np.ndarray:
+        """Each of `texts` scrubbed (a served text model's instances)."""
+        found = Counter() if found is None else found
+        return np.array([self.text(t, found) for t in texts], dtype=object)
+
     def json_text(self, line: str, found: Counter) -> str:
         """One JSON document with its strings scrubbed (keys kept); a line that is not JSON, as text."""
         try:
