@@ -461,6 +461,32 @@ class CompressConfig(Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="distill: weight of the soft-target loss (1 - alpha: labels).")
 
 
+class RobustnessConfig(Strict):
+    """Accuracy under adversarial perturbations of the test inputs, computed with the Adversarial Robustness
+    Toolbox when the model is registered (classifiers of continuous inputs: images)."""
+
+    attacks: list[Literal["fgsm", "pgd"]] = Field(["fgsm", "pgd"], min_length=1, description="fgsm: one signed "
+                                                  "gradient step; pgd: projected gradient descent (stronger).")
+    eps: list[float] = Field([0.05, 0.1, 0.2, 0.3], min_length=1, description="Largest change per input value "
+                             "(L-inf), as a fraction of the raw value range (pixels: 0.1 = a tenth of 0..255).")
+    samples: int = Field(500, ge=10, description="Test rows attacked (the first of the test split).")
+    pgd_steps: int = Field(20, ge=1, le=1000, description="pgd: gradient steps (each 2.5 eps / steps, Madry's).")
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_in_range(cls, value):
+        bad = [e for e in value if not 0 < e <= 1]
+        if bad:
+            raise ValueError(f"eps are fractions of the value range, in (0, 1]; got {bad}")
+        return value
+
+
+class EvalConfig(Strict):
+    robustness: RobustnessConfig | None = Field(
+        None, description="Adversarial robustness section of the evaluation: e.g. {attacks: [fgsm, pgd], "
+        "eps: [0.1, 0.2]}; recorded with the model version and shown by `aidc model compare`.")
+
+
 # The workloads a job config can name, each implemented by a module of aidc.tasks (a unit test checks that the two
 # agree): the model architectures (model.arch) it takes, and the data sources where it takes only some.
 TASK_ARCHS = {
@@ -489,6 +515,7 @@ class JobConfig(Strict):
     batch_infer: BatchInferConfig = Field(default_factory=BatchInferConfig,
                                           description="Offline scoring settings (python -m jobs.batch_infer).")
     compress: CompressConfig | None = Field(None, description="Compression settings (python -m jobs.compress).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="More evaluation when the model is registered.")
 
     @model_validator(mode="after")
     def _failure_budget(self) -> "JobConfig":

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.integration
 
 DRIVER = ["resources.num_workers=0", "train.epochs=1"]
 TINY = {
-    "digits": ["model.channels=[8]", "model.hidden=32", "train.max_steps_per_epoch=30"],
+    "digits": ["model.channels=[8]", "model.hidden=32", "train.max_steps_per_epoch=30",
+               "eval.robustness.eps=[0.05, 0.1, 0.2]", "eval.robustness.pgd_steps=10"],
     "shakespeare-gpt": ["model.d_model=64", "model.layers=1", "model.heads=2", "model.dropout=0.0",
                         "train.max_steps_per_epoch=15"],
     "sms-spam": ["model.d_model=32", "model.layers=1", "train.max_steps_per_epoch=10", "data.text.tokenizer=char"],
@@ -165,6 +166,38 @@ def test_lm_batch_completions_on_vllm_reject_bad_prompts_and_repeat_with_a_seed(
     assert runs[0]["key"].tolist() == [0, 1, 4] and set(runs[0]["finish_reason"]) <= {"length", "stop"}
     assert all(runs[0]["completion"].str.len() > 0)
     assert runs[0]["completion"].tolist() == runs[1]["completion"].tolist()
+
+
+def test_robustness_is_recorded_with_each_version_and_set_side_by_side(models, capsys):
+    """eval.robustness (ART's FGSM and PGD): accuracy per attack and eps in the version's metrics, PGD never
+    above FGSM at the same eps and falling as eps grows; a pruned version (the same config) gets its own;
+    `aidc model compare` sets them side by side. A text workload refuses the section before it trains."""
+    from aidc.compress.job import compress
+    from aidc.errors import ConfigError
+
+    uri, root = models["uri"], models["root"]
+    source = load_model(models["refs"]["digits"], uri)
+    m = source.spec["metrics"]
+    eps = [0.05, 0.1, 0.2]
+    assert m["robust_samples"] > 100 and m["robust_clean_accuracy"] == pytest.approx(m["test_accuracy"], abs=0.02)
+    for e in eps:
+        assert m[f"robust_accuracy_pgd_eps{e:g}"] <= m[f"robust_accuracy_fgsm_eps{e:g}"], (e, m)
+    pgd = [m[f"robust_accuracy_pgd_eps{e:g}"] for e in eps]
+    assert pgd == sorted(pgd, reverse=True) and pgd[-1] < m["robust_clean_accuracy"] - 0.2, pgd
+
+    raw = models["cfgs"]["digits"].model_dump(mode="json")
+    raw["compress"] = {"method": "prune", "sparsity": 0.5}
+    pruned = compress(validate(apply_overrides(raw, ["run.name=c-digits-robust"]), JobConfig))
+    assert "robust_accuracy_pgd_eps0.1" in load_model(pruned.ref, uri).spec["metrics"]
+    assert aidc(["model", "compare", models["refs"]["digits"], pruned.ref, "--storage", root,
+                 "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    for row in ("accuracy under fgsm eps 0.05", "accuracy under pgd eps 0.2"):
+        assert row in out, out
+
+    with pytest.raises(ConfigError, match="eval.robustness: gradient attacks need continuous inputs; task "
+                                          "text_classification"):
+        run_training(workload_config("sms-spam", root, *DRIVER, "eval.robustness.eps=[0.1]"))
 
 
 def test_compressed_versions_are_registered_signed_loadable_and_smaller(models, capsys):

@@ -79,6 +79,8 @@ def figures(loaded, directory: Path, rows: dict) -> dict:
         "parameters": sum(t.numel() for t in tensors),
         "nonzero_parameters": sum(int((t != 0).sum()) for t in tensors),
         "metric": quality, "value": test_metrics(loaded, rows)[quality],
+        # eval.robustness, as recorded when the version was registered (aidc.tasks.robustness)
+        "robustness": {k: v for k, v in loaded.spec.get("metrics", {}).items() if k.startswith("robust_accuracy_")},
     }
 
 
@@ -113,5 +115,12 @@ def format_comparison(fa: dict, fb: dict) -> list[str]:
              ratio(fb["latency_p50_ms_b32"], fa["latency_p50_ms_b32"]) + " speed"),
             (f"{fa['metric']} (test split)", f"{fa['value']:.4f}", f"{fb['value']:.4f}",
              f"{fb['value'] - fa['value']:+.4f}")]
+    ra, rb = fa.get("robustness", {}), fb.get("robustness", {})
+    for key in sorted({*ra, *rb}, key=lambda k: (float(k.rpartition("_eps")[2]), k)):
+        a, b = ra.get(key), rb.get(key)
+        attack, _, eps = key.removeprefix("robust_accuracy_").partition("_eps")
+        rows.append((f"accuracy under {attack} eps {eps}",
+                     "-" if a is None else f"{a:.4f}", "-" if b is None else f"{b:.4f}",
+                     f"{b - a:+.4f}" if a is not None and b is not None else ""))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     return ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]

@@ -126,6 +126,12 @@ class Task:
 
         return export_model_dir(directory, state_dict=state_dict, spec=spec, config_yaml=to_yaml(cfg))
 
+    def attack_space(self, model: nn.Module, features: dict, transform: dict):
+        """For eval.robustness: (a module taking this task's raw inputs scaled to 0..1 and answering the model's
+        logits, a function raw test inputs -> that scale), or None where gradient attacks do not apply (token
+        ids, ids of users and items are not continuous)."""
+        return None
+
     def after_training(self, cfg, outcome, state_dict: dict, out_dir) -> tuple[list, object | None]:
         """More evaluation of the final weights before they are registered (adds to outcome.metrics); returns
         files to log with the run and the final model if it built one (handed to write_model_dir, so a large

@@ -68,6 +68,13 @@ class ImageClassification(Task):
     def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
         return classification_metrics(sums, prefix)
 
+    def attack_space(self, model: nn.Module, features: dict, transform: dict):
+        """Pixels scaled to 0..1 over the raw range (an eps of 0.1 is a tenth of 0..255 for MNIST), standardized
+        inside the module as the served model's inputs are."""
+        lo, hi = features["raw_range"]
+        return _UnitPixels(model, lo, hi, transform["standardize"]), \
+            lambda images: ((np.asarray(images, np.float32) - lo) / (hi - lo))[:, None, :, :]
+
     def planning_inputs(self, features: dict, batch: int) -> tuple:
         return (torch.zeros(batch, 1, *features["image_shape"], device="meta"),)  # (n, 1, H, W)
 
@@ -154,3 +161,15 @@ def _flatten_numbers(inst: Any, where: str, height: int, width: int) -> list[flo
         if not math.isfinite(v):
             raise RequestError(f"{where} value #{j} is {v}; NaN and infinity are not allowed", field=where)
     return flat
+
+
+class _UnitPixels(nn.Module):
+    """The classifier on pixels scaled to 0..1: back to the raw range, standardized as in training."""
+
+    def __init__(self, model: nn.Module, lo: float, hi: float, standardizer: dict):
+        super().__init__()
+        self.model, self.lo, self.span = model, float(lo), float(hi - lo)
+        self.mean, self.std = float(standardizer["mean"]), float(standardizer["std"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((self.lo + x * self.span - self.mean) / self.std)

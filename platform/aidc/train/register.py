@@ -87,6 +87,13 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
         task = get_task(cfg.task)
         before = set(outcome.metrics)
         files, final = task.after_training(cfg, outcome, state["model"], Path(tmp))
+        if cfg.eval.robustness is not None:  # accuracy under FGSM/PGD (ART), recorded with the version
+            from aidc.tasks.robustness import robustness
+
+            net = task.build_model(spec["model"], spec["features"])
+            net.load_state_dict(state["model"])
+            outcome.metrics.update(robustness(task, net, spec["features"], spec["transform"],
+                                              outcome.dataset.read_numpy("test"), cfg.eval.robustness))
         extra_artifacts = [*extra_artifacts, *files]
         evaluated = {k: v for k, v in outcome.metrics.items() if k not in before}  # logged with the run below
         spec["metrics"] = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}

@@ -202,6 +202,10 @@ def run_training(cfg, loop_extras: dict | None = None) -> TrainOutcome:
     from aidc.train import checkpoint as ckpt
 
     root = storage.storage_root(cfg.run.storage)
+    if cfg.eval.robustness is not None:  # refused before anything trains, not at registration
+        from aidc.tasks.robustness import check_supported
+
+        check_supported(get_task(cfg.task))
     storage.check_shared(root)  # multi-node: checkpoints must be readable wherever a worker restarts
     if cfg.resources.num_workers != 0:
         check_fits(cfg)

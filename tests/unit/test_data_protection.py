@@ -1,4 +1,4 @@
-"""data.privacy.scrub: Presidio's recognizers behind aidc.data.privacy.Scrubber, on planted personal data."""
+"""Data protection (#31): personal data scrubbing (aidc.data.privacy, Presidio) and the robustness settings."""
 
 from __future__ import annotations
 
@@ -67,3 +67,22 @@ def test_types_that_need_a_model_and_unknown_types_are_refused_clearly():
         load_config(CONFIGS / "sms-spam.yaml", ["data.privacy.scrub=[email, person]"])
     with pytest.raises(ConfigError, match=r"data.privacy.scrub.1"):
         load_config(CONFIGS / "sms-spam.yaml", ["data.privacy.scrub=[email, passport]"])
+
+
+def test_robustness_settings_are_checked_and_compare_lists_them_side_by_side():
+    """eval.robustness's eps are fractions of the value range; `aidc model compare` puts each attack and eps of
+    the two versions in a row, '-' where one version has no figure (an int8 version has no gradient)."""
+    from aidc.compress.compare import format_comparison
+
+    with pytest.raises(ConfigError, match=r"eval.robustness.eps: .*fractions of the value range"):
+        load_config(CONFIGS / "digits.yaml", ["eval.robustness.eps=[0.1, 8]"])
+    with pytest.raises(ConfigError, match=r"eval.robustness.attacks.0"):
+        load_config(CONFIGS / "digits.yaml", ["eval.robustness.attacks=[deepfool]"])
+    base = dict(version="d/1", compression="-", size_bytes=2048, parameters=10, nonzero_parameters=10,
+                latency_p50_ms_b1=0.1, latency_p50_ms_b32=1.0, metric="test_accuracy", value=0.9,
+                robustness={"robust_accuracy_pgd_eps0.1": 0.4, "robust_accuracy_fgsm_eps0.05": 0.8,
+                            "robust_accuracy_fgsm_eps0.1": 0.5})
+    rows = format_comparison(base, dict(base, version="d/2", compression="int8", robustness={}))
+    assert [r.split("  ")[0] for r in rows[-3:]] == ["accuracy under fgsm eps 0.05", "accuracy under fgsm eps 0.1",
+                                                     "accuracy under pgd eps 0.1"]
+    assert rows[-1].split()[-2:] == ["0.4000", "-"]
