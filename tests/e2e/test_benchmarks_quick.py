@@ -62,6 +62,13 @@ def test_pii_scrub_quick():
     assert r["sms"]["hits"].get("phone", 0) > 10 and r["sms"]["presidio_url_hits_alone"] > r["sms"]["hits"]["url"]
 
 
+def test_robustness_quick():
+    from benchmarks.robustness import main
+
+    d = main(["--quick"])["digits"]
+    assert d["samples"] == 100 and all(d[f"pgd@{e}"] <= d[f"fgsm@{e}"] for e in ("0.1", "0.2", "0.3"))
+
+
 def test_auth_overhead_quick():
     from benchmarks.auth_overhead import main
 
