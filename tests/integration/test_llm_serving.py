@@ -81,7 +81,8 @@ def server(root, char_gpt, hf_gpt2, hf_llama):
                                          "defaults": {**ENGINE, "max_num_seqs": 16}}), name="llm", route_prefix="/"),
             # a small queue (429 beyond)
             serve.RunTarget(app_builder({"models": [{"ref": hf_gpt2[0], **ENGINE, "max_num_seqs": 2, "max_waiting": 1},
-                                                    {"ref": hf_llama[0], **ENGINE}], "tracking_uri": uri}),
+                                                    {"ref": hf_llama[0], **ENGINE}], "tracking_uri": uri,
+                                         "scrub": ["email", "phone"]}),
                             name="llm-hf", route_prefix="/hf")])
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -305,6 +306,19 @@ def test_imported_gpt2_is_served_the_same_way(server, hf_client, hf_gpt2):
     expected = requests.post(f"{server}/hf/v1/detokenize", json={"model": "tiny-gpt2", "tokens": seq[len(ids["tokens"]):]})
     assert out.choices[0].text == expected.json()["prompt"]
     assert ids["max_model_len"] == 4096
+
+
+def test_the_scrub_arg_replaces_personal_data_before_the_model_reads_it(server, hf_client):
+    """llm-hf runs with scrub: [email, phone]: the echoed prompt is what the model read; /tokenize counts the
+    same tokens as generation sees."""
+    prompt = "mail ana.li@example.com or call +44 20 7946 0958 today"
+    out = hf_client.completions.create(model="tiny-gpt2", prompt=prompt, echo=True, max_tokens=1, temperature=0)
+    text = out.choices[0].text
+    assert text.startswith("mail <EMAIL> or call <PHONE> today") and "@" not in text, text
+    ids = requests.post(f"{server}/hf/v1/tokenize", json={"model": "tiny-gpt2", "prompt": prompt}).json()
+    plain = requests.post(f"{server}/hf/v1/tokenize", json={"model": "tiny-gpt2",
+                                                            "prompt": "mail <EMAIL> or call <PHONE> today"}).json()
+    assert ids["tokens"] == plain["tokens"] and out.usage.prompt_tokens == ids["count"]
 
 
 def test_a_llama_imported_as_it_is_is_served_by_vllm(server, hf_client, hf_llama, root):

@@ -59,3 +59,33 @@ def test_an_imported_tokenizer_keeps_its_own_special_tokens():
     assert cfg["eos_token"] == cfg["bos_token"] == "<|endoftext|>" and "pad_token" not in cfg
     assert cfg["chat_template"] == DEFAULT_TEMPLATE  # no template of its own: aidc's `role: content` lines
     assert tokenizer_config({**state, "chat_template": "{{ x }}"}, 64)["chat_template"] == "{{ x }}"
+
+
+def test_scrub_replaces_personal_data_in_prompts_and_chat_text_and_leaves_token_ids():
+    """The llm app's `scrub` arg, on the requests as Ray Serve LLM parses them (vLLM's protocol classes)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    from aidc.data.privacy import Scrubber
+    from aidc.serving.llm.app import scrub_prompts
+
+    scrubber = Scrubber(["email", "phone"])
+    one = CompletionRequest(model="m", prompt="mail ana@example.com now")
+    scrub_prompts(one, scrubber)
+    assert one.prompt == "mail <EMAIL> now"
+    many = CompletionRequest(model="m", prompt=["call +44 20 7946 0958", "hi"])
+    scrub_prompts(many, scrubber)
+    assert many.prompt == ["call <PHONE>", "hi"]
+    ids = CompletionRequest(model="m", prompt=[12, 40, 41])
+    scrub_prompts(ids, scrubber)
+    assert ids.prompt == [12, 40, 41]
+    chat = ChatCompletionRequest(model="m", messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "I am ana@example.com"}]},
+        {"role": "assistant", "content": "noted: ana@example.com"}])
+    scrub_prompts(chat, scrubber)
+    texts = [m["content"] if isinstance(m, dict) else m.content for m in chat.messages]
+    assert texts[0] == "be brief" and texts[2] == "noted: <EMAIL>"
+    assert texts[1][0]["text"] == "I am <EMAIL>"
+    assert LLMArgs.model_validate({"models": ["m@a"], "scrub": ["email"]}).scrub == ["email"]
+    with pytest.raises(Exception, match="scrub"):
+        LLMArgs.model_validate({"models": ["m@a"], "scrub": ["person"]})

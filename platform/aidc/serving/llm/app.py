@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +44,7 @@ from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMClientError
 
+from aidc.config import PII_TYPES
 from aidc.errors import AidcError, RequestError
 from aidc.ops.serving import RequestMetrics, tag_request
 from aidc.security.auth import ApiKeyAuth
@@ -95,6 +96,9 @@ class LLMArgs(AppArgs):
     defaults: dict[str, Any] = Field(default_factory=dict, description="ModelArgs fields every model starts from.")
     metrics: bool = Field(True, description="Export vLLM's engine metrics (TTFT, inter-token latency, KV cache, "
                           "prefix-cache hits) through Ray's Prometheus endpoint.")
+    scrub: list[Literal[PII_TYPES]] = Field(
+        [], description="Personal data replaced by placeholders (<EMAIL>, ...) in prompts and chat messages "
+        "before a model sees them (completions, chat, tokenize), as data.privacy.scrub does to training data.")
 
     def model_args(self) -> list[ModelArgs]:
         return [m if isinstance(m, ModelArgs) else ModelArgs.model_validate({**self.defaults, "ref": m})
@@ -178,6 +182,32 @@ async def _openai_error(request, exc: OpenAIHTTPException):
     return _json_error(exc.message, exc.status_code)
 
 
+def scrub_prompts(body, scrubber) -> None:
+    """A request's prompt text (a completion's prompt or prompts; token ids are left as sent) and its chat
+    messages' text (plain, or the text parts of a multi-part content), with personal data replaced."""
+    from collections import Counter
+
+    found = Counter()
+    prompt = getattr(body, "prompt", None)
+    if isinstance(prompt, str):
+        body.prompt = scrubber.text(prompt, found)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        body.prompt = [scrubber.text(p, found) for p in prompt]
+    for message in getattr(body, "messages", None) or []:
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        if isinstance(content, str):
+            content = scrubber.text(content, found)
+        elif isinstance(content, list):
+            content = [{**part, "text": scrubber.text(part["text"], found)}
+                       if isinstance(part, dict) and isinstance(part.get("text"), str) else part for part in content]
+        else:
+            continue
+        if isinstance(message, dict):
+            message["content"] = content
+        else:
+            message.content = content
+
+
 def _unavailable(exc: BaseException) -> Optional[RequestError]:
     """Map a failure reaching a model's replica to the answer a client can act on (else None)."""
     from ray.exceptions import RayActorError
@@ -203,6 +233,11 @@ class LLMIngress(OpenAiIngress):
         self.adapters = adapters or {}  # LoRA adapter name -> its base model's id
         BodyLimit.max_body_bytes = self.args.max_body_bytes
         ApiKeyAuth.configure("llm", self.args.auth, model=self._only_model())
+        self.scrubber = None
+        if self.args.scrub:
+            from aidc.data.privacy import Scrubber
+
+            self.scrubber = Scrubber(self.args.scrub)
 
     def _only_model(self) -> Optional[str]:
         return next(iter(self._model_cards)) if len(self._model_cards) == 1 else None
@@ -222,6 +257,8 @@ class LLMIngress(OpenAiIngress):
 
     async def _call(self, body, method: str, request: Optional[Request]):
         body.model = self._model_id(body.model)
+        if self.scrubber is not None and method != "detokenize":
+            scrub_prompts(body, self.scrubber)
         try:
             gen = self._get_response(body=body, call_method=method, raw_request=request)
             first, gen = await _peek_at_generator(gen)
