@@ -6,6 +6,7 @@ No `from __future__ import annotations` here: FastAPI must see real types on Ser
 """
 
 
+import asyncio
 import logging
 from typing import Literal
 
@@ -62,8 +63,8 @@ class Predictor:
             body = parse_json_body(await request.body(), self.args.max_body_bytes)
             instances = require(body, "instances", allowed={"instances"})
             x = self.loaded.task.parse_instances(instances, self.loaded.spec["features"], self.args.max_batch_size)
-            if self.scrubber is not None:
-                x = self.scrubber.texts(x)
+            if self.scrubber is not None:  # CPU work: off the event loop, which serves the other requests
+                x = await asyncio.to_thread(self.scrubber.texts, x)
         except RequestError as exc:
             return JSONResponse(error_body(exc.message, exc.status, exc.field), status_code=exc.status)
         return JSONResponse({"model": {"name": self.loaded.name, "version": self.loaded.version},

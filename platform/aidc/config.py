@@ -99,7 +99,9 @@ class PrivacyConfig(Strict):
     @field_validator("scrub", mode="before")
     @classmethod
     def _no_model_types(cls, value):
-        needs_model = [v for v in value or [] if v in ("person", "location", "organization", "date_time", "nrp")]
+        if not isinstance(value, list):
+            return value  # pydantic names the type error
+        needs_model = [v for v in value if v in ("person", "location", "organization", "date_time", "nrp")]
         if needs_model:
             raise ValueError(f"{needs_model} need a named-entity model, which aidc does not download at run time; "
                              f"scrub the pattern-based types: {list(PII_TYPES)}")

@@ -126,7 +126,13 @@ def test_sms_spam_personal_data_is_scrubbed_before_anything_is_written(root):
     found = m["counts"]["personal_data_scrubbed"]
     assert found == {k: expected[k] for k in ("email", "phone", "url", "credit_card")}
     assert found["email"] >= 5 and found["phone"] >= 400 and found["url"] >= 100  # SMS spam's contact lines
-    assert dv.version != _prep("sms-spam", root)[0].version  # another setting, another version
+    plain = _prep("sms-spam", root)[0]
+    assert dv.version != plain.version  # another setting, another version
+    from aidc.train.trainer import run_training
+
+    with pytest.raises(ConfigError, match=r"data.privacy.scrub names \['email', 'phone'\], but dataset sms-spam@"):
+        run_training(workload_config("sms-spam", root, "data.privacy.scrub=[email, phone]",
+                                     f"data.version={plain.version}", "resources.num_workers=0"))
     rejected = dv.read_numpy("rejected")
     assert len(rejected["id"]) > 300
     for i, text in zip(rejected["id"], rejected["text"]):

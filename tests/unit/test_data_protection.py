@@ -51,7 +51,7 @@ def test_a_trailing_full_stop_stays_outside_the_placeholder(scrubber):
 
 
 def test_json_rows_keep_their_structure_and_a_broken_one_is_scrubbed_as_text():
-    s = Scrubber(["email", "phone"], {"record": "json"})
+    s = Scrubber(["email", "phone", "credit_card"], {"record": "json"})
     row = {"messages": [{"role": "user", "content": "mail me: ana.li@example.com"},
                         {"role": "assistant", "content": "ok, or call +44 20 7946 0958?"}], "email": "kept key"}
     out = s({"record": np.array([json.dumps(row), "{broken ana.li@example.com"], dtype=object)})
@@ -59,12 +59,18 @@ def test_json_rows_keep_their_structure_and_a_broken_one_is_scrubbed_as_text():
     assert doc["messages"][0]["content"] == "mail me: <EMAIL>" and doc["email"] == "kept key"
     assert doc["messages"][1]["content"] == "ok, or call <PHONE>?"
     assert out["record"][1] == "{broken <EMAIL>"
+    numbers = s({"record": np.array([json.dumps({"prompt": "x", "completion": 4111111111111111, "n": 3}),
+                                     "4111111111111111"], dtype=object)})
+    assert json.loads(numbers["record"][0]) == {"prompt": "x", "completion": "<CREDIT_CARD>", "n": 3}
+    assert json.loads(numbers["record"][1]) == "<CREDIT_CARD>"
     assert [json.loads(f) for f in out[Scrubber.found_column]] == [{"email": 1, "phone": 1}, {"email": 1}]
 
 
 def test_types_that_need_a_model_and_unknown_types_are_refused_clearly():
     with pytest.raises(ConfigError, match=r"data.privacy.scrub: .*named-entity model.*email"):
         load_config(CONFIGS / "sms-spam.yaml", ["data.privacy.scrub=[email, person]"])
+    with pytest.raises(ConfigError, match=r"data.privacy.scrub: got 5: Input should be a valid list"):
+        load_config(CONFIGS / "sms-spam.yaml", ["data.privacy.scrub=5"])
     with pytest.raises(ConfigError, match=r"data.privacy.scrub.1"):
         load_config(CONFIGS / "sms-spam.yaml", ["data.privacy.scrub=[email, passport]"])
 

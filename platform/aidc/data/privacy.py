@@ -95,7 +95,7 @@ class Scrubber:
 
     def text(self, text: str, found: Counter) -> str:
         """`text` with every hit replaced; adds what it replaced, per type, to `found`."""
-        if not text:
+        if not isinstance(text, str) or not text:
             return text
         hits = [h for r, e in zip(self._recognizers, self._entities)
                 for h in r.analyze(text, [e], None) if h.score >= self.min_score and _keep(text, h)]
@@ -111,7 +111,8 @@ class Scrubber:
         return np.array([self.text(t, found) for t in texts], dtype=object)
 
     def json_text(self, line: str, found: Counter) -> str:
-        """One JSON document with its strings scrubbed (keys kept); a line that is not JSON, as text."""
+        """One JSON document with its strings (and numbers that are personal data, as strings) scrubbed, keys
+        kept; a line that is not JSON, as text."""
         try:
             doc = json.loads(line)
         except (TypeError, ValueError):
@@ -120,6 +121,10 @@ class Scrubber:
         def walk(value):
             if isinstance(value, str):
                 return self.text(value, found)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # a card number as a JSON number
+                text = json.dumps(value)
+                scrubbed = self.text(text, found)
+                return value if scrubbed == text else scrubbed
             if isinstance(value, list):
                 return [walk(v) for v in value]
             if isinstance(value, dict):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from aidc import storage
 from aidc.data.dataset import DatasetVersion, open_dataset
 from aidc.data.split import SPLITS
-from aidc.errors import ResourcesUnavailable
+from aidc.errors import ConfigError, ResourcesUnavailable
 from aidc.runtime import cluster_has_gpus, describe_resources, start_timeout_s
 from aidc.tasks import get_task
 from aidc.train.telemetry import track_training_run
@@ -39,6 +39,12 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
 
     dv = dv or open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version)
     manifest = dv.manifest()
+    wanted = set(cfg.data.privacy.scrub)
+    scrubbed = set(manifest["counts"].get("personal_data_scrubbed", {}))
+    if wanted - scrubbed:  # never train on raw personal data the config says is scrubbed
+        raise ConfigError(f"data.privacy.scrub names {sorted(wanted - scrubbed)}, but dataset {dv.uri} was made "
+                          f"without scrubbing them; preprocess again with this config (python -m jobs.preprocess "
+                          f"--config ...) or pin a scrubbed version with data.version")
     task = get_task(cfg.task)
     state = manifest["transform"]
     data_ctx = ray.data.DataContext.get_current()

@@ -257,8 +257,8 @@ class LLMIngress(OpenAiIngress):
 
     async def _call(self, body, method: str, request: Optional[Request]):
         body.model = self._model_id(body.model)
-        if self.scrubber is not None and method != "detokenize":
-            scrub_prompts(body, self.scrubber)
+        if self.scrubber is not None and method != "detokenize":  # CPU work: off the event loop
+            await asyncio.to_thread(scrub_prompts, body, self.scrubber)
         try:
             gen = self._get_response(body=body, call_method=method, raw_request=request)
             first, gen = await _peek_at_generator(gen)
