@@ -108,6 +108,14 @@ class PrivacyConfig(Strict):
         return value
 
 
+class EncryptionConfig(Strict):
+    key: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Id of the master key: with kms "
+                     "local, env AIDC_KEY_<ID> or the key file <AIDC_KEYS_DIR or ~/.aidc/keys>/<id>.key (mode 0600; "
+                     "aidc data keygen <id> makes one).")
+    kms: str = Field("local", min_length=1, description="KMS client that wraps the data keys: local, or one a "
+                     "deployment registers (aidc.data.encryption.register_kms).")
+
+
 class DataConfig(Strict):
     source: Literal["digits", "mnist", "sms-spam", "tinyshakespeare", "movielens", "synthetic-instructions",
                     "files"] = Field(
@@ -128,6 +136,9 @@ class DataConfig(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Image augmentation (training only).")
     chat: ChatDataConfig = Field(default_factory=ChatDataConfig, description="Fine-tuning data (task causal_lm).")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Personal data in text datasets.")
+    encryption: EncryptionConfig | None = Field(
+        None, description="Encrypt the dataset's Parquet files at rest (Parquet modular encryption, envelope keys): "
+        "e.g. {key: team-a}; the manifest records the key id, never the key.")
     version: str | None = Field(
         None, description="Dataset version to train on (a folder under datasets/<name>/); default: the latest."
     )
@@ -153,6 +164,9 @@ class CNNConfig(Strict):
     channels: list[int] = Field([32, 64], min_length=1, description="Output channels of each conv block.")
     hidden: int = Field(128, ge=1, description="Width of the hidden fully connected layer.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier head.")
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="Normalization after each conv: batch (BatchNorm) or group (GroupNorm; per-sample, "
+        "what train.privacy needs).")
 
 
 class MLPConfig(Strict):
@@ -254,6 +268,17 @@ class TrainConfig(Strict):
         "predicted not to fit the device's memory, naming the fix; warn = print it and run; off = skip."
     )
     plan_headroom: float = Field(0.1, ge=0, lt=1, description="Share of device memory the plan keeps free.")
+    privacy: DPConfig | None = Field(
+        None, description="Differentially private training (DP-SGD, Opacus): e.g. {epsilon: 8, delta: 1e-5, "
+        "max_grad_norm: 1.0}; per-sample clipping and noise, Poisson-sampled batches, the ε spent reported per "
+        "epoch and recorded with the model version. Classifiers (image, text, tabular) on DDP.")
+
+
+class DPConfig(Strict):
+    epsilon: float = Field(..., gt=0, description="Target ε of the whole run (DP-SGD): the noise is set so the "
+                           "accountant's ε after the last epoch is this.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Target δ; must be below 1/training rows.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Each sample's gradient is clipped to this L2 norm.")
 
 
 class ResourcesConfig(Strict):
@@ -547,11 +572,37 @@ class JobConfig(Strict):
                 d.features or d.categorical)):
             raise ValueError("source: files needs label and features/categorical for tabular_classification; e.g. "
                              "features: [x1, x2], label: y")
+        self._private_training_fits()
         if self.train.method == "lora" and self.task != "causal_lm":
             raise ValueError("train.method: lora fine-tunes a pretrained causal LM (task: causal_lm, model.arch: hf)")
         return self
 
+    def _private_training_fits(self) -> None:
+        """What DP-SGD cannot do here, refused before anything runs, each with its fix."""
+        tc = self.train
+        if tc.privacy is None:
+            return
+        if self.task not in ("image_classification", "text_classification", "tabular_classification"):
+            _refuse(f"trains the classifiers (image, text, tabular), not task {self.task!r}")
+        if tc.parallelism != "ddp":
+            _refuse("runs on DDP: set train.parallelism: ddp")
+        if tc.grad_accum_steps != 1:
+            _refuse("takes one Poisson-sampled batch per step: set train.grad_accum_steps: 1 (raise batch_size)")
+        if tc.precision in ("bf16", "fp16"):
+            _refuse("trains in fp32 (per-sample gradients and noise in reduced precision are not accounted): "
+                    "set train.precision: fp32 or auto")
+        if isinstance(self.resources.num_workers, tuple):
+            _refuse("needs a fixed worker count (the sample rate depends on it): set resources.num_workers to one "
+                    "number")
+        if self.model.arch == "cnn" and self.model.norm == "batch":
+            _refuse("needs per-sample normalization: BatchNorm mixes a batch's samples. Fix: model.norm: group")
+        if self.compress is not None and self.compress.method in ("prune", "distill"):
+            _refuse(f"does not retrain for compress.method {self.compress.method} (its starting model or teacher "
+                    "spent privacy this run would not account for); int8 of a private model stays private")
 
+
+def _refuse(what: str) -> None:
+    raise ValueError(f"train.privacy (DP-SGD) {what}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -17,6 +17,8 @@ def ray_session(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.setenv("AIDC_STORAGE", str(tmp_path_factory.mktemp("storage")))
+        # data.encryption's key files, where every Ray worker of this session finds them (set before Ray starts)
+        mp.setenv("AIDC_KEYS_DIR", str(tmp_path_factory.mktemp("keys")))
         # 4 logical CPUs on 2 cores: room for 2 train workers at 0.5 CPU, Ray Data reads and a Serve replica.
         init_ray(num_cpus=4)
         try:

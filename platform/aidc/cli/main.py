@@ -51,6 +51,13 @@ def _data(args) -> int:
 
         return run_job("aidc data prepare", "Preprocess a dataset into a versioned Parquet dataset", prepare,
                        argv=args.rest, extra_args=lambda p: p.add_argument("--force", action="store_true"))
+    if args.action == "keygen":
+        from aidc.data.encryption import key_env, keygen
+
+        path = keygen(args.dataset)
+        print(f"wrote a new 256-bit key {args.dataset!r} to {path} (mode 0600). Use it with data.encryption.key: "
+              f"{args.dataset}; every node that reads or writes the dataset needs this file (or {key_env(args.dataset)})")
+        return 0
     root = storage.storage_root(args.storage)
     if args.action == "list":
         found = names(root)
@@ -205,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--local", action="store_true", help="plan for this machine instead of a cluster.yaml")
     pl.set_defaults(fn=_plan)
 
-    d = sub.add_parser("data", help="prepare, list and inspect versioned datasets",
-                       epilog="prepare takes the job options: --config FILE [--set a.b=v] [--force] [--dry-run]")
-    d.add_argument("action", choices=["prepare", "list", "inspect"])
-    d.add_argument("dataset", nargs="?", help="name or name@version (inspect)")
+    d = sub.add_parser("data", help="prepare, list and inspect versioned datasets; make a dataset encryption key",
+                       epilog="prepare takes the job options: --config FILE [--set a.b=v] [--force] [--dry-run]; "
+                       "keygen KEY_ID writes a new master key for data.encryption.key (mode 0600, $AIDC_KEYS_DIR "
+                       "or ~/.aidc/keys)")
+    d.add_argument("action", choices=["prepare", "list", "inspect", "keygen"])
+    d.add_argument("dataset", nargs="?", help="name or name@version (inspect); the key id (keygen)")
     d.add_argument("--storage", help="storage root (default $AIDC_STORAGE or ~/.aidc)")
     d.set_defaults(fn=_data)
 
@@ -266,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = rest + ([args.dataset] if args.dataset else [])
         return args.fn(args)
     setup_logging("WARNING")
-    if args.command == "data" and args.action == "inspect" and not args.dataset:
-        print("error: aidc data inspect needs a dataset name, e.g. aidc data inspect digits", file=sys.stderr)
+    if args.command == "data" and args.action in ("inspect", "keygen") and not args.dataset:
+        what = "a dataset name, e.g. aidc data inspect digits" if args.action == "inspect" else \
+            "a key id, e.g. aidc data keygen team-a"
+        print(f"error: aidc data {args.action} needs {what}", file=sys.stderr)
         return 2
     try:
         return args.fn(args)

@@ -51,13 +51,34 @@ class DatasetVersion:
         storage.write_text(storage.join(self.root, "datasets", self.name, LATEST), self.version + "\n")
         self._manifest = manifest
 
+    @property
+    def encryption(self) -> dict | None:
+        """{key, kms, scheme} of a dataset encrypted at rest (data.encryption), else None."""
+        return self.manifest().get("encryption")
+
+    def check_key(self, split: str) -> None:
+        """An encrypted split: fail now, naming the dataset and key id, when this process lacks the key or has
+        another under its id."""
+        enc = self.encryption
+        if enc:
+            from aidc.data.encryption import check_readable
+
+            check_readable(self.path(split), self.uri, enc["key"], enc["kms"])
+
     def read(self, split: str, **kwargs):
-        """A split as a Ray dataset (streaming read of its Parquet shards)."""
+        """A split as a Ray dataset (streaming read of its Parquet shards; each read task decrypts its files where
+        the dataset is encrypted)."""
         import ray.data
 
         count = self.manifest()["counts"]["splits"].get(split, 0)
         if count == 0:
             raise DataError(f"dataset {self.uri} has no rows in split {split!r}; check data.split fractions")
+        enc = self.encryption
+        if enc:
+            from aidc.data.encryption import datasource
+
+            self.check_key(split)
+            return ray.data.read_datasource(datasource(self.path(split), enc["kms"]), **kwargs)
         return ray.data.read_parquet(self.path(split), **kwargs)
 
     def size_bytes(self) -> int:
@@ -75,7 +96,13 @@ class DatasetVersion:
         import ray.data  # noqa: F401  registers Ray's tensor extension types with pyarrow
 
         fs, inner = storage.filesystem(self.path(split))
-        table = pq.read_table(inner, filesystem=fs)
+        enc = self.encryption
+        if enc:
+            from aidc.data.encryption import decryption_properties
+
+            self.check_key(split)
+        table = pq.read_table(inner, filesystem=fs,
+                              decryption_properties=decryption_properties(enc["kms"]) if enc else None)
         out = {}
         for name in table.column_names:
             col = table.column(name).combine_chunks()

@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from aidc import storage
+from aidc.data import encryption as encryption_api
 from aidc.data.clean import REASON, mark_duplicates, reason_counts
 from aidc.ops.data import instrument_preprocess
 from aidc.data.dataset import DatasetVersion
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 # Bump when the pipeline's output for the same input and config changes.
 PIPELINE_VERSION = 2
 ENCODE_BATCH = 4096
+# what data.encryption does to every Parquet file (recorded in the manifest)
+ENCRYPTION_SCHEME = "parquet modular encryption: AES-GCM, footer and every column, double-wrapped data keys"
 
 
 def dataset_fingerprint(source_fingerprint: str, cfg, task) -> str:
@@ -39,6 +42,7 @@ def dataset_fingerprint(source_fingerprint: str, cfg, task) -> str:
         "categorical": d.categorical, "label": d.label, "split": d.split.model_dump(), "clean": d.clean.model_dump(),
         "text": d.text.model_dump(), "augment": d.augment.model_dump(), "task": cfg.task,
         **({"privacy": d.privacy.model_dump()} if d.privacy.scrub else {}),
+        **({"encryption": d.encryption.model_dump()} if d.encryption else {}),  # never a plaintext version reused
         **task.fingerprint_settings(cfg),
         "pipeline": PIPELINE_VERSION, "input": source_fingerprint,
     }
@@ -98,21 +102,31 @@ def _take(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndar
     return {k: v[mask] for k, v in columns.items()}
 
 
-def _parquet(path: str):
-    """The written split at `path` (local or object store) as a pyarrow dataset."""
+def _parquet(path: str, encryption=None):
+    """The written split at `path` (local or object store) as a pyarrow dataset (decrypting where encrypted)."""
     import pyarrow.dataset as pads
 
     fs, inner = storage.filesystem(path)
-    return pads.dataset(inner, format="parquet", filesystem=fs)
+    fmt = encryption_api.parquet_format(encryption.kms) if encryption else "parquet"
+    return pads.dataset(inner, format=fmt, filesystem=fs)
 
 
-def _read_columns(path: str, columns: list[str]) -> dict:
-    table = _parquet(path).to_table(columns=columns)
+def _read_columns(path: str, columns: list[str], encryption=None) -> dict:
+    table = _parquet(path, encryption).to_table(columns=columns)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
-def _row_count(path: str) -> int:
-    return _parquet(path).count_rows()
+def _row_count(path: str, encryption=None) -> int:
+    return _parquet(path, encryption).count_rows()
+
+
+def _write_parquet(ds, path: str, encryption) -> None:
+    """Write a Ray dataset as Parquet, encrypted (data.encryption) by keys each write task gets from the KMS."""
+    if encryption is None:
+        ds.write_parquet(path)
+        return
+    key, kms = encryption.key, encryption.kms
+    ds.write_parquet(path, arrow_parquet_args_fn=lambda: encryption_api.write_args(key, kms))
 
 
 @instrument_preprocess  # rows read/kept/rejected and rows/s as metrics (aidc.ops.data)
@@ -123,8 +137,14 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
     if cfg.data.privacy.scrub and not task.text_columns:
         raise ConfigError(f"data.privacy.scrub works on text: task {cfg.task} has no text column; remove "
                           f"data.privacy or use a text workload (text_classification, language_model, causal_lm)")
+    enc = cfg.data.encryption
     if getattr(task, "streaming", False):
+        if enc:
+            raise ConfigError("data.encryption covers datasets aidc loads (data.source other than files); your own "
+                              "files stream straight to Parquet: encrypt them at their source, or drop data.encryption")
         return preprocess_streaming(cfg, task, root, force)
+    if enc and enc.kms == "local":  # before anything is written: the key is there, private, away from the data
+        encryption_api.master_key(enc.key, root)
     loader = (getattr(task, "sources", None) or SOURCES).get(cfg.data.source)
     if loader is None:
         raise ConfigError(f"data.source {cfg.data.source!r} does not fit task {cfg.task}")
@@ -159,35 +179,35 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
             continue
         sub = _take(cols, mask)
         split_state = {**state, "split": s}  # what encode_batch may do per split (fine-tuning packs train rows)
-        (to_ray_dataset(sub, blocks)
-         .map_batches(task.encode_batch, fn_kwargs={"state": split_state}, batch_format="numpy",
-                      batch_size=ENCODE_BATCH)
-         .write_parquet(dv.path(s)))
-        examples[s] = _row_count(dv.path(s))
+        _write_parquet(to_ray_dataset(sub, blocks).map_batches(
+            task.encode_batch, fn_kwargs={"state": split_state}, batch_format="numpy", batch_size=ENCODE_BATCH),
+            dv.path(s), enc)
+        examples[s] = _row_count(dv.path(s), enc)
         if hasattr(task, "describe_split"):  # from what was written (encoding it again cost a tokenizer pass)
-            details[s] = task.describe_split(_read_columns(dv.path(s), task.describe_columns))
+            details[s] = task.describe_split(_read_columns(dv.path(s), task.describe_columns, enc))
     rejected = reason_counts(reasons)
     if rejected:
         rej = _take(cols, ~good)
         rej[REASON] = reasons[~good].astype(str)
-        to_ray_dataset(rej, 1).write_parquet(dv.path("rejected"))
+        _write_parquet(to_ray_dataset(rej, 1), dv.path("rejected"), enc)  # raw rows: encrypted as the rest
 
     counts = {"read": n_read, "kept": int(good.sum()), "rejected": int((~good).sum()), "rejected_by_reason": rejected,
               "splits": split_rows, "examples": examples, **({"split_details": details} if details else {}),
               **({"personal_data_scrubbed": found} if found is not None else {})}
+    extra = {"encryption": {"key": enc.key, "kms": enc.kms, "scheme": ENCRYPTION_SCHEME}} if enc else {}
     _finish(dv, cfg, fingerprint, counts, task.features(raw.meta, state), state,
             {"name": cfg.data.source, "description": raw.description, "fingerprint": raw.fingerprint,
              "terms": raw.terms},
-            {k: f"{v.dtype}{list(v.shape[1:]) if v.ndim > 1 else ''}" for k, v in cols.items()})
+            {k: f"{v.dtype}{list(v.shape[1:]) if v.ndim > 1 else ''}" for k, v in cols.items()}, extra)
     return dv, False
 
 
-def _finish(dv, cfg, fingerprint, counts, features, state, source, schema) -> None:
+def _finish(dv, cfg, fingerprint, counts, features, state, source, schema, extra: dict | None = None) -> None:
     assert counts["read"] == counts["kept"] + sum(counts["rejected_by_reason"].values()), "accounting must balance"
     dv.write_manifest({
         "name": cfg.name, "version": dv.version, "fingerprint": fingerprint, "created_at": now_iso(),
         "code_version": code_version(), "task": cfg.task, "source": source, "schema": schema, "counts": counts,
-        "features": features, "transform": state, "config": cfg.model_dump(mode="json"),
+        "features": features, "transform": state, "config": cfg.model_dump(mode="json"), **(extra or {}),
     })
     logger.info("wrote dataset %s to %s", dv.uri, dv.dir)
 
@@ -288,6 +308,9 @@ def summary_lines(dv: DatasetVersion, reused: bool) -> list[str]:
         lines.append(f"  {s}: " + ", ".join(f"{k} {v}" for k, v in detail.items()))
     for reason, n in c["rejected_by_reason"].items():
         lines.append(f"  rejected {n}: {reason}")
+    if m.get("encryption"):
+        lines.append(f"  encrypted at rest: key {m['encryption']['key']!r} (kms {m['encryption']['kms']}; "
+                     f"{m['encryption']['scheme']})")
     if "personal_data_scrubbed" in c:
         lines.append("  personal data replaced by placeholders: " +
                      ", ".join(f"{k} {v}" for k, v in c["personal_data_scrubbed"].items()))

@@ -20,7 +20,8 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         pad = input_ids == self.pad_id
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        # one row of positions per sample (same values): per-sample gradients (DP-SGD, Opacus) need a batch dim
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         h = self.encoder(self.tokens(input_ids) + self.positions(pos), src_key_padding_mask=pad)
         keep = (~pad).unsqueeze(-1).to(h.dtype)
         pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1.0)

@@ -23,6 +23,7 @@ from aidc.train.telemetry import TrainTelemetry
 from aidc.runtime import torch_device
 from aidc.tasks import get_task
 from aidc.train import checkpoint as ckpt
+from aidc.train import privacy
 from aidc.train.parallel import (autocast, full_state, grad_scaler, is_distributed, load_full_state, no_sync,
                                  parallelize, resolve_precision)
 
@@ -122,18 +123,30 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         world, rank = 1, 0
         device = torch_device()  # a num_workers: 0 trial uses a GPU only when Ray gave it one
-    precision = resolve_precision(tc["precision"], device)
+    # DP-SGD trains in fp32: its per-sample gradients and noise are accounted as exact
+    precision = "fp32" if config.get("privacy") else resolve_precision(tc["precision"], device)
     strategy = tc["parallelism"]
 
+    dp = config.get("privacy")  # DP-SGD's plan (aidc.train.privacy.plan), made on the driver
     torch.manual_seed(tc["seed"])
     model = task.adapt(task.build_model(job["model"], features), job).to(device)  # e.g. LoRA-wrapped
+    if dp:
+        model = privacy.private_model(model)
+        privacy.check_model(model)
     compute_loss, after_step = training_hooks(config, task, model, device)  # pruning/distillation: aidc.compress
-    if local is None:
-        model = parallelize(model, strategy, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    if dp:  # per-sample gradients, clipping and noise (Opacus) in place of DDP's gradient all-reduce
+        model, optimizer, accountant = privacy.make_private(
+            model, torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"]), dp,
+            tc["batch_size"], distributed=local is None and is_distributed())
+    else:
+        if local is None:
+            model = parallelize(model, strategy, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     micro_per_epoch = max(1, config["train_rows"] // (tc["batch_size"] * max(world, 1)))
     if tc["max_steps_per_epoch"]:
         micro_per_epoch = min(micro_per_epoch, tc["max_steps_per_epoch"] * tc["grad_accum_steps"])
+    if dp:
+        micro_per_epoch = dp["steps_per_epoch"]  # the steps the accountant planned for, on every worker
     steps_per_epoch = max(1, micro_per_epoch // tc["grad_accum_steps"])
     total_steps = steps_per_epoch * tc["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
@@ -141,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = grad_scaler(precision, device)
 
     state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "history": [], "best": None, "finished": False,
-             "resumes": []}
+             "resumes": [], "privacy": []}  # privacy: the DP accountant's history
     # Where this run continues from: its own latest checkpoint (Ray Train's, or its own numbered ones for
     # num_workers: 0, see checkpoint.numbered), else a state to start from under this config (a Tune trial's
     # restore or a PBT donor's, passed as init_checkpoint).
@@ -184,7 +197,9 @@ def train_loop_per_worker(config: dict) -> None:
     if saved:
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.set_rng_state(saved["rng"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, v) for k, v in state.items()}
+        if dp:
+            accountant.history = [tuple(h) for h in state["privacy"]]
         # world sizes before/after: an elastic run's resize shows as a resume with a different world size
         state["resumes"].append({"epoch": state["epoch"], "step": state["step"], "world_size": world,
                                  "from_world_size": saved.get("world_size", world)})
@@ -227,6 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     shards = {s: ray.train.get_dataset_shard(s) if local is None else local[s].iterator()
               for s in ("train", "val", "test")}
+    held = privacy.Shard(shards["train"], device) if dp else None  # Poisson sampling draws from the whole shard
     bs, accum = tc["batch_size"], tc["grad_accum_steps"]
     primary = task.primary_metric
     stale = 0 if state["best"] is None else state["epoch"] - 1 - state["best"]["epoch"]
@@ -239,10 +255,11 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         t0, seen, loss_sum, micro, first_batch_s = time.perf_counter(), 0, 0.0, 0, None
         skip = state["micro_in_epoch"]  # resuming mid-epoch: pass over what was already trained on
-        for batch in shards["train"].iter_torch_batches(
-            batch_size=bs, device=device, local_shuffle_buffer_size=bs * 8, local_shuffle_seed=tc["seed"] * 1000 + epoch,
-            prefetch_batches=2,
-        ):
+        batches = held.batches(dp["sample_rate"], micro_per_epoch, seed=(tc["seed"] * 1000 + epoch) * 1000 + rank) \
+            if dp else shards["train"].iter_torch_batches(
+                batch_size=bs, device=device, local_shuffle_buffer_size=bs * 8,
+                local_shuffle_seed=tc["seed"] * 1000 + epoch, prefetch_batches=2)
+        for batch in batches:
             if first_batch_s is None:
                 first_batch_s = time.perf_counter() - t0  # the data pipeline's start-up for this epoch
             if micro < skip:
@@ -255,11 +272,12 @@ def train_loop_per_worker(config: dict) -> None:
                 loss = compute_loss(model, batch)
             scaler.scale(loss / accum).backward()
             micro += 1
-            seen += task.count(batch)
-            loss_sum += float(loss.detach())
+            rows = task.count(batch)
+            seen += rows
+            loss_sum += float(loss.detach()) if rows else 0.0  # a Poisson batch may be empty (its step still adds noise)
             if not last_micro:
                 continue
-            if tc["grad_clip"]:
+            if tc["grad_clip"] and not dp:  # DP-SGD clips each sample's gradient (train.privacy.max_grad_norm)
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
             scaler.step(optimizer)
@@ -270,6 +288,8 @@ def train_loop_per_worker(config: dict) -> None:
             state["step"] += 1
             telemetry.step(state["step"])
             state["micro_in_epoch"] = micro
+            if dp:
+                state["privacy"] = list(accountant.history)
             _maybe_inject_fault(config.get("fault_marker"), state["step"])
             every = tc["checkpoint_every_steps"]
             if every and state["step"] % every == 0 and micro < micro_per_epoch:
@@ -281,6 +301,9 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": scheduler.get_last_lr()[0], "samples_per_s": seen * world / max(elapsed, 1e-9),
             "epoch_time_s": elapsed, "first_batch_s": first_batch_s or 0.0, "precision": precision, "world_size": world,
             **evaluate(model, task, shards["val"], bs * 4, device, "val", precision), **start_metrics,
+            # the ε spent so far (the accountant's, at the run's δ) and the noise that spends it
+            **({"epsilon": privacy.epsilon(accountant, dp["delta"]), "noise_multiplier": dp["noise_multiplier"]}
+               if dp else {}),
         }
         start_metrics = {}
         state["history"].append(metrics)

@@ -73,7 +73,10 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+    """The model inside its wrappers: Opacus's GradSampleModule (._module), then DDP or Opacus's DPDDP (.module)."""
+    for wrapper in ("_module", "module"):
+        model = getattr(model, wrapper, model)
+    return model
 
 
 def full_state(model: nn.Module, optimizer, strategy: str) -> tuple[dict, dict]:

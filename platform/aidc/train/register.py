@@ -97,6 +97,11 @@ def register(cfg, outcome, extra_artifacts: list[Path] = (), alias: str | None =
         extra_artifacts = [*extra_artifacts, *files]
         evaluated = {k: v for k, v in outcome.metrics.items() if k not in before}  # logged with the run below
         spec["metrics"] = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
+        if cfg.train.privacy is not None:  # DP-SGD: the plan it trained under and the ε its accountant counted
+            from aidc.train.privacy import plan
+
+            train_rows = manifest["counts"].get("examples", manifest["counts"]["splits"])["train"]
+            spec["privacy"] = {**plan(cfg, train_rows), "epsilon_spent": outcome.metrics["epsilon"]}
         model_dir = Path(tmp, "model")
         hashes = task.write_model_dir(model_dir, state["model"], spec, cfg, model=final)
         del final

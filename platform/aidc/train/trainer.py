@@ -14,6 +14,7 @@ from aidc.errors import ConfigError, ResourcesUnavailable
 from aidc.runtime import cluster_has_gpus, describe_resources, start_timeout_s
 from aidc.tasks import get_task
 from aidc.train.telemetry import track_training_run
+from aidc.train import privacy
 from aidc.train.loop import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -88,11 +89,14 @@ def use_gpus(cfg) -> bool:
 
 def loop_config(cfg, manifest: dict) -> dict:
     """The train loop's config: the resolved job, the dataset's features and training-split size."""
+    train_rows = manifest["counts"].get("examples", manifest["counts"]["splits"])["train"]
     return {
         "job": cfg.model_dump(mode="json"),
         "features": manifest["features"],
-        "train_rows": manifest["counts"].get("examples", manifest["counts"]["splits"])["train"],
+        "train_rows": train_rows,
         "fault_marker": os.environ.get("AIDC_FAULT_MARKER"),  # test hook: <file>:<step> kills a worker once
+        # DP-SGD: sample rate, steps and the noise that spends train.privacy.epsilon (refused if it cannot)
+        **({"privacy": privacy.plan(cfg, train_rows)} if cfg.train.privacy else {}),
     }
 
 
