@@ -108,8 +108,11 @@ class PrivacyConfig(Strict):
         return value
 
 
+KEY_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # a key id names its key file: no path, no leading dot
+
+
 class EncryptionConfig(Strict):
-    key: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Id of the master key: with kms "
+    key: str = Field(..., min_length=1, pattern=KEY_ID, description="Id of the master key: with kms "
                      "local, env AIDC_KEY_<ID> or the key file <AIDC_KEYS_DIR or ~/.aidc/keys>/<id>.key (mode 0600; "
                      "aidc data keygen <id> makes one).")
     kms: str = Field("local", min_length=1, description="KMS client that wraps the data keys: local, or one a "
@@ -594,11 +597,10 @@ class JobConfig(Strict):
         if isinstance(self.resources.num_workers, tuple):
             _refuse("needs a fixed worker count (the sample rate depends on it): set resources.num_workers to one "
                     "number")
+        if self.data.augment.enabled:
+            _refuse("samples from the split held in memory, augmented once: set data.augment.enabled: false")
         if self.model.arch == "cnn" and self.model.norm == "batch":
             _refuse("needs per-sample normalization: BatchNorm mixes a batch's samples. Fix: model.norm: group")
-        if self.compress is not None and self.compress.method in ("prune", "distill"):
-            _refuse(f"does not retrain for compress.method {self.compress.method} (its starting model or teacher "
-                    "spent privacy this run would not account for); int8 of a private model stays private")
 
 
 def _refuse(what: str) -> None:

@@ -63,8 +63,11 @@ def _data_env(runtime_env: dict) -> None:
     also on a cluster whose `ray start` did not set it. A value the environment already has wins."""
     missing = {k: v for k, v in DATA_ENV.items() if k not in os.environ}
     os.environ.update(missing)
-    if missing:
-        runtime_env["env_vars"] = missing
+    # data.encryption's key files: where this driver finds them, its workers look too (the directory, never a key)
+    forwarded = {**missing, **({"AIDC_KEYS_DIR": os.environ["AIDC_KEYS_DIR"]} if os.environ.get("AIDC_KEYS_DIR")
+                               else {})}
+    if forwarded:
+        runtime_env["env_vars"] = forwarded
     if "ray.data" in sys.modules:  # imported before: its context read the variable already
         import ray.data
 

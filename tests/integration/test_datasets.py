@@ -155,7 +155,11 @@ def test_sms_spam_encrypted_at_rest_reads_back_with_its_key_only(root, tmp_path)
     import sys
     from pathlib import Path
 
-    from aidc.data.encryption import key_file, keygen
+    import pyarrow.parquet as pq
+
+    from aidc.batch import run_batch_inference
+    from aidc.data.encryption import decryption_properties, key_file, keygen
+    from aidc.train.register import register
     from aidc.errors import DataError
     from aidc.train.trainer import run_training
 
@@ -185,10 +189,21 @@ def test_sms_spam_encrypted_at_rest_reads_back_with_its_key_only(root, tmp_path)
         assert all((ours[k] == theirs[k]).all() for k in theirs)
     assert dv.read("train").count() == dv.manifest()["counts"]["examples"]["train"]  # Ray read tasks decrypt
 
-    out = run_training(workload_config("sms-spam", root, "data.encryption.key=sms-at-rest", "train.epochs=1",
-                                       "model.d_model=32", "model.layers=1", "train.max_steps_per_epoch=5",
-                                       "resources.num_workers=1", "run.name=encrypted"))
+    trained = workload_config("sms-spam", root, "data.encryption.key=sms-at-rest", "train.epochs=1",
+                              "model.d_model=32", "model.layers=1", "train.max_steps_per_epoch=5",
+                              "resources.num_workers=1", "run.name=encrypted", "registry.model_name=sms-encrypted",
+                              f"batch_infer.output={tmp_path / 'scored'}")
+    out = run_training(trained)
     assert out.dataset.version == dv.version and out.metrics["step"] == 5
+    register(trained, out)
+    scored = run_batch_inference(trained)  # batch inference reads the encrypted test split ...
+    assert scored["counts"]["predicted"] == dv.manifest()["counts"]["examples"]["test"]
+    assert scored["encryption"]["key"] == "sms-at-rest"  # ... and writes its scores under the same key
+    written = next(Path(scored["output"], "predictions").glob("*.parquet"))
+    with pytest.raises(OSError):
+        pq.read_table(written)
+    assert pq.read_table(written, decryption_properties=decryption_properties()).num_rows == \
+        scored["counts"]["predicted"]
 
     env = {**os.environ, "AIDC_STORAGE": root}
     shown = subprocess.run([sys.executable, "-m", "aidc.cli.main", "data", "inspect", f"sms-spam@{dv.version}"],

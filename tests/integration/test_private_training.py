@@ -68,3 +68,37 @@ def test_private_text_transformer_registers_as_the_plain_model_and_predicts(root
     loaded = load_model(version.ref, tracking_uri(None, root))
     preds = loaded.predict(np.array(["WINNER! claim your prize now", "see you at lunch"], dtype=object))
     assert len(preds) == 2
+
+
+def test_a_stopped_private_run_resumes_with_its_accountant_and_secret(root, tmp_path, monkeypatch):
+    """A private run stopped mid-epoch continues from its checkpoint with the accountant's history (an ε that
+    forgot the steps before the stop would under-report what was spent) and the run's secret (the same noise
+    and Poisson batches it would have drawn); two runs with the same train.seed draw different noise (a seed in
+    the config must not let anyone recompute it)."""
+    from pathlib import Path
+
+    from aidc.train import checkpoint as ckpt
+
+    base = ["train.epochs=3", "resources.num_workers=1", "model.channels=[8]", "model.hidden=16",
+            "model.norm=group", "train.privacy.epsilon=4", "train.privacy.delta=1e-4", "run.max_failures=0",
+            "train.keep_checkpoints=5"]
+    full = run_training(_cfg("digits", root, *base, "run.name=dp-resume-a"))
+    marker = tmp_path / "stop"
+    marker.touch()
+    monkeypatch.setenv("AIDC_FAULT_MARKER", f"{marker}:{full.history[0]['step'] + 3}")  # early in epoch 2
+    cfg = _cfg("digits", root, *base, "run.name=dp-resume-b")
+    with pytest.raises(Exception):
+        run_training(cfg)
+    assert not marker.exists()
+    monkeypatch.delenv("AIDC_FAULT_MARKER")
+    resumed = run_training(cfg)
+    assert resumed.resumes and resumed.resumes[0]["epoch"] == 1
+    assert [h["epsilon"] for h in resumed.history] == pytest.approx([h["epsilon"] for h in full.history], rel=1e-9)
+
+    def secrets(run):
+        return [ckpt.load(d)["dp_secret"] for d in sorted(Path(root, "runs", run).glob("checkpoint_*")) if d.is_dir()]
+
+    kept = secrets("dp-resume-b")  # every epoch, before the stop and after the resume, and the final one
+    assert len(kept) >= 3 and len(set(kept)) == 1  # one secret, not drawn again at the resume
+    assert set(secrets("dp-resume-a")) != set(kept)
+    assert resumed.history[0]["val_loss"] != full.history[0]["val_loss"]  # same seed, other noise

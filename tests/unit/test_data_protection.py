@@ -171,6 +171,7 @@ def test_the_dp_text_model_keeps_the_plain_layout_and_outputs():
     (["train.grad_accum_steps=2"], "grad_accum_steps: 1"),
     (["train.precision=bf16"], "fp32"),
     (["resources.num_workers=[1, 2]"], "fixed worker count"),
+    (["data.augment.enabled=true"], "data.augment.enabled: false"),
 ])
 def test_private_training_refuses_what_it_cannot_account_for(override, words):
     base = ["train.privacy.epsilon=3", "model.norm=group"]
@@ -179,6 +180,13 @@ def test_private_training_refuses_what_it_cannot_account_for(override, words):
     assert words in str(err.value)
     with pytest.raises(ConfigError, match="classifiers"):
         load_config(CONFIGS / "shakespeare-gpt.yaml", ["train.privacy.epsilon=3"])
+
+
+def test_a_private_config_is_not_swept():
+    from jobs.tune import main
+
+    assert main(["--config", str(CONFIGS / "digits.yaml"), "--set", "train.privacy.epsilon=3", "--set",
+                 "model.norm=group", "--dry-run"]) == 2
 
 
 def test_the_plan_spends_the_target_epsilon_and_refuses_one_it_cannot_reach():
@@ -215,7 +223,7 @@ def test_an_empty_poisson_batch_still_takes_a_noised_step():
     model = private_model(TabularMLP(3, [], 2))
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.01}
     wrapped, optimizer, accountant = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), dp, 8,
-                                                  distributed=False)
+                                                  distributed=False, device=torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     out = wrapped(torch.zeros(0, 3), torch.zeros(0, 0, dtype=torch.long))
     torch.nn.functional.cross_entropy(out, torch.zeros(0, dtype=torch.long)).backward()
@@ -241,6 +249,9 @@ def test_local_keys_must_be_private_outside_the_storage_root_and_never_overwritt
     assert len(encryption.master_key("team-a", str(tmp_path / "store"))) == 32
     with pytest.raises(DataError, match="exists"):
         encryption.keygen("team-a")
+    for bad in ("../elsewhere", "team a", ".hidden"):
+        with pytest.raises(DataError, match="not a plain name"):
+            encryption.keygen(bad)
     os.chmod(path, 0o644)
     with pytest.raises(DataError, match="readable by others .* chmod 600"):
         encryption.master_key("team-a")

@@ -63,7 +63,8 @@ def _read_input(cfg, spec: dict, root: str):
         raise ConfigError(f"dataset {dv.uri} is a {m['task']} dataset but the model is a {spec['task']} model; "
                           "set batch_infer.model to a model trained on it, or score your own files with path")
     return dv.read(b.split, ray_remote_args={"num_cpus": b.io_cpus}), True, {
-        "dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"]}
+        "dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"],
+        **({"encryption": dv.encryption} if dv.encryption else {})}
 
 
 def _gpus_per_actor(b) -> float:
@@ -90,19 +91,35 @@ def _gpus_per_actor(b) -> float:
     return b.gpus_per_actor
 
 
-def _rewrite(src: str, dst: str, columns: list[str]) -> int:
-    """Stream the staged files of one status into `dst` keeping `columns`; returns the row count."""
+def _parquet_format(enc: dict | None):
+    """Plain Parquet, or the one that decrypts outputs of an encrypted dataset (aidc.data.encryption)."""
+    if not enc:
+        return "parquet"
+    from aidc.data.encryption import parquet_format
+
+    return parquet_format(enc["kms"])
+
+
+def _rewrite(src: str, dst: str, columns: list[str], enc: dict | None = None) -> int:
+    """Stream the staged files of one status into `dst` keeping `columns`; returns the row count. Outputs of an
+    encrypted dataset stay encrypted under its key."""
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
     fs, inner = storage.filesystem(src)
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:
         return 0
-    data = pads.dataset(inner, format="parquet", filesystem=fs)
+    data = pads.dataset(inner, format=_parquet_format(enc), filesystem=fs)
     rows = data.count_rows()
     if rows:
+        options = None
+        if enc:
+            from aidc.data.encryption import write_args
+
+            options = pads.ParquetFileFormat().make_write_options(**write_args(enc["key"], enc["kms"]))
         pads.write_dataset(data.scanner(columns=columns), storage.filesystem(dst)[1], format="parquet",
-                           filesystem=fs, basename_template="part-{i}.parquet", existing_data_behavior="error")
+                           filesystem=fs, basename_template="part-{i}.parquet", existing_data_behavior="error",
+                           file_options=options)
     return rows
 
 
@@ -133,22 +150,29 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     options = {"batch_size": b.batch_size, "max_tokens": b.max_tokens, "temperature": b.temperature,
                "top_p": b.top_p, "seed": b.seed, "stop": list(b.stop)}
     staged = storage.join(out, "_staged")
+    enc = source.get("encryption")  # an encrypted dataset's scores and rejected rows are written under its key
+    encrypt = {}
+    if enc:
+        from aidc.data.encryption import write_args
+
+        key, kms = enc["key"], enc["kms"]
+        encrypt = {"arrow_parquet_args_fn": lambda: write_args(key, kms)}
     ray.data.DataContext.get_current().enable_progress_bars = False
     (ds.map_batches(BatchPredictor, fn_constructor_kwargs={"ref": pinned, "tracking_uri": uri, "key": b.key,
                                                       "from_split": from_split, "options": options,
                                                       "task": spec["task"]},
                     compute=ray.data.ActorPoolStrategy(size=b.actors), num_cpus=b.cpus_per_actor,
                     num_gpus=gpus, batch_size=b.batch_size, batch_format="pandas")
-       .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus}))
+       .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus}, **encrypt))
     predicted = _rewrite(storage.join(staged, f"{STATUS}=predicted"), storage.join(out, "predictions"),
-                         ["key", *(n for n, _ in get_task(spec["task"]).batch_outputs)])
+                         ["key", *(n for n, _ in get_task(spec["task"]).batch_outputs)], enc)
     rejected = _rewrite(storage.join(staged, f"{STATUS}=rejected"), storage.join(out, "rejected"),
-                        ["key", REASON, INPUT])
+                        ["key", REASON, INPUT], enc)
     by_reason = {}
     if rejected:
         import pyarrow.dataset as pads
 
-        reasons = pads.dataset(storage.filesystem(storage.join(out, "rejected"))[1], format="parquet",
+        reasons = pads.dataset(storage.filesystem(storage.join(out, "rejected"))[1], format=_parquet_format(enc),
                                filesystem=fs).to_table(columns=[REASON])[REASON].value_counts()
         by_reason = {str(r["values"]): int(r["counts"]) for r in reasons.to_pylist()}
     fs.delete_dir(storage.filesystem(staged)[1])
@@ -159,6 +183,7 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
                 "model": {"name": mv.name, "version": str(mv.version), "ref": model_ref(cfg), "task": spec["task"],
                           "weights_sha256": json.loads((directory / MODEL_MANIFEST).read_text())[WEIGHTS]},
                 "input": source, "key": b.key, "counts": counts, "output": out,
+                **({"encryption": enc} if enc else {}),
                 "settings": b.model_dump(mode="json")}
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
     return manifest

@@ -108,6 +108,10 @@ def compress(cfg):
                           "(set compress.source to it)")
     if cfg.train.parallelism == "fsdp":
         raise ConfigError("compress runs with train.parallelism: ddp (masks and teachers are per-parameter)")
+    if cfg.train.privacy is not None:
+        raise ConfigError(f"train.privacy (DP-SGD) does not retrain for compress.method {c.method}: its starting "
+                          "model or teacher spent privacy this run would not account for. int8 of a private model "
+                          "stays private (compress.method: int8), or drop train.privacy")
     source = f"{loaded.name}/{loaded.version}"
     info = {"method": c.method, "source": source, "source_metrics": loaded.spec.get("metrics", {})}
     if c.method == "prune":

@@ -41,6 +41,10 @@ def keys_dir() -> Path:
 
 
 def key_file(key_id: str) -> Path:
+    from aidc.config import KEY_ID
+
+    if not re.match(KEY_ID, key_id):
+        raise DataError(f"key id {key_id!r} is not a plain name (letters, digits, _ . -, not starting with a dot)")
     return keys_dir() / f"{key_id}.key"
 
 

@@ -123,11 +123,11 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         world, rank = 1, 0
         device = torch_device()  # a num_workers: 0 trial uses a GPU only when Ray gave it one
+    dp = config.get("privacy")  # DP-SGD's plan (aidc.train.privacy.plan), made on the driver
     # DP-SGD trains in fp32: its per-sample gradients and noise are accounted as exact
-    precision = "fp32" if config.get("privacy") else resolve_precision(tc["precision"], device)
+    precision = "fp32" if dp else resolve_precision(tc["precision"], device)
     strategy = tc["parallelism"]
 
-    dp = config.get("privacy")  # DP-SGD's plan (aidc.train.privacy.plan), made on the driver
     torch.manual_seed(tc["seed"])
     model = task.adapt(task.build_model(job["model"], features), job).to(device)  # e.g. LoRA-wrapped
     if dp:
@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
     if dp:  # per-sample gradients, clipping and noise (Opacus) in place of DDP's gradient all-reduce
         model, optimizer, accountant = privacy.make_private(
             model, torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"]), dp,
-            tc["batch_size"], distributed=local is None and is_distributed())
+            tc["batch_size"], distributed=local is None and is_distributed(), device=device)
     else:
         if local is None:
             model = parallelize(model, strategy, device)
@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = grad_scaler(precision, device)
 
     state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "history": [], "best": None, "finished": False,
-             "resumes": [], "privacy": []}  # privacy: the DP accountant's history
+             "resumes": [], "privacy": [], "dp_secret": None}  # DP-SGD: the accountant's history, the secret
     # Where this run continues from: its own latest checkpoint (Ray Train's, or its own numbered ones for
     # num_workers: 0, see checkpoint.numbered), else a state to start from under this config (a Tune trial's
     # restore or a PBT donor's, passed as init_checkpoint).
@@ -243,6 +243,8 @@ def train_loop_per_worker(config: dict) -> None:
     shards = {s: ray.train.get_dataset_shard(s) if local is None else local[s].iterator()
               for s in ("train", "val", "test")}
     held = privacy.Shard(shards["train"], device) if dp else None  # Poisson sampling draws from the whole shard
+    if dp:
+        state["dp_secret"] = privacy.share_secret(state["dp_secret"], local is None and is_distributed())
     bs, accum = tc["batch_size"], tc["grad_accum_steps"]
     primary = task.primary_metric
     stale = 0 if state["best"] is None else state["epoch"] - 1 - state["best"]["epoch"]
@@ -255,7 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         t0, seen, loss_sum, micro, first_batch_s = time.perf_counter(), 0, 0.0, 0, None
         skip = state["micro_in_epoch"]  # resuming mid-epoch: pass over what was already trained on
-        batches = held.batches(dp["sample_rate"], micro_per_epoch, seed=(tc["seed"] * 1000 + epoch) * 1000 + rank) \
+        batches = held.batches(dp["sample_rate"], micro_per_epoch, privacy.derive(state["dp_secret"], epoch, rank)) \
             if dp else shards["train"].iter_torch_batches(
                 batch_size=bs, device=device, local_shuffle_buffer_size=bs * 8,
                 local_shuffle_seed=tc["seed"] * 1000 + epoch, prefetch_batches=2)
@@ -280,6 +282,8 @@ def train_loop_per_worker(config: dict) -> None:
             if tc["grad_clip"] and not dp:  # DP-SGD clips each sample's gradient (train.privacy.max_grad_norm)
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            if dp:  # this step's noise, from the run's secret (rank 0 adds it)
+                optimizer.generator.manual_seed(privacy.derive(state["dp_secret"], "noise", state["step"]))
             scaler.step(optimizer)
             after_step()
             scaler.update()

@@ -18,8 +18,10 @@ What Opacus gives: per-sample gradients (GradSampleModule), per-sample clipping 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +37,21 @@ ACCOUNTANT = "rdp"  # Opacus's RDP accountant: the ε of every epoch and of the 
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
 
 
-def plan(cfg, train_rows: int) -> dict:
+def plan(cfg, train_rows: int, features: dict | None = None) -> dict:
     """The DP-SGD plan of a run: sample rate, steps, noise multiplier for the target (ε, δ); refuses one that
-    cannot be met (a ConfigError naming why and what to change)."""
+    cannot be met (a ConfigError naming why and what to change). With the dataset's features, the model is
+    built and checked here too, on the driver, before any worker starts."""
     from opacus.accountants.utils import get_noise_multiplier
 
     p, tc = cfg.train.privacy, cfg.train
     world = max(1, cfg.resources.num_workers)
+    if features is not None:
+        from aidc.tasks import get_task
+
+        check_model(private_model(get_task(cfg.task).build_model(cfg.model.model_dump(mode="json"), features)))
+    if train_rows < world:
+        raise ConfigError(f"train.privacy: {train_rows} training rows cannot give each of {world} workers a shard; "
+                          "use fewer workers")
     if p.delta >= 1 / train_rows:
         raise ConfigError(f"train.privacy.delta {p.delta:g} is not below 1/rows ({1 / train_rows:.2g} for "
                           f"{train_rows} training rows): a δ that large allows leaking a whole row. Fix: set delta "
@@ -157,9 +167,36 @@ def private_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_private(model: nn.Module, optimizer, dp: dict, batch_size: int, distributed: bool):
+def new_secret() -> int:
+    """The run's secret: where its noise and Poisson samples come from. Drawn from the OS (never from train.seed,
+    which is in the config and the registry: noise anyone can recompute protects nothing); kept only in the
+    run's checkpoints, so a resumed run draws the same noise and batches as it would have."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def derive(secret: int, *what) -> int:
+    """A seed for one use of the secret (the noise of step n, the samples of epoch e on rank r)."""
+    digest = hashlib.blake2b(repr((secret, *what)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def share_secret(secret: int | None, distributed: bool) -> int:
+    """Rank 0's secret on every rank (a resumed run's comes from its checkpoint on every rank alike)."""
+    if secret is None:
+        secret = new_secret()
+        if distributed:
+            import torch.distributed as dist
+
+            box = [secret]
+            dist.broadcast_object_list(box, src=0)
+            secret = box[0]
+    return secret
+
+
+def make_private(model: nn.Module, optimizer, dp: dict, batch_size: int, distributed: bool, device):
     """(GradSampleModule, DPOptimizer, accountant) of a run: Opacus's parts, wired as its PrivacyEngine does,
-    with the run's sample rate (not one worker's) for the accountant."""
+    with the run's sample rate (not one worker's) for the accountant. The optimizer's noise generator is
+    seeded per step from the run's secret (`derive`)."""
     from opacus import GradSampleModule
     from opacus.accountants import RDPAccountant
     from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
@@ -171,7 +208,7 @@ def make_private(model: nn.Module, optimizer, dp: dict, batch_size: int, distrib
     model = GradSampleModule(model, loss_reduction="mean")
     optimizer = (DistributedDPOptimizer if distributed else DPOptimizer)(
         optimizer, noise_multiplier=dp["noise_multiplier"], max_grad_norm=dp["max_grad_norm"],
-        expected_batch_size=batch_size, loss_reduction="mean")
+        expected_batch_size=batch_size, loss_reduction="mean", generator=torch.Generator(device=device))
     accountant = RDPAccountant()
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=dp["sample_rate"]))
     return model, optimizer, accountant
@@ -179,8 +216,8 @@ def make_private(model: nn.Module, optimizer, dp: dict, batch_size: int, distrib
 
 class Shard:
     """A worker's training shard in memory, sampled the DP-SGD way: each step's batch holds each row with
-    probability q (Opacus's UniformWithReplacementSampler), seeded per epoch and worker so a resumed epoch
-    draws the same batches."""
+    probability q (Opacus's UniformWithReplacementSampler), seeded from the run's secret per epoch and worker
+    so a resumed epoch draws the same batches."""
 
     def __init__(self, shard, device):
         columns: dict[str, list] = {}

@@ -46,6 +46,9 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
         raise ConfigError(f"data.privacy.scrub names {sorted(wanted - scrubbed)}, but dataset {dv.uri} was made "
                           f"without scrubbing them; preprocess again with this config (python -m jobs.preprocess "
                           f"--config ...) or pin a scrubbed version with data.version")
+    if cfg.data.encryption and not manifest.get("encryption"):  # nor on plaintext the config says is encrypted
+        raise ConfigError(f"data.encryption names key {cfg.data.encryption.key!r}, but dataset {dv.uri} is not "
+                          "encrypted; preprocess again with this config or pin an encrypted version with data.version")
     task = get_task(cfg.task)
     state = manifest["transform"]
     data_ctx = ray.data.DataContext.get_current()
@@ -64,6 +67,8 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
 def caches(cfg, dv: DatasetVersion) -> bool:
     """Whether training holds the transformed splits in Ray's object store (data.cache) rather than reading them."""
     cache = cfg.data.cache
+    if cache == "auto" and dv.encryption:  # decrypted blocks in the object store could spill to disk in the clear
+        return False
     return dv.size_bytes() <= cfg.data.cache_max_mb * 2**20 if cache == "auto" else bool(cache)
 
 
@@ -96,7 +101,7 @@ def loop_config(cfg, manifest: dict) -> dict:
         "train_rows": train_rows,
         "fault_marker": os.environ.get("AIDC_FAULT_MARKER"),  # test hook: <file>:<step> kills a worker once
         # DP-SGD: sample rate, steps and the noise that spends train.privacy.epsilon (refused if it cannot)
-        **({"privacy": privacy.plan(cfg, train_rows)} if cfg.train.privacy else {}),
+        **({"privacy": privacy.plan(cfg, train_rows, manifest["features"])} if cfg.train.privacy else {}),
     }
 
 
