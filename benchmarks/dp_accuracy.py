@@ -69,7 +69,8 @@ def plot(table: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="digits only, ε ∞ and 8, 2 epochs")
-    p.add_argument("--out", default=".", help="folder for dp_accuracy.json and dp_accuracy.png")
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "aidc-bench"),
+                   help="folder for dp_accuracy.json and dp_accuracy.png (default: <tmp>/aidc-bench)")
     p.add_argument("--datasets", nargs="+", choices=list(SETTINGS), help="default: all")
     p.add_argument("--eps", nargs="+", type=float, help="target ε values (inf = no DP); default: inf 8 3 1")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides for every run, a.b=value")
