@@ -16,6 +16,7 @@ import json
 import logging
 
 from aidc import storage
+from aidc.data import encryption
 from aidc.batch.predictor import INPUT, REASON, STATUS, BatchPredictor
 from aidc.errors import ConfigError, DataError
 from aidc.provenance import code_version, now_iso
@@ -91,15 +92,6 @@ def _gpus_per_actor(b) -> float:
     return b.gpus_per_actor
 
 
-def _parquet_format(enc: dict | None):
-    """Plain Parquet, or the one that decrypts outputs of an encrypted dataset (aidc.data.encryption)."""
-    if not enc:
-        return "parquet"
-    from aidc.data.encryption import parquet_format
-
-    return parquet_format(enc["kms"])
-
-
 def _rewrite(src: str, dst: str, columns: list[str], enc: dict | None = None) -> int:
     """Stream the staged files of one status into `dst` keeping `columns`; returns the row count. Outputs of an
     encrypted dataset stay encrypted under its key."""
@@ -109,17 +101,12 @@ def _rewrite(src: str, dst: str, columns: list[str], enc: dict | None = None) ->
     fs, inner = storage.filesystem(src)
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:
         return 0
-    data = pads.dataset(inner, format=_parquet_format(enc), filesystem=fs)
+    data = pads.dataset(inner, format=encryption.reading_format(enc), filesystem=fs)
     rows = data.count_rows()
     if rows:
-        options = None
-        if enc:
-            from aidc.data.encryption import write_args
-
-            options = pads.ParquetFileFormat().make_write_options(**write_args(enc["key"], enc["kms"]))
         pads.write_dataset(data.scanner(columns=columns), storage.filesystem(dst)[1], format="parquet",
                            filesystem=fs, basename_template="part-{i}.parquet", existing_data_behavior="error",
-                           file_options=options)
+                           file_options=encryption.file_options(enc))
     return rows
 
 
@@ -151,19 +138,14 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
                "top_p": b.top_p, "seed": b.seed, "stop": list(b.stop)}
     staged = storage.join(out, "_staged")
     enc = source.get("encryption")  # an encrypted dataset's scores and rejected rows are written under its key
-    encrypt = {}
-    if enc:
-        from aidc.data.encryption import write_args
-
-        key, kms = enc["key"], enc["kms"]
-        encrypt = {"arrow_parquet_args_fn": lambda: write_args(key, kms)}
     ray.data.DataContext.get_current().enable_progress_bars = False
     (ds.map_batches(BatchPredictor, fn_constructor_kwargs={"ref": pinned, "tracking_uri": uri, "key": b.key,
                                                       "from_split": from_split, "options": options,
                                                       "task": spec["task"]},
                     compute=ray.data.ActorPoolStrategy(size=b.actors), num_cpus=b.cpus_per_actor,
                     num_gpus=gpus, batch_size=b.batch_size, batch_format="pandas")
-       .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus}, **encrypt))
+       .write_parquet(staged, partition_cols=[STATUS], ray_remote_args={"num_cpus": b.io_cpus},
+                      **encryption.ray_write_kwargs(enc)))
     predicted = _rewrite(storage.join(staged, f"{STATUS}=predicted"), storage.join(out, "predictions"),
                          ["key", *(n for n, _ in get_task(spec["task"]).batch_outputs)], enc)
     rejected = _rewrite(storage.join(staged, f"{STATUS}=rejected"), storage.join(out, "rejected"),
@@ -172,7 +154,7 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     if rejected:
         import pyarrow.dataset as pads
 
-        reasons = pads.dataset(storage.filesystem(storage.join(out, "rejected"))[1], format=_parquet_format(enc),
+        reasons = pads.dataset(storage.filesystem(storage.join(out, "rejected"))[1], format=encryption.reading_format(enc),
                                filesystem=fs).to_table(columns=[REASON])[REASON].value_counts()
         by_reason = {str(r["values"]): int(r["counts"]) for r in reasons.to_pylist()}
     fs.delete_dir(storage.filesystem(staged)[1])

@@ -170,6 +170,30 @@ def parquet_format(kms: str = "local"):
     return pads.ParquetFileFormat(default_fragment_scan_options=options)
 
 
+# What readers and writers of Parquet pass along, given `enc` = {key, kms} of an encrypted dataset or None.
+
+def reading_format(enc: dict | None):
+    """The pyarrow dataset format to read with: plain Parquet, or Parquet that decrypts."""
+    return parquet_format(enc["kms"]) if enc else "parquet"
+
+
+def ray_write_kwargs(enc: dict | None) -> dict:
+    """Ray write_parquet's extra arguments: none, or those that make each write task encrypt."""
+    if not enc:
+        return {}
+    key, kms = enc["key"], enc["kms"]
+    return {"arrow_parquet_args_fn": lambda: write_args(key, kms)}
+
+
+def file_options(enc: dict | None):
+    """pyarrow write_dataset's file_options: None, or Parquet options that encrypt."""
+    if not enc:
+        return None
+    import pyarrow.dataset as pads
+
+    return pads.ParquetFileFormat().make_write_options(**write_args(enc["key"], enc["kms"]))
+
+
 def check_readable(path: str, dataset: str, key_id: str, kms: str = "local") -> None:
     """Open one file's footer with the key: a missing or wrong key fails here, naming dataset and key, before
     any read task starts (never garbage rows: AES-GCM authenticates what it decrypts)."""

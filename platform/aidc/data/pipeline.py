@@ -102,31 +102,21 @@ def _take(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndar
     return {k: v[mask] for k, v in columns.items()}
 
 
-def _parquet(path: str, encryption=None):
+def _parquet(path: str, enc: dict | None = None):
     """The written split at `path` (local or object store) as a pyarrow dataset (decrypting where encrypted)."""
     import pyarrow.dataset as pads
 
     fs, inner = storage.filesystem(path)
-    fmt = encryption_api.parquet_format(encryption.kms) if encryption else "parquet"
-    return pads.dataset(inner, format=fmt, filesystem=fs)
+    return pads.dataset(inner, format=encryption_api.reading_format(enc), filesystem=fs)
 
 
-def _read_columns(path: str, columns: list[str], encryption=None) -> dict:
-    table = _parquet(path, encryption).to_table(columns=columns)
+def _read_columns(path: str, columns: list[str], enc: dict | None = None) -> dict:
+    table = _parquet(path, enc).to_table(columns=columns)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
-def _row_count(path: str, encryption=None) -> int:
-    return _parquet(path, encryption).count_rows()
-
-
-def _write_parquet(ds, path: str, encryption) -> None:
-    """Write a Ray dataset as Parquet, encrypted (data.encryption) by keys each write task gets from the KMS."""
-    if encryption is None:
-        ds.write_parquet(path)
-        return
-    key, kms = encryption.key, encryption.kms
-    ds.write_parquet(path, arrow_parquet_args_fn=lambda: encryption_api.write_args(key, kms))
+def _row_count(path: str, enc: dict | None = None) -> int:
+    return _parquet(path, enc).count_rows()
 
 
 @instrument_preprocess  # rows read/kept/rejected and rows/s as metrics (aidc.ops.data)
@@ -137,14 +127,14 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
     if cfg.data.privacy.scrub and not task.text_columns:
         raise ConfigError(f"data.privacy.scrub works on text: task {cfg.task} has no text column; remove "
                           f"data.privacy or use a text workload (text_classification, language_model, causal_lm)")
-    enc = cfg.data.encryption
+    enc = cfg.data.encryption and cfg.data.encryption.model_dump()  # {key, kms}, as the manifest records it
     if getattr(task, "streaming", False):
         if enc:
             raise ConfigError("data.encryption covers datasets aidc loads (data.source other than files); your own "
                               "files stream straight to Parquet: encrypt them at their source, or drop data.encryption")
         return preprocess_streaming(cfg, task, root, force)
-    if enc and enc.kms == "local":  # before anything is written: the key is there, private, away from the data
-        encryption_api.master_key(enc.key, root)
+    if enc and enc["kms"] == "local":  # before anything is written: the key is there, private, away from the data
+        encryption_api.master_key(enc["key"], root)
     loader = (getattr(task, "sources", None) or SOURCES).get(cfg.data.source)
     if loader is None:
         raise ConfigError(f"data.source {cfg.data.source!r} does not fit task {cfg.task}")
@@ -179,9 +169,10 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
             continue
         sub = _take(cols, mask)
         split_state = {**state, "split": s}  # what encode_batch may do per split (fine-tuning packs train rows)
-        _write_parquet(to_ray_dataset(sub, blocks).map_batches(
-            task.encode_batch, fn_kwargs={"state": split_state}, batch_format="numpy", batch_size=ENCODE_BATCH),
-            dv.path(s), enc)
+        (to_ray_dataset(sub, blocks)
+         .map_batches(task.encode_batch, fn_kwargs={"state": split_state}, batch_format="numpy",
+                      batch_size=ENCODE_BATCH)
+         .write_parquet(dv.path(s), **encryption_api.ray_write_kwargs(enc)))
         examples[s] = _row_count(dv.path(s), enc)
         if hasattr(task, "describe_split"):  # from what was written (encoding it again cost a tokenizer pass)
             details[s] = task.describe_split(_read_columns(dv.path(s), task.describe_columns, enc))
@@ -189,12 +180,13 @@ def preprocess(cfg, task, root: str | None = None, force: bool = False) -> tuple
     if rejected:
         rej = _take(cols, ~good)
         rej[REASON] = reasons[~good].astype(str)
-        _write_parquet(to_ray_dataset(rej, 1), dv.path("rejected"), enc)  # raw rows: encrypted as the rest
+        # raw rows: encrypted as the rest
+        to_ray_dataset(rej, 1).write_parquet(dv.path("rejected"), **encryption_api.ray_write_kwargs(enc))
 
     counts = {"read": n_read, "kept": int(good.sum()), "rejected": int((~good).sum()), "rejected_by_reason": rejected,
               "splits": split_rows, "examples": examples, **({"split_details": details} if details else {}),
               **({"personal_data_scrubbed": found} if found is not None else {})}
-    extra = {"encryption": {"key": enc.key, "kms": enc.kms, "scheme": ENCRYPTION_SCHEME}} if enc else {}
+    extra = {"encryption": {**enc, "scheme": ENCRYPTION_SCHEME}} if enc else {}
     _finish(dv, cfg, fingerprint, counts, task.features(raw.meta, state), state,
             {"name": cfg.data.source, "description": raw.description, "fingerprint": raw.fingerprint,
              "terms": raw.terms},

@@ -215,6 +215,8 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, final: bool = False) -> None:
         """Report metrics with a checkpoint: every rank's shards (sharded), or the full state gathered and
         written by rank 0 (gathering state is collective)."""
+        if dp:
+            state["privacy"] = list(accountant.history)  # what the checkpoint's steps spent
         if sharded and not final:
             best = state["best"]
             with tempfile.TemporaryDirectory() as d:
@@ -292,8 +294,6 @@ def train_loop_per_worker(config: dict) -> None:
             state["step"] += 1
             telemetry.step(state["step"])
             state["micro_in_epoch"] = micro
-            if dp:
-                state["privacy"] = list(accountant.history)
             _maybe_inject_fault(config.get("fault_marker"), state["step"])
             every = tc["checkpoint_every_steps"]
             if every and state["step"] % every == 0 and micro < micro_per_epoch:
