@@ -7,10 +7,10 @@ is allowed, so nothing starts on the cluster with a config that cannot work.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
 from aidc.errors import ConfigError
 
@@ -119,11 +119,20 @@ class EncryptionConfig(Strict):
                      "deployment registers (aidc.data.encryption.register_kms).")
 
 
+# The named datasets data.source can name besides `files`: aidc.data registers each loader's name when it is
+# imported (name -> whether it is fine-tuning data, which only tasks that list it take).
+DATASETS: dict[str, bool] = {}
+
+
+def register_dataset(name: str, fine_tuning: bool = False) -> None:
+    DATASETS[name] = fine_tuning
+
+
 class DataConfig(Strict):
-    source: Literal["digits", "mnist", "sms-spam", "tinyshakespeare", "movielens", "synthetic-instructions",
-                    "files"] = Field(
-        "digits", description="A named dataset, 'synthetic-instructions' (a letter-reversal instruction task made "
-        "locally, for fine-tuning), or 'files' for your own Parquet/CSV/JSONL at data.path."
+    source: str = Field(
+        "digits", description="A named dataset (digits, mnist, sms-spam, tinyshakespeare, movielens; "
+        "synthetic-instructions: a letter-reversal instruction task made locally, for fine-tuning), or 'files' for "
+        "your own Parquet/CSV/JSONL at data.path."
     )
     mirror: str | None = Field(
         None, description="Directory or URL mirroring named datasets; default $AIDC_DATA_MIRROR, else upstream."
@@ -152,6 +161,14 @@ class DataConfig(Strict):
     )
     cache_max_mb: int = Field(256, ge=0, description="Largest dataset (MB of Parquet) that cache=auto holds.")
 
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, name: str) -> str:
+        if name != "files" and name not in DATASETS:
+            known = ", ".join(sorted(DATASETS)) or "none registered: import aidc.data first"
+            raise ValueError(f"unknown dataset; use a named dataset ({known}) or files (your own data at data.path)")
+        return name
+
     @model_validator(mode="after")
     def _files_need_a_path(self) -> "DataConfig":
         if self.source == "files":
@@ -162,77 +179,54 @@ class DataConfig(Strict):
         return self
 
 
-class CNNConfig(Strict):
-    arch: Literal["cnn"] = Field("cnn", description="Convolutional image classifier.")
-    channels: list[int] = Field([32, 64], min_length=1, description="Output channels of each conv block.")
-    hidden: int = Field(128, ge=1, description="Width of the hidden fully connected layer.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier head.")
-    norm: Literal["batch", "group"] = Field(
-        "batch", description="Normalization after each conv: batch (BatchNorm) or group (GroupNorm; per-sample, "
-        "what train.privacy needs).")
+class ModelSchema(Strict):
+    """The base of a workload's `model` section. Each task module declares its own schemas (aidc.tasks), with
+    `arch: Literal["<name>"]`; `model.arch` picks one of the task's, its first when left out."""
+
+    arch: str = Field(..., description="Model architecture, one the job's task takes.")
 
 
-class MLPConfig(Strict):
-    arch: Literal["mlp"] = Field(..., description="Multi-layer perceptron for tabular data.")
-    hidden: list[int] = Field([128, 64], min_length=1, description="Width of each hidden layer.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
-    embed_dim: int = Field(8, ge=1, description="Embedding width of each categorical column.")
+def arch_of(schema: type[ModelSchema]) -> str:
+    """The `arch` name a model schema declares (its `arch: Literal[...]`)."""
+    names = get_args(schema.model_fields["arch"].annotation)
+    if len(names) != 1:
+        raise TypeError(f"{schema.__name__}.arch must be a Literal of one name, e.g. arch: Literal['cnn']")
+    return names[0]
 
 
-class TransformerConfig(Strict):
-    arch: Literal["transformer"] = Field(..., description="Transformer-encoder text classifier.")
-    d_model: int = Field(64, ge=8, description="Model width.")
-    heads: int = Field(4, ge=1, description="Attention heads (must divide d_model).")
-    layers: int = Field(2, ge=1, description="Encoder layers.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in attention and feed-forward blocks.")
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.d_model % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
-        return self
+# The workloads a job config can name: aidc.tasks registers each of its Task objects here when it is imported
+# (config stays below the tasks). What config reads from a task: name, model_schemas (first = default),
+# data_sources (None: every source but fine-tuning data), private_training, check_config(cfg).
+WORKLOADS: dict[str, Any] = {}
 
 
-class GPTConfig(TransformerConfig):
-    arch: Literal["gpt"] = Field(..., description="GPT-style decoder-only language model.")
-    d_model: int = Field(128, ge=8, description="Model width (768 for GPT-2 small).")
-    layers: int = Field(4, ge=1, description="Decoder blocks (12 for GPT-2 small).")
-    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
-    gelu: Literal["none", "tanh"] = Field("none", description="GELU form: exact, or GPT-2's tanh approximation.")
+def register_workload(task: Any) -> None:
+    """Make task `task.name` valid in job configs, with its model schemas and rules (called by aidc.tasks)."""
+    if not task.model_schemas:
+        raise TypeError(f"task {task.name!r} declares no model_schemas")
+    for schema in task.model_schemas:
+        arch_of(schema)
+    WORKLOADS[task.name] = task
 
 
-class LoraConfig(Strict):
-    rank: int = Field(8, ge=1, description="LoRA rank r of each adapted weight.")
-    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
-    target_modules: list[str] | None = Field(
-        None, min_length=1, description="Module names to adapt (e.g. [q_proj, v_proj]); default: PEFT's choice for "
-        "the architecture (Llama/Qwen2/Mistral q_proj+v_proj, GPT-2 c_attn).")
-    save: Literal["merged", "adapter"] = Field(
-        "merged", description="What is registered: merged = the base with the adapter folded in (a plain model); "
-        "adapter = the adapter alone in PEFT's format (adapter_config.json + adapter_model.safetensors), naming "
-        "its base version.")
+def workload(name: str) -> Any:
+    if not WORKLOADS:
+        raise ValueError("no workload is registered: import aidc.tasks (it registers them) before loading a job config")
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; use one of {sorted(WORKLOADS)}") from None
 
 
-class HFConfig(Strict):
-    arch: Literal["hf"] = Field(..., description="A pretrained Hugging Face causal LM (transformers "
-                                "AutoModelForCausalLM), fine-tuned (task causal_lm).")
-    init_from: str = Field(..., min_length=1, description="The model to start from: a registry reference (name@alias, "
-                           "name/version: an imported model or a GPT aidc trained) or a Hugging Face folder (config.json "
-                           "+ safetensors + tokenizer), local or s3://, gs://.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (train.method: lora).")
-    activation_checkpointing: bool = Field(False, description="Recompute decoder-layer activations in backward.")
+def model_schema(arch: str) -> type[ModelSchema]:
+    """The registered schema of model architecture `arch` (e.g. to check a converted model's section)."""
+    for task in WORKLOADS.values():
+        for schema in task.model_schemas:
+            if arch_of(schema) == arch:
+                return schema
+    workload("")  # the clear error when nothing is registered
+    raise ValueError(f"unknown model.arch {arch!r}")
 
-
-class MFConfig(Strict):
-    arch: Literal["mf"] = Field(..., description="Matrix factorization with user/item biases.")
-    dim: int = Field(32, ge=1, description="Embedding width of users and items.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the embeddings.")
-
-
-ModelConfig = Annotated[
-    Union[CNNConfig, MLPConfig, TransformerConfig, GPTConfig, MFConfig, HFConfig], Field(discriminator="arch")
-]
 
 class TrainConfig(Strict):
     epochs: int = Field(15, ge=1, description="Passes over the training split.")
@@ -301,8 +295,9 @@ class ResourcesConfig(Strict):
     )
     start_timeout_s: float | None = Field(
         None, gt=0, description="Seconds a worker group (or one-process Tune trial) may wait for its resources "
-        "before that attempt fails naming what it asked for and what the cluster has free. Default: 180, or 900 "
-        "where the cluster's autoscaler can still add nodes."
+        "before that attempt fails naming what it asked for and what the cluster has free. Default: 180 (30 for an "
+        "elastic run, whose next attempt is sized from what is free then), or 900 where the cluster's autoscaler "
+        "can still add nodes."
     )
     elastic_resize_interval_s: float = Field(
         60.0, gt=0, description="Elastic runs ([min, max] workers): seconds between checks whether more workers fit, "
@@ -517,26 +512,17 @@ class EvalConfig(Strict):
         "eps: [0.1, 0.2]}; recorded with the model version and shown by `aidc model compare`.")
 
 
-# The workloads a job config can name, each implemented by a module of aidc.tasks (a unit test checks that the two
-# agree): the model architectures (model.arch) it takes, and the data sources where it takes only some.
-TASK_ARCHS = {
-    "image_classification": ["cnn"],
-    "text_classification": ["transformer"],
-    "language_model": ["gpt"],
-    "recommendation": ["mf"],
-    "tabular_classification": ["mlp"],
-    "causal_lm": ["hf"],
-}
-TASK_SOURCES = {"causal_lm": ["synthetic-instructions", "files"]}
-
-
 class JobConfig(Strict):
     """One config tree drives every stage of a workload: preprocess, train, serve."""
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Workload name; names datasets.")
-    task: Literal[tuple(TASK_ARCHS)] = Field(..., description="Workload type, from aidc.tasks (causal_lm: fine-tune a pretrained causal LM).")
+    task: str = Field(..., description="Workload type: a task aidc.tasks registers (image_classification, "
+                      "text_classification, language_model, recommendation, tabular_classification, causal_lm: "
+                      "fine-tune a pretrained causal LM).")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data comes from and how it splits.")
-    model: ModelConfig = Field(default_factory=CNNConfig, description="Model architecture and size.")
+    model: SerializeAsAny[ModelSchema] | None = Field(
+        None, description="Model architecture and size: the schema of model.arch, one of the task's (default: its "
+        "first).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Workers and devices.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run name, storage and tracking.")
@@ -553,31 +539,45 @@ class JobConfig(Strict):
             self.run.max_failures = ELASTIC_MAX_FAILURES if isinstance(self.resources.num_workers, tuple) else 1
         return self
 
-    @model_validator(mode="after")
-    def _model_fits_task(self) -> "JobConfig":
-        allowed = TASK_ARCHS[self.task]
-        if self.model.arch not in allowed:
-            raise ValueError(f"model.arch {self.model.arch!r} does not fit task {self.task!r}; use one of {allowed}")
-        return self
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, name: str) -> str:
+        workload(name)
+        return name
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _task_model(cls, raw: Any, info: ValidationInfo) -> Any:
+        """The model section, validated by the schema its task declares for model.arch."""
+        task = WORKLOADS.get(info.data.get("task"))
+        if task is None:
+            return None  # the task's own error says what is wrong
+        if isinstance(raw, BaseModel):
+            raw = raw.model_dump()
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ValueError("the model section is a mapping, e.g. model: {arch: cnn}")
+        schemas = {arch_of(s): s for s in task.model_schemas}
+        arch = raw.get("arch", next(iter(schemas)))
+        if arch not in schemas:
+            raise ValueError(f"model.arch {arch!r} does not fit task {task.name!r}; use one of {list(schemas)}")
+        return schemas[arch].model_validate({**raw, "arch": arch})
 
     @model_validator(mode="after")
     def _source_fits_task(self) -> "JobConfig":
-        d = self.data
-        sources = TASK_SOURCES.get(self.task)
+        d, task = self.data, WORKLOADS[self.task]
+        sources = task.data_sources
         if sources and d.source not in sources:
-            raise ValueError(f"data.source {d.source!r} does not fit task {self.task!r}; use one of {sources}")
-        if self.task != "causal_lm" and d.source == "synthetic-instructions":
-            raise ValueError("data.source synthetic-instructions is fine-tuning data: use it with task: causal_lm")
-        if d.source == "files" and self.task == "causal_lm" and d.format != "jsonl":
-            raise ValueError("task causal_lm reads data.format: jsonl (one {\"messages\": [...]}, "
-                             "{\"prompt\", \"completion\"} or {\"text\"} object per line)")
-        if d.source == "files" and self.task == "tabular_classification" and (not d.label or not (
-                d.features or d.categorical)):
-            raise ValueError("source: files needs label and features/categorical for tabular_classification; e.g. "
-                             "features: [x1, x2], label: y")
+            raise ValueError(f"data.source {d.source!r} does not fit task {self.task!r}; use one of {list(sources)}")
+        if not sources and DATASETS.get(d.source):  # fine-tuning data: only tasks that list it take it
+            takers = [t.name for t in WORKLOADS.values() if t.data_sources and d.source in t.data_sources]
+            raise ValueError(f"data.source {d.source} is fine-tuning data: use it with task: {' or '.join(takers)}")
         self._private_training_fits()
-        if self.train.method == "lora" and self.task != "causal_lm":
-            raise ValueError("train.method: lora fine-tunes a pretrained causal LM (task: causal_lm, model.arch: hf)")
+        if self.train.method == "lora" and "lora" not in type(self.model).model_fields:
+            takers = [f"task: {t.name}, model.arch: {arch_of(s)}" for t in WORKLOADS.values()
+                      for s in t.model_schemas if "lora" in s.model_fields]
+            raise ValueError(f"train.method: lora fine-tunes a pretrained causal LM ({'; '.join(takers)})")
+        task.check_config(self)
         return self
 
     def _private_training_fits(self) -> None:
@@ -585,25 +585,26 @@ class JobConfig(Strict):
         tc = self.train
         if tc.privacy is None:
             return
-        if self.task not in ("image_classification", "text_classification", "tabular_classification"):
-            _refuse(f"trains the classifiers (image, text, tabular), not task {self.task!r}")
+        if not WORKLOADS[self.task].private_training:
+            takers = ", ".join(t.name for t in WORKLOADS.values() if t.private_training)
+            refuse_private(f"trains the tasks that support it ({takers}), not task {self.task!r}")
         if tc.parallelism != "ddp":
-            _refuse("runs on DDP: set train.parallelism: ddp")
+            refuse_private("runs on DDP: set train.parallelism: ddp")
         if tc.grad_accum_steps != 1:
-            _refuse("takes one Poisson-sampled batch per step: set train.grad_accum_steps: 1 (raise batch_size)")
+            refuse_private("takes one Poisson-sampled batch per step: set train.grad_accum_steps: 1 (raise "
+                           "batch_size)")
         if tc.precision in ("bf16", "fp16"):
-            _refuse("trains in fp32 (per-sample gradients and noise in reduced precision are not accounted): "
-                    "set train.precision: fp32 or auto")
+            refuse_private("trains in fp32 (per-sample gradients and noise in reduced precision are not "
+                           "accounted): set train.precision: fp32 or auto")
         if isinstance(self.resources.num_workers, tuple):
-            _refuse("needs a fixed worker count (the sample rate depends on it): set resources.num_workers to one "
-                    "number")
+            refuse_private("needs a fixed worker count (the sample rate depends on it): set "
+                           "resources.num_workers to one number")
         if self.data.augment.enabled:
-            _refuse("samples from the split held in memory, augmented once: set data.augment.enabled: false")
-        if self.model.arch == "cnn" and self.model.norm == "batch":
-            _refuse("needs per-sample normalization: BatchNorm mixes a batch's samples. Fix: model.norm: group")
+            refuse_private("samples from the split held in memory, augmented once: set data.augment.enabled: false")
 
 
-def _refuse(what: str) -> None:
+def refuse_private(what: str) -> None:
+    """A job that train.privacy cannot train: the error names what and the fix (also for tasks' own rules)."""
     raise ValueError(f"train.privacy (DP-SGD) {what}")
 
 
@@ -634,13 +635,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
-    archs = {a for names in TASK_ARCHS.values() for a in names}
     for e in err.errors():
-        # A tagged union adds its tag to the path (model.cnn.hidden): show the field as written.
-        parts = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "model" and p in archs)]
-        loc = ".".join(str(p) for p in parts) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if not e["loc"]:  # a rule across sections: its message names the fields (the input is the whole file)
+            lines.append(f"  {msg}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown field; remove it or check its spelling")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required field is missing")

@@ -46,6 +46,8 @@ def run_job(
         extra_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    import aidc.tasks  # noqa: F401 - registers the workloads whose schemas the config is checked against
+
     try:
         cfg = load_config(args.config, args.overrides)
         if check:

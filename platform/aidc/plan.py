@@ -11,6 +11,8 @@ Memory per worker, from the model built on the meta device (no memory, no weight
   kernel: q, k, v, output; CPU with attention dropout runs the math path and keeps the seq x seq weights),
   plus backward's working set (two blocks' activation gradients), halved at 16-bit precision; with
   activation checkpointing a block keeps only its input, and one block is live again in its recompute;
+- per-sample gradients (DP-SGD, train.privacy): Opacus keeps each sample's fp32 gradient of every trained
+  weight until it clips them: the largest Poisson batch a run meets (batch + 4 sqrt(batch)) x trained x 4;
 - framework: the CUDA context and allocator reserve on a GPU, a first step's own rise on CPU (calibrated;
   on CPU the figure is the process's peak RSS rise over its RSS before the model was built).
 
@@ -30,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aidc.tasks  # noqa: F401 - registers the workloads (configs are validated here)
 from aidc.errors import ConfigError
 
 GIB = 2**30
@@ -88,10 +91,11 @@ class Memory:
     optimizer: float
     activations: float
     framework: float
+    per_sample: float = 0.0  # DP-SGD (train.privacy): Opacus keeps every sample's gradient of the trained weights
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.framework
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.framework + self.per_sample
 
 
 @dataclass
@@ -468,8 +472,14 @@ def planned_precision(cfg, device: Device) -> str:
     return p
 
 
+def poisson_peak(batch: int) -> float:
+    """The largest Poisson-sampled batch (DP-SGD) a run meets, for memory: a mean-`batch` Poisson draw exceeds
+    batch + 4 sqrt(batch) about once in 30,000 steps."""
+    return batch + 4 * math.sqrt(batch)
+
+
 def memory(shape: Shape, *, workers: int, parallelism: str, precision: str, checkpointing: bool,
-           framework_bytes: float) -> Memory:
+           framework_bytes: float, per_sample_batch: float = 0.0) -> Memory:
     """Bytes per worker (see the module docstring for what each part holds)."""
     fsdp = parallelism == "fsdp" and workers > 1
     n = workers if fsdp else 1
@@ -479,7 +489,8 @@ def memory(shape: Shape, *, workers: int, parallelism: str, precision: str, chec
     optim = shape.trained * 8 / n
     saved = shape.saved_ckpt_fp32 if checkpointing else shape.saved_fp32
     act = saved * (0.5 if precision in ("bf16", "fp16") else 1.0)
-    return Memory(params, grads, optim, act, framework_bytes)
+    # DP-SGD: a per-sample gradient of each trained weight (grad_sample, fp32) for every sample of the batch
+    return Memory(params, grads, optim, act, framework_bytes, per_sample=per_sample_batch * shape.trained * 4)
 
 
 def plan_for(cfg, shape: Shape, device: Device, *, headroom: float = 0.1, train_rows: int | None = None,
@@ -489,7 +500,8 @@ def plan_for(cfg, shape: Shape, device: Device, *, headroom: float = 0.1, train_
     ckpt = bool(getattr(cfg.model, "activation_checkpointing", False))
     coef = coefficients(device)
     mem = memory(shape, workers=workers, parallelism=cfg.train.parallelism, precision=precision,
-                 checkpointing=ckpt, framework_bytes=coef["framework_bytes"])
+                 checkpointing=ckpt, framework_bytes=coef["framework_bytes"],
+                 per_sample_batch=poisson_peak(cfg.train.batch_size) if cfg.train.privacy else 0.0)
     micro = cfg.train.batch_size
     per_step = micro * cfg.train.grad_accum_steps  # samples per optimizer step per worker
     tokens = per_step * shape.tokens_per_sample
@@ -584,7 +596,8 @@ def with_fixes(cfg, shape_of, plan: Plan, others: list[Plan], **kw) -> Plan:
         return plan
     workers = planned_workers(cfg)
     has_ckpt = hasattr(cfg.model, "activation_checkpointing") and not cfg.model.activation_checkpointing
-    fsdp = {"train.parallelism": "fsdp"} if cfg.train.parallelism == "ddp" else {}
+    private = cfg.train.privacy is not None  # DP-SGD: no FSDP, no accumulation (config refuses both)
+    fsdp = {"train.parallelism": "fsdp"} if cfg.train.parallelism == "ddp" and not private else {}
     steps = []  # (label, overrides), cumulative order: the cheapest first
     if fsdp and workers > 1:
         steps.append(("--set train.parallelism=fsdp", fsdp))
@@ -593,7 +606,10 @@ def with_fixes(cfg, shape_of, plan: Plan, others: list[Plan], **kw) -> Plan:
     b, acc = cfg.train.batch_size, cfg.train.grad_accum_steps
     batches = []
     while b > 1:
-        b, acc = max(1, b // 2), acc * 2
+        b, acc = max(1, b // 2), acc * (1 if private else 2)
+        if private:  # a smaller expected batch (the noise is planned again for it)
+            batches.append((f"--set train.batch_size={b}", {"train.batch_size": b}))
+            continue
         batches.append((f"--set train.batch_size={b} --set train.grad_accum_steps={acc}",
                         {"train.batch_size": b, "train.grad_accum_steps": acc}))
     more = [(f"--set resources.num_workers={n}", {"resources.num_workers": n, **fsdp}) for n in
@@ -692,7 +708,8 @@ def format_plans(cfg, plans: list[Plan]) -> str:
         lines.append(f"  {p.device.node_type} ({p.device.name}, {p.device.memory_gib:.1f} GiB per worker): "
                      f"{_gib(m.total)} peak per worker of {_gib(p.budget)} allowed - {verdict}")
         lines.append(f"    parameters {_gib(m.parameters)}, gradients {_gib(m.gradients)}, optimizer "
-                     f"{_gib(m.optimizer)}, activations {_gib(m.activations)}, framework {_gib(m.framework)}")
+                     f"{_gib(m.optimizer)}, activations {_gib(m.activations)}, framework {_gib(m.framework)}"
+                     + (f", per-sample gradients (DP-SGD) {_gib(m.per_sample)}" if m.per_sample else ""))
         rate = p.tokens_per_step / p.step_s if p.step_s else 0.0
         lines.append(f"    step {p.step_s * 1000:.1f} ms (compute {p.compute_s * 1000:.1f} ms, communication "
                      f"{p.comm_s * 1000:.1f} ms), {rate:,.0f} {p.unit}/s on {p.workers} worker(s), {p.nodes} node(s)")
@@ -716,4 +733,6 @@ def refuse_if_unfit(cfg, plans: list[Plan]) -> None:
     raise ConfigError(f"the plan does not fit: {_gib(p.memory.total)} per worker predicted on {p.device.name} "
                       f"({p.device.node_type}), {_gib(p.budget)} allowed (parameters {_gib(p.memory.parameters)}, "
                       f"gradients {_gib(p.memory.gradients)}, optimizer {_gib(p.memory.optimizer)}, activations "
-                      f"{_gib(p.memory.activations)}). Fix: {fix}. To run anyway: --set train.plan=warn")
+                      f"{_gib(p.memory.activations)}"
+                      + (f", per-sample gradients {_gib(p.memory.per_sample)}" if p.memory.per_sample else "")
+                      + f"). Fix: {fix}. To run anyway: --set train.plan=warn")

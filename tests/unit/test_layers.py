@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 SOURCES = [REPO / "platform" / "aidc", REPO / "jobs", REPO / "serve_apps", REPO / "benchmarks"]
@@ -57,16 +59,73 @@ def test_benchmarks_import_nothing_from_tests():
     assert not found, f"benchmarks import tests/ (shared helpers live in aidc.testing): {found}"
 
 
-def test_every_workload_a_config_can_name_is_a_task_and_every_task_can_be_named():
-    """config.py (a leaf: it imports no task) lists the workloads and their model architectures; aidc.tasks
-    implements them. Adding a workload adds one to each; this keeps the two lists one."""
-    from aidc.config import TASK_ARCHS, TASK_SOURCES
+def test_config_names_no_workload_each_task_registers_its_own_schemas():
+    """One registration per workload: config.py (a leaf) names no task and no model architecture; importing
+    aidc.tasks registers each task with its model schemas and config rules."""
+    import re
+
+    import aidc.config as config
     from aidc.tasks import TASKS
 
-    assert set(TASK_ARCHS) == set(TASKS)
-    assert set(TASK_SOURCES) <= set(TASKS)
-    for name, task in TASKS.items():
-        assert task.name == name
+    source = Path(config.__file__).read_text()
+    named = [n for n in TASKS if re.search(rf"['\"]{n}['\"]", source)]
+    assert not named, f"config.py names workloads {named}: they belong in their task modules"
+    assert config.WORKLOADS == TASKS
+    archs = [config.arch_of(s) for t in TASKS.values() for s in t.model_schemas]
+    assert len(archs) == len(set(archs)), archs  # model.arch names one schema
+    for task in TASKS.values():
+        assert all(issubclass(s, config.ModelSchema) for s in task.model_schemas), task.name
+    # the named datasets data.source takes are the data layer's loaders, registered the same way
+    from aidc.data import SOURCES
+
+    assert set(config.DATASETS) == set(SOURCES)
+
+
+def test_a_new_workload_needs_no_change_in_config():
+    """A task registered from outside config (as a new task module does) is a valid job config at once: its own
+    model schema (defaults, bounds, unknown fields), its data sources and its own rules."""
+    from typing import Literal
+
+    from pydantic import Field
+
+    import aidc.config as config
+    from aidc.errors import ConfigError
+    from aidc.tasks.base import Task
+
+    class WaveConfig(config.ModelSchema):
+        arch: Literal["wave"] = "wave"
+        hidden: int = Field(32, ge=1)
+
+    class Speech(Task):
+        name = "speech_test"
+        model_schemas = (WaveConfig,)
+        data_sources = ("files",)
+
+        def check_config(self, cfg):
+            if cfg.train.epochs > 99:
+                raise ValueError("train.epochs: at most 99 for this task")
+
+    base = {"name": "w", "task": "speech_test", "registry": {"model_name": "w"},
+            "data": {"source": "files", "path": "x/*.parquet", "format": "parquet"}}
+    config.register_workload(Speech())
+    try:
+        cfg = config.validate(base)
+        assert type(cfg.model) is WaveConfig and cfg.model.hidden == 32  # the default arch, its defaults
+        assert config.validate(cfg.model_dump(mode="json")) == cfg  # a dumped config validates back the same
+        with pytest.raises(ConfigError, match=r"model.hidden: got 0"):
+            config.validate({**base, "model": {"hidden": 0}})
+        with pytest.raises(ConfigError, match=r"model.width: unknown field"):
+            config.validate({**base, "model": {"arch": "wave", "width": 3}})
+        with pytest.raises(ConfigError, match=r"model.arch 'cnn' does not fit task 'speech_test'; use one of \['wave'\]"):
+            config.validate({**base, "model": {"arch": "cnn"}})
+        with pytest.raises(ConfigError, match=r"data.source 'digits' does not fit task 'speech_test'"):
+            config.validate({**base, "data": {"source": "digits"}})
+        with pytest.raises(ConfigError, match="at most 99"):
+            config.validate({**base, "train": {"epochs": 100}})
+    finally:
+        del config.WORKLOADS["speech_test"]
+    with pytest.raises(ConfigError, match=r"unknown task 'speech_test'; use one of"):
+        config.validate(base)
 
 
 def test_every_package_of_the_library_is_installed():

@@ -52,6 +52,46 @@ def test_gpt_parameters_and_per_worker_bytes_match_hand_computed_figures(tmp_pat
     assert half.activations == one.activations / 2 and half.parameters == one.parameters  # autocast: fp32 weights
 
 
+def test_private_training_counts_the_per_sample_gradients_opacus_keeps(tmp_path):
+    """DP-SGD keeps a gradient per sample of every trained weight: the planner's figure for a batch equals the
+    bytes of Opacus's grad_sample tensors after one backward of that batch (digits CNN, GroupNorm); the fixes it
+    names for a job that cannot fit keep to what DP-SGD runs (no FSDP, no accumulation)."""
+    import torch
+    from opacus import GradSampleModule
+
+    from aidc.tasks import get_task
+    from aidc.train.privacy import private_model
+
+    cfg = load_config(CONFIGS / "digits.yaml", [f"run.storage={tmp_path}", "model.norm=group",
+                                                "train.privacy.epsilon=8", "train.batch_size=16"])
+    shape = plan.model_shape(cfg, "cpu")
+    batch = 16
+    mem = plan.memory(shape, workers=2, parallelism="ddp", precision="fp32", checkpointing=False, framework_bytes=0,
+                      per_sample_batch=batch)
+    features = plan.planning_features(cfg, None)  # as the planner sizes the model before preprocessing
+    model = GradSampleModule(private_model(get_task("image_classification").build_model(cfg.model.model_dump(),
+                                                                                        features)))
+    side = features["image_shape"][0]
+    model(torch.randn(batch, 1, side, side)).sum().backward()
+    kept = sum(p.grad_sample.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert mem.per_sample == kept == batch * shape.trained * 4
+    assert mem.total == pytest.approx(plan.memory(shape, workers=2, parallelism="ddp", precision="fp32",
+                                                  checkpointing=False, framework_bytes=0).total + kept)
+    # in a plan: the largest Poisson batch, shown as its own line item; a plain job counts none
+    device = plan.local_device(2, 1.0)
+    private = plan.plan_for(cfg, shape, device)
+    assert private.memory.per_sample == pytest.approx(plan.poisson_peak(16) * shape.trained * 4)
+    assert "per-sample gradients (DP-SGD)" in plan.format_plans(cfg, [private])
+    plain = load_config(CONFIGS / "digits.yaml", [f"run.storage={tmp_path}", "train.batch_size=16"])
+    assert plan.plan_for(plain, shape, device).memory.per_sample == 0
+    # a device too small: the fix is a smaller batch alone (accumulation and FSDP are refused under DP-SGD)
+    budget = private.memory.total - 0.3 * private.memory.per_sample  # fits at half the batch, not at this one
+    tiny = plan.Device(**{**device.__dict__, "memory_gib": budget / 0.9 / GIB})
+    fixed = plan.with_fixes(cfg, lambda c, kind: plan.model_shape(c, kind), plan.plan_for(cfg, shape, tiny), [])
+    assert fixed.fixes and "grad_accum" not in fixed.fixes[0] and "fsdp" not in fixed.fixes[0], fixed.fixes
+    assert "train.batch_size=" in fixed.fixes[0], fixed.fixes
+
+
 def test_llama_fine_tune_full_and_lora_match_hand_computed_figures(tmp_path):
     """A Hugging Face Llama base (config.json only is read: built on the meta device), fully fine-tuned and with
     LoRA rank 8 on PEFT's default q_proj + v_proj: parameters, the adapters that train, and per-worker bytes."""

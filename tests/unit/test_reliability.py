@@ -31,6 +31,16 @@ def test_elastic_runs_get_a_failure_budget_fixed_runs_keep_theirs():
         _cfg("run.max_failures=-2")
 
 
+def test_elastic_runs_wait_less_for_a_worker_group_on_a_fixed_size_cluster():
+    """After a node loss Ray Train may first try the old size (the lost node still counted): an elastic run's
+    attempt gives up sooner and is resized from what is free; an explicit bound always wins."""
+    from aidc.runtime import ELASTIC_START_TIMEOUT_S, START_TIMEOUT_S, start_timeout_s
+
+    assert start_timeout_s(None) == START_TIMEOUT_S == 180
+    assert start_timeout_s(None, elastic=True) == ELASTIC_START_TIMEOUT_S < START_TIMEOUT_S
+    assert start_timeout_s(45, elastic=True) == 45
+
+
 def test_resizes_are_the_restarts_that_changed_the_world_size():
     resumes = [{"epoch": 2, "step": 8, "world_size": 2, "from_world_size": 2},  # a crash, same size
                {"epoch": 3, "step": 12, "world_size": 1, "from_world_size": 2},

@@ -15,7 +15,7 @@ from aidc.errors import AidcError
 
 def _plan(args) -> int:
     from aidc.config import load_config
-    from aidc.plan import format_plans, make_plans
+    from aidc.plan import format_plans, make_plans  # imports aidc.tasks: the workloads are registered
 
     cfg = load_config(args.config, args.overrides)
     plans = make_plans(cfg, None if args.local else args.cluster)

@@ -15,6 +15,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+import aidc.tasks  # noqa: F401 - registers the workloads (configs are validated here)
 from aidc import storage
 from aidc.errors import ConfigError
 

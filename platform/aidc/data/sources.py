@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from aidc import storage
+from aidc.config import register_dataset
 from aidc.data.catalog import CATALOG, fetch
 from aidc.data.readers import read_delimited, read_idx, read_text
 
@@ -153,3 +154,5 @@ SOURCES = {
     "movielens": load_movielens,
     "synthetic-instructions": load_synthetic_instructions,
 }
+for _name in SOURCES:  # job configs can name them now (data.source)
+    register_dataset(_name, fine_tuning=_name == "synthetic-instructions")

@@ -88,7 +88,7 @@ def import_hf_model(directory: str | Path, name: str, alias: str = "champion", u
                     root: str | None = None):
     """GPT-2: convert, check that aidc's GPT loads the weights exactly, export and register. Another
     architecture: register the folder as it is. Returns the version."""
-    from aidc.config import GPTConfig
+    from aidc.config import model_schema
     from aidc.hf.gpt2 import convert_gpt2
     from aidc.models.gpt import build_gpt
     from aidc.registry import export_model_dir, register_model_dir
@@ -99,7 +99,7 @@ def import_hf_model(directory: str | Path, name: str, alias: str = "champion", u
     if json.loads((directory / "config.json").read_text()).get("model_type") != "gpt2":
         return import_as_is(directory, name, alias, uri, root)
     state, spec = convert_gpt2(directory)
-    GPTConfig.model_validate(spec["model"])  # the same checks a training config gets
+    model_schema("gpt").model_validate(spec["model"])  # the same checks a training config gets
     model = build_gpt(spec["model"], spec["features"])
     model.load_state_dict(state, strict=True)  # every tensor present and the right shape
     with tempfile.TemporaryDirectory() as tmp:

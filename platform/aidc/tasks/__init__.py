@@ -1,8 +1,11 @@
 """One module per workload: the glue between a dataset, a model, a loss, metrics and request shapes.
 
-TASKS maps the `task` field of a job config to its implementation.
+TASKS maps the `task` field of a job config to its implementation; importing this package registers each
+task with aidc.config (its model schemas and config rules), so a new workload is a task module, a model module
+and a YAML.
 """
 
+from aidc.config import register_workload
 from aidc.tasks.base import Task
 from aidc.tasks.causal_lm import CausalLM
 from aidc.tasks.image import ImageClassification
@@ -16,6 +19,8 @@ TASKS: dict[str, Task] = {
     for t in (ImageClassification(), TextClassification(), LanguageModel(), Recommendation(), TabularClassification(),
               CausalLM())
 }
+for _task in TASKS.values():  # job configs can name them now (aidc.config reads their schemas and rules)
+    register_workload(_task)
 
 
 def get_task(name: str) -> Task:

@@ -51,6 +51,14 @@ class Task:
     # strings are scrubbed); none: the workload's data holds no text
     text_columns: dict[str, str] = {}
 
+    # -- the job config (aidc.tasks registers each task with aidc.config, which reads these) -----------------
+    model_schemas: tuple = ()  # the schemas of its model section (aidc.config.ModelSchema); the first is the default
+    data_sources: tuple[str, ...] | None = None  # the data.source values it takes; None: all but fine-tuning data
+    private_training: bool = False  # train.privacy (DP-SGD, per-sample gradients) can train its models
+
+    def check_config(self, cfg) -> None:
+        """Its own rules across a job config's sections; raise ValueError saying what is wrong and the fix."""
+
     # -- preprocessing --------------------------------------------------------------
     def fingerprint_settings(self, cfg) -> dict:
         """What else a dataset's content depends on, beyond data.* (e.g. a fine-tune's base tokenizer): part of

@@ -26,12 +26,15 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
+from pydantic import Field
 from torch.nn import functional as F
 
+from aidc.config import ModelSchema, Strict
 from aidc.errors import ConfigError, DataError
 from aidc.tasks.base import Table, Task, row_hashes
 
@@ -270,10 +273,40 @@ def prompt_and_reference(row: dict, tok) -> tuple[str, str]:
     return "", ""
 
 
+class LoraConfig(Strict):
+    rank: int = Field(8, ge=1, description="LoRA rank r of each adapted weight.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Module names to adapt (e.g. [q_proj, v_proj]); default: PEFT's choice for "
+        "the architecture (Llama/Qwen2/Mistral q_proj+v_proj, GPT-2 c_attn).")
+    save: Literal["merged", "adapter"] = Field(
+        "merged", description="What is registered: merged = the base with the adapter folded in (a plain model); "
+        "adapter = the adapter alone in PEFT's format (adapter_config.json + adapter_model.safetensors), naming "
+        "its base version.")
+
+
+class HFConfig(ModelSchema):
+    arch: Literal["hf"] = Field(..., description="A pretrained Hugging Face causal LM (transformers "
+                                "AutoModelForCausalLM), fine-tuned (task causal_lm).")
+    init_from: str = Field(..., min_length=1, description="The model to start from: a registry reference (name@alias, "
+                           "name/version: an imported model or a GPT aidc trained) or a Hugging Face folder (config.json "
+                           "+ safetensors + tokenizer), local or s3://, gs://.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (train.method: lora).")
+    activation_checkpointing: bool = Field(False, description="Recompute decoder-layer activations in backward.")
+
+
 class CausalLM(Task):
     name = "causal_lm"
+    model_schemas = (HFConfig,)
+    data_sources = ("synthetic-instructions", "files")
     text_columns = {"record": "json"}
     input_column = "record"
+
+    def check_config(self, cfg) -> None:
+        if cfg.data.source == "files" and cfg.data.format != "jsonl":
+            raise ValueError("task causal_lm reads data.format: jsonl (one {\"messages\": [...]}, "
+                             "{\"prompt\", \"completion\"} or {\"text\"} object per line)")
 
     @property
     def sources(self) -> dict:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aidc.config import ModelSchema, refuse_private
 from aidc.data.transforms import augment_images, fit_scalar_standardizer, standardize
 from aidc.errors import RequestError
 from aidc.models import MODELS
@@ -18,12 +20,28 @@ from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Table, Task, classification
                              jsonable, row_hashes, tensor_spec)
 
 
+class CNNConfig(ModelSchema):
+    arch: Literal["cnn"] = Field("cnn", description="Convolutional image classifier.")
+    channels: list[int] = Field([32, 64], min_length=1, description="Output channels of each conv block.")
+    hidden: int = Field(128, ge=1, description="Width of the hidden fully connected layer.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier head.")
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="Normalization after each conv: batch (BatchNorm) or group (GroupNorm; per-sample, "
+        "what train.privacy needs).")
+
+
 class ImageClassification(Task):
     name = "image_classification"
+    model_schemas = (CNNConfig,)
+    private_training = True
     input_column = "image"
     quality_metric = "test_accuracy"
     onnx_export = True
     batch_outputs = CLASSIFICATION_OUTPUTS
+
+    def check_config(self, cfg) -> None:
+        if cfg.train.privacy is not None and cfg.model.norm == "batch":
+            refuse_private("needs per-sample normalization: BatchNorm mixes a batch's samples. Fix: model.norm: group")
 
     def validate(self, table: Table, cfg, meta: dict) -> np.ndarray:
         x = table["image"].reshape(len(table["image"]), -1).astype(np.float64)

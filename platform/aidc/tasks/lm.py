@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -16,10 +17,20 @@ from aidc.errors import RequestError
 from aidc.models.gpt import build_gpt
 from aidc.tasks.base import Table, Task, empty_text_reasons, row_hashes
 from aidc.tasks.image import check_batch
+from aidc.tasks.text import TransformerConfig
+
+
+class GPTConfig(TransformerConfig):
+    arch: Literal["gpt"] = Field(..., description="GPT-style decoder-only language model.")
+    d_model: int = Field(128, ge=8, description="Model width (768 for GPT-2 small).")
+    layers: int = Field(4, ge=1, description="Decoder blocks (12 for GPT-2 small).")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    gelu: Literal["none", "tanh"] = Field("none", description="GELU form: exact, or GPT-2's tanh approximation.")
 
 
 class LanguageModel(Task):
     name = "language_model"
+    model_schemas = (GPTConfig,)
     text_columns = {"text": "text"}
     input_column = "text"
     quality_metric = "test_perplexity"

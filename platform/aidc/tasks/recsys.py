@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aidc.config import ModelSchema
 from aidc.data.transforms import apply_index_map, fit_index_map
 from aidc.errors import RequestError
 from aidc.models import MODELS
@@ -17,8 +19,15 @@ from aidc.tasks.base import Table, Task, jsonable, row_hashes, tensor_spec
 from aidc.tasks.image import check_batch
 
 
+class MFConfig(ModelSchema):
+    arch: Literal["mf"] = Field(..., description="Matrix factorization with user/item biases.")
+    dim: int = Field(32, ge=1, description="Embedding width of users and items.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the embeddings.")
+
+
 class Recommendation(Task):
     name = "recommendation"
+    model_schemas = (MFConfig,)
     input_column = "pairs"
     quality_metric = "test_rmse"
     onnx_export = True

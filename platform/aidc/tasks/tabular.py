@@ -6,11 +6,15 @@ training split.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from aidc.config import ModelSchema
 from aidc.data.transforms import apply_index_map, fit_index_map, fit_table_statistics, standardize
 from aidc.models import MODELS
 from aidc.errors import RequestError
@@ -28,13 +32,28 @@ def _as_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return num, np.isnan(num) & present
 
 
+class MLPConfig(ModelSchema):
+    arch: Literal["mlp"] = Field(..., description="Multi-layer perceptron for tabular data.")
+    hidden: list[int] = Field([128, 64], min_length=1, description="Width of each hidden layer.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
+    embed_dim: int = Field(8, ge=1, description="Embedding width of each categorical column.")
+
+
 class TabularClassification(Task):
     name = "tabular_classification"
+    model_schemas = (MLPConfig,)
+    private_training = True
     input_column = "rows"
     quality_metric = "test_accuracy"
     onnx_export = True
     batch_outputs = CLASSIFICATION_OUTPUTS
     streaming = True
+
+    def check_config(self, cfg) -> None:
+        d = cfg.data
+        if d.source == "files" and (not d.label or not (d.features or d.categorical)):
+            raise ValueError("source: files needs label and features/categorical for tabular_classification; e.g. "
+                             "features: [x1, x2], label: y")
 
     @staticmethod
     def columns(cfg) -> list[str]:

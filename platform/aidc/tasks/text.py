@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aidc.config import ModelSchema
 from aidc.data.tokenizer import encode, pad_truncate, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
@@ -19,8 +21,24 @@ from aidc.tasks.image import check_batch
 MAX_CHARS = 5000
 
 
+class TransformerConfig(ModelSchema):
+    arch: Literal["transformer"] = Field(..., description="Transformer-encoder text classifier.")
+    d_model: int = Field(64, ge=8, description="Model width.")
+    heads: int = Field(4, ge=1, description="Attention heads (must divide d_model).")
+    layers: int = Field(2, ge=1, description="Encoder layers.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in attention and feed-forward blocks.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        return self
+
+
 class TextClassification(Task):
     name = "text_classification"
+    model_schemas = (TransformerConfig,)
+    private_training = True
     text_columns = {"text": "text"}
     input_column = "text"
     quality_metric = "test_macro_f1"

@@ -121,8 +121,8 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
     use_gpu = use_gpus(cfg)
     resources_per_worker = worker_resources(cfg, use_gpu)
     # Ray Train reads its start bound from this process's environment and hands it to the controller it starts
-    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s(res.start_timeout_s))
     elastic = isinstance(res.num_workers, tuple)
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s(res.start_timeout_s, elastic))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config(cfg, manifest), **(loop_extras or {})},
