@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import aidc.tasks  # noqa: F401 - registers the workloads job configs are checked against (as every entry point does)
 from aidc.testing import free_port  # noqa: F401 - tests import it from here too
 
 REPO = Path(__file__).resolve().parents[1]

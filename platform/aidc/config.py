@@ -20,11 +20,16 @@ class Strict(BaseModel):
 
 
 class SplitConfig(Strict):
-    strategy: Literal["hash", "predefined", "time"] = Field(
+    strategy: Literal["hash", "predefined", "time", "group"] = Field(
         "hash",
-        description="hash: by a hash of each row's key; predefined: the dataset's own test set (MNIST), the "
-        "rest hashed into train/val; time: per user, the latest ratings go to val/test (recommenders).",
+        description="hash: by a hash of each row's key; predefined: the dataset's own test set (MNIST, FSDD's "
+        "official split), the rest hashed into train/val; time: per user, the latest ratings go to val/test "
+        "(recommenders); group: every row of the test_groups (values of group_column, e.g. a held-out speaker) is "
+        "the test set, the rest hashed into train/val.",
     )
+    group_column: str | None = Field(None, description="strategy: group: the column whose values are groups, e.g. "
+                                     "speaker.")
+    test_groups: list[str] = Field([], description="strategy: group: the groups held out as the test set.")
     train: float = Field(0.8, gt=0, le=1, description="Fraction of rows in the training split.")
     val: float = Field(0.1, gt=0, lt=1, description="Fraction of rows in the validation split.")
     test: float = Field(0.1, ge=0, lt=1, description="Fraction of rows in the held-out test split (0 with predefined).")
@@ -37,10 +42,13 @@ class SplitConfig(Strict):
             raise ValueError(
                 f"train + val + test must add up to 1.0, got {total:g}; e.g. train: 0.8, val: 0.1, test: 0.1"
             )
-        if self.strategy == "predefined" and self.test != 0:
-            raise ValueError("with strategy: predefined the dataset's own test set is used: set test: 0")
-        if self.strategy != "predefined" and self.test == 0:
-            raise ValueError("test must be > 0 (a held-out split), unless strategy: predefined")
+        if self.strategy in ("predefined", "group") and self.test != 0:
+            raise ValueError(f"with strategy: {self.strategy} the test set is given (not a fraction): set test: 0")
+        if self.strategy not in ("predefined", "group") and self.test == 0:
+            raise ValueError("test must be > 0 (a held-out split), unless strategy: predefined or group")
+        if self.strategy == "group" and (not self.group_column or not self.test_groups):
+            raise ValueError("strategy: group needs group_column and test_groups, e.g. group_column: speaker, "
+                             "test_groups: [theo]")
         return self
 
 
@@ -63,6 +71,24 @@ class AugmentConfig(Strict):
     max_shift: int = Field(2, ge=0, description="Largest random shift in pixels (x and y).")
     max_rotate: float = Field(10.0, ge=0, le=180, description="Largest random rotation in degrees.")
     flip: bool = Field(False, description="Random horizontal flips (off for digits: a flipped 2 is not a 2).")
+
+
+class AudioConfig(Strict):
+    """Audio workloads: the recordings' format and the log-mel features computed from them."""
+
+    sample_rate: int = Field(8000, ge=1000, description="Sample rate every recording must have (Hz); others are "
+                             "rejected with the reason.")
+    n_mels: int = Field(40, ge=8, description="Mel bands of the log-mel features.")
+    window_ms: float = Field(32.0, gt=0, description="FFT window length, milliseconds.")
+    hop_ms: float = Field(10.0, gt=0, description="Hop between feature frames, milliseconds.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Longest audio the model sees (longer is cut); default: the training split's 99th "
+        "percentile length.")
+    augment: bool = Field(False, description="Augment training audio on the stream: time shift, gain, noise.")
+    max_time_shift_ms: int = Field(100, ge=0, description="Largest random time shift, milliseconds.")
+    max_gain_db: float = Field(6.0, ge=0, description="Largest random gain change, dB either way.")
+    noise_snr_db: float | None = Field(20.0, description="Added white noise at a random signal-to-noise ratio from "
+                                       "this to 20 dB more (dB below the recording's level); null: no noise.")
 
 
 class ChatDataConfig(Strict):
@@ -138,7 +164,9 @@ class DataConfig(Strict):
         None, description="Directory or URL mirroring named datasets; default $AIDC_DATA_MIRROR, else upstream."
     )
     path: str | None = Field(None, description="source: files: a file, directory or glob (local, s3://, gs://).")
-    format: Literal["csv", "parquet", "jsonl"] | None = Field(None, description="source: files: the file format.")
+    format: Literal["csv", "parquet", "jsonl", "wav"] | None = Field(
+        None, description="source: files: the file format (wav: a folder of recordings named "
+        "{label}_{speaker}_{index}.wav, task speech_classification).")
     features: list[str] = Field([], description="source: files: numeric feature columns.")
     categorical: list[str] = Field([], description="source: files: categorical feature columns (index-mapped).")
     label: str | None = Field(None, description="source: files: the integer class label column.")
@@ -146,6 +174,7 @@ class DataConfig(Strict):
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Row cleaning rules.")
     text: TextConfig = Field(default_factory=TextConfig, description="Tokenization (text workloads).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Image augmentation (training only).")
+    audio: AudioConfig = Field(default_factory=AudioConfig, description="Audio format and features (speech).")
     chat: ChatDataConfig = Field(default_factory=ChatDataConfig, description="Fine-tuning data (task causal_lm).")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Personal data in text datasets.")
     encryption: EncryptionConfig | None = Field(
@@ -224,7 +253,8 @@ def model_schema(arch: str) -> type[ModelSchema]:
         for schema in task.model_schemas:
             if arch_of(schema) == arch:
                 return schema
-    workload("")  # the clear error when nothing is registered
+    if not WORKLOADS:
+        raise ValueError("no model schema is registered: import aidc.tasks (it registers them) first")
     raise ValueError(f"unknown model.arch {arch!r}")
 
 
@@ -560,7 +590,7 @@ class JobConfig(Strict):
         schemas = {arch_of(s): s for s in task.model_schemas}
         arch = raw.get("arch", next(iter(schemas)))
         if arch not in schemas:
-            raise ValueError(f"model.arch {arch!r} does not fit task {task.name!r}; use one of {list(schemas)}")
+            raise ValueError(f"model.arch {str(arch)!r} does not fit task {task.name!r}; use one of {list(schemas)}")
         return schemas[arch].model_validate({**raw, "arch": arch})
 
     @model_validator(mode="after")

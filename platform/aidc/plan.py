@@ -160,28 +160,13 @@ def read_manifest(cfg) -> dict | None:
 def planning_features(cfg, manifest: dict | None) -> dict:
     """The features that size the model: the dataset's (its `manifest`), else what the config and the source
     say."""
-    from aidc.data.sources import SOURCES
     from aidc.tasks import get_task
 
     if manifest is not None:
         return manifest["features"]
-    # before preprocessing: what the config and the source's fixed shapes say (a char vocabulary: bytes)
-    text = cfg.data.text
-    if cfg.task == "causal_lm":  # a pretrained base: its config.json sizes it; rows are padded to max_length
-        from aidc.tasks.causal_lm import resolve_base
-
-        return {"base": resolve_base(cfg.model.init_from, cfg.run), "max_length": cfg.data.chat.max_length}
-    if cfg.task == "language_model":
-        vocab = text.vocab_size if text.tokenizer == "bpe" else 256
-        return {"vocab_size": vocab, "block_size": text.block_size, "tokenizer": text.tokenizer}
-    if cfg.task == "text_classification" and cfg.data.source == "sms-spam":
-        return {"vocab_size": text.vocab_size, "max_length": text.max_length, "num_classes": 2}
-    if cfg.data.source == "mnist":
-        return {"image_shape": [28, 28], "num_classes": 10}
-    if cfg.data.source == "movielens":  # ml-latest-small: 610 users, 9,742 movies
-        return {"num_users": 610, "num_items": 9742, "global_mean": 3.5, "rating_range": [0.5, 5.0]}
-    if cfg.data.source == "digits":
-        return get_task(cfg.task).features(SOURCES["digits"](cfg).meta, {})
+    features = get_task(cfg.task).planning_features(cfg)  # before preprocessing: what config and source say
+    if features is not None:
+        return features
     raise ConfigError(f"cannot size model {cfg.model.arch} before its dataset exists: run "
                       f"`python -m jobs.preprocess --config <this config>` first (the data sizes the model)")
 
@@ -499,9 +484,12 @@ def plan_for(cfg, shape: Shape, device: Device, *, headroom: float = 0.1, train_
     precision = planned_precision(cfg, device)
     ckpt = bool(getattr(cfg.model, "activation_checkpointing", False))
     coef = coefficients(device)
+    private = cfg.train.privacy is not None
+    peak_batch = poisson_peak(cfg.train.batch_size) if private else 0.0
     mem = memory(shape, workers=workers, parallelism=cfg.train.parallelism, precision=precision,
-                 checkpointing=ckpt, framework_bytes=coef["framework_bytes"],
-                 per_sample_batch=poisson_peak(cfg.train.batch_size) if cfg.train.privacy else 0.0)
+                 checkpointing=ckpt, framework_bytes=coef["framework_bytes"], per_sample_batch=peak_batch)
+    if private:  # activations grow with the batch too: the largest Poisson batch's
+        mem.activations *= peak_batch / cfg.train.batch_size
     micro = cfg.train.batch_size
     per_step = micro * cfg.train.grad_accum_steps  # samples per optimizer step per worker
     tokens = per_step * shape.tokens_per_sample

@@ -114,6 +114,7 @@ def _predict(args) -> int:
 
 
 def _model(args) -> int:
+    import aidc.tasks  # noqa: F401 - registers the model schemas an imported GPT-2's section is checked against
     from aidc.hf import import_hf_model
 
     if args.action in ("export", "compare"):  # aidc.cli.offline

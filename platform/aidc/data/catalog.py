@@ -34,18 +34,41 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class RemoteTree:
+    """A folder of many files from a release archive, checked as a whole: `content_sha256` is the sha256 of the
+    `sha256sum` lines of every file (`find <folder> -type f | sort | xargs sha256sum | sha256sum`)."""
+
+    folder: str  # e.g. recordings
+    content_sha256: str
+    url: str  # a .tar.gz release archive
+    prefix: str  # the folder inside the archive that holds `folder`
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     dir: str
     description: str
     terms: str
-    files: tuple[RemoteFile, ...]
+    files: tuple[RemoteFile, ...] = ()
+    tree: RemoteTree | None = None
 
 
 _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _ML = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 _SMS = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 
+_FSDD = "https://github.com/Jakobovski/free-spoken-digit-dataset/archive/refs/tags/v1.0.10.tar.gz"
+
 CATALOG: dict[str, CatalogEntry] = {
+    "fsdd": CatalogEntry(
+        "fsdd",
+        "Free Spoken Digit Dataset v1.0.10: 3,000 mono 8 kHz wav recordings, 6 speakers x 10 digits x 50 "
+        "(Zohar Jackson et al.)",
+        "CC BY-SA 4.0: credit \"Free Spoken Digit Dataset (FSDD), Zohar Jackson et al.\"; share changed copies of "
+        "the data under the same licence.",
+        tree=RemoteTree("recordings", "04e1baae96c6a26e39c623f2b01d0182ddae627ba0ac02a3cdc17ba2af99fd9b", _FSDD,
+                        "free-spoken-digit-dataset-1.0.10"),
+    ),
     "mnist": CatalogEntry(
         "mnist",
         "MNIST handwritten digits, 28x28, 60,000 train + 10,000 test (LeCun, Cortes, Burges)",
@@ -165,3 +188,53 @@ def fetch(name: str, mirror: str | None = None) -> dict[str, Path]:
             _download(f.url, cached)
         paths[f.name] = _verify(cached, f, f.url)
     return paths
+
+
+def tree_sha256(folder: Path) -> str:
+    """sha256 of the `sha256sum` lines of every file under `folder`, paths relative to its parent, sorted."""
+    import hashlib
+
+    lines = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder.parent).as_posix()
+        lines.append(f"{sha256_file(path)}  {rel}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def fetch_tree(name: str, mirror: str | None = None) -> Path:
+    """The verified local folder of a named dataset published as a folder of many files (RemoteTree): from a
+    local mirror (`<mirror>/<dir>/<folder>`), else the cache, else upstream's release archive."""
+    import tarfile
+
+    entry = CATALOG[name]
+    tree = entry.tree
+    mirror = mirror or os.environ.get(MIRROR_ENV)
+    cache = cache_dir() / entry.dir
+    _show_terms(name, entry, cache)
+    if mirror and "://" not in mirror:
+        folder, origin = Path(mirror).expanduser() / entry.dir / tree.folder, "the mirror"
+        if not folder.is_dir():
+            raise DataError(f"{folder} not found: {MIRROR_ENV}={mirror} must hold {entry.dir}/{tree.folder}/")
+    else:
+        folder, origin = cache / tree.folder, "the cache"
+        if not folder.is_dir():
+            archive = cache / Path(tree.url).name
+            url = f"{mirror.rstrip('/')}/{entry.dir}/{archive.name}" if mirror else tree.url
+            if not archive.is_file():
+                _download(url, archive)
+            part = cache / (tree.folder + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()
+                           and m.name.startswith(f"{tree.prefix}/{tree.folder}/")]
+                for m in members:
+                    m.name = m.name.removeprefix(f"{tree.prefix}/{tree.folder}/")
+                tar.extractall(part, members=members, filter="data")
+            part.replace(folder)
+            origin = url
+    actual = tree_sha256(folder)
+    if actual != tree.content_sha256:
+        raise DataError(f"{folder} (from {origin}) fails its content check: got {actual}, expected "
+                        f"{tree.content_sha256}. Files are missing, changed or extra; delete the folder and fetch "
+                        f"again, or fix {MIRROR_ENV}.")
+    return folder

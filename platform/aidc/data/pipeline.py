@@ -91,6 +91,17 @@ def _assign(raw: RawData, cfg) -> np.ndarray:
             raise ConfigError(f"data.split.strategy: predefined needs a dataset with its own test set; "
                               f"{cfg.data.source} has none: use strategy: hash")
         return predefined_splits(cols["id"], cols["origin"], s.train, s.seed)
+    if s.strategy == "group":
+        if s.group_column not in cols:
+            raise ConfigError(f"data.split.group_column {s.group_column!r} is not a column of {cfg.data.source} "
+                              f"(columns: {', '.join(sorted(cols))})")
+        groups = cols[s.group_column].astype(str)
+        missing = sorted(set(s.test_groups) - set(groups))
+        if missing:
+            raise ConfigError(f"data.split.test_groups {missing} are not values of {s.group_column} in "
+                              f"{cfg.data.source} (values: {', '.join(sorted(set(groups))[:20])})")
+        return predefined_splits(cols["id"], np.where(np.isin(groups, s.test_groups), "test", "train"), s.train,
+                                 s.seed)
     if s.strategy == "time":
         if "timestamp" not in cols:
             raise ConfigError(f"data.split.strategy: time needs user/timestamp columns; {cfg.data.source} has none")

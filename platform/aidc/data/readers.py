@@ -24,14 +24,16 @@ from aidc.errors import DataError
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path, allow_empty: bool = False) -> bytes:
+    """A file's bytes, local or remote; an empty file is an error unless `allow_empty` (a row-per-file source
+    rejects it as a row instead)."""
     fs, inner = storage.filesystem(str(path))
     try:
         with fs.open_input_stream(inner, compression=None) as f:  # we gunzip ourselves, to report truncation
             data = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    if not data:
+    if not data and not allow_empty:
         raise DataError(f"{path}: the file is empty")
     return data
 

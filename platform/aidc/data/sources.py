@@ -146,6 +146,50 @@ def load_jsonl_records(cfg) -> RawData:
                    f"{len(files)} JSONL file(s) at {cfg.data.path}")
 
 
+def _recording_rows(names: list[str], audio: list[bytes]) -> dict[str, np.ndarray]:
+    """Rows of recordings named `{label}_{speaker}_{index}.wav` (FSDD's scheme), their bytes undecoded (the task
+    decodes them and rejects what it cannot use, with the reason); a name off the scheme gets label -1."""
+    stems = [n.rsplit("/", 1)[-1].rsplit(".", 1)[0].split("_") for n in names]
+    ok = [len(x) == 3 and x[0].isdigit() and x[2].isdigit() for x in stems]
+    col = np.empty(len(audio), dtype=object)
+    col[:] = audio
+    return {"id": np.arange(len(names)), "audio": col, "file": np.array(names, dtype=object),
+            "label": np.array([int(x[0]) if good else -1 for x, good in zip(stems, ok)], dtype=np.int64),
+            "speaker": np.array([x[1] if good else "" for x, good in zip(stems, ok)], dtype=object),
+            "index": np.array([int(x[2]) if good else -1 for x, good in zip(stems, ok)], dtype=np.int64)}
+
+
+DIGITS_META = {"num_classes": 10, "class_names": [str(d) for d in range(10)]}
+
+
+def load_fsdd(cfg) -> RawData:
+    """The Free Spoken Digit Dataset: one row per recording; origin = the official split (recordings 0-4 of each
+    speaker and digit are the test set, per the upstream README)."""
+    from aidc.data.catalog import fetch_tree
+
+    folder = fetch_tree("fsdd", cfg.data.mirror)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    cols = _recording_rows([p.name for p in files], [p.read_bytes() for p in files])
+    cols["origin"] = np.where((cols["index"] >= 0) & (cols["index"] < 5), "test", "train").astype(object)
+    entry = CATALOG["fsdd"]
+    return RawData(cols, entry.tree.content_sha256, entry.description,
+                   {**DIGITS_META, "speakers": sorted(set(cols["speaker"]) - {""})}, entry.terms)
+
+
+def load_wav_files(cfg) -> RawData:
+    """Your own recordings (data.path: a folder, local or s3://, gs://; every file in it is a row, so a file that
+    is not a usable wav is a rejected row with its reason), named {digit}_{speaker}_{index}.wav."""
+    from aidc.data.readers import input_files_fingerprint, read_bytes
+
+    fingerprint, files = input_files_fingerprint(cfg.data.path)
+    scheme = cfg.data.path.split("://")[0] if storage.is_uri(cfg.data.path) else None
+    files = sorted(files)
+    audio = [read_bytes(f"{scheme}://{f}" if scheme else f, allow_empty=True) for f in files]
+    cols = _recording_rows(files, audio)
+    return RawData(cols, fingerprint, f"{len(files)} file(s) at {cfg.data.path}",
+                   {**DIGITS_META, "speakers": sorted(set(cols["speaker"]) - {""})})
+
+
 SOURCES = {
     "digits": load_digits,
     "mnist": load_mnist,
@@ -153,6 +197,7 @@ SOURCES = {
     "tinyshakespeare": load_tinyshakespeare,
     "movielens": load_movielens,
     "synthetic-instructions": load_synthetic_instructions,
+    "fsdd": load_fsdd,
 }
 for _name in SOURCES:  # job configs can name them now (data.source)
     register_dataset(_name, fine_tuning=_name == "synthetic-instructions")

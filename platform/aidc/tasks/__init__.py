@@ -5,19 +5,21 @@ task with aidc.config (its model schemas and config rules), so a new workload is
 and a YAML.
 """
 
+import aidc.data.sources  # noqa: F401 - registers the named datasets data.source takes
 from aidc.config import register_workload
 from aidc.tasks.base import Task
 from aidc.tasks.causal_lm import CausalLM
 from aidc.tasks.image import ImageClassification
 from aidc.tasks.lm import LanguageModel
 from aidc.tasks.recsys import Recommendation
+from aidc.tasks.speech import SpeechClassification
 from aidc.tasks.tabular import TabularClassification
 from aidc.tasks.text import TextClassification
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (ImageClassification(), TextClassification(), LanguageModel(), Recommendation(), TabularClassification(),
-              CausalLM())
+              CausalLM(), SpeechClassification())
 }
 for _task in TASKS.values():  # job configs can name them now (aidc.config reads their schemas and rules)
     register_workload(_task)

@@ -104,6 +104,11 @@ class Task:
 
     counts_tokens: bool = False  # the planner's step time is per token (language models), else per sample
 
+    def planning_features(self, cfg) -> dict | None:
+        """The features that size the model before its dataset is preprocessed (from the config and the source's
+        fixed shapes), for the capacity planner; None: only the preprocessed data can say."""
+        return None
+
     def planning_inputs(self, features: dict, batch: int) -> tuple | dict:
         """One micro-batch of model inputs on the meta device (shapes only), as `forward` passes them to the model:
         positional (a tuple) or keywords (a dict)."""

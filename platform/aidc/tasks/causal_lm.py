@@ -326,6 +326,10 @@ class CausalLM(Task):
                 "attention_mask": torch.ones(batch, 1, t, t, device="meta", dtype=torch.bool).tril(),
                 "position_ids": torch.zeros(batch, t, **long)}
 
+    def planning_features(self, cfg) -> dict:
+        """A pretrained base: its config.json sizes it; rows are padded to max_length."""
+        return {"base": resolve_base(cfg.model.init_from, cfg.run), "max_length": cfg.data.chat.max_length}
+
     def fingerprint_settings(self, cfg) -> dict:
         """Fine-tuning data is tokenized by its base model: the base's pinned version (or folder) is part of it."""
         return {"chat": cfg.data.chat.model_dump(), "base": base_identity(cfg)}

@@ -93,6 +93,15 @@ class ImageClassification(Task):
         return _UnitPixels(model, lo, hi, transform["standardize"]), \
             lambda images: ((np.asarray(images, np.float32) - lo) / (hi - lo))[:, None, :, :]
 
+    def planning_features(self, cfg) -> dict | None:
+        if cfg.data.source == "mnist":
+            return {"image_shape": [28, 28], "num_classes": 10}
+        if cfg.data.source == "digits":
+            from aidc.data.sources import load_digits
+
+            return self.features(load_digits(cfg).meta, {})
+        return None
+
     def planning_inputs(self, features: dict, batch: int) -> tuple:
         return (torch.zeros(batch, 1, *features["image_shape"], device="meta"),)  # (n, 1, H, W)
 

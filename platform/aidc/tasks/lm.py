@@ -39,6 +39,11 @@ class LanguageModel(Task):
     batch_on_vllm = True
     counts_tokens = True
 
+    def planning_features(self, cfg) -> dict:
+        text = cfg.data.text  # a char vocabulary: bytes
+        return {"vocab_size": text.vocab_size if text.tokenizer == "bpe" else 256, "block_size": text.block_size,
+                "tokenizer": text.tokenizer}
+
     def planning_inputs(self, features: dict, batch: int) -> tuple:
         return (torch.zeros(batch, features["block_size"], device="meta", dtype=torch.long),)
 

@@ -93,6 +93,11 @@ class Recommendation(Task):
         mse = sums["se_sum"] / max(sums["count"], 1.0)
         return {f"{prefix}_loss": mse, f"{prefix}_rmse": mse**0.5}
 
+    def planning_features(self, cfg) -> dict | None:
+        if cfg.data.source == "movielens":  # ml-latest-small: 610 users, 9,742 movies
+            return {"num_users": 610, "num_items": 9742, "global_mean": 3.5, "rating_range": [0.5, 5.0]}
+        return None
+
     def planning_inputs(self, features: dict, batch: int) -> tuple:  # users, items
         return (torch.zeros(batch, device="meta", dtype=torch.long), torch.zeros(batch, device="meta", dtype=torch.long))
 

@@ -45,6 +45,12 @@ class TextClassification(Task):
     onnx_export = True
     batch_outputs = CLASSIFICATION_OUTPUTS
 
+    def planning_features(self, cfg) -> dict | None:
+        text = cfg.data.text
+        if cfg.data.source == "sms-spam":
+            return {"vocab_size": text.vocab_size, "max_length": text.max_length, "num_classes": 2}
+        return None
+
     def planning_inputs(self, features: dict, batch: int) -> tuple:
         return (torch.zeros(batch, features["max_length"], device="meta", dtype=torch.long),)
 
