@@ -84,9 +84,9 @@ class AudioConfig(Strict):
     max_seconds: float | None = Field(
         None, gt=0, description="Longest audio the model sees (longer is cut); default: the training split's 99th "
         "percentile length.")
-    augment: bool = Field(False, description="Augment training audio on the stream: time shift, gain, noise.")
+    augment: bool = Field(False, description="Augment training audio on the stream: time shift and noise (no gain: "
+                          "the features are relative to each recording's loudest bin).")
     max_time_shift_ms: int = Field(100, ge=0, description="Largest random time shift, milliseconds.")
-    max_gain_db: float = Field(6.0, ge=0, description="Largest random gain change, dB either way.")
     noise_snr_db: float | None = Field(20.0, description="Added white noise at a random signal-to-noise ratio from "
                                        "this to 20 dB more (dB below the recording's level); null: no noise.")
 
@@ -146,12 +146,12 @@ class EncryptionConfig(Strict):
 
 
 # The named datasets data.source can name besides `files`: aidc.data registers each loader's name when it is
-# imported (name -> whether it is fine-tuning data, which only tasks that list it take).
-DATASETS: dict[str, bool] = {}
+# imported. A dataset some task lists in its data_sources (fine-tuning data, recordings) is that task's only.
+DATASETS: set[str] = set()
 
 
-def register_dataset(name: str, fine_tuning: bool = False) -> None:
-    DATASETS[name] = fine_tuning
+def register_dataset(name: str) -> None:
+    DATASETS.add(name)
 
 
 class DataConfig(Strict):
@@ -225,7 +225,7 @@ def arch_of(schema: type[ModelSchema]) -> str:
 
 # The workloads a job config can name: aidc.tasks registers each of its Task objects here when it is imported
 # (config stays below the tasks). What config reads from a task: name, model_schemas (first = default),
-# data_sources (None: every source but fine-tuning data), private_training, check_config(cfg).
+# data_sources (None: every source no other task lists), private_training, check_config(cfg).
 WORKLOADS: dict[str, Any] = {}
 
 
@@ -569,10 +569,10 @@ class JobConfig(Strict):
             self.run.max_failures = ELASTIC_MAX_FAILURES if isinstance(self.resources.num_workers, tuple) else 1
         return self
 
-    @field_validator("task")
+    @field_validator("task", mode="before")
     @classmethod
-    def _registered_task(cls, name: str) -> str:
-        workload(name)
+    def _registered_task(cls, name: Any) -> str:
+        workload(name if isinstance(name, str) else repr(name))  # the error lists the registered tasks
         return name
 
     @field_validator("model", mode="before")
@@ -599,9 +599,9 @@ class JobConfig(Strict):
         sources = task.data_sources
         if sources and d.source not in sources:
             raise ValueError(f"data.source {d.source!r} does not fit task {self.task!r}; use one of {list(sources)}")
-        if not sources and DATASETS.get(d.source):  # fine-tuning data: only tasks that list it take it
-            takers = [t.name for t in WORKLOADS.values() if t.data_sources and d.source in t.data_sources]
-            raise ValueError(f"data.source {d.source} is fine-tuning data: use it with task: {' or '.join(takers)}")
+        takers = [t.name for t in WORKLOADS.values() if t.data_sources and d.source in t.data_sources]
+        if not sources and takers and d.source != "files":  # a dataset a task lists is that task's data
+            raise ValueError(f"data.source {d.source} is data for task: {' or '.join(takers)}; use it with that task")
         self._private_training_fits()
         if self.train.method == "lora" and "lora" not in type(self.model).model_fields:
             takers = [f"task: {t.name}, model.arch: {arch_of(s)}" for t in WORKLOADS.values()

@@ -68,8 +68,9 @@ def test_held_out_speaker_split_is_deterministic_and_recorded(root):
 
 
 def test_fsdd_trains_well_above_chance_registers_and_answers_wav_files_with_the_training_features(root):
-    cfg = workload_config("fsdd", root, "model.hidden=48", "model.layers=1", "train.epochs=4",
-                          "resources.num_workers=1", "resources.cpus_per_worker=1", "run.name=fsdd-tiny")
+    cfg = workload_config("fsdd", root, "model.hidden=64", "model.layers=1", "train.epochs=5",
+                          "data.audio.augment=false", "resources.num_workers=1", "resources.cpus_per_worker=1",
+                          "run.name=fsdd-tiny")
     dv, _ = preprocess(cfg)
     m = dv.manifest()
     assert m["counts"]["splits"]["test"] == 300 and m["counts"]["rejected"] == 0  # the official split
@@ -78,15 +79,16 @@ def test_fsdd_trains_well_above_chance_registers_and_answers_wav_files_with_the_
     version = register(cfg, outcome)
     loaded = load_model(version.ref, tracking_uri(None, root))
 
-    # a wav file as a client sends it: the same frames as the stored waveform of that recording
+    # wav files as a client sends them: the same frames as the stored waveforms of those recordings (1e-5), and
+    # the registered model scores all 300 test recordings from their files as training scored the test split
     test = dv.read_numpy("test")
-    files = [RECORDINGS / f for f in test["file"][:8]]
-    state = loaded.spec["transform"]
-    task = loaded.task
-    served = task.transform_batch({"audio": np.array([f.read_bytes() for f in files], dtype=object)}, state)
-    stored = task.transform_batch({"waveform": test["waveform"][:8]}, state)
+    wavs = np.array([(RECORDINGS / f).read_bytes() for f in test["file"]], dtype=object)
+    state, task = loaded.spec["transform"], loaded.task
+    served = task.transform_batch({"audio": wavs[::30]}, state)  # every 30th test recording
+    stored = task.transform_batch({"waveform": test["waveform"][::30]}, state)
     np.testing.assert_allclose(served["x"], stored["x"], atol=1e-5)
     assert (served["lengths"] == stored["lengths"]).all()
-    out = loaded.infer_tensors({"audio": np.array([f.read_bytes() for f in files], dtype=object)})
-    assert out["probabilities"].shape == (8, 10) and (out["label"] == [str(c) for c in out["class"]]).all()
-    assert (out["class"] == test["label"][:8]).mean() >= 0.5
+    out = loaded.infer_tensors({"audio": wavs})
+    assert out["probabilities"].shape == (300, 10) and (out["label"] == [str(c) for c in out["class"]]).all()
+    from_files = float((out["class"] == test["label"]).mean())
+    assert from_files == pytest.approx(outcome.metrics["test_accuracy"], abs=0.01), from_files

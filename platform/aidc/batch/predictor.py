@@ -116,7 +116,8 @@ class BatchPredictor:
         cols = {}
         for c in batch.columns:
             v = batch[c].to_numpy()
-            if v.dtype == object and len(v) and isinstance(v[0], np.ndarray):
+            if v.dtype == object and len(v) and isinstance(v[0], np.ndarray) \
+                    and len({x.shape for x in v}) == 1:  # ragged (e.g. waveforms) stays a column of arrays
                 v = np.stack(v)
             cols[c] = v
         return self._rows(self.loaded.predict(cols))

@@ -7,7 +7,6 @@ transform. Preprocessing, training, the served model and batch inference all cal
 from __future__ import annotations
 
 import io
-import wave
 
 import numpy as np
 
@@ -26,27 +25,32 @@ def decode_wav(data: bytes, sample_rate: int) -> tuple[np.ndarray | None, str]:
             audio = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         return None, f"not a readable audio file ({str(exc).rpartition(': ')[2] or exc})"
-    if fmt != "WAV":
+    if fmt not in ("WAV", "WAVEX"):
         return None, f"{fmt} audio, not wav"
     if channels != 1:
         return None, f"{channels} channels; expected mono (1 channel)"
     if rate != sample_rate:
         return None, f"sample rate {rate} Hz; expected {sample_rate} Hz"
-    declared = _declared_frames(data)
-    if declared is not None and declared > len(audio):
-        return None, f"truncated: the header declares {declared} samples, the file holds {len(audio)}"
+    declared, present = _data_chunk(data)
+    if declared is not None and declared > present:
+        return None, f"truncated: the header declares {declared} bytes of audio, the file holds {present}"
     if len(audio) == 0:
         return None, "no samples"
-    return audio[:, 0], ""
+    if not np.isfinite(audio).all():
+        return None, "samples are NaN or infinite"
+    return np.clip(audio[:, 0], -1.0, 1.0), ""
 
 
-def _declared_frames(data: bytes) -> int | None:
-    """Samples the RIFF header's data chunk declares (libsndfile reads a cut-off file without a word)."""
-    try:
-        with wave.open(io.BytesIO(data)) as w:
-            return w.getnframes()
-    except (wave.Error, EOFError):
-        return None  # not PCM (e.g. float wav): nothing to compare
+def _data_chunk(data: bytes) -> tuple[int | None, int]:
+    """(bytes the RIFF `data` chunk declares, bytes of it the file holds); None declared where the size is not
+    given (0 or 0xFFFFFFFF: a streamed header). libsndfile reads a cut-off file without a word, any codec."""
+    pos = 12  # after "RIFF" <size> "WAVE"
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if cid == b"data":
+            return (None if size in (0, 0xFFFFFFFF) else size), len(data) - pos - 8
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+    return None, 0
 
 
 def log_mel(waveform: np.ndarray, sample_rate: int, n_mels: int, n_fft: int, hop: int) -> np.ndarray:
@@ -65,15 +69,14 @@ def frames_of(samples: int, hop: int) -> int:
 
 
 def augment_waveform(x: np.ndarray, cfg: dict, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
-    """Random time shift (samples rolled in from silence), gain, and white noise at a random signal-to-noise ratio
-    (noise_snr_db to noise_snr_db + 20 dB below the recording's own level) of one waveform."""
+    """Random time shift (samples rolled in from silence) and white noise at a random signal-to-noise ratio
+    (noise_snr_db to noise_snr_db + 20 dB below the recording's own level) of one waveform. No gain: the features
+    are relative to each recording's loudest bin, so a gain would change nothing."""
     shift = int(rng.integers(-cfg["max_time_shift_ms"], cfg["max_time_shift_ms"] + 1) * sample_rate / 1000)
     if shift > 0:
         x = np.concatenate([np.zeros(shift, np.float32), x])
     elif shift < 0:
         x = x[-shift:] if len(x) > -shift else x
-    gain = 10 ** (rng.uniform(-cfg["max_gain_db"], cfg["max_gain_db"]) / 20)
-    x = x * gain
     if cfg["noise_snr_db"] is not None:
         rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
         snr = rng.uniform(cfg["noise_snr_db"], cfg["noise_snr_db"] + 20)

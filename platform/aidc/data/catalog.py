@@ -36,7 +36,7 @@ class RemoteFile:
 @dataclass(frozen=True)
 class RemoteTree:
     """A folder of many files from a release archive, checked as a whole: `content_sha256` is the sha256 of the
-    `sha256sum` lines of every file (`find <folder> -type f | sort | xargs sha256sum | sha256sum`)."""
+    `sha256sum` lines of every file (`find <folder> -type f | LC_ALL=C sort | xargs sha256sum | sha256sum`)."""
 
     folder: str  # e.g. recordings
     content_sha256: str
@@ -191,21 +191,18 @@ def fetch(name: str, mirror: str | None = None) -> dict[str, Path]:
 
 
 def tree_sha256(folder: Path) -> str:
-    """sha256 of the `sha256sum` lines of every file under `folder`, paths relative to its parent, sorted."""
+    """sha256 of the `sha256sum` lines of every file under `folder`, paths relative to its parent, sorted as
+    strings (`find <folder> -type f | LC_ALL=C sort | xargs sha256sum | sha256sum`)."""
     import hashlib
 
-    lines = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder.parent).as_posix()
-        lines.append(f"{sha256_file(path)}  {rel}\n")
+    rels = sorted(p.relative_to(folder.parent).as_posix() for p in folder.rglob("*") if p.is_file())
+    lines = [f"{sha256_file(folder.parent / rel)}  {rel}\n" for rel in rels]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def fetch_tree(name: str, mirror: str | None = None) -> Path:
     """The verified local folder of a named dataset published as a folder of many files (RemoteTree): from a
     local mirror (`<mirror>/<dir>/<folder>`), else the cache, else upstream's release archive."""
-    import tarfile
-
     entry = CATALOG[name]
     tree = entry.tree
     mirror = mirror or os.environ.get(MIRROR_ENV)
@@ -218,23 +215,49 @@ def fetch_tree(name: str, mirror: str | None = None) -> Path:
     else:
         folder, origin = cache / tree.folder, "the cache"
         if not folder.is_dir():
-            archive = cache / Path(tree.url).name
-            url = f"{mirror.rstrip('/')}/{entry.dir}/{archive.name}" if mirror else tree.url
-            if not archive.is_file():
-                _download(url, archive)
-            part = cache / (tree.folder + ".part")
-            shutil.rmtree(part, ignore_errors=True)
-            with tarfile.open(archive) as tar:
-                members = [m for m in tar.getmembers() if m.isfile()
-                           and m.name.startswith(f"{tree.prefix}/{tree.folder}/")]
-                for m in members:
-                    m.name = m.name.removeprefix(f"{tree.prefix}/{tree.folder}/")
-                tar.extractall(part, members=members, filter="data")
-            part.replace(folder)
-            origin = url
+            _extract_verified(tree, cache, folder, mirror)
+            return folder
     actual = tree_sha256(folder)
     if actual != tree.content_sha256:
         raise DataError(f"{folder} (from {origin}) fails its content check: got {actual}, expected "
                         f"{tree.content_sha256}. Files are missing, changed or extra; delete the folder and fetch "
                         f"again, or fix {MIRROR_ENV}.")
     return folder
+
+
+def _extract_verified(tree: RemoteTree, cache: Path, folder: Path, mirror: str | None) -> None:
+    """Download the release archive (a URL mirror holds it as <dir>/<archive name>), extract `tree.folder` into a
+    private temporary folder, check its content, then move it into the cache; a bad archive is deleted."""
+    import tarfile
+    import tempfile
+
+    archive = cache / Path(tree.url).name
+    url = f"{mirror.rstrip('/')}/{cache.name}/{archive.name}" if mirror else tree.url
+    if not archive.is_file():
+        _download(url, archive)
+    part = Path(tempfile.mkdtemp(dir=cache, prefix=tree.folder + "."))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                inside = f"{tree.prefix}/{tree.folder}/"
+                members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(inside)]
+                for m in members:
+                    m.name = m.name.removeprefix(inside)
+                tar.extractall(part, members=members, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            archive.unlink(missing_ok=True)
+            raise DataError(f"{archive} (from {url}) is not a readable release archive ({exc}); it was deleted: "
+                            "fetch again") from None
+        actual = tree_sha256(part)
+        if actual != tree.content_sha256:
+            archive.unlink(missing_ok=True)
+            raise DataError(f"the {tree.folder}/ of {archive.name} (from {url}) fails its content check: got "
+                            f"{actual}, expected {tree.content_sha256}; the archive was deleted: fetch again, or "
+                            f"fix {MIRROR_ENV}.")
+        try:
+            part.replace(folder)
+        except OSError:  # another run put a verified copy there first
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)

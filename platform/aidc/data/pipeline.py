@@ -224,6 +224,9 @@ def preprocess_streaming(cfg, task, root: str, force: bool) -> tuple[DatasetVers
     from aidc.data.readers import check_tabular_header, input_files_fingerprint
 
     d = cfg.data
+    if d.split.strategy != "hash":
+        raise ConfigError(f"data.split.strategy: {d.split.strategy} needs the whole table; your own tabular files "
+                          "stream and split by a hash of each row: use strategy: hash")
     columns = task.columns(cfg)
     check_tabular_header(d.path, d.format, columns)
     input_fp, files = input_files_fingerprint(d.path)

@@ -150,7 +150,7 @@ def _recording_rows(names: list[str], audio: list[bytes]) -> dict[str, np.ndarra
     """Rows of recordings named `{label}_{speaker}_{index}.wav` (FSDD's scheme), their bytes undecoded (the task
     decodes them and rejects what it cannot use, with the reason); a name off the scheme gets label -1."""
     stems = [n.rsplit("/", 1)[-1].rsplit(".", 1)[0].split("_") for n in names]
-    ok = [len(x) == 3 and x[0].isdigit() and x[2].isdigit() for x in stems]
+    ok = [len(x) == 3 and x[0].isdecimal() and x[2].isdecimal() for x in stems]
     col = np.empty(len(audio), dtype=object)
     col[:] = audio
     return {"id": np.arange(len(names)), "audio": col, "file": np.array(names, dtype=object),
@@ -186,6 +186,10 @@ def load_wav_files(cfg) -> RawData:
     files = sorted(files)
     audio = [read_bytes(f"{scheme}://{f}" if scheme else f, allow_empty=True) for f in files]
     cols = _recording_rows(files, audio)
+    # ids (the split key) from each file's path inside data.path: adding a recording moves no other one
+    base = cfg.data.path.rstrip("/").split("://")[-1]
+    cols["id"] = np.array([int.from_bytes(hashlib.blake2b(f.removeprefix(base).encode(), digest_size=8).digest(),
+                                          "little") >> 1 for f in files], dtype=np.int64)
     return RawData(cols, fingerprint, f"{len(files)} file(s) at {cfg.data.path}",
                    {**DIGITS_META, "speakers": sorted(set(cols["speaker"]) - {""})})
 
@@ -200,4 +204,4 @@ SOURCES = {
     "fsdd": load_fsdd,
 }
 for _name in SOURCES:  # job configs can name them now (data.source)
-    register_dataset(_name, fine_tuning=_name == "synthetic-instructions")
+    register_dataset(_name)

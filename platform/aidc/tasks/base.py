@@ -53,7 +53,7 @@ class Task:
 
     # -- the job config (aidc.tasks registers each task with aidc.config, which reads these) -----------------
     model_schemas: tuple = ()  # the schemas of its model section (aidc.config.ModelSchema); the first is the default
-    data_sources: tuple[str, ...] | None = None  # the data.source values it takes; None: all but fine-tuning data
+    data_sources: tuple[str, ...] | None = None  # the data.source values it takes; None: all but those others list
     private_training: bool = False  # train.privacy (DP-SGD, per-sample gradients) can train its models
 
     def check_config(self, cfg) -> None:
@@ -198,6 +198,21 @@ class Task:
     def infer_tensors(self, model: nn.Module, batch: dict, state: dict) -> dict[str, np.ndarray]:
         """Model-ready torch batch (from transform_batch) -> named output arrays of the signature."""
         raise NotImplementedError(f"task {self.name!r} has no tensor signature")
+
+
+class Classification(Task):
+    """A classifier: cross-entropy on the labels `y`, accuracy and per-class F1 from additive sums."""
+
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        from torch.nn import functional as F
+
+        return F.cross_entropy(outputs, batch["y"])
+
+    def eval_sums(self, outputs: torch.Tensor, batch: dict) -> dict[str, float]:
+        return classification_sums(outputs, batch["y"], outputs.shape[1])
+
+    def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
+        return classification_metrics(sums, prefix)
 
 
 def jsonable(v):

@@ -10,14 +10,13 @@ import numpy as np
 from pydantic import Field
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from aidc.config import ModelSchema, refuse_private
 from aidc.data.transforms import augment_images, fit_scalar_standardizer, standardize
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Table, Task, classification_metrics, classification_sums, classification_tensors,
-                             jsonable, row_hashes, tensor_spec)
+from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Classification, Table, classification_tensors, jsonable, row_hashes,
+                             tensor_spec)
 
 
 class CNNConfig(ModelSchema):
@@ -30,7 +29,7 @@ class CNNConfig(ModelSchema):
         "what train.privacy needs).")
 
 
-class ImageClassification(Task):
+class ImageClassification(Classification):
     name = "image_classification"
     model_schemas = (CNNConfig,)
     private_training = True
@@ -76,15 +75,6 @@ class ImageClassification(Task):
         cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
         return MODELS["cnn"](in_channels=1, image_size=features["image_shape"][0],
                              num_classes=features["num_classes"], **cfg)
-
-    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(outputs, batch["y"])
-
-    def eval_sums(self, outputs: torch.Tensor, batch: dict) -> dict[str, float]:
-        return classification_sums(outputs, batch["y"], outputs.shape[1])
-
-    def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
-        return classification_metrics(sums, prefix)
 
     def attack_space(self, model: nn.Module, features: dict, transform: dict):
         """Pixels scaled to 0..1 over the raw range (an eps of 0.1 is a tenth of 0..255 for MNIST), standardized

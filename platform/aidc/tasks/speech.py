@@ -14,14 +14,12 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn import functional as F
 
 from aidc.config import ModelSchema
 from aidc.data.audio import augment_waveform, decode_wav, frames_of, log_mel
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Table, Task, classification_metrics, classification_sums,
-                             classification_tensors, row_hashes, tensor_spec)
+from aidc.tasks.base import CLASSIFICATION_OUTPUTS, Classification, Table, classification_tensors, row_hashes
 from aidc.tasks.image import check_batch
 
 
@@ -47,7 +45,7 @@ def _settings(cfg) -> dict:
             "hop": int(round(a.hop_ms * a.sample_rate / 1000))}
 
 
-class SpeechClassification(Task):
+class SpeechClassification(Classification):
     name = "speech_classification"
     model_schemas = (SpeechRNNConfig, SpeechCNNConfig)
     input_column = "audio"  # the wav file's bytes
@@ -70,6 +68,10 @@ class SpeechClassification(Task):
             raise ValueError(f"data.audio: a {cfg.data.audio.window_ms:g} ms window at {s['sample_rate']} Hz has "
                              f"{s['n_fft'] // 2 + 1} frequency bins, fewer than n_mels {s['n_mels']}; raise "
                              "window_ms or lower n_mels")
+        m = cfg.model
+        if m.arch == "speech_cnn" and (min(m.channels) < 1 or s["n_mels"] // 2 ** len(m.channels) < 1):
+            raise ValueError(f"model.channels {m.channels}: each block needs >= 1 channel and halves the "
+                             f"{s['n_mels']} mel bands; use at most {max(1, s['n_mels'].bit_length() - 1)} blocks")
         if s["hop"] < 1:
             raise ValueError(f"data.audio.hop_ms {cfg.data.audio.hop_ms:g} is under one sample at "
                              f"{s['sample_rate']} Hz; raise it")
@@ -106,7 +108,7 @@ class SpeechClassification(Task):
         return {**s, "mean": feats.mean(axis=0).tolist(), "std": np.where(std > 1e-6, std, 1.0).tolist(),
                 "max_frames": frames_of(samples, s["hop"]), "class_names": meta["class_names"],
                 "augment": {"enabled": a.augment, "max_time_shift_ms": a.max_time_shift_ms,
-                            "max_gain_db": a.max_gain_db, "noise_snr_db": a.noise_snr_db}}
+                            "noise_snr_db": a.noise_snr_db}}
 
     def features(self, meta: dict, state: dict) -> dict:
         return {"n_mels": state["n_mels"], "max_frames": state["max_frames"], "num_classes": meta["num_classes"],
@@ -160,15 +162,6 @@ class SpeechClassification(Task):
         return (torch.zeros(batch, features["max_frames"], features["n_mels"], device="meta"),
                 torch.full((batch,), features["max_frames"], device="meta", dtype=torch.long))
 
-    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(outputs, batch["y"])
-
-    def eval_sums(self, outputs: torch.Tensor, batch: dict) -> dict[str, float]:
-        return classification_sums(outputs, batch["y"], outputs.shape[1])
-
-    def metrics_from_sums(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
-        return classification_metrics(sums, prefix)
-
     # -- serving ----------------------------------------------------------------------
     def parse_instances(self, instances: Any, features: dict, max_batch: int) -> np.ndarray:
         """Each instance a wav file as {"b64": "<base64>"} (the JSON convention for bytes)."""
@@ -189,11 +182,14 @@ class SpeechClassification(Task):
         probs = torch.softmax(self.forward(model, batch).float(), dim=1).cpu().numpy()
         return [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]
 
-    def tensor_signature(self, features: dict) -> dict:
-        return {"inputs": [tensor_spec("audio", "BYTES", [-1])],  # wav files, decoded and featurized server-side
-                "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
-                            tensor_spec("class", "INT64", [-1]), tensor_spec("label", "BYTES", [-1])]}
+    def batch_instance(self, row: dict) -> Any:
+        """A wav file from a batch input (a Parquet binary column) as the API carries it."""
+        v = row[self.input_column]
+        return {"b64": base64.b64encode(v).decode()} if isinstance(v, (bytes, bytearray)) else v
 
+    # No tensor_signature yet: OIP carries BYTES as UTF-8 text here (binary data is the next step), so the
+    # tensors app refuses speech models clearly instead of failing on wav files. The library's infer_tensors
+    # (LoadedModel.infer_tensors) takes wav bytes.
     def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
         for i, b in enumerate(inputs["audio"]):
             _decoded(b, features["sample_rate"], i, field="audio")
@@ -205,8 +201,10 @@ class SpeechClassification(Task):
 
 
 def _decoded(data, sample_rate: int, i: int, field: str | None = None) -> np.ndarray:
-    wave, why = decode_wav(bytes(data) if not isinstance(data, bytes) else data, sample_rate)
+    where = f"{field}[{i}]" if field else f"instances[{i}]"
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RequestError(f"{where}: expected a wav file's bytes, got {type(data).__name__}", field=field or where)
+    wave, why = decode_wav(bytes(data), sample_rate)
     if wave is None:
-        where = f"{field}[{i}]" if field else f"instances[{i}]"
         raise RequestError(f"{where}: {why}", field=field or where)
     return wave

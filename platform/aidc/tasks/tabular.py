@@ -12,14 +12,12 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 from torch import nn
-from torch.nn import functional as F
 
 from aidc.config import ModelSchema
 from aidc.data.transforms import apply_index_map, fit_index_map, fit_table_statistics, standardize
 from aidc.models import MODELS
 from aidc.errors import RequestError
-from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Task, classification_metrics, classification_sums,
-                             classification_tensors, tensor_spec)
+from aidc.tasks.base import CLASSIFICATION_OUTPUTS, Classification, classification_tensors, tensor_spec
 
 
 def _as_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +37,7 @@ class MLPConfig(ModelSchema):
     embed_dim: int = Field(8, ge=1, description="Embedding width of each categorical column.")
 
 
-class TabularClassification(Task):
+class TabularClassification(Classification):
     name = "tabular_classification"
     model_schemas = (MLPConfig,)
     private_training = True
@@ -124,15 +122,6 @@ class TabularClassification(Task):
 
     def forward(self, model, batch):
         return model(batch["x"], batch["cat"])
-
-    def loss(self, outputs, batch):
-        return F.cross_entropy(outputs, batch["y"])
-
-    def eval_sums(self, outputs, batch):
-        return classification_sums(outputs, batch["y"], outputs.shape[1])
-
-    def metrics_from_sums(self, sums, prefix):
-        return classification_metrics(sums, prefix)
 
     def planning_inputs(self, features: dict, batch: int) -> tuple:
         import torch
