@@ -54,7 +54,7 @@ def test_own_recordings_broken_files_are_counted_and_kept_with_their_reasons(roo
 
 def test_held_out_speaker_split_is_deterministic_and_recorded(root):
     """data.split.strategy: group — every recording of the held-out speaker is the test set, none of them in
-    train/val; the manifest records the split; the same config gives the same version (deterministic)."""
+    train/val; the manifest records the split; built again from scratch, every row lands in the same split."""
     over = ["data.split={strategy: group, group_column: speaker, test_groups: [theo], train: 0.9, val: 0.1, test: 0}",
             "name=fsdd-speaker"]
     dv, _ = preprocess(workload_config("fsdd", root, *over))
@@ -63,8 +63,10 @@ def test_held_out_speaker_split_is_deterministic_and_recorded(root):
     assert set(dv.read_numpy("test")["speaker"]) == {"theo"}
     assert "theo" not in set(dv.read_numpy("train")["speaker"]) | set(dv.read_numpy("val")["speaker"])
     assert dv.manifest()["config"]["data"]["split"]["test_groups"] == ["theo"]
-    again, reused = preprocess(workload_config("fsdd", root, *over))
-    assert reused and again.version == dv.version
+    splits = {s: sorted(dv.read_numpy(s)["id"].tolist()) for s in ("train", "val", "test")}
+    again, reused = preprocess(workload_config("fsdd", root, *over), force=True)
+    assert not reused and again.version == dv.version
+    assert {s: sorted(again.read_numpy(s)["id"].tolist()) for s in splits} == splits
 
 
 def test_fsdd_trains_well_above_chance_registers_and_answers_wav_files_with_the_training_features(root):

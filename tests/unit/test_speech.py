@@ -91,10 +91,18 @@ def test_recurrent_model_predictions_do_not_depend_on_padding(cell, bidirectiona
 
 
 def test_cnn_takes_the_mean_over_real_frames_only():
+    """Frames past a recording's length reach its mean only through the convolutions' edge (two 3x3 blocks: 2
+    frames); anything further out changes nothing."""
     torch.manual_seed(0)
     model = SpeechCNN(n_mels=16, num_classes=10, channels=[4, 8], hidden=8).eval()
-    out = model(torch.randn(2, 40, 16), torch.tensor([40, 12]))
+    x, lengths = torch.randn(2, 40, 16), torch.tensor([40, 12])
+    out = model(x, lengths)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+    changed = x.clone()
+    changed[1, 14:] = torch.randn(26, 16) * 10
+    torch.testing.assert_close(model(changed, lengths), out)
+    changed[1, 12:14] = 0  # within the receptive field: it does count
+    assert not torch.allclose(model(changed, lengths)[1], out[1])
 
 
 def test_config_rules_and_both_architectures():

@@ -8,13 +8,12 @@ import numpy as np
 from pydantic import Field, model_validator
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from aidc.config import ModelSchema
 from aidc.data.tokenizer import encode, pad_truncate, train_tokenizer
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Table, Task, classification_metrics, classification_sums, classification_tensors,
+from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Classification, Table, classification_metrics, classification_tensors,
                              empty_text_reasons, num_classes_in, row_hashes, tensor_spec)
 from aidc.tasks.image import check_batch
 
@@ -35,7 +34,7 @@ class TransformerConfig(ModelSchema):
         return self
 
 
-class TextClassification(Task):
+class TextClassification(Classification):
     name = "text_classification"
     model_schemas = (TransformerConfig,)
     private_training = True
@@ -89,12 +88,6 @@ class TextClassification(Task):
         cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
         return MODELS["transformer"](vocab_size=features["vocab_size"], max_length=features["max_length"],
                                      num_classes=features["num_classes"], **cfg)
-
-    def loss(self, outputs, batch):
-        return F.cross_entropy(outputs, batch["y"])
-
-    def eval_sums(self, outputs, batch):
-        return classification_sums(outputs, batch["y"], outputs.shape[1])
 
     def metrics_from_sums(self, sums, prefix):
         return classification_metrics(sums, prefix, ["ham", "spam"] if num_classes_in(sums) == 2 else None)
