@@ -86,11 +86,13 @@ class TensorIngress(GrpcServicer):
     def server_metadata(self) -> dict:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    @api.get("/models/{name}", response_model=oip.ModelMetadataResponse, responses=ERRORS)
+    @api.get("/models/{name}", response_model=oip.ModelMetadataResponse, responses=ERRORS,
+             response_model_exclude_none=True)
     async def model_metadata(self, name: str):
         return await self.model_version_metadata(name, None)
 
-    @api.get("/models/{name}/versions/{version}", response_model=oip.ModelMetadataResponse, responses=ERRORS)
+    @api.get("/models/{name}/versions/{version}", response_model=oip.ModelMetadataResponse, responses=ERRORS,
+             response_model_exclude_none=True)
     async def model_version_metadata(self, name: str, version: str | None):
         try:
             return await self.plane.metadata(name, version)
@@ -121,7 +123,8 @@ class TensorIngress(GrpcServicer):
             req, arrays = oip.parse_rest_body(await request.body(), request.headers.get(oip.HEADER_LENGTH),
                                               self.args.max_body_bytes)
             result = await self.plane.infer(name, version, arrays, {i.name: i.datatype for i in req.inputs},
-                                            [o.name for o in req.outputs or []])
+                                            [o.name for o in req.outputs or []],
+                                            oip.merge_parameters(req.parameters, [i.parameters for i in req.inputs]))
         except RequestError as exc:
             return error_response(exc)
         body, headers = oip.encode_rest_response(req, result.model, result.version, result.outputs,

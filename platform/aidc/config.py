@@ -25,7 +25,8 @@ class SplitConfig(Strict):
         description="hash: by a hash of each row's key; predefined: the dataset's own test set (MNIST, FSDD's "
         "official split), the rest hashed into train/val; time: per user, the latest ratings go to val/test "
         "(recommenders); group: every row of the test_groups (values of group_column, e.g. a held-out speaker) is "
-        "the test set, the rest hashed into train/val.",
+        "the test set, the rest hashed into train/val. Speech also names official (= predefined) and speaker (= "
+        "group over the speaker column).",
     )
     group_column: str | None = Field(None, description="strategy: group: the column whose values are groups, e.g. "
                                      "speaker.")
@@ -34,6 +35,19 @@ class SplitConfig(Strict):
     val: float = Field(0.1, gt=0, lt=1, description="Fraction of rows in the validation split.")
     test: float = Field(0.1, ge=0, lt=1, description="Fraction of rows in the held-out test split (0 with predefined).")
     seed: int = Field(0, description="Salt of the row-key hash that assigns splits; same seed, same split.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_splits(cls, data):
+        """Speech's named splits: `official` = predefined (FSDD's recordings 0-4 are the test set), `speaker` =
+        group over the speaker column (test_groups: the held-out speakers); train/val default to 0.9/0.1."""
+        if isinstance(data, dict) and data.get("strategy") in ("official", "speaker"):
+            data = {"train": 0.9, "val": 0.1, "test": 0, **data}
+            if data["strategy"] == "speaker":
+                data = {"group_column": "speaker", **data, "strategy": "group"}
+            else:
+                data["strategy"] = "predefined"
+        return data
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> "SplitConfig":
@@ -323,6 +337,11 @@ class ResourcesConfig(Strict):
         default_factory=dict, description="Extra Ray resources each worker (a num_workers: 0 Tune trial: the trial) "
         "needs, e.g. {pool_a100: 1} to keep workers on nodes started with --resources '{\"pool_a100\": 8}'."
     )
+    data_task_cpus: float | None = Field(
+        None, gt=0, le=1, description="CPUs each Ray Data read/transform task of training asks for (default: Ray "
+        "Data's 1). A sweep sets it where its trials leave the data less than a whole CPU, which would otherwise "
+        "keep the first read waiting for ever."
+    )
     start_timeout_s: float | None = Field(
         None, gt=0, description="Seconds a worker group (or one-process Tune trial) may wait for its resources "
         "before that attempt fails naming what it asked for and what the cluster has free. Default: 180 (30 for an "
@@ -472,7 +491,9 @@ class BatchInferConfig(Strict):
     split: Literal["train", "val", "test"] = Field("test", description="Dataset split to score when path is unset.")
     path: str | None = Field(None, description="Your own file(s) to score instead: a file, directory or glob "
                              "(local, s3://, gs://).")
-    format: Literal["csv", "parquet", "jsonl"] | None = Field(None, description="Format of the files at path.")
+    format: Literal["csv", "parquet", "jsonl", "wav"] | None = Field(
+        None, description="Format of the files at path; wav: a folder of recordings (speech models), every file a "
+        "row keyed by its path (a file that is not a usable wav is a rejected row with its reason).")
     key: str = Field("id", min_length=1, description="Column that identifies each row; copied next to its prediction.")
     output: str | None = Field(None, description="Output folder; default <storage>/predictions/<name>/<run id>.")
     batch_size: int = Field(256, ge=1, description="Rows per model call in each actor.")
@@ -494,7 +515,7 @@ class BatchInferConfig(Strict):
     @model_validator(mode="after")
     def _path_needs_format(self) -> "BatchInferConfig":
         if self.path and not self.format:
-            raise ValueError("path needs format: csv, parquet or jsonl, e.g. path: rows.csv, format: csv")
+            raise ValueError("path needs format: csv, parquet, jsonl or wav, e.g. path: rows.csv, format: csv")
         return self
 
 

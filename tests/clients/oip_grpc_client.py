@@ -1,7 +1,7 @@
 """OIP gRPC checks with tritonclient[grpc], run by the integration tests from the test-clients venv.
 
 tritonclient[grpc] pins protobuf<7 (older than the project venv's), so it lives in .venv-clients
-(`make clients`). Usage: oip_grpc_client.py HOST:PORT PINNED_VERSION; prints one JSON line.
+(`make clients`). Usage: oip_grpc_client.py HOST:PORT PINNED_VERSION [FSDD_RECORDINGS_DIR]; prints one JSON line.
 Serve's gRPC proxy routes by the `application` metadata when several apps run: send it on every call.
 """
 
@@ -32,7 +32,25 @@ def status_of(fn):
     return "OK", ""
 
 
-def main(url: str, pinned: str) -> None:
+def speech(client, folder: str) -> dict:
+    """wav files as BYTES (raw contents) and a float waveform with its sample rate in the request parameters."""
+    import wave
+
+    files = [open(f"{folder}/{d}_theo_30.wav", "rb").read() for d in (1, 7)]
+    wav = infer(client, "speech-gru", "audio", np.array(files, dtype=object), "BYTES")
+    with wave.open(f"{folder}/7_theo_30.wav") as w:  # 16-bit PCM -> float samples in [-1, 1]
+        samples = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32)[None, :] / 32768
+    inp = grpcclient.InferInput("waveform", list(samples.shape), "FP32")
+    inp.set_data_from_numpy(samples)
+    by_wave = client.infer("speech-gru", [inp], headers=HEADERS, parameters={"sample_rate": 8000.0})  # double
+    wrong, msg = status_of(lambda: client.infer("speech-gru", [inp], headers=HEADERS,
+                                                parameters={"sample_rate": 16000}))
+    return {"wav_probabilities": wav.as_numpy("probabilities").tolist(),
+            "waveform_probabilities": by_wave.as_numpy("probabilities").tolist(),
+            "wrong_rate": [wrong, msg]}
+
+
+def main(url: str, pinned: str, recordings: str | None = None) -> None:
     client = grpcclient.InferenceServerClient(url)
     images = np.random.default_rng(0).uniform(0, 16, size=(4, 8, 8)).astype(np.float32)
     meta = client.get_model_metadata("digits-cnn", headers=HEADERS)
@@ -53,8 +71,9 @@ def main(url: str, pinned: str) -> None:
         "text_labels": [v.decode() for v in text.as_numpy("label")],
         "pinned_version": pinned_res.get_response().model_version,
         "errors": errors, "wrong_datatype_message": wrong_msg,
+        **({"speech": speech(client, recordings)} if recordings else {}),
     }))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

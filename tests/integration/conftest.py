@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -66,3 +69,23 @@ def scrape(ray, wanted: dict[str, str], tries: int = 60) -> dict[str, float]:
             return found
         time.sleep(1)
     raise AssertionError(f"not exported: {sorted(set(wanted) - set(found))}")
+
+
+def edge_venv() -> Path:
+    """A venv with only numpy and onnxruntime (the versions of this environment, from the pip cache), built
+    once under the git-ignored .cache/ and reused: where edge bundles prove they need no torch or Ray."""
+    import numpy
+    import onnxruntime
+
+    from tests.conftest import REPO
+
+    venv = REPO / ".cache" / "edge-venv"
+    py = venv / "bin" / "python"
+    pins = [f"numpy=={numpy.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+    probe = "import numpy, onnxruntime; print(numpy.__version__, onnxruntime.__version__)"
+    ok = py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True, text=True).stdout.split() == [
+        numpy.__version__, onnxruntime.__version__]
+    if not ok:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *pins], check=True)
+    return py

@@ -24,7 +24,7 @@ from aidc.runtime import cluster_has_gpus
 from aidc.tasks.loaded import load_model
 from aidc.train.trainer import run_training
 from tests.conftest import CONFIGS, REPO
-from tests.integration.conftest import workload_config
+from tests.integration.conftest import edge_venv, workload_config
 
 pytestmark = pytest.mark.integration
 
@@ -265,26 +265,8 @@ def test_onnx_export_matches_torch_under_onnxruntime(models, name, tmp_path, cap
     assert (out / "model.onnx").is_file() and diff < 1e-4, printed
 
 
-def _edge_venv() -> Path:
-    """A venv with only numpy and onnxruntime (the versions of this environment, from the pip cache), built
-    once under the git-ignored .cache/ and reused."""
-    import numpy
-    import onnxruntime
-
-    venv = REPO / ".cache" / "edge-venv"
-    py = venv / "bin" / "python"
-    pins = [f"numpy=={numpy.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
-    probe = "import numpy, onnxruntime; print(numpy.__version__, onnxruntime.__version__)"
-    ok = py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True, text=True).stdout.split() == [
-        numpy.__version__, onnxruntime.__version__]
-    if not ok:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *pins], check=True)
-    return py
-
-
 def test_edge_bundle_reproduces_served_predictions_with_only_numpy_and_onnxruntime(models, tmp_path):
-    py = _edge_venv()
+    py = edge_venv()
     frozen = subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
     names = {line.split("==")[0].lower() for line in frozen.split()}
     assert "torch" not in names and "ray" not in names and {"numpy", "onnxruntime"} <= names

@@ -4,18 +4,22 @@ registered, and answering wav files through the same features preprocessing comp
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from aidc.data.audio import decode_wav
 from aidc.registry import tracking_uri
 from aidc.tasks import preprocess
 from aidc.tasks.loaded import load_model
 from aidc.train.register import register
 from aidc.train.trainer import run_training
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import workload_config
+from tests.integration.conftest import edge_venv, workload_config
 from tests.unit.test_speech import broken_wavs
 
 RECORDINGS = SHARED_DATA / "fsdd" / "recordings"
@@ -69,7 +73,7 @@ def test_held_out_speaker_split_is_deterministic_and_recorded(root):
     assert {s: sorted(again.read_numpy(s)["id"].tolist()) for s in splits} == splits
 
 
-def test_fsdd_trains_well_above_chance_registers_and_answers_wav_files_with_the_training_features(root):
+def test_fsdd_trains_registers_answers_wav_files_scores_a_folder_and_exports_to_the_edge(root, tmp_path):
     cfg = workload_config("fsdd", root, "model.hidden=64", "model.layers=1", "train.epochs=5",
                           "data.audio.augment=false", "resources.num_workers=1", "resources.cpus_per_worker=1",
                           "run.name=fsdd-tiny")
@@ -94,3 +98,50 @@ def test_fsdd_trains_well_above_chance_registers_and_answers_wav_files_with_the_
     assert out["probabilities"].shape == (300, 10) and (out["label"] == [str(c) for c in out["class"]]).all()
     from_files = float((out["class"] == test["label"]).mean())
     assert from_files == pytest.approx(outcome.metrics["test_accuracy"], abs=0.01), from_files
+
+    # batch inference over a folder of wav files (format: wav): one row per file keyed by its path, broken
+    # files rejected with their reasons, the rest scored as the registered model scores them
+    from aidc.batch import run_batch_inference
+
+    folder = tmp_path / "to-score"
+    folder.mkdir()
+    for f in test["file"][:40]:
+        shutil.copy(RECORDINGS / f, folder / f)
+    broken = broken_wavs(wavs[0])
+    for kind, (data, _) in broken.items():
+        (folder / f"{kind.replace(' ', '-')}.wav").write_bytes(data)
+    own = cfg.model_copy(update={"batch_infer": cfg.batch_infer.model_copy(update={
+        "model": version.ref, "path": str(folder), "format": "wav", "key": "file", "batch_size": 16,
+        "output": str(tmp_path / "out"), "actors": 1})})
+    m = run_batch_inference(own)
+    c = m["counts"]
+    assert c["rows_in"] == 40 + len(broken) and c["predicted"] == 40 and c["rejected"] == len(broken), c
+    assert m["input"]["format"] == "wav" and m["input"]["files"] == 40 + len(broken)
+    rejected = pd.read_parquet(tmp_path / "out" / "rejected")
+    reasons = dict(zip(rejected["key"], rejected["reject_reason"]))
+    for kind, (_, words) in broken.items():
+        assert words in reasons[str(folder / f"{kind.replace(' ', '-')}.wav")], (kind, reasons)
+    preds = pd.read_parquet(tmp_path / "out" / "predictions").sort_values("key")
+    expected = loaded.infer_tensors({"audio": np.array([(folder / f).read_bytes() for f in sorted(test["file"][:40])],
+                                                       dtype=object)})
+    assert preds["key"].tolist() == [str(folder / f) for f in sorted(test["file"][:40])]
+    np.testing.assert_allclose(np.stack(preds["probabilities"]), expected["probabilities"], atol=1e-5)
+
+    # ONNX export (parity 1e-4) and the edge bundle: wav files and a waveform scored with numpy + onnxruntime
+    # only (its own venv: no torch, no librosa, no soundfile), as the served model scores them
+    from aidc.cli import main as aidc
+
+    bundle = tmp_path / "edge"
+    assert aidc(["model", "export", version.ref, "--format", "edge", "--out", str(bundle), "--storage", root]) == 0
+    assert json.loads((bundle / "SOURCE.json").read_text())["onnx_parity"]["max_abs_diff"] < 1e-4
+    files = sorted(test["file"][:12])
+    rows = [{"wav": str(folder / f)} for f in files]
+    rows.append({"waveform": decode_wav((folder / files[0]).read_bytes(), 8000)[0].tolist(), "sample_rate": 8000})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run([str(edge_venv()), str(bundle / "run.py"), str(tmp_path / "rows.jsonl"), "--out",
+                    str(tmp_path / "preds.jsonl")], check=True, cwd=tmp_path)
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    served = loaded.infer_tensors({"audio": np.array([(folder / f).read_bytes() for f in files + files[:1]],
+                                                     dtype=object)})
+    assert [p["class"] for p in preds] == served["class"].tolist()
+    np.testing.assert_allclose([p["probabilities"] for p in preds], served["probabilities"], atol=1e-4)

@@ -1,11 +1,12 @@
-"""Open Inference Protocol v2 on Ray Serve, end to end: four tiny registered models (image, text, recommender,
-tabular) served by the `tensors` app over REST and gRPC, driven by plain HTTP and tritonclient."""
+"""Open Inference Protocol v2 on Ray Serve, end to end: five tiny registered models (image, text, recommender,
+tabular, speech) served by the `tensors` app over REST and gRPC, driven by plain HTTP and tritonclient."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,12 +20,13 @@ from aidc.registry import tracking_uri
 from aidc.train.register import register
 from aidc.tasks.loaded import load_model
 from aidc.train.trainer import run_training
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, SHARED_DATA, free_port
 from tests.integration.conftest import metric_total, metrics_text, workload_config
 from tests.security_helpers import make_key, requests_send_key, triton_bearer
 
 pytestmark = pytest.mark.integration
 CLIENTS_PY = REPO / ".venv-clients" / "bin" / "python"
+SPEECH_RECORDINGS = SHARED_DATA / "fsdd" / "recordings"
 # num_workers: 0: the loop runs in the driver, no worker group to start (seconds per model).
 FAST = ["train.epochs=1", "resources.num_workers=0", "train.max_steps_per_epoch=15"]
 TINY = {
@@ -78,6 +80,16 @@ def models(root, tmp_path_factory):
         "resources": {"num_workers": 0}, "run": {"storage": root, "name": "oip-rows"},
         "registry": {"model_name": "rows-mlp"}}))
     out["rows"] = register(cfg, outcome)
+    # speech: 60 real recordings (two speakers) as a folder of wav files, a one-layer GRU
+    folder = tmp_path_factory.mktemp("recordings")
+    for p in sorted(SPEECH_RECORDINGS.glob("*_[jt]*_1?.wav"))[:60]:
+        shutil.copy(p, folder / p.name)
+    cfg, outcome = _train(workload_config(
+        "fsdd", root, *FAST, "data.source=files", f"data.path={folder}", "data.format=wav",
+        "data.split={strategy: hash, train: 0.8, val: 0.1, test: 0.1}", "model.hidden=16", "model.layers=1",
+        "model.bidirectional=false", "data.audio.augment=false", "name=oip-speech", "run.name=oip-speech",
+        "registry.model_name=speech-gru"))
+    out["speech"] = register(cfg, outcome)
     # @champion back on digits v1: v2 is the pinned/canary version
     from mlflow import MlflowClient
 
@@ -109,6 +121,7 @@ def server(models, root):
         _model_args(name="movielens-mf", unknown_users="popular", deployment={"num_cpus": 0.2, "autoscaling_config": {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
             "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.5}}),
+        _model_args(name="speech-gru"),
         _model_args(name="rows-mlp", deployment={"num_cpus": 0.2, "max_ongoing_requests": 1,
                                                  "max_queued_requests": 1},
                     batching={"max_batch_size": 1, "batch_wait_timeout_s": 0}),
@@ -259,6 +272,54 @@ BAD = [  # (model, body or raw bytes, status, fragment of the error)
 ]
 
 
+def test_speech_wav_files_and_waveforms_with_tritonclient_http(server, models, root, api_key):
+    """wav files as BYTES over the binary tensor extension and FP32 waveforms with their sample rate in the
+    parameters give the probabilities the registered model computes locally; a wav as JSON text, a waveform
+    without or with the wrong rate, a broken file each get a 400 that names the problem."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from aidc.data.audio import decode_wav
+
+    client = httpclient.InferenceServerClient(server["http"])
+    client.register_plugin(triton_bearer(api_key))
+    meta = client.get_model_metadata("speech-gru")
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("audio", "BYTES", [-1]),
+                                                                                ("waveform", "FP32", [-1, -1])]
+    assert meta["inputs"][0]["parameters"] == {"optional": True, "content": "binary"}
+    files = [(SPEECH_RECORDINGS / f"{d}_theo_30.wav").read_bytes() for d in (1, 7, 9)]
+    local = _local(models, root, "speech").infer_tensors({"audio": np.array(files, dtype=object)})
+
+    wav = httpclient.InferInput("audio", [3], "BYTES")
+    wav.set_data_from_numpy(np.array(files, dtype=object), binary_data=True)
+    res = client.infer("speech-gru", [wav])
+    np.testing.assert_allclose(res.as_numpy("probabilities"), local["probabilities"], atol=1e-5)
+    assert [v.decode() for v in res.as_numpy("label")] == [str(v) for v in local["label"]]
+
+    wave = decode_wav(files[1], 8000)[0]
+    inp = httpclient.InferInput("waveform", [1, len(wave)], "FP32")
+    inp.set_data_from_numpy(wave[None, :].astype(np.float32), binary_data=True)
+    res = client.infer("speech-gru", [inp], parameters={"sample_rate": 8000})
+    np.testing.assert_allclose(res.as_numpy("probabilities")[0], local["probabilities"][1], atol=1e-5)
+
+    def error(inputs, **kw):
+        with pytest.raises(InferenceServerException) as exc:
+            client.infer("speech-gru", inputs, **kw)
+        assert exc.value.status() == "400", exc.value  # a client mistake, never a 500
+        return exc.value.message()
+
+    assert "sample_rate is 16000; model takes 8000 Hz" in error([inp], parameters={"sample_rate": 16000})
+    assert "set parameters.sample_rate" in error([inp])
+    import base64  # JSON carries text only: a wav file as (base64) text is refused with how to send it
+
+    r = _infer(server["url"], "speech-gru", [{"name": "audio", "shape": [1], "datatype": "BYTES",
+                                              "data": [base64.b64encode(files[0]).decode()]}])
+    assert r.status_code == 400 and "binary tensor extension" in r.json()["error"], r.text
+    broken = httpclient.InferInput("audio", [2], "BYTES")
+    broken.set_data_from_numpy(np.array([files[0], files[0][:2000]], dtype=object), binary_data=True)
+    assert "audio[1]: truncated" in error([broken])
+
+
 @pytest.mark.parametrize("model,body,status,fragment", BAD, ids=[f"{b[0]}-{b[3][:20]}" for b in BAD])
 def test_malformed_requests_get_4xx_naming_the_problem(server, model, body, status, fragment):
     path = f"{server['url']}/models/{model}/infer"
@@ -341,11 +402,12 @@ def test_backpressure_answers_503_with_retry_after(server):
     assert rejected.headers["Retry-After"] == "1" and "at capacity" in rejected.json()["error"]
 
 
-def test_grpc_with_tritonclient(server, models, api_key):
+def test_grpc_with_tritonclient(server, models, root, api_key):
     """tritonclient[grpc] pins protobuf<7, so it runs from the test-clients venv (make clients)."""
     assert CLIENTS_PY.exists(), "run `make clients` (builds .venv-clients with tritonclient[grpc])"
     script = REPO / "tests" / "clients" / "oip_grpc_client.py"
-    proc = subprocess.run([str(CLIENTS_PY), str(script), server["grpc"], models["digits-v2"].version],
+    proc = subprocess.run([str(CLIENTS_PY), str(script), server["grpc"], models["digits-v2"].version,
+                           str(SPEECH_RECORDINGS)],
                           capture_output=True, text=True, timeout=180, env={**os.environ, "AIDC_API_KEY": api_key})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -356,6 +418,12 @@ def test_grpc_with_tritonclient(server, models, api_key):
     assert report["errors"] == {"unknown_model": "NOT_FOUND", "wrong_datatype": "INVALID_ARGUMENT",
                                 "bad_shape": "INVALID_ARGUMENT"}
     assert "takes FP32" in report["wrong_datatype_message"]
+    files = np.array([(SPEECH_RECORDINGS / f"{d}_theo_30.wav").read_bytes() for d in (1, 7)], dtype=object)
+    local = _local(models, root, "speech").infer_tensors({"audio": files})["probabilities"]
+    speech = report["speech"]  # wav files as raw BYTES, a waveform with parameters.sample_rate
+    np.testing.assert_allclose(speech["wav_probabilities"], local, atol=1e-5)
+    np.testing.assert_allclose(speech["waveform_probabilities"], local[1:], atol=1e-5)
+    assert speech["wrong_rate"][0] == "INVALID_ARGUMENT" and "model takes 8000 Hz" in speech["wrong_rate"][1]
 
 
 def _replicas(deployment: str, app: str = "tensors") -> int:

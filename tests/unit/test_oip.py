@@ -35,9 +35,15 @@ def test_json_and_binary_bodies_decode_to_the_same_arrays():
     body, hl = _binary_body([("image", "FP32", x), ("text", "BYTES", texts)])
     _, binary = oip.parse_rest_body(body, hl, 10**6)
     assert req.id == "a"
+    text_sig = get_task("text_classification").tensor_signature({"num_classes": 2})
     for a in (arrays, binary):
         np.testing.assert_array_equal(a["image"], x)
-        assert a["image"].dtype == np.float32 and list(a["text"]) == list(texts)
+        assert a["image"].dtype == np.float32
+        # binary BYTES arrive as raw bytes; a text input gets them as UTF-8 strings, like JSON's
+        assert list(oip.validate_inputs({"text": a["text"]}, {"text": "BYTES"}, text_sig, "m")["text"]) == \
+            list(texts)
+    with pytest.raises(RequestError, match="BYTES element 0 is not UTF-8 text"):
+        oip.validate_inputs({"text": np.array([b"\xff\xfe"], dtype=object)}, {"text": "BYTES"}, text_sig, "m")
 
 
 @pytest.mark.parametrize("body,header,status,fragment", [
@@ -94,6 +100,7 @@ def test_every_task_declares_a_signature_whose_inputs_its_transform_takes():
         "text_classification": {"vocab_size": 10, "max_length": 4, "num_classes": 2, "class_names": ["a", "b"]},
         "recommendation": {"num_users": 3, "num_items": 3, "global_mean": 3.0, "rating_range": [0.5, 5]},
         "tabular_classification": {"numeric": ["x"], "categorical": ["c"], "cardinalities": [2], "num_classes": 2},
+        "speech_classification": {"sample_rate": 8000, "n_mels": 40, "max_frames": 101, "num_classes": 10},
     }
     for task, features in sigs.items():
         sig = get_task(task).tensor_signature(features)
@@ -126,8 +133,16 @@ def test_grpc_requests_decode_from_raw_and_typed_contents():
 
     req = pb.ModelInferRequest(model_name="m")
     req.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend([b"a", b"bc"])
-    arrays, types, outputs = decode_infer_request(req)
-    assert list(arrays["text"]) == ["a", "bc"] and types == {"text": "BYTES"} and outputs == []
+    req.parameters["sample_rate"].int64_param = 8000
+    req.inputs[0].parameters["lang"].string_param = "en"
+    arrays, types, outputs, params = decode_infer_request(req)
+    assert list(arrays["text"]) == [b"a", b"bc"] and types == {"text": "BYTES"} and outputs == []
+    assert params == {"sample_rate": 8000, "lang": "en"}  # request and input parameters, typed
+    req.parameters["rate"].double_param = 8000.0  # tritonclient sends Python floats as double_param
+    assert decode_infer_request(req)[3]["rate"] == 8000.0
+    req.parameters["empty"].SetInParent()  # no value set: refused, not silently dropped
+    with pytest.raises(RequestError, match="parameter 'empty' has no value"):
+        decode_infer_request(req)
     raw = pb.ModelInferRequest(model_name="m", raw_input_contents=[np.ones((1, 2), "<f4").tobytes()])
     raw.inputs.add(name="x", datatype="FP32", shape=[1, 2])
     assert decode_infer_request(raw)[0]["x"].tolist() == [[1.0, 1.0]]

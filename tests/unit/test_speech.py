@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -141,3 +142,119 @@ def test_requests_carry_wav_files_and_bad_ones_get_a_clear_error():
         task.check_tensor_inputs({"audio": np.array(["text"], dtype=object)}, features)
     # a batch-inference input row (a Parquet binary column) becomes the API's instance
     assert task.parse_instances([task.batch_instance({"audio": good})], features, 8)[0] == good
+
+
+def test_oip_takes_wav_files_as_binary_bytes_or_waveforms_with_their_sample_rate():
+    """Either input of the signature reaches the replica as the same decoded waveform; JSON text cannot carry
+    a wav file, a waveform needs the model's sample rate, and each mistake is a 400 naming it."""
+    from aidc.serving.oip import protocol as oip
+
+    task = get_task("speech_classification")
+    features = {"sample_rate": 8000, "num_classes": 10}
+    sig = task.tensor_signature(features)
+    assert [(t["name"], t["datatype"], t["shape"]) for t in sig["inputs"]] == [("audio", "BYTES", [-1]),
+                                                                               ("waveform", "FP32", [-1, -1])]
+    good = (RECORDINGS / "3_theo_7.wav").read_bytes()
+    wave = decode_wav(good, 8000)[0]
+    blob = oip.to_binary(np.array([good], dtype=object), "BYTES")
+    header = json.dumps({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    _, arrays = oip.parse_rest_body(header + blob, str(len(header)), 10**6)
+    checked = oip.validate_inputs(arrays, {"audio": "BYTES"}, sig, "m")
+    assert checked["audio"][0] == good  # raw bytes kept: a wav file is not UTF-8 text
+    from_file = task.check_tensor_inputs(checked, features)
+    from_wave = task.check_tensor_inputs({"waveform": wave[None, :]}, features, {"sample_rate": 8000})
+    np.testing.assert_array_equal(from_file["waveform"][0], from_wave["waveform"][0])
+    assert oip.merge_parameters({"sample_rate": 8000, "binary_data_output": True},
+                                [{"binary_data_size": 4}]) == {"sample_rate": 8000}
+
+    with pytest.raises(RequestError, match="binary tensor extension"):  # a wav file as JSON text
+        oip.validate_inputs({"audio": np.array(["UklGRg=="], dtype=object)}, {"audio": "BYTES"}, sig, "m")
+    with pytest.raises(RequestError, match="send one input"):
+        task.check_tensor_inputs({}, features)
+    with pytest.raises(RequestError, match="send one input"):
+        task.check_tensor_inputs({"audio": checked["audio"], "waveform": wave[None, :]}, features,
+                                 {"sample_rate": 8000})
+    with pytest.raises(RequestError, match="set parameters.sample_rate \\(the model takes 8000 Hz\\)"):
+        task.check_tensor_inputs({"waveform": wave[None, :]}, features, {})
+    with pytest.raises(RequestError, match="sample_rate is 16000; model takes 8000 Hz") as err:
+        task.check_tensor_inputs({"waveform": wave[None, :]}, features, {"sample_rate": 16000})
+    assert err.value.status == 400
+    for same in (8000.0, "8000"):  # a float (tritonclient gRPC: double_param) or text: the same rate
+        task.check_tensor_inputs({"waveform": wave[None, :]}, features, {"sample_rate": same})
+    for wrong in ("fast", True):
+        with pytest.raises(RequestError, match="must be a number of Hz"):
+            task.check_tensor_inputs({"waveform": wave[None, :]}, features, {"sample_rate": wrong})
+    with pytest.raises(RequestError, match="outside \\[-1, 1\\]"):
+        task.check_tensor_inputs({"waveform": wave[None, :] * 32768}, features, {"sample_rate": 8000})
+    with pytest.raises(RequestError, match="no samples"):
+        task.check_tensor_inputs({"waveform": np.zeros((1, 0), np.float32)}, features, {"sample_rate": 8000})
+
+    # requests of both kinds and of different lengths batch together on the replica (run_batch concatenates)
+    from aidc.serving.oip.plane import run_batch
+
+    class Model:
+        def infer_tensors(self, batch):
+            return {"samples": np.array([len(w) for w in batch["waveform"]])}
+
+    short = task.check_tensor_inputs({"waveform": wave[None, :800]}, features, {"sample_rate": 8000})
+    parts = run_batch(Model(), [from_file, short, from_wave])
+    assert [p["samples"].tolist() for p in parts] == [[len(wave)], [800], [len(wave)]]
+    assert get_task("image_classification").check_tensor_inputs.__defaults__ == (None,)  # takes parameters
+
+
+def test_batch_inference_takes_a_wav_folder_only_for_speech_models():
+    from aidc.batch.job import _read_files
+    from aidc.config import BatchInferConfig
+
+    b = BatchInferConfig(path="/tmp/recordings", format="wav")
+    with pytest.raises(ConfigError, match="format wav does not fit a image_classification model, which scores "
+                                          "csv, parquet or jsonl rows"):
+        _read_files(b, get_task("image_classification"), {"task": "image_classification"})
+    with pytest.raises(ConfigError, match="key 'audio' is the column that holds each file's contents"):
+        _read_files(b.model_copy(update={"key": "audio"}), get_task("speech_classification"),
+                    {"task": "speech_classification"})
+    from aidc.tasks.base import jsonable
+
+    assert jsonable(np.bytes_(b"RIFF")) == jsonable(b"RIFF") == {"b64": "UklGRg=="}  # rejected rows keep JSON
+
+
+def test_edge_runner_reads_wav_and_computes_the_platform_features_without_librosa(tmp_path):
+    """The bundle's numpy log-mel (librosa's filterbank shipped with it) equals the platform's librosa one."""
+    from aidc.data.audio import mel_filters
+    from aidc.export import edge_runner
+
+    state = {"sample_rate": 8000, "n_mels": 40, "n_fft": 256, "hop": 80}
+    filters = mel_filters(8000, 40, 256)
+    for path in (RECORDINGS / "3_theo_7.wav", RECORDINGS / "0_jackson_0.wav"):
+        wave = edge_runner.read_wav(str(path), 8000)
+        np.testing.assert_array_equal(wave, decode_wav(path.read_bytes(), 8000)[0])
+        np.testing.assert_allclose(edge_runner.log_mel(wave, state, filters), log_mel(wave, 8000, 40, 256, 80),
+                                   atol=1e-3)  # dB (30 recordings: <= 1.5e-4): float32 FFTs in two libraries
+    short = np.sin(np.arange(50, dtype=np.float32))  # shorter than one window
+    np.testing.assert_allclose(edge_runner.log_mel(short, state, filters), log_mel(short, 8000, 40, 256, 80),
+                               atol=1e-3)
+    with pytest.raises(ValueError, match="sample rate 8000 Hz; expected 16000 Hz"):
+        edge_runner.read_wav(str(RECORDINGS / "3_theo_7.wav"), 16000)
+    truncated = (RECORDINGS / "3_theo_7.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(truncated[:len(truncated) // 2 + 1])  # an odd byte count too
+    with pytest.raises(ValueError, match="truncated: the header declares"):
+        edge_runner.read_wav(str(tmp_path / "cut.wav"), 8000)
+    (tmp_path / "text.wav").write_text("not audio")
+    with pytest.raises(ValueError, match="not a PCM wav file"):
+        edge_runner.read_wav(str(tmp_path / "text.wav"), 8000)
+    for bad, words in (([], "non-empty flat list"), ([[0.1, 0.2]], "non-empty flat list"),
+                       ([0.1, float("nan")], "NaN or infinite"), ([0.5, 300.0], "outside \\[-1, 1\\]")):
+        with pytest.raises(ValueError, match=words):
+            edge_runner.checked_waveform(bad, "row 0")
+
+
+def test_named_speech_splits_are_the_predefined_and_group_strategies():
+    cfg = load_config(CONFIGS / "fsdd.yaml")
+    assert (cfg.data.split.strategy, cfg.data.split.train, cfg.data.split.test) == ("predefined", 0.9, 0)
+    held = load_config(CONFIGS / "fsdd.yaml", ["data.split.strategy=speaker", "data.split.test_groups=[theo]"])
+    s = held.data.split
+    assert (s.strategy, s.group_column, s.test_groups, s.train, s.val, s.test) == ("group", "speaker", ["theo"],
+                                                                                   0.9, 0.1, 0)
+    with pytest.raises(ConfigError, match="test_groups"):
+        load_config(CONFIGS / "fsdd.yaml", ["data.split.strategy=speaker"])

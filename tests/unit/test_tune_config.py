@@ -3,6 +3,7 @@ tables, PNGs and the leaderboard. No Ray cluster."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,24 @@ def test_trial_resources_follow_the_cluster():
     assert gpu.per_trial == {"CPU": 1, "GPU": 1} and gpu.concurrency == 2
     capped = validate_sweep(_cfg(LR, max_concurrent_trials=1))
     assert trial_resources(capped, {"CPU": 64}).concurrency == 1
+
+
+def test_trials_that_leave_data_less_than_a_cpu_get_fractional_data_tasks():
+    """2 CPUs, a trial of 0.2 + 2 x 0.5: 0.8 CPU left, so a read at Ray Data's one CPU would wait for ever (the
+    FSDD sweep hung so): the sweep's trials ask for 0.75 per read/transform task; with room, or where the config
+    sets it, nothing changes."""
+    from aidc.tune.sweep import with_data_task_cpus
+
+    spec = validate_sweep(_cfg(LR))
+    tight = with_data_task_cpus(spec, trial_resources(spec, {"CPU": 2}, data_reads=True), data_reads=True)
+    assert tight.job.resources.data_task_cpus == 0.75 and spec.job.resources.data_task_cpus is None
+    roomy = trial_resources(spec, {"CPU": 8}, data_reads=True)
+    assert with_data_task_cpus(spec, roomy, data_reads=True) is spec  # 1.2 CPU left after 5 trials
+    assert with_data_task_cpus(spec, trial_resources(spec, {"CPU": 2}), data_reads=False) is spec  # cached data
+    pinned = validate_sweep(_cfg(LR)).job.resources.model_copy(update={"data_task_cpus": 0.5})
+    pinned = dataclasses.replace(spec, job=spec.job.model_copy(update={"resources": pinned}))
+    assert with_data_task_cpus(pinned, trial_resources(pinned, {"CPU": 2}, data_reads=True),
+                               data_reads=True).job.resources.data_task_cpus == 0.5
 
 
 def _records():

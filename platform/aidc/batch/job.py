@@ -38,6 +38,9 @@ def _read_input(cfg, spec: dict, root: str):
     import ray.data
 
     b = cfg.batch_infer
+    task = get_task(spec["task"])
+    if b.path and b.format in FILE_FORMATS:
+        return _read_files(b, task, spec)
     if b.path:
         from aidc.data.readers import input_files_fingerprint
         from aidc.data.readers import check_tabular_header
@@ -66,6 +69,39 @@ def _read_input(cfg, spec: dict, root: str):
     return dv.read(b.split, ray_remote_args={"num_cpus": b.io_cpus}), True, {
         "dataset": dv.uri, "split": b.split, "fingerprint": m["fingerprint"],
         **({"encryption": dv.encryption} if dv.encryption else {})}
+
+
+FILE_FORMATS = ("wav",)  # batch_infer.format values where each file is one input row
+
+
+def _read_files(b, task, spec: dict):
+    """A folder of files (e.g. wav recordings), one row each: {key: the file's path, input column: its bytes}.
+    Every file is read, so one that is not a usable recording is a rejected row with its reason."""
+    import ray.data
+
+    from aidc.data.readers import input_files_fingerprint, with_scheme
+
+    if b.format != task.batch_file_format:
+        takes = (f"files of format {task.batch_file_format} (one recording per file)" if task.batch_file_format
+                 else "csv, parquet or jsonl rows")
+        raise ConfigError(f"batch_infer.format {b.format} does not fit a {spec['task']} model, which scores "
+                          f"{takes}; set batch_infer.format: {task.batch_file_format or 'csv'}")
+    column = task.input_column
+    if b.key == column:
+        raise ConfigError(f"batch_infer.key {b.key!r} is the column that holds each file's contents; name the key "
+                          "column otherwise (default: id)")
+    fingerprint, files = input_files_fingerprint(b.path)
+    if not files:
+        raise DataError(f"batch_infer.path {b.path} holds no files to score")
+    uris = with_scheme(b.path, sorted(files))
+
+    def rows(batch):
+        return {b.key: batch["path"], column: batch["bytes"]}
+
+    # the listed files themselves: Ray's directory listing would skip names starting with "." or "_"
+    ds = ray.data.read_binary_files(uris, include_paths=True, ray_remote_args={"num_cpus": b.io_cpus})
+    return ds.map_batches(rows, batch_format="numpy", num_cpus=b.io_cpus), False, {
+        "path": b.path, "format": b.format, "files": len(files), "fingerprint": fingerprint}
 
 
 def _gpus_per_actor(b) -> float:

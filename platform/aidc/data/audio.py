@@ -59,8 +59,16 @@ def log_mel(waveform: np.ndarray, sample_rate: int, n_mels: int, n_fft: int, hop
     import librosa
 
     mel = librosa.feature.melspectrogram(y=np.asarray(waveform, np.float32), sr=sample_rate, n_fft=n_fft,
-                                         hop_length=hop, n_mels=n_mels, fmax=sample_rate / 2, power=2.0)
+                                         hop_length=hop, n_mels=n_mels, fmax=sample_rate / 2, power=2.0,
+                                         window="hann", center=True, pad_mode="constant")  # as the edge runner
     return librosa.power_to_db(mel, ref=np.max, amin=1e-10, top_db=TOP_DB).T.astype(np.float32)
+
+
+def mel_filters(sample_rate: int, n_mels: int, n_fft: int) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) float32: the filterbank log_mel applies (librosa's Slaney mel, up to Nyquist)."""
+    import librosa
+
+    return librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmax=sample_rate / 2).astype(np.float32)
 
 
 def frames_of(samples: int, hop: int) -> int:

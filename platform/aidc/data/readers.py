@@ -176,6 +176,12 @@ def check_tabular_header(path: str, fmt: str, columns: list[str]) -> None:
         raise DataError(f"{first}: missing column(s) {missing}; the file has {names}. Fix data.columns in the config")
 
 
+def with_scheme(path: str, files: list[str]) -> list[str]:
+    """input_files_fingerprint's file paths as readable URIs again (s3://, gs:// kept from `path`)."""
+    scheme = path.split("://")[0] if storage.is_uri(path) else None
+    return [f"{scheme}://{f}" if scheme else f for f in files]
+
+
 def input_files_fingerprint(path: str) -> tuple[str, list[str]]:
     """Identity of a file input: every file's path, size and modification time (no full re-read)."""
     fs, inner = storage.filesystem(path)

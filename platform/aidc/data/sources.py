@@ -179,12 +179,11 @@ def load_fsdd(cfg) -> RawData:
 def load_wav_files(cfg) -> RawData:
     """Your own recordings (data.path: a folder, local or s3://, gs://; every file in it is a row, so a file that
     is not a usable wav is a rejected row with its reason), named {digit}_{speaker}_{index}.wav."""
-    from aidc.data.readers import input_files_fingerprint, read_bytes
+    from aidc.data.readers import input_files_fingerprint, read_bytes, with_scheme
 
     fingerprint, files = input_files_fingerprint(cfg.data.path)
-    scheme = cfg.data.path.split("://")[0] if storage.is_uri(cfg.data.path) else None
     files = sorted(files)
-    audio = [read_bytes(f"{scheme}://{f}" if scheme else f, allow_empty=True) for f in files]
+    audio = [read_bytes(f, allow_empty=True) for f in with_scheme(cfg.data.path, files)]
     cols = _recording_rows(files, audio)
     # ids (the split key) from each file's path inside data.path: adding a recording moves no other one
     base = cfg.data.path.rstrip("/").split("://")[-1]

@@ -27,7 +27,8 @@ def write_edge_bundle(loaded, rows: dict, out: Path, source: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(loaded, rows, out / "model.onnx")
     parity = onnx_parity(loaded, out / "model.onnx", rows)
-    meta = {k: loaded.spec[k] for k in ("task", "features", "transform")}
+    meta = {**{k: loaded.spec[k] for k in ("task", "features", "transform")},
+            **loaded.task.edge_extras(loaded.spec["transform"])}
     (out / "preprocess.json").write_text(json.dumps(meta))
     shutil.copyfile(RUNNER, out / "run.py")
     (out / "SOURCE.json").write_text(json.dumps({**source, "onnx_parity": parity}, indent=2))

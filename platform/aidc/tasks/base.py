@@ -7,6 +7,8 @@ Preprocessing works on column tables (dict of numpy arrays): `validate` -> `cont
 
 from __future__ import annotations
 
+import base64
+
 import hashlib
 from typing import Any
 
@@ -163,8 +165,13 @@ class Task:
     quality_metric: str = ""  # the test-split metric `aidc model compare` sets versions side by side on
     onnx_export: bool = False  # `aidc model export --format onnx|edge` takes this task's models
     export_hint: str = ""  # where an export this task lacks goes instead
+
+    def edge_extras(self, state: dict) -> dict:
+        """What the numpy-only edge runner needs beyond the fitted transform (e.g. a filterbank matrix)."""
+        return {}
     batch_outputs: tuple = ()  # (column, pyarrow type) of a batch prediction; () = no batch inference
     batch_on_vllm: bool = False  # batch inference answers through vLLM's offline engine (language models)
+    batch_file_format: str = ""  # batch inference scores a folder of these files, one row per file (e.g. "wav")
 
     def batch_inputs(self, features: dict) -> list[str]:
         """The raw columns a batch-inference input file must have."""
@@ -192,8 +199,12 @@ class Task:
         """
         raise NotImplementedError(f"task {self.name!r} has no tensor signature")
 
-    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
-        """Value checks beyond datatype and shape (ranges, empty strings); raise RequestError."""
+    check_in_thread: bool = False  # check_tensor_inputs is heavy (decodes files): run it off the event loop
+
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict,
+                            parameters: dict | None = None) -> dict | None:
+        """Value checks beyond datatype and shape (ranges, empty strings; `parameters`: the request's); raise
+        RequestError. Returns None, or the inputs in the form the model's replica takes (e.g. decoded files)."""
 
     def infer_tensors(self, model: nn.Module, batch: dict, state: dict) -> dict[str, np.ndarray]:
         """Model-ready torch batch (from transform_batch) -> named output arrays of the signature."""
@@ -217,6 +228,8 @@ class Classification(Task):
 
 def jsonable(v):
     """A value as JSON would carry it: arrays as lists, numpy scalars as Python ones, NaN/inf as text."""
+    if isinstance(v, (bytes, bytearray)):  # a file's bytes (np.bytes_ too): the API's JSON convention for binary
+        return {"b64": base64.b64encode(v).decode()}
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
@@ -226,8 +239,10 @@ def jsonable(v):
     return v
 
 
-def tensor_spec(name: str, datatype: str, shape: list[int]) -> dict:
-    return {"name": name, "datatype": datatype, "shape": shape}
+def tensor_spec(name: str, datatype: str, shape: list[int], **parameters) -> dict:
+    """An OIP tensor's metadata; parameters: `optional` (the model takes it or another input), `content:
+    binary` (BYTES carrying files, not text)."""
+    return {"name": name, "datatype": datatype, "shape": shape, **({"parameters": parameters} if parameters else {})}
 
 
 def classification_tensors(logits: torch.Tensor) -> dict[str, np.ndarray]:

@@ -133,7 +133,8 @@ class ImageClassification(Classification):
                 "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
                             tensor_spec("class", "INT64", [-1])]}
 
-    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict,
+                            parameters: dict | None = None) -> None:
         lo, hi = features["raw_range"]
         x = inputs["image"]
         bad = np.argwhere(~np.isfinite(x) | (x < lo) | (x > hi))

@@ -16,10 +16,11 @@ from pydantic import Field
 from torch import nn
 
 from aidc.config import ModelSchema
-from aidc.data.audio import augment_waveform, decode_wav, frames_of, log_mel
+from aidc.data.audio import augment_waveform, decode_wav, frames_of, log_mel, mel_filters
 from aidc.errors import RequestError
 from aidc.models import MODELS
-from aidc.tasks.base import CLASSIFICATION_OUTPUTS, Classification, Table, classification_tensors, row_hashes
+from aidc.tasks.base import (CLASSIFICATION_OUTPUTS, Classification, Table, classification_tensors, row_hashes,
+                             tensor_spec)
 from aidc.tasks.image import check_batch
 
 
@@ -52,6 +53,13 @@ class SpeechClassification(Classification):
     quality_metric = "test_accuracy"
     batch_outputs = CLASSIFICATION_OUTPUTS
     data_sources = ("fsdd", "files")
+    batch_file_format = "wav"  # batch inference over a folder of recordings
+    onnx_export = True  # the graph takes (x, lengths); the edge runner computes the log-mel frames in numpy
+    check_in_thread = True  # check_tensor_inputs decodes wav files: off the ingress event loop
+
+    def edge_extras(self, state: dict) -> dict:
+        """librosa's mel filterbank of these settings, so the edge runner needs no librosa."""
+        return {"mel_filters": mel_filters(state["sample_rate"], state["n_mels"], state["n_fft"]).tolist()}
 
     @property
     def sources(self) -> dict:
@@ -182,17 +190,54 @@ class SpeechClassification(Classification):
         probs = torch.softmax(self.forward(model, batch).float(), dim=1).cpu().numpy()
         return [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probs]
 
-    def batch_instance(self, row: dict) -> Any:
-        """A wav file from a batch input (a Parquet binary column) as the API carries it."""
-        v = row[self.input_column]
-        return {"b64": base64.b64encode(v).decode()} if isinstance(v, (bytes, bytearray)) else v
 
-    # No tensor_signature yet: OIP carries BYTES as UTF-8 text here (binary data is the next step), so the
-    # tensors app refuses speech models clearly instead of failing on wav files. The library's infer_tensors
-    # (LoadedModel.infer_tensors) takes wav bytes.
-    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
-        for i, b in enumerate(inputs["audio"]):
-            _decoded(b, features["sample_rate"], i, field="audio")
+    def tensor_signature(self, features: dict) -> dict:
+        """Either input, one per request: `audio`, wav files as BYTES (raw bytes: the binary tensor extension or
+        gRPC), or `waveform`, FP32 samples in [-1, 1] with `sample_rate` in the parameters. A waveform row is one
+        whole recording (zero padding would count as audio): recordings of different lengths go in separate
+        requests, which the server batches together."""
+        return {"inputs": [tensor_spec("audio", "BYTES", [-1], optional=True, content="binary"),
+                           tensor_spec("waveform", "FP32", [-1, -1], optional=True)],
+                "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
+                            tensor_spec("class", "INT64", [-1]), tensor_spec("label", "BYTES", [-1])]}
+
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict,
+                            parameters: dict | None = None) -> dict:
+        """Exactly one of `audio` / `waveform`; wav files decoded (a bad one is a 400 naming it) and waveforms
+        checked against the model's sample rate. Either way the replica gets the decoded waveforms, so requests
+        of both kinds batch together."""
+        rate = features["sample_rate"]
+        if ("audio" in inputs) == ("waveform" in inputs):
+            raise RequestError("send one input: 'audio' (wav files as BYTES) or 'waveform' (FP32 samples, with "
+                               f"parameters.sample_rate: {rate})", status=400, field="audio")
+        waves = np.empty(len(next(iter(inputs.values()))), dtype=object)
+        if "audio" in inputs:
+            waves[:] = [_decoded(b, rate, i, field="audio") for i, b in enumerate(inputs["audio"])]
+            return {"waveform": waves}
+        sent = (parameters or {}).get("sample_rate")
+        if sent is None:
+            raise RequestError(f"input 'waveform' needs its sample rate: set parameters.sample_rate (the model "
+                               f"takes {rate} Hz)", status=400, field="waveform")
+        try:
+            hz = float(sent) if not isinstance(sent, bool) else None  # a number, or its text (string-only clients)
+        except (TypeError, ValueError):
+            hz = None
+        if hz is None or not np.isfinite(hz):
+            raise RequestError(f"parameters.sample_rate must be a number of Hz, got {sent!r}", status=400,
+                               field="sample_rate")
+        if hz != rate:
+            raise RequestError(f"parameters.sample_rate is {sent!r}; model takes {rate} Hz: resample the "
+                               f"waveform to {rate} Hz", status=400, field="sample_rate")
+        x = inputs["waveform"]
+        if x.shape[1] == 0:
+            raise RequestError("input 'waveform' has no samples", status=400, field="waveform")
+        out_of_range = np.argwhere(np.abs(x) > 1.0)
+        if len(out_of_range):
+            i, t = out_of_range[0]
+            raise RequestError(f"waveform[{i}] sample {t} is {x[i, t]:g}, outside [-1, 1]: send float samples "
+                               "(int16 values / 32768)", status=400, field="waveform")
+        waves[:] = list(x)
+        return {"waveform": waves}
 
     def infer_tensors(self, model, batch, state):
         out = classification_tensors(self.forward(model, batch))
@@ -203,8 +248,9 @@ class SpeechClassification(Classification):
 def _decoded(data, sample_rate: int, i: int, field: str | None = None) -> np.ndarray:
     where = f"{field}[{i}]" if field else f"instances[{i}]"
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise RequestError(f"{where}: expected a wav file's bytes, got {type(data).__name__}", field=field or where)
+        raise RequestError(f"{where}: expected a wav file's bytes, got {type(data).__name__}", status=400,
+                           field=field or where)
     wave, why = decode_wav(bytes(data), sample_rate)
     if wave is None:
-        raise RequestError(f"{where}: {why}", field=field or where)
+        raise RequestError(f"{where}: {why}", status=400, field=field or where)
     return wave

@@ -157,7 +157,8 @@ class TabularClassification(Classification):
                 "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
                             tensor_spec("class", "INT64", [-1])]}  # class = the label value, not its index
 
-    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict,
+                            parameters: dict | None = None) -> None:
         for c in features["numeric"]:
             if not np.isfinite(inputs[c]).all():
                 raise RequestError(f"input {c!r} has NaN or infinite values; send finite numbers", field=c)

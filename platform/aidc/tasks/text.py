@@ -111,7 +111,8 @@ class TextClassification(Classification):
                 "outputs": [tensor_spec("probabilities", "FP32", [-1, features["num_classes"]]),
                             tensor_spec("class", "INT64", [-1]), tensor_spec("label", "BYTES", [-1])]}
 
-    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict) -> None:
+    def check_tensor_inputs(self, inputs: dict[str, np.ndarray], features: dict,
+                            parameters: dict | None = None) -> None:
         for i, t in enumerate(inputs["text"]):
             if not str(t).strip():
                 raise RequestError(f"text[{i}] is empty: send a non-empty string", field="text")

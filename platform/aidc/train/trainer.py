@@ -54,9 +54,12 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # epochs are the progress; keep job logs readable
     data_ctx.execution_options.preserve_order = True  # same seed, same batches: resumed runs match uninterrupted ones
+    cpus = cfg.resources.data_task_cpus  # None: Ray Data's default (a whole CPU per task)
+    task_cpus = {} if cpus is None else {"num_cpus": cpus}
     datasets = {
-        s: dv.read(s).map_batches(task.transform_batch, fn_kwargs={"state": state, "training": s == "train"},
-                                  batch_format="numpy")
+        s: dv.read(s, **({"ray_remote_args": task_cpus} if task_cpus else {})).map_batches(
+            task.transform_batch, fn_kwargs={"state": state, "training": s == "train"}, batch_format="numpy",
+            **task_cpus)
         for s in SPLITS
     }
     if caches(cfg, dv):  # read + transform once (train-time augmentation stays per epoch); epochs then stream

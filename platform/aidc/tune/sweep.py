@@ -9,6 +9,7 @@ in a file beside the sweep, because Tune does not restore scheduler state (ray-p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -112,6 +113,20 @@ def trial_resources(spec: SweepSpec, cluster: dict, data_reads: bool = False) ->
     return TrialResources(per_trial, cpus, gpus_each, concurrency, cluster)
 
 
+def with_data_task_cpus(spec: SweepSpec, res: TrialResources, data_reads: bool) -> SweepSpec:
+    """Where the running trials leave Ray Data less than a whole CPU (2 CPUs, a trial of 0.2 + 2 x 0.5), its
+    read/transform tasks ask for what is left (at least 0.25): at Ray Data's default of one CPU each the first
+    read of every trial waits for ever. An explicit resources.data_task_cpus is kept."""
+    left = res.cluster.get("CPU", 1) - res.concurrency * res.cpus_per_trial
+    if not data_reads or left >= DATA_CPUS or spec.job.resources.data_task_cpus is not None:
+        return spec
+    cpus = max(0.25, math.floor(left * 4) / 4)
+    logger.info("trials leave Ray Data %.2g CPU: its tasks ask for %g CPU each (resources.data_task_cpus)",
+                max(left, 0.0), cpus)
+    job = spec.job.model_copy(update={"resources": spec.job.resources.model_copy(update={"data_task_cpus": cpus})})
+    return dataclasses.replace(spec, job=job)
+
+
 def current_cluster() -> dict:
     """CPU/GPU totals of the cluster a sweep would run on, without starting Ray when none is running."""
     import ray
@@ -186,6 +201,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     storage.check_shared(root)  # multi-node: a trial retried on another node resumes from its checkpoints
     res = trial_resources(spec, dict(ray.cluster_resources()), data_reads=sweep_reads(spec))
     _check_trial_fits(spec, res)
+    spec = with_data_task_cpus(spec, res, sweep_reads(spec))
     share = not any(p.startswith("data.") for p in tc.space)
     payload = trial_payload(spec, root, name, share_datasets=share)
     payload["keep_checkpoints"] = None if tc.scheduler == "pbt" else KEEP_CHECKPOINTS

@@ -274,9 +274,9 @@ class GrpcServicer:
             return pb.ModelInferResponse()
 
         async def run():
-            arrays, types, outputs = decode_infer_request(request)
+            arrays, types, outputs, params = decode_infer_request(request)
             result = await self.plane.infer(request.model_name, request.model_version or None, arrays, types,
-                                            outputs)
+                                            outputs, params)
             return encode_infer_response(result, request.id)
 
         return await self._grpc(grpc_context, pb.ModelInferResponse, run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from aidc.errors import GRPC_CODES, RequestError
-from aidc.serving.oip.protocol import DTYPES, decode_binary, to_binary
+from aidc.serving.oip.protocol import DTYPES, decode_binary, merge_parameters, to_binary
 from aidc.serving.oip_grpc import pb
 
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -14,8 +14,21 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
 
-def decode_infer_request(req: "pb.ModelInferRequest") -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
-    """ModelInferRequest -> ({input: array}, {input: datatype}, requested output names)."""
+def _parameters(params) -> dict:
+    """A protobuf map<string, InferParameter> -> {name: bool | int | str | float}."""
+    out = {}
+    for k, v in params.items():
+        kind = v.WhichOneof("parameter_choice")
+        if kind is None:
+            raise RequestError(f"parameter {k!r} has no value (or a type this server does not know): set one of "
+                               "bool_param, int64_param, string_param, double_param, uint64_param", status=400)
+        out[k] = getattr(v, kind)
+    return out
+
+
+def decode_infer_request(req: "pb.ModelInferRequest") -> tuple[dict[str, np.ndarray], dict[str, str], list[str],
+                                                                dict]:
+    """ModelInferRequest -> ({input: array}, {input: datatype}, requested output names, parameters)."""
     if not req.inputs:
         raise RequestError("request has no inputs; send every input the model metadata lists", status=400)
     if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
@@ -40,16 +53,12 @@ def decode_infer_request(req: "pb.ModelInferRequest") -> tuple[dict[str, np.ndar
             if len(values) != n:
                 raise RequestError(f"input {t.name!r} has {len(values)} values but shape {shape} needs {n}",
                                    status=400, field=t.name)
-            if t.datatype == "BYTES":
-                try:
-                    values = [v.decode("utf-8") for v in values]
-                except UnicodeDecodeError:
-                    raise RequestError(f"input {t.name!r}: BYTES element is not UTF-8 text", status=400) from None
             arr = np.array(values, dtype=DTYPES[t.datatype]).reshape(shape)
             if t.datatype.startswith("FP") and not np.isfinite(arr).all():
                 raise RequestError(f"input {t.name!r} has NaN or infinite values", status=400, field=t.name)
         arrays[t.name], types[t.name] = arr, t.datatype
-    return arrays, types, [o.name for o in req.outputs]
+    params = merge_parameters(_parameters(req.parameters), [_parameters(t.parameters) for t in req.inputs])
+    return arrays, types, [o.name for o in req.outputs], params
 
 
 def encode_infer_response(result, request_id: str) -> "pb.ModelInferResponse":

@@ -110,14 +110,18 @@ class DataPlane:
             return False
 
     async def infer(self, name: str, version: str | None, arrays: dict[str, np.ndarray],
-                    sent_datatypes: dict[str, str], requested: list[str] | None) -> InferResult:
+                    sent_datatypes: dict[str, str], requested: list[str] | None,
+                    parameters: dict | None = None) -> InferResult:
         route = self.route(name)
         chosen = route.pick(version, self._rng)
         tag_request(name, chosen)  # request metrics by model/version, REST and gRPC (aidc.ops.serving)
         info = await self.describe(name, chosen)
         sig = info["signature"]
         inputs = validate_inputs(arrays, sent_datatypes, sig, name)
-        get_task(info["task"]).check_tensor_inputs(inputs, info["features"])
+        task = get_task(info["task"])
+        check = (task.check_tensor_inputs, inputs, info["features"], parameters or {})
+        checked = await asyncio.to_thread(*check) if task.check_in_thread else check[0](*check[1:])
+        inputs = inputs if checked is None else checked  # a task may hand its replica a canonical form
         wanted = select_outputs(requested, sig, name)
         try:
             outputs = await route.handles[chosen].infer.remote(inputs)

@@ -75,6 +75,8 @@ class TensorMetadata(Strict):
     name: str = Field(..., description="Tensor name.")
     datatype: str = Field(..., description="Element type.")
     shape: list[int] = Field(..., description="Dimensions; -1 is variable (the batch).")
+    parameters: dict[str, Any] | None = Field(None, description="optional: true where the model takes this input "
+                                              "or another; content: binary where BYTES carry files, not text.")
 
 
 class ModelMetadataResponse(Strict):
@@ -166,6 +168,18 @@ def parse_rest_body(raw: bytes, header_length: str | None, max_bytes: int) -> tu
     return request, arrays
 
 
+TRANSPORT_PARAMETERS = {"binary_data_size", "binary_data", "binary_data_output"}
+
+
+def merge_parameters(request: dict | None, per_input: list[dict | None]) -> dict:
+    """The parameters a model sees: the request's, then each input's (e.g. `sample_rate` of a waveform), without
+    the binary-extension ones that only describe the transport."""
+    out = {}
+    for p in (request, *per_input):
+        out.update({k: v for k, v in (p or {}).items() if k not in TRANSPORT_PARAMETERS})
+    return out
+
+
 def _count(shape: list[int], name: str) -> int:
     if any(d < 0 for d in shape):
         raise RequestError(f"input {name!r} shape {shape} has a negative dimension", status=400, field=name)
@@ -223,7 +237,7 @@ def _fits(v: Any, datatype: str) -> bool:
 
 
 def decode_binary(chunk: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    """Raw little-endian bytes (BYTES: 4-byte length + bytes per element) -> array of `shape`."""
+    """Raw little-endian bytes (BYTES: 4-byte length + bytes per element, kept as bytes) -> array of `shape`."""
     n = _count(shape, name)
     if datatype == "BYTES":
         items, pos = [], 0
@@ -233,11 +247,7 @@ def decode_binary(chunk: bytes, datatype: str, shape: list[int], name: str) -> n
             size = int.from_bytes(chunk[pos:pos + 4], "little")
             if pos + 4 + size > len(chunk):
                 raise RequestError(f"input {name!r}: BYTES element longer than the data", status=400, field=name)
-            try:
-                items.append(chunk[pos + 4:pos + 4 + size].decode("utf-8"))
-            except UnicodeDecodeError:
-                raise RequestError(f"input {name!r}: BYTES element is not UTF-8 text", status=400,
-                                   field=name) from None
+            items.append(chunk[pos + 4:pos + 4 + size])  # raw bytes: text inputs decode them in validate_inputs
             pos += 4 + size
         if len(items) != n:
             raise RequestError(f"input {name!r} has {len(items)} values but shape {shape} needs {n}", status=400,
@@ -262,12 +272,14 @@ def validate_inputs(arrays: dict[str, np.ndarray], datatypes: dict[str, str], si
     if unknown:
         raise RequestError(f"model {model!r} has no input(s) {unknown}; its inputs are {sorted(declared)}",
                            status=400, field=unknown[0])
-    missing = sorted(set(declared) - set(arrays))
+    missing = sorted(n for n, t in declared.items() if n not in arrays and not _param(t, "optional"))
     if missing:
         raise RequestError(f"missing input(s) {missing} for model {model!r} (it needs {sorted(declared)})",
                            status=400, field=missing[0])
     out, batch = {}, None
     for name, spec in declared.items():
+        if name not in arrays:  # an optional input left out (the task checks which combinations it takes)
+            continue
         arr, sent = arrays[name], datatypes[name]
         if sent not in ACCEPTS.get(spec["datatype"], {spec["datatype"]}):
             raise RequestError(f"input {name!r} has datatype {sent}; model {model!r} takes {spec['datatype']}",
@@ -282,8 +294,33 @@ def validate_inputs(arrays: dict[str, np.ndarray], datatypes: dict[str, str], si
             raise RequestError(f"inputs disagree on the batch size ({batch} vs {arr.shape[0]} in {name!r})",
                                status=400, field=name)
         batch = arr.shape[0]
-        out[name] = arr if spec["datatype"] == "BYTES" else arr.astype(DTYPES[spec["datatype"]], copy=False)
+        out[name] = _bytes_input(arr, spec, name) if spec["datatype"] == "BYTES" else \
+            arr.astype(DTYPES[spec["datatype"]], copy=False)
     return out
+
+
+def _param(spec: dict, key: str):
+    return (spec.get("parameters") or {}).get(key)
+
+
+def _bytes_input(arr: np.ndarray, spec: dict, name: str) -> np.ndarray:
+    """BYTES elements as the model takes them: text (UTF-8 str) by default; raw bytes where the signature says
+    `content: binary` (files such as wav recordings), which JSON cannot carry."""
+    flat = arr.reshape(-1)
+    if _param(spec, "content") == "binary":
+        if any(isinstance(v, str) for v in flat):
+            raise RequestError(f"input {name!r} takes files as raw bytes, which JSON text cannot carry: send it "
+                               "with the binary tensor extension (tritonclient: set_data_from_numpy(..., "
+                               "binary_data=True)) or over gRPC", status=400, field=name)
+        return arr
+    out = np.empty(len(flat), dtype=object)
+    for i, v in enumerate(flat):
+        try:
+            out[i] = v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else v
+        except UnicodeDecodeError:
+            raise RequestError(f"input {name!r}: BYTES element {i} is not UTF-8 text", status=400,
+                               field=name) from None
+    return out.reshape(arr.shape)
 
 
 def select_outputs(request_outputs: list[str] | None, signature: dict, model: str) -> list[str]:
@@ -340,6 +377,6 @@ def encode_rest_response(request: InferenceRequest, model: str, version: str, ou
                                        HEADER_LENGTH: str(len(header))}
 
 
-__all__ = ["HEADER_LENGTH", "InferenceRequest", "InferenceResponse", "ModelMetadataResponse", "decode_binary",
+__all__ = ["HEADER_LENGTH", "InferenceRequest", "merge_parameters", "InferenceResponse", "ModelMetadataResponse", "decode_binary",
            "decode_json", "encode_rest_response", "oip_error", "parse_rest_body", "select_outputs",
            "validate_inputs"]
