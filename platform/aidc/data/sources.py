@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from aidc import storage
 from aidc.config import register_dataset
 from aidc.data.catalog import CATALOG, fetch
 from aidc.data.readers import read_delimited, read_idx, read_text
@@ -132,13 +131,11 @@ def load_synthetic_instructions(cfg) -> RawData:
 def load_jsonl_records(cfg) -> RawData:
     """Your own JSONL (data.path: a file or folder, local or s3://, gs://): one raw line per row, parsed and
     checked by the task (a line that is not JSON is a rejected row with its reason, not a failed job)."""
-    from aidc.data.readers import gunzip, input_files_fingerprint, read_bytes
+    from aidc.data.readers import gunzip, input_files_fingerprint, read_bytes, with_scheme
 
     fingerprint, files = input_files_fingerprint(cfg.data.path)
-    scheme = cfg.data.path.split("://")[0] if storage.is_uri(cfg.data.path) else None
     lines = []
-    for f in files:
-        path = f"{scheme}://{f}" if scheme else f
+    for path in with_scheme(cfg.data.path, files):
         text = gunzip(path, read_bytes(path)).decode("utf-8", errors="replace")
         lines.extend(line for line in text.splitlines() if line.strip())
     col = np.array(lines, dtype=object)

@@ -57,7 +57,7 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
     cpus = cfg.resources.data_task_cpus  # None: Ray Data's default (a whole CPU per task)
     task_cpus = {} if cpus is None else {"num_cpus": cpus}
     datasets = {
-        s: dv.read(s, **({"ray_remote_args": task_cpus} if task_cpus else {})).map_batches(
+        s: dv.read(s, ray_remote_args=task_cpus).map_batches(
             task.transform_batch, fn_kwargs={"state": state, "training": s == "train"}, batch_format="numpy",
             **task_cpus)
         for s in SPLITS

@@ -199,9 +199,10 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
         raise ConfigError(f"--resume: no sweep {name!r} to resume under {path}; run it without --resume first, "
                           "or check run.name and AIDC_STORAGE")
     storage.check_shared(root)  # multi-node: a trial retried on another node resumes from its checkpoints
-    res = trial_resources(spec, dict(ray.cluster_resources()), data_reads=sweep_reads(spec))
+    reads = sweep_reads(spec)  # opens the dataset's manifest: once
+    res = trial_resources(spec, dict(ray.cluster_resources()), data_reads=reads)
     _check_trial_fits(spec, res)
-    spec = with_data_task_cpus(spec, res, sweep_reads(spec))
+    spec = with_data_task_cpus(spec, res, reads)
     share = not any(p.startswith("data.") for p in tc.space)
     payload = trial_payload(spec, root, name, share_datasets=share)
     payload["keep_checkpoints"] = None if tc.scheduler == "pbt" else KEEP_CHECKPOINTS

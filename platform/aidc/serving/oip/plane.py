@@ -118,9 +118,9 @@ class DataPlane:
         info = await self.describe(name, chosen)
         sig = info["signature"]
         inputs = validate_inputs(arrays, sent_datatypes, sig, name)
-        task = get_task(info["task"])
-        check = (task.check_tensor_inputs, inputs, info["features"], parameters or {})
-        checked = await asyncio.to_thread(*check) if task.check_in_thread else check[0](*check[1:])
+        task, args = get_task(info["task"]), (inputs, info["features"], parameters or {})
+        checked = await asyncio.to_thread(task.check_tensor_inputs, *args) if task.check_in_thread \
+            else task.check_tensor_inputs(*args)
         inputs = inputs if checked is None else checked  # a task may hand its replica a canonical form
         wanted = select_outputs(requested, sig, name)
         try:

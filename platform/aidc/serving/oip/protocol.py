@@ -377,6 +377,6 @@ def encode_rest_response(request: InferenceRequest, model: str, version: str, ou
                                        HEADER_LENGTH: str(len(header))}
 
 
-__all__ = ["HEADER_LENGTH", "InferenceRequest", "merge_parameters", "InferenceResponse", "ModelMetadataResponse", "decode_binary",
-           "decode_json", "encode_rest_response", "oip_error", "parse_rest_body", "select_outputs",
-           "validate_inputs"]
+__all__ = ["HEADER_LENGTH", "InferenceRequest", "InferenceResponse", "ModelMetadataResponse", "decode_binary",
+           "decode_json", "encode_rest_response", "merge_parameters", "oip_error", "parse_rest_body",
+           "select_outputs", "validate_inputs"]
