@@ -9,6 +9,7 @@ import sys
 from aidc.cli.ops import add_parsers as add_ops_parsers
 from aidc.cluster import default_cluster_path
 from aidc.cli.security import add_parsers as add_security_parsers
+from aidc.cli.tenancy import add_parsers as add_tenancy_parsers
 from aidc.cli.offline import add_offline_args, model_command
 from aidc.errors import AidcError
 
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=_model)
     add_security_parsers(sub)  # aidc keys, aidc audit (aidc.cli.security)
     add_ops_parsers(sub)  # aidc status (aidc.cli.ops)
+    add_tenancy_parsers(sub)  # aidc gateway, teams, queue, usage (aidc.cli.tenancy)
     return p
 
 

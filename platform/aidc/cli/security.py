@@ -11,7 +11,7 @@ _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _duration(text: str) -> float:
+def duration(text: str) -> float:
     m = _DURATION.match(text or "")
     if not m:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 3600, 90m, 12h or 30d")
@@ -27,10 +27,10 @@ def keys_command(args) -> int:
                   file=sys.stderr)
             return 2
         key, rec = keys.create(args.owner, args.scope, expires_in_s=args.expires_in, rate_limit=args.rate_limit,
-                               burst=args.burst)
+                               burst=args.burst, team=args.team)
         print(key)
         if not args.quiet:
-            print(f"created key {rec.id} for {rec.owner}: scopes {', '.join(rec.scopes)}, expires "
+            print(f"created key {rec.id} for {rec.owner}{f' (team {rec.team})' if rec.team else ''}: scopes {', '.join(rec.scopes)}, expires "
                   f"{rec.expires_at or 'never'}, rate limit {rec.rate_limit or 'none'}. The key is shown only once: "
                   "send it as 'Authorization: Bearer <key>'.", file=sys.stderr)
         return 0
@@ -39,7 +39,7 @@ def keys_command(args) -> int:
         if not records:
             print(f"no API keys in {keys.keys_path()}; create one with aidc keys create --owner you --scope 'infer:*'")
         for rec in sorted(records.values(), key=lambda r: r.created_at):
-            print(f"{rec.id}  {rec.state():8} owner={rec.owner}  scopes={','.join(rec.scopes)}  "
+            print(f"{rec.id}  {rec.state():8} owner={rec.owner}  team={rec.team or '-'}  scopes={','.join(rec.scopes)}  "
                   f"expires={rec.expires_at or 'never'}  rate={rec.rate_limit or '-'}/s  created={rec.created_at[:19]}")
         return 0
     if args.action == "revoke":
@@ -95,8 +95,10 @@ def add_parsers(sub) -> None:
     k.add_argument("action", choices=["create", "list", "revoke", "signing-keygen"])
     k.add_argument("id", nargs="?", help="key id (revoke) or private key path (signing-keygen)")
     k.add_argument("--owner", help="who the key is for (create)")
-    k.add_argument("--scope", action="append", help="infer:<model>, infer:* or admin (repeatable)")
-    k.add_argument("--expires-in", type=_duration, help="lifetime, e.g. 30d, 12h, 3600 (default: no expiry)")
+    k.add_argument("--scope", action="append", help="infer:<model>, infer:*, admin, or a job role: viewer, "
+                   "developer, deployer (repeatable)")
+    k.add_argument("--team", help="the team the key belongs to (job roles need one), e.g. vision")
+    k.add_argument("--expires-in", type=duration, help="lifetime, e.g. 30d, 12h, 3600 (default: no expiry)")
     k.add_argument("--rate-limit", type=float, help="requests per second per replica (default: none)")
     k.add_argument("--burst", type=int, help="requests allowed at once (default 2x the rate)")
     k.add_argument("--quiet", action="store_true", help="print only the key")

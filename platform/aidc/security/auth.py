@@ -83,6 +83,7 @@ class Guard:
     def __init__(self, app: str, args: AuthArgs | None = None, home: str | None = None, model: str | None = None):
         self.app, self.args, self.home, self.model = app, args or AuthArgs(), home, model
         self._records: dict[str, keys.KeyRecord] = {}
+        self._team_limits: dict[str, keys.TeamLimit] = {}
         self._stamp: tuple | None = None
         self._checked = -math.inf
         self._buckets: dict[str, _Bucket] = {}
@@ -102,7 +103,8 @@ class Guard:
                 st = None if storage.is_uri(path) else os.stat(path)
                 stamp = st and (st.st_ino, st.st_mtime_ns, st.st_size)  # the store is replaced atomically
                 if stamp is None or stamp != self._stamp:
-                    self._records = keys.parse_store(storage.read_text(path))
+                    text = storage.read_text(path)
+                    self._records, self._team_limits = keys.parse_store(text), keys.parse_team_limits(text)
                     self._stamp = stamp
             except FileNotFoundError:
                 self._records, self._stamp = {}, None
@@ -121,7 +123,8 @@ class Guard:
             self._refused(exc, model)
             raise
 
-    def _check(self, authorization: str | None, model: str | None) -> Principal:
+    def authenticate(self, authorization: str | None) -> keys.KeyRecord:
+        """The record of the key in an `Authorization: Bearer <key>` header, or AuthError (401)."""
         scheme, _, token = (authorization or "").strip().partition(" ")
         if not authorization:
             raise AuthError("missing API key: send the header 'Authorization: Bearer <key>' "
@@ -132,26 +135,33 @@ class Guard:
             records = self._store()
             if keys.key_id(token.strip()) not in records:  # a key created since the last read works at once
                 records = self._store(force=True)
-            rec = keys.authenticate(records, token.strip())
+            return keys.authenticate(records, token.strip())
         except keys.KeyRefused as exc:
             err = AuthError(exc.message, 401, exc.reason)
             err.key_id = exc.key_id
             raise err from None
+
+    def _check(self, authorization: str | None, model: str | None) -> Principal:
+        rec = self.authenticate(authorization)
         if not rec.allows(model):
             err = AuthError(f"API key {rec.id} (owner {rec.owner}) may not use model {model!r}: its scopes are "
                             f"{rec.scopes}; ask for a key with scope infer:{model} or infer:*", 403, "scope")
             err.key_id = rec.id
             raise err
-        if rec.rate_limit:
+        team = self._team_limits.get(rec.team) if rec.team else None
+        for who, limit, burst, bucket_id in ((f"API key {rec.id}", rec.rate_limit, rec.burst, rec.id),
+                                             (f"team {rec.team}", team and team.rate_limit, team and team.burst,
+                                              f"team:{rec.team}")):
+            if not limit:
+                continue
             with self._lock:
-                bucket = self._buckets.get(rec.id)
-                if bucket is None or bucket.rate != rec.rate_limit:
-                    burst = rec.burst or max(1, int(2 * rec.rate_limit))
-                    bucket = self._buckets[rec.id] = _Bucket(rec.rate_limit, burst)
+                bucket = self._buckets.get(bucket_id)
+                if bucket is None or bucket.rate != limit:
+                    bucket = self._buckets[bucket_id] = _Bucket(limit, burst or max(1, int(2 * limit)))
                 wait = bucket.take()
             if wait > 0:
-                err = AuthError(f"API key {rec.id} is over its rate limit of {rec.rate_limit:g} requests/s; "
-                                f"retry after {math.ceil(wait)} s", 429, "rate_limited", max(1, math.ceil(wait)))
+                err = AuthError(f"{who} is over its rate limit of {limit:g} requests/s; retry after "
+                                f"{math.ceil(wait)} s", 429, "rate_limited", max(1, math.ceil(wait)))
                 err.key_id = rec.id
                 raise err
         return Principal(rec.id, rec.owner, rec.scopes)

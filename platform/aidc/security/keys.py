@@ -4,7 +4,10 @@ A key reads `aidc_<id>_<secret>`: the id finds the record, the secret's sha256 i
 time. sha256, not scrypt/argon2: those slow down guessing *low-entropy passwords*; a 256-bit random
 secret cannot be guessed, and a slow hash would cost milliseconds on every request on every replica.
 Scopes: `infer:<model>` (one registered model name), `infer:*` (every model), `admin` (everything,
-including `aidc keys` on a running system). Records live in `<security home>/api_keys.json`.
+including `aidc keys` on a running system), and the job roles the tenancy gateway checks (`aidc.tenancy`):
+`viewer` (list and read its team's jobs and logs), `developer` (viewer + submit and stop its team's jobs),
+`deployer` (serve deploys and registry aliases). A key may belong to a team (`team`); job roles need one,
+except `admin`. Records live in `<security home>/api_keys.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from aidc.security import audit, security_home
 
 KEYS_FILE = "api_keys.json"
 PREFIX = "aidc_"
-_SCOPE = re.compile(r"^(admin|infer:\*|infer:[A-Za-z0-9_.-]+)$")
+_SCOPE = re.compile(r"^(admin|viewer|developer|deployer|infer:\*|infer:[A-Za-z0-9_.-]+)$")
+ROLES = ("viewer", "developer", "deployer", "admin")
+#: what each role may do with jobs (the gateway's check); admin does everything on every team's jobs
+_ROLE_RIGHTS = {"viewer": {"read"}, "developer": {"read", "submit"}, "deployer": {"read", "deploy"},
+                "admin": {"read", "submit", "deploy", "admin"}}
+TEAM = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 _KEY = re.compile(r"^aidc_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{20,})$")
 
 
@@ -35,7 +43,10 @@ class KeyRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(..., description="Public key id (the part after aidc_); safe to log.")
     owner: str = Field(..., description="Who the key belongs to (person, team or service).")
-    scopes: list[str] = Field(..., description="infer:<model>, infer:* or admin.")
+    scopes: list[str] = Field(..., description="infer:<model>, infer:*, admin, or a job role: viewer, developer, "
+                              "deployer.")
+    team: str | None = Field(None, description="The team the key belongs to (its jobs, quota and priority); "
+                             "null: no team (inference-only keys and cluster admins).")
     sha256: str = Field(..., description="Hex sha256 of the whole key string.")
     created_at: str = Field(..., description="ISO 8601 UTC.")
     created_by: str = Field(..., description="OS user (or key owner) that created it.")
@@ -51,6 +62,10 @@ class KeyRecord(BaseModel):
         if model is None:
             return any(s.startswith("infer:") for s in self.scopes)
         return f"infer:{model}" in self.scopes
+
+    def can(self, right: str) -> bool:
+        """Whether the key's roles grant a job right: read, submit, deploy or admin."""
+        return any(right in _ROLE_RIGHTS.get(s, ()) for s in self.scopes)
 
     def state(self, now: datetime | None = None) -> str:
         now = now or datetime.now(timezone.utc)
@@ -69,8 +84,20 @@ def keys_path(home: str | None = None) -> str:
     return storage.join(security_home(home), KEYS_FILE)
 
 
+class TeamLimit(BaseModel):
+    """A team's inference rate limit: every key of the team together, per replica of each Serve app."""
+
+    model_config = ConfigDict(extra="forbid")
+    rate_limit: float = Field(..., gt=0, description="Requests per second per replica for all the team's keys.")
+    burst: int | None = Field(None, ge=1, description="Requests at once above the rate (default 2x rate).")
+
+
 def parse_store(text: str) -> dict[str, KeyRecord]:
     return {k: KeyRecord.model_validate(v) for k, v in json.loads(text).get("keys", {}).items()}
+
+
+def parse_team_limits(text: str) -> dict[str, TeamLimit]:
+    return {k: TeamLimit.model_validate(v) for k, v in json.loads(text).get("team_limits", {}).items()}
 
 
 def load(home: str | None = None) -> dict[str, KeyRecord]:
@@ -78,43 +105,78 @@ def load(home: str | None = None) -> dict[str, KeyRecord]:
     return parse_store(storage.read_text(path)) if storage.exists(path) else {}
 
 
-def _update(home: str | None, change) -> KeyRecord:
-    """Read-modify-write the store under a lock (local/NFS) so concurrent `aidc keys` calls cannot lose a key."""
+def _update(home: str | None, change, limits=None) -> KeyRecord:
+    """Read-modify-write the store under a lock (local/NFS) so concurrent `aidc keys` calls cannot lose a key.
+    `change(records)` edits the key records; `limits(team_limits)`, if given, the team limits."""
     path = keys_path(home)
-    if storage.is_uri(path):
-        records = load(home)
+
+    def rewrite():
+        text = storage.read_text(path) if storage.exists(path) else "{}"
+        records, team_limits = parse_store(text), parse_team_limits(text)
         rec = change(records)
-        storage.write_text(path, json.dumps({"keys": {k: v.model_dump() for k, v in records.items()}}, indent=1))
+        if limits is not None:
+            rec = limits(team_limits)
+        # a key without a team is written as before teams existed, so older readers (extra="forbid") still load it
+        storage.write_text(path, json.dumps({"keys": {k: v.model_dump(exclude={"team"} if v.team is None else None)
+                                                      for k, v in records.items()},
+                                             "team_limits": {k: v.model_dump() for k, v in team_limits.items()}},
+                                            indent=1))
         return rec
+
+    if storage.is_uri(path):
+        return rewrite()
     Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with audit.locked(Path(path + ".lock")):
-        records = load(home)
-        rec = change(records)
-        storage.write_text(path, json.dumps({"keys": {k: v.model_dump() for k, v in records.items()}}, indent=1))
+        rec = rewrite()
         Path(path).chmod(0o600)
     return rec
+
+
+def set_team_limit(team: str, rate_limit: float | None, burst: int | None = None, *, home: str | None = None,
+                   actor: str | None = None) -> TeamLimit | None:
+    """Set (or with rate_limit None, remove) a team's inference rate limit, shared by all its keys."""
+    if not TEAM.match(team):
+        raise ConfigError(f"bad team name {team!r}: lowercase letters, digits, - and _, up to 40, e.g. vision")
+
+    def apply(team_limits):
+        if rate_limit is None:
+            team_limits.pop(team, None)
+            return None
+        team_limits[team] = TeamLimit(rate_limit=rate_limit, burst=burst)
+        return team_limits[team]
+
+    out = _update(home, lambda records: None, apply)
+    audit.record("team.rate_limit", target=team, actor=actor, home=home,
+                 details={"rate_limit": rate_limit, "burst": burst})
+    return out
 
 
 def validate_scopes(scopes: list[str]) -> list[str]:
     bad = [s for s in scopes if not _SCOPE.match(s)]
     if bad or not scopes:
-        raise ConfigError(f"bad scope(s) {bad or scopes}: use infer:<model name> (infer:digits-cnn), infer:* or admin")
+        raise ConfigError(f"bad scope(s) {bad or scopes}: use infer:<model name> (infer:digits-cnn), infer:*, admin "
+                          "or a job role (viewer, developer, deployer)")
     return sorted(set(scopes))
 
 
 def create(owner: str, scopes: list[str], *, expires_in_s: float | None = None, rate_limit: float | None = None,
-           burst: int | None = None, home: str | None = None, actor: str | None = None) -> tuple[str, KeyRecord]:
+           burst: int | None = None, home: str | None = None, actor: str | None = None,
+           team: str | None = None) -> tuple[str, KeyRecord]:
     """A new key: (the key - shown once, never stored - , its record)."""
     if not owner.strip():
         raise ConfigError("a key needs an owner: --owner alice (a person, team or service)")
     scopes = validate_scopes(scopes)
+    if team is not None and not TEAM.match(team):
+        raise ConfigError(f"bad team name {team!r}: lowercase letters, digits, - and _, up to 40, e.g. vision")
+    if team is None and any(s in ("viewer", "developer", "deployer") for s in scopes):
+        raise ConfigError(f"job roles {scopes} act on a team's jobs: give the key a team (--team vision)")
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     key = f"{PREFIX}{key_id}_{secret}"
     actor = actor or audit.default_actor()
     rec = KeyRecord(id=key_id, owner=owner, scopes=scopes, sha256=hashlib.sha256(key.encode()).hexdigest(),
                     created_at=_now().isoformat(), created_by=actor,
                     expires_at=(_now() + timedelta(seconds=expires_in_s)).isoformat() if expires_in_s else None,
-                    rate_limit=rate_limit, burst=burst)
+                    rate_limit=rate_limit, burst=burst, team=team)
 
     def add(records):
         records[key_id] = rec
@@ -122,7 +184,7 @@ def create(owner: str, scopes: list[str], *, expires_in_s: float | None = None, 
 
     _update(home, add)
     audit.record("key.create", target=key_id, actor=actor, home=home,
-                 details={"owner": owner, "scopes": scopes, "expires_at": rec.expires_at, "rate_limit": rate_limit})
+                 details={"owner": owner, "scopes": scopes, "team": team, "expires_at": rec.expires_at, "rate_limit": rate_limit})
     return key, rec
 
 
@@ -173,5 +235,5 @@ def authenticate(records: dict[str, KeyRecord], key: str) -> KeyRecord:
     return rec
 
 
-__all__ = ["KeyRecord", "KeyRefused", "authenticate", "create", "key_id", "keys_path", "load", "parse_store", "revoke",
+__all__ = ["ROLES", "TEAM", "KeyRecord", "TeamLimit", "parse_team_limits", "set_team_limit", "KeyRefused", "authenticate", "create", "key_id", "keys_path", "load", "parse_store", "revoke",
            "validate_scopes"]

@@ -1,0 +1,239 @@
+"""Admission: which queued jobs start now, which running jobs make room, and why the rest wait. Pure: no Ray, no
+I/O, so every rule is unit-tested on plain records.
+
+Rules (Kueue's ClusterQueue ideas, on plain Ray):
+- Jobs are considered by priority (higher first), then submission time.
+- A job starts when its team's quota has room for it and the cluster has the resources free.
+- Over its quota, a job of a team whose policy says `borrow` starts on idle capacity (another team's unused
+  share); it is marked borrowed and is the first to be preempted when that share is wanted back.
+- A job within its quota that the cluster cannot fit preempts running jobs that are borrowed or of lower
+  priority (borrowed first, then lowest priority, then the most recently started: least work lost), but only
+  if stopping them makes it fit. A job over its own quota may preempt only its own team's lower-priority jobs.
+  While its victims stop, the job keeps its place: later, lower-priority jobs cannot take the room it waits for.
+- Otherwise the job waits, with a message that names the limit ("team vision: 4 of 4 GPUs in use; 2 jobs
+  ahead").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aidc.tenancy.model import Demand, JobRecord, Quota, Team
+
+EPS = 1e-9
+
+
+@dataclass
+class Capacity:
+    """What the cluster has for jobs: CPUs, GPUs per accelerator type ('' for GPUs of no known type), memory."""
+
+    cpus: float
+    gpus: dict[str, float] = field(default_factory=dict)
+    memory_gb: float = 0.0
+
+    def gpu_total(self) -> float:
+        return sum(self.gpus.values())
+
+
+@dataclass
+class Held:
+    """Resources held by a set of running jobs."""
+
+    cpus: float = 0.0
+    gpus: dict[str, float] = field(default_factory=dict)
+    memory_gb: float = 0.0
+    jobs: int = 0
+
+    def add(self, d: Demand, sign: int = 1) -> None:
+        self.cpus += sign * d.cpus
+        if d.gpus:
+            key = d.gpu_type or ""
+            self.gpus[key] = self.gpus.get(key, 0.0) + sign * d.gpus
+        self.memory_gb += sign * d.memory_gb
+        self.jobs += sign
+
+    def gpu_total(self) -> float:
+        return sum(self.gpus.values())
+
+
+@dataclass
+class Plan:
+    admit: list[tuple[str, bool]] = field(default_factory=list)  # (job id, borrowed)
+    preempt: list[tuple[str, str]] = field(default_factory=list)  # (job id, why)
+    waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
+
+
+def quota_problem(team: str, quota: Quota, held: Held, d: Demand) -> str | None:
+    """Why `d` does not fit in the team's quota next to what it holds, or None."""
+    if quota.jobs is not None and held.jobs + 1 > quota.jobs:
+        return f"team {team}: {held.jobs} of {quota.jobs} jobs running"
+    if quota.cpus is not None and held.cpus + d.cpus > quota.cpus + EPS:
+        return f"team {team}: {held.cpus:g} of {quota.cpus:g} CPUs in use, this job needs {d.cpus:g}"
+    if quota.memory_gb is not None and held.memory_gb + d.memory_gb > quota.memory_gb + EPS:
+        return f"team {team}: {held.memory_gb:g} of {quota.memory_gb:g} GiB memory in use, this job needs " \
+               f"{d.memory_gb:g}"
+    if d.gpus and quota.gpus:
+        kind = d.gpu_type or ""
+        if kind in quota.gpus:
+            used, limit, name = held.gpus.get(kind, 0.0), quota.gpus[kind], f"{kind} GPUs"
+        elif "*" in quota.gpus:
+            used, limit, name = held.gpu_total(), quota.gpus["*"], "GPUs"
+        elif not kind:
+            used, limit, name = held.gpu_total(), sum(quota.gpus.values()), "GPUs"
+        else:
+            return f"team {team}: no quota for {kind} GPUs (quota: {quota.gpus})"
+        if used + d.gpus > limit + EPS:
+            return f"team {team}: {used:g} of {limit:g} {name} in use, this job needs {d.gpus:g}"
+        if "*" in quota.gpus and held.gpu_total() + d.gpus > quota.gpus["*"] + EPS:
+            return f"team {team}: {held.gpu_total():g} of {quota.gpus['*']:g} GPUs in use, this job needs {d.gpus:g}"
+    return None
+
+
+def cluster_problem(cap: Capacity, held: Held, d: Demand) -> str | None:
+    """Why `d` does not fit on the cluster next to what all running jobs hold, or None."""
+    if held.cpus + d.cpus > cap.cpus + EPS:
+        return f"cluster: {held.cpus:g} of {cap.cpus:g} CPUs in use, this job needs {d.cpus:g}"
+    if d.memory_gb and cap.memory_gb and held.memory_gb + d.memory_gb > cap.memory_gb + EPS:
+        return f"cluster: {held.memory_gb:g} of {cap.memory_gb:g} GiB in use, this job needs {d.memory_gb:g}"
+    if d.gpus:
+        if d.gpu_type:
+            have, used = cap.gpus.get(d.gpu_type, 0.0), held.gpus.get(d.gpu_type, 0.0)
+        else:
+            have, used = cap.gpu_total(), held.gpu_total()
+        if used + d.gpus > have + EPS:
+            return f"cluster: {used:g} of {have:g} {d.gpu_type or ''} GPUs in use, this job needs {d.gpus:g}" \
+                .replace("  ", " ")
+    return None
+
+
+def never_fits(team: Team, d: Demand, cap: Capacity | None) -> str | None:
+    """Why a job can never run (bigger than its team's whole quota without borrowing, or than the cluster)."""
+    if not team.borrow:
+        problem = quota_problem(team.name, team.quota, Held(), d)
+        if problem:
+            return problem.replace(" 0 of ", " quota ").replace(" in use", "")
+    if cap is not None:
+        problem = cluster_problem(cap, Held(), d)
+        if problem:
+            return problem.replace(" 0 of ", " has ").replace(" in use", "")
+    return None
+
+
+def order(jobs: list[JobRecord]) -> list[JobRecord]:
+    return sorted(jobs, key=lambda j: (-j.priority, j.submitted_at, j.id))
+
+
+def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity) -> Plan:
+    """Decide one scheduling round over every job the gateway holds."""
+    out = Plan()
+    running = [j for j in jobs if j.state == "RUNNING"]
+    queued = order([j for j in jobs if j.state == "QUEUED"])
+    total, by_team = Held(), {}
+    for j in running:
+        total.add(j.demand)
+        by_team.setdefault(j.team, Held()).add(j.demand)
+    # what victims already being stopped will free: their room is promised to the jobs they were stopped for
+    freeing, freeing_team = Held(), {}
+    for j in running:
+        if j.preempting:
+            freeing.add(j.demand)
+            freeing_team.setdefault(j.team, Held()).add(j.demand)
+    ahead: dict[str, int] = {}
+    deferred: list[JobRecord] = []  # over quota, may borrow: after every job within its quota had its turn
+    for job in queued:
+        team = teams.get(job.team)
+        n_ahead = ahead.get(job.team, 0)  # the team's jobs still waiting before this one
+        ahead[job.team] = n_ahead + 1
+        if team is None:
+            out.waiting[job.id] = f"team {job.team} no longer exists; ask an admin (aidc teams set {job.team})"
+            continue
+        held = by_team.setdefault(job.team, Held())
+        over_quota = quota_problem(job.team, team.quota, held, job.demand)
+        if over_quota and team.borrow and not _victims(job, True, running, out, teams, cap, total, held):
+            deferred.append(job)
+            continue
+        no_room = cluster_problem(cap, total, job.demand)
+        if not no_room and (not over_quota or team.borrow):
+            ahead[job.team] = n_ahead
+            out.admit.append((job.id, bool(over_quota)))
+            total.add(job.demand)
+            held.add(job.demand)
+            continue
+        why = over_quota if over_quota and not team.borrow else no_room
+        mine = freeing_team.get(job.team, Held())
+        if freeing.jobs and not cluster_problem(cap, _minus(total, freeing), job.demand) \
+                and not quota_problem(job.team, team.quota, _minus(held, mine), job.demand):
+            # room is being made (victims stopping): hold it for this job, preempt nothing more
+            total.add(job.demand)
+            held.add(job.demand)
+            freeing, freeing_team = Held(), {}
+            out.waiting[job.id] = "waiting for preempted jobs to stop"
+            continue
+        victims = _victims(job, over_quota is not None, running, out, teams, cap, total, held)
+        if victims:
+            for v in victims:
+                out.preempt.append((v.id, f"preempted for {job.id} (team {job.team}, priority {job.priority})"))
+            total.add(job.demand)  # reserve: nothing of lower priority starts in the room being made
+            held.add(job.demand)
+            out.waiting[job.id] = f"preempting {', '.join(v.id for v in victims)} to make room"
+            continue
+        out.waiting[job.id] = why + (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
+    waiting_borrowers: dict[str, int] = {}
+    for job in deferred:  # second pass: borrowers take what the jobs within their quotas left idle
+        _borrow(job, teams[job.team], by_team[job.team], total, cap, out, waiting_borrowers)
+    return out
+
+
+def _borrow(job: JobRecord, team: Team, held: Held, total: Held, cap: Capacity, out: Plan,
+            ahead: dict[str, int]) -> None:
+    """Second pass: a job over its team's quota starts on idle capacity (borrowed), or waits."""
+    n_ahead = ahead.get(job.team, 0)
+    over_quota = quota_problem(job.team, team.quota, held, job.demand)
+    no_room = cluster_problem(cap, total, job.demand)
+    if not no_room:
+        out.admit.append((job.id, bool(over_quota)))
+        total.add(job.demand)
+        held.add(job.demand)
+        return
+    ahead[job.team] = n_ahead + 1
+    out.waiting[job.id] = f"{over_quota}; no idle capacity to borrow" + \
+        (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
+
+
+def _minus(a: Held, b: Held) -> Held:
+    out = Held(a.cpus - b.cpus, dict(a.gpus), a.memory_gb - b.memory_gb, a.jobs - b.jobs)
+    for k, v in b.gpus.items():
+        out.gpus[k] = out.gpus.get(k, 0.0) - v
+    return out
+
+
+def _victims(job: JobRecord, over_quota: bool, running: list[JobRecord], out: Plan, teams: dict[str, Team],
+             cap: Capacity, total: Held, held: Held) -> list[JobRecord]:
+    """The fewest running jobs (borrowed first, then lowest priority, newest first) whose stopping lets `job` in."""
+    taken = {v for v, _ in out.preempt}
+    team = teams[job.team]
+    cands = [r for r in running if not r.preempting and r.id not in taken
+             and (r.priority < job.priority or (r.borrowed and not over_quota and r.team != job.team))
+             and (not over_quota or r.team == job.team)]
+    cands.sort(key=lambda r: (not r.borrowed, r.priority, -(r.started_at or 0)))
+    def fits(victims) -> bool:
+        t, h = _minus(total, Held()), _minus(held, Held())
+        for r in victims:
+            t.add(r.demand, -1)
+            if r.team == job.team:
+                h.add(r.demand, -1)
+        return not cluster_problem(cap, t, job.demand) and not quota_problem(job.team, team.quota, h, job.demand)
+
+    chosen = []
+    for r in cands:
+        chosen.append(r)
+        if fits(chosen):
+            for v in reversed(list(chosen)):  # drop victims the job does not need (e.g. CPU jobs for a GPU job)
+                rest = [c for c in chosen if c is not v]
+                if fits(rest):
+                    chosen = rest
+            return chosen
+    return []
+
+
+__all__ = ["Capacity", "Held", "Plan", "cluster_problem", "never_fits", "order", "plan", "quota_problem"]

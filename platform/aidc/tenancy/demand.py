@@ -1,0 +1,174 @@
+"""What a submitted job will hold: from the Jobs API's `entrypoint_*` fields, or an aidc job config's `resources`.
+
+- `ray job submit --entrypoint-num-cpus 2 --entrypoint-num-gpus 1 --entrypoint-memory ... --entrypoint-resources
+  '{"accelerator_type:A100": 0.001}'`: those, as declared (Ray itself reserves them for the driver).
+- `--metadata-json '{"cpus": "8", "gpus": "2", "gpu_type": "A100"}'`: the job's whole demand (driver, actors and
+  tasks together) where the driver's reservation is not all it holds; the entrypoint flags then reserve only for
+  the driver, within it.
+- `python -m jobs.train|jobs.tune --config F [--set a.b=v ...]` with no such flags: the config is read
+  from the uploaded working dir (the package the gateway keeps) and its `resources` section gives the demand:
+  workers x (cpus_per_worker, one GPU each when use_gpu, or `auto` on a cluster with GPUs), plus one data task's
+  CPUs for Ray Data; a sweep, that times tune.max_concurrent_trials (required through the gateway).
+- Anything else: 1 CPU, and the submitter is told to declare more with `--entrypoint-num-cpus`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+import zipfile
+from pathlib import Path
+
+from aidc.errors import ConfigError
+from aidc.tenancy.model import Demand
+
+AIDC_JOBS = ("jobs.train", "jobs.tune")
+GIB = 1 << 30
+
+
+def parse_entrypoint(entrypoint: str) -> tuple[str | None, str | None, list[str]]:
+    """(aidc job module or None, --config path, --set overrides) of `python -m jobs.x --config F --set a=b`."""
+    try:
+        argv = shlex.split(entrypoint)
+    except ValueError as exc:
+        raise ConfigError(f"entrypoint is not a valid shell command line ({exc}): {entrypoint!r}") from None
+    if "-m" not in argv:
+        return None, None, []
+    i = argv.index("-m")
+    module = argv[i + 1] if i + 1 < len(argv) else None
+    if module not in AIDC_JOBS:
+        return None, None, []
+    config, overrides, rest = None, [], argv[i + 2:]
+    for k, arg in enumerate(rest):
+        nxt = rest[k + 1] if k + 1 < len(rest) else None
+        if arg == "--config":
+            config = nxt
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg == "--set" and nxt:
+            overrides.append(nxt)
+        elif arg.startswith("--set="):
+            overrides.append(arg.split("=", 1)[1])
+        elif arg in ("&&", ";", "|", "||"):
+            break
+    return module, config, overrides
+
+
+def declared(request: dict) -> Demand | None:
+    """The driver's reservation from --entrypoint-* flags, or None if none."""
+    cpus, gpus = request.get("entrypoint_num_cpus"), request.get("entrypoint_num_gpus")
+    memory, resources = request.get("entrypoint_memory"), request.get("entrypoint_resources") or {}
+    if not any((cpus, gpus, memory, resources)):
+        return None
+    if not isinstance(resources, dict):
+        raise ConfigError("entrypoint_resources must be a mapping of resource name to amount")
+    kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+    if len(kinds) > 1:
+        raise ConfigError(f"entrypoint_resources names several accelerator types {kinds}: ask for one")
+    try:
+        return Demand(cpus=float(cpus or 0), gpus=float(gpus or 0), gpu_type=kinds[0] if kinds else None,
+                      memory_gb=float(memory or 0) / GIB)
+    except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"entrypoint_num_cpus/gpus/memory must be numbers >= 0: {exc}".splitlines()[0]) from None
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_member(package: Path, config: str) -> str:
+    """The text of one file of the working-dir zip (only that member; no path outside the working dir)."""
+    if config.startswith("/") or ".." in Path(config).parts:
+        raise ConfigError(f"--config {config!r}: give a path inside the working dir (e.g. jobs/configs/mnist.yaml)")
+    try:
+        with zipfile.ZipFile(package) as z:
+            names = set(z.namelist())
+            top = {n.split("/", 1)[0] for n in names}
+            member = config if config in names else next(
+                (f"{t}/{config}" for t in sorted(top) if f"{t}/{config}" in names), None)
+            if member is None:
+                raise ConfigError(f"config {config!r} is not in the uploaded working dir; paths are relative to "
+                                  "--working-dir (e.g. jobs/configs/mnist.yaml)")
+            if z.getinfo(member).file_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config {config!r} is over {MAX_CONFIG_BYTES} bytes")
+            return z.read(member).decode("utf-8")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ConfigError(f"the working-dir package {package.name} is not a readable zip: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {config!r} is not UTF-8 text") from None
+
+
+def from_config(module: str, config: str, overrides: list[str], package: Path | None,
+                cluster_has_gpus: bool = False) -> Demand:
+    """Demand of an aidc job from its config inside the working-dir package (a zip)."""
+    import aidc.tasks  # noqa: F401 - registers the workloads and datasets a job config is checked against
+    from aidc.config import load_config
+
+    if package is None:
+        raise ConfigError(f"{module} --config {config}: the gateway cannot read the config without the working dir; "
+                          "submit with --working-dir . (or declare the demand, see the README)")
+    text = _read_member(package, config)
+    with tempfile.TemporaryDirectory(prefix="aidc-demand-") as tmp:
+        path = Path(tmp) / Path(config).name
+        path.write_text(text)
+        try:
+            cfg = load_config(path, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{module} --config {config}: {exc.message.replace(str(path), config)}") from None
+    res = cfg.resources
+    workers = res.num_workers[1] if isinstance(res.num_workers, tuple) else res.num_workers
+    data = res.data_task_cpus or 1.0
+    per_trial_cpus = max(1.0, workers * res.cpus_per_worker) if workers else 1.0
+    use_gpu = res.use_gpu is True or (res.use_gpu == "auto" and cluster_has_gpus)
+    gpus = float(max(workers, 1)) if use_gpu else 0.0
+    if module == "jobs.tune" and cfg.tune is not None:
+        trials = cfg.tune.max_concurrent_trials
+        if not trials:
+            raise ConfigError("jobs.tune through the gateway needs tune.max_concurrent_trials (how many trials run "
+                              "at once is what the sweep holds): add --set tune.max_concurrent_trials=2")
+        cpus = (cfg.tune.cpus_per_trial or per_trial_cpus) * trials + data
+        return Demand(cpus=cpus, gpus=gpus * trials)
+    return Demand(cpus=per_trial_cpus + data, gpus=gpus)
+
+
+def from_metadata(metadata: dict) -> Demand | None:
+    """A job's whole demand declared in its metadata (`--metadata-json '{"cpus": "4", "gpus": "2", "gpu_type":
+    "A100"}'`): what its driver and every actor and task hold together; None if not declared."""
+    keys = {"cpus", "gpus", "gpu_type", "memory_gb"} & set(metadata)
+    if not keys:
+        return None
+    try:
+        return Demand(cpus=float(metadata.get("cpus", 0)), gpus=float(metadata.get("gpus", 0)),
+                      gpu_type=metadata.get("gpu_type") or None, memory_gb=float(metadata.get("memory_gb", 0)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"metadata cpus/gpus/memory_gb must be numbers (as strings), e.g. '{{\"gpus\": \"2\"}}': "
+                          f"{exc}") from None
+
+
+def job_demand(request: dict, package: Path | None, cluster_has_gpus: bool = False) -> Demand:
+    """The demand of a submit request (see the module docstring); ConfigError says what cannot be read."""
+    total = from_metadata(request.get("metadata") or {})
+    explicit = declared(request)
+    if total is not None:
+        if explicit is not None and (explicit.cpus > total.cpus or explicit.gpus > total.gpus):
+            raise ConfigError(f"the driver's reservation ({explicit.short()}) is more than the job's whole declared "
+                              f"demand ({total.short()}): raise metadata cpus/gpus")
+        return total
+    if explicit is not None:
+        return explicit
+    module, config, overrides = parse_entrypoint(request.get("entrypoint") or "")
+    if module and config:
+        return from_config(module, config, overrides, package, cluster_has_gpus)
+    return Demand(cpus=1.0)
+
+
+def with_run_name(entrypoint: str, run_name: str) -> str:
+    """An aidc training entrypoint that names its run, so a preempted job resumes from its checkpoint when run
+    again; other entrypoints, and ones that already name the run, are returned as they are."""
+    module, _, overrides = parse_entrypoint(entrypoint)
+    chained = any(op in shlex.split(entrypoint) for op in ("&&", ";", "|", "||"))
+    if module != "jobs.train" or chained or any(o.startswith("run.name=") for o in overrides):
+        return entrypoint
+    return f"{entrypoint} --set run.name={shlex.quote(run_name)}"
+
+
+__all__ = ["declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]

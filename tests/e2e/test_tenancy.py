@@ -1,0 +1,225 @@
+"""Many teams on one cluster, driven like users: `ray start`, the aidc gateway in front of Ray's Jobs API, real
+`ray job submit/status/logs/stop/list` with team keys, quotas and the queue, preemption, enforcement, and a
+gateway SIGKILLed with jobs queued."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from aidc.serving.retry import wait_ready
+from tests.conftest import BIN, REPO, free_port, ray_head, run_cli
+
+pytestmark = pytest.mark.e2e
+
+def sleeper(n: int, s: float) -> list[str]:
+    return ["python", "-c", f"import time; print('job {n} says hello', flush=True); time.sleep({s})"]
+
+
+class Gateway:
+    def __init__(self, env: dict, dashboard: str, tmp: Path):
+        self.port, self.dashboard, self.tmp = free_port(), dashboard, tmp
+        self.env = {**env, "AIDC_TENANCY_DIR": str(tmp / "tenancy"), "AIDC_SECURITY_DIR": str(tmp / "security")}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        log = open(self.tmp / "gateway.log", "a")
+        self.proc = subprocess.Popen([BIN / "aidc", "gateway", "--ray-address", self.dashboard, "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--interval", "0.3", "--enforce-interval", "1"],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_ready(f"{self.url}/healthz", timeout_s=60, poll_s=0.3)
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def aidc(self, *args) -> str:
+        return run_cli([BIN / "aidc", *args], self.env)
+
+    def key(self, owner, role, team=None) -> str:
+        return self.aidc("keys", "create", "--owner", owner, "--scope", role, *(["--team", team] if team else []),
+                         "--quiet").split()[0]
+
+    def client_env(self, key: str) -> dict:
+        env = {k: v for k, v in self.env.items() if not k.startswith(("RAY_AUTH_TOKEN", "AIDC_"))}
+        return {**env, "RAY_ADDRESS": self.url, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": key}
+
+    def ray(self, key: str, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
+        proc = subprocess.run([BIN / "ray", "job", *args], env=self.client_env(key), cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, f"ray job {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def job(self, key: str, job_id: str) -> requests.Response:
+        return requests.get(f"{self.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+    def wait(self, key, job_id, states, timeout=180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(key, job_id).json()
+            if info["status"] in states:
+                return info
+            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(0.3)
+        raise AssertionError(f"{job_id} never reached {states}: {info}\n{(self.tmp / 'gateway.log').read_text()[-3000:]}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tenancy")
+    with ray_head(tmp_path, num_cpus=4, prefix="aidc-gw-") as (env, dashboard, _):
+        gw = Gateway(env, dashboard, tmp_path)
+        gw.aidc("teams", "set", "a", "--cpus", "2", "--priority", "0", "--max-priority", "10")
+        gw.aidc("teams", "set", "b", "--cpus", "2")
+        gw.aidc("teams", "set", "c", "--cpus", "2", "--max-priority", "5")
+        gw.aidc("teams", "set", "d", "--cpus", "2")
+        gw.start()
+        try:
+            yield gw
+        finally:
+            gw.stop()
+
+
+def test_quota_queue_team_isolation_roles_enforcement_and_a_gateway_killed_mid_queue(gateway, tmp_path):
+    gw = gateway
+    dev_a, view_a, dev_b = gw.key("alice", "developer", "a"), gw.key("vera", "viewer", "a"), gw.key("bob", "developer", "b")
+
+    # team a (2 CPUs) submits three 1-CPU jobs: two run, the third waits with the reason, then runs
+    for n in (1, 2, 3):
+        out = gw.ray(dev_a, "submit", "--no-wait", "--submission-id", f"a-{n}", "--entrypoint-num-cpus", "1", "--",
+                     *sleeper(n, 6)).stdout
+        assert f"a-{n}" in out
+    gw.wait(dev_a, "a-1", ("RUNNING",))
+    gw.wait(dev_a, "a-2", ("RUNNING",))
+    info = gw.job(dev_a, "a-3").json()
+    assert info["status"] == "PENDING" and info["message"] == "team a: 2 of 2 CPUs in use, this job needs 1", info
+    assert "PENDING" in gw.ray(view_a, "status", "a-3").stdout  # a viewer reads its team's jobs
+
+    # another team cannot see or stop them; a viewer cannot submit
+    assert gw.job(dev_b, "a-1").status_code == 404
+    stop = gw.ray(dev_b, "stop", "--no-wait", "a-1", check=False)
+    assert stop.returncode != 0 and "does not exist" in stop.stdout + stop.stderr
+    assert "a-1" not in gw.ray(dev_b, "list").stdout
+    denied = gw.ray(view_a, "submit", "--no-wait", "--", "echo hi", check=False)
+    assert denied.returncode != 0 and "may not submit jobs" in denied.stdout + denied.stderr
+    over = gw.ray(dev_a, "submit", "--no-wait", "--metadata-json", json.dumps({"priority": "99"}), "--", "echo hi",
+                  check=False)
+    assert over.returncode != 0 and "priority 10 at most" in over.stdout + over.stderr
+    huge = gw.ray(dev_a, "submit", "--no-wait", "--entrypoint-num-cpus", "3", "--", "echo hi", check=False)
+    assert huge.returncode != 0 and "can never run: team a: quota 2 CPUs" in huge.stdout + huge.stderr
+
+    for n in (1, 2, 3):
+        assert gw.wait(dev_a, f"a-{n}", ("SUCCEEDED", "FAILED", "STOPPED"))["status"] == "SUCCEEDED"
+    assert "job 3 says hello" in gw.ray(view_a, "logs", "a-3").stdout
+
+    # bad input: a key of a team that is not set up, a job config the gateway cannot read, a bad body
+    stray = gw.key("sam", "developer", "nosuchteam")
+    refused = gw.ray(stray, "submit", "--no-wait", "--", "echo", "hi", check=False)
+    assert refused.returncode != 0 and "team 'nosuchteam'" in refused.stdout + refused.stderr
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "bad.yaml").write_text("name: x\ntask: image_classification\nresources: {num_workers: lots}\n")
+    bad = gw.ray(dev_a, "submit", "--no-wait", "--working-dir", str(tmp_path / "work"), "--", "python", "-m",
+                 "jobs.train", "--config", "bad.yaml", check=False)
+    assert bad.returncode != 0 and "400" in bad.stderr and "resources.num_workers" in bad.stderr, bad.stderr[-2000:]
+    deployer = gw.key("dora", "deployer", "a")
+    apps = requests.get(f"{gw.url}/api/serve/applications/", headers={"Authorization": f"Bearer {deployer}"},
+                        timeout=60)
+    assert apps.status_code == 200, apps.text  # Serve's REST API, through the gateway with the cluster token
+    r = requests.put(f"{gw.url}/api/serve/applications/", json={"applications": []}, timeout=30,
+                     headers={"Authorization": f"Bearer {dev_a}"})
+    assert r.status_code == 403 and "may not deploy" in r.text
+    r = requests.post(f"{gw.url}/api/jobs/", data=b"{not json", headers={"Authorization": f"Bearer {dev_a}"},
+                      timeout=30)
+    assert r.status_code == 400 and "not JSON" in r.text
+
+    # a job that declares 1 CPU and starts 3 one-CPU actors is stopped, and the message names the excess
+    script = tmp_path / "work" / "greedy.py"
+    script.write_text("import time, ray\nray.init()\n@ray.remote(num_cpus=1)\nclass A:\n    def ping(self):\n"
+                      "        return 1\nactors = [A.remote() for _ in range(3)]\nray.get([a.ping.remote() for a in actors])\n"
+                      "print('holding 3 CPUs', flush=True)\ntime.sleep(120)\n")
+    gw.ray(dev_b, "submit", "--no-wait", "--submission-id", "greedy", "--working-dir", str(script.parent),
+           "--entrypoint-num-cpus", "1", "--", "python", "greedy.py")
+    info = gw.wait(dev_b, "greedy", ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
+    # (its driver's CPU and two or three actors, whichever the check saw twice in a row)
+    assert info["status"] == "STOPPED" and re.search(r"holds [34] CPUs \(admitted for 1\)", info["message"]), info
+    metrics = requests.get(f"{gw.url}/metrics", timeout=10).text
+    assert 'aidc_tenancy_quota_limit{resource="cpus",team="a"} 2.0' in metrics
+    assert 'aidc_tenancy_events_total{event="enforced",team="b"} 1.0' in metrics
+
+    # the gateway SIGKILLed with jobs queued: restarted, every job runs exactly once
+    gw.aidc("teams", "set", "b", "--cpus", "1")
+    for n in (1, 2, 3):
+        gw.ray(dev_b, "submit", "--no-wait", "--submission-id", f"b-{n}", "--entrypoint-num-cpus", "1", "--",
+               *sleeper(n, 2))
+    gw.wait(dev_b, "b-1", ("RUNNING", "SUCCEEDED"))
+    gw.kill()
+    time.sleep(3)
+    gw.start()
+    for n in (1, 2, 3):
+        assert gw.wait(dev_b, f"b-{n}", ("SUCCEEDED", "FAILED", "STOPPED"))["status"] == "SUCCEEDED"
+    listed = json.loads(run_cli([sys.executable, "-c", (
+        "import json; from ray.job_submission import JobSubmissionClient as C; "
+        f"print(json.dumps([j.submission_id for j in C({gw.dashboard!r}).list_jobs()]))")], {**gw.env, "RAY_AUTH_MODE": "token"}
+        ).strip().splitlines()[-1])
+    assert sorted(i for i in listed if i and i.startswith("b-")) == ["b-1", "b-2", "b-3"]
+    for n in (1, 2, 3):
+        lines = gw.ray(dev_b, "logs", f"b-{n}").stdout.splitlines()
+        assert lines.count(f"job {n} says hello") == 1  # printed by one run (the entrypoint echo quotes it too)
+
+    # admins see every team's queue and usage
+    out = gw.aidc("queue", "--all")
+    assert "a-3" in out and "b-3" in out and "SUCCEEDED" in out
+    usage = gw.aidc("usage", "--team", "a")
+    assert "TOTAL (3 jobs)" in usage
+
+
+def test_a_preempted_training_job_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(gateway):
+    gw = gateway
+    dev_c, dev_d = gw.key("carol", "developer", "c"), gw.key("dan", "developer", "d")
+    # `ray job submit` waiting for the end: the working dir goes through the gateway, logs are tailed through it
+    out = gw.ray(dev_c, "submit", "--working-dir", ".", "--", "python", "-m", "jobs.preprocess", "--config",
+                 "jobs/configs/digits.yaml").stdout
+    assert "rows read 1797 = kept 1797 + rejected 0" in out and "succeeded" in out, out[-2000:]
+    train = ["python", "-m", "jobs.train", "--config", "jobs/configs/digits.yaml", "--set", "train.epochs=4"]
+    gw.ray(dev_c, "submit", "--no-wait", "--submission-id", "c-train", "--working-dir", ".", "--", *train)
+    gw.ray(dev_d, "submit", "--no-wait", "--submission-id", "d-train", "--working-dir", ".", "--", *train,
+           "--set", "run.name=d-baseline")  # the uninterrupted run, beside it (demand: 2 x 0.5 CPU + a data task)
+    checkpoints = Path(gw.env["AIDC_STORAGE"]) / "runs" / "c-train"  # the gateway named the run after the job
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("checkpoint_*")):
+        assert time.monotonic() < deadline, gw.ray(dev_c, "logs", "c-train").stdout[-3000:]
+        assert gw.job(dev_c, "c-train").json()["status"] in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    # a priority-5 job of the same team, over the team's 2 CPUs: the priority-0 training job makes room
+    gw.ray(dev_c, "submit", "--no-wait", "--submission-id", "c-urgent", "--metadata-json", json.dumps({"priority": "5"}),
+           "--entrypoint-num-cpus", "2", "--", *sleeper(9, 3))
+    assert gw.wait(dev_c, "c-urgent", ("SUCCEEDED", "FAILED", "STOPPED"), timeout=240)["status"] == "SUCCEEDED"
+    done = gw.wait(dev_c, "c-train", ("SUCCEEDED", "FAILED", "STOPPED"), timeout=300)
+    base = gw.wait(dev_d, "d-train", ("SUCCEEDED", "FAILED", "STOPPED"), timeout=300)
+    assert done["status"] == base["status"] == "SUCCEEDED", (done, base)
+    assert done["metadata"]["aidc_attempt"] == "1"  # stopped once, run again
+    logs = gw.ray(dev_c, "logs", "c-train").stdout
+    assert "--- aidc: attempt 2 (c-train-a1) ---" in logs
+    scores = [line.split(": ", 1)[1] for line in logs.splitlines() if line.startswith("run c-train: ")]
+    baseline = [line.split(": ", 1)[1] for line in gw.ray(dev_d, "logs", "d-train").stdout.splitlines()
+                if line.startswith("run d-baseline: ")]
+    assert len(scores) == 1 and scores == baseline, (scores, baseline)  # the same metrics as never stopped
+    assert "1" in [line.split()[-1] for line in gw.aidc("usage", "--team", "c").splitlines() if "c-train" in line]
+    audit = gw.aidc("audit", "tail", "-n", "200", "--filter", "job.")
+    assert "job.preempt" in audit and "job.requeue" in audit

@@ -1,0 +1,274 @@
+"""Tenancy without a cluster: the admission round (quotas, borrowing, priorities, preemption, reasons), job
+demands from entrypoints and configs, usage accounting, the durable files and the key roles."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+
+from aidc.errors import ConfigError
+from aidc.security import keys
+from aidc.tenancy import admission
+from aidc.tenancy.admission import Capacity, plan
+from aidc.tenancy.demand import job_demand, parse_entrypoint, with_run_name
+from aidc.tenancy.model import (Demand, JobRecord, Jobs, Quota, Team, load_jobs, load_teams, parse_teams_file,
+                                save_jobs, update_teams)
+from aidc.tenancy.usage import usage
+
+REPO_CONFIG = "jobs/configs/digits.yaml"
+
+
+def job(id, team, cpus=1.0, gpus=0.0, prio=0, state="QUEUED", at=0.0, borrowed=False, started=None, gpu_type=None):
+    return JobRecord(id=id, team=team, owner="k", priority=prio, demand=Demand(cpus=cpus, gpus=gpus, gpu_type=gpu_type),
+                     request={"entrypoint": "true"}, state=state, submitted_at=at, borrowed=borrowed,
+                     started_at=started)
+
+
+def teams(**kw):
+    return {name: Team(name=name, **body) for name, body in kw.items()}
+
+
+def test_quota_admits_two_and_queues_the_third_with_the_reason():
+    t = teams(a=dict(quota=Quota(cpus=2)), b=dict(quota=Quota(cpus=2)))
+    jobs = [job("a1", "a", at=1), job("a2", "a", at=2), job("a3", "a", at=3), job("a4", "a", at=4)]
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert p.admit == [("a1", False), ("a2", False)]
+    assert p.waiting["a3"] == "team a: 2 of 2 CPUs in use, this job needs 1"
+    assert p.waiting["a4"] == "team a: 2 of 2 CPUs in use, this job needs 1; 1 job ahead"
+    # a1 finished: a3 runs next, a4 still waits
+    jobs[0].state, jobs[1].state = "SUCCEEDED", "RUNNING"
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert p.admit == [("a3", False)] and "a4" in p.waiting
+
+
+def test_gpu_quota_per_accelerator_type_and_the_any_type_limit():
+    t = teams(vision=dict(quota=Quota(gpus={"A100": 4})))
+    cap = Capacity(cpus=64, gpus={"A100": 8, "H100": 8})
+    running = [job("r", "vision", gpus=4, gpu_type="A100", state="RUNNING")]
+    p = plan(running + [job("q", "vision", gpus=2, gpu_type="A100", at=1)], t, cap)
+    assert p.waiting["q"] == "team vision: 4 of 4 A100 GPUs in use, this job needs 2"
+    p = plan(running + [job("h", "vision", gpus=1, gpu_type="H100", at=1)], t, cap)
+    assert "no quota for H100 GPUs" in p.waiting["h"]
+    t = teams(vision=dict(quota=Quota(gpus={"*": 5})))
+    p = plan(running + [job("h", "vision", gpus=2, gpu_type="H100", at=1)], t, cap)
+    assert p.waiting["h"].startswith("team vision: 4 of 5 GPUs in use")
+    p = plan(running + [job("h", "vision", gpus=1, gpu_type="H100", at=1)], t, cap)
+    assert p.admit == [("h", False)]
+
+
+def test_borrowing_runs_over_quota_on_idle_capacity_and_is_preempted_first():
+    t = teams(a=dict(quota=Quota(cpus=2), borrow=True), b=dict(quota=Quota(cpus=2)))
+    p = plan([job("a1", "a", cpus=2, state="RUNNING"), job("a2", "a", cpus=2, at=1)], t, Capacity(cpus=4))
+    assert p.admit == [("a2", True)]
+    # team b wants its share back: the borrowed job is preempted, b's job keeps the room while it stops
+    jobs = [job("a1", "a", cpus=2, state="RUNNING", started=1), job("a2", "a", cpus=2, state="RUNNING",
+                                                                    borrowed=True, started=2),
+            job("b1", "b", cpus=2, at=3)]
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert p.preempt == [("a2", "preempted for b1 (team b, priority 0)")] and not p.admit
+    jobs[1].preempting = p.preempt[0][1]
+    jobs.append(job("a3", "a", cpus=1, at=4))  # a later job cannot take the room being made for b1
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert not p.preempt and not p.admit and p.waiting["b1"] == "waiting for preempted jobs to stop"
+
+
+def test_priority_preempts_lowest_priority_newest_first_and_only_if_that_makes_room():
+    t = teams(a=dict(quota=Quota(cpus=4)), b=dict(quota=Quota(cpus=4)))
+    jobs = [job("low-old", "a", cpus=1, prio=1, state="RUNNING", started=1),
+            job("low-new", "a", cpus=1, prio=1, state="RUNNING", started=2),
+            job("mid", "a", cpus=2, prio=5, state="RUNNING", started=0),
+            job("urgent", "b", cpus=1, prio=9, at=5)]
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert p.preempt == [("low-new", "preempted for urgent (team b, priority 9)")]
+    # equal priority never preempts: it waits
+    jobs[-1].priority = 1
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert not p.preempt and p.waiting["urgent"].startswith("cluster: 4 of 4 CPUs in use")
+    # a job bigger than all lower-priority work together preempts nothing
+    big = [j for j in jobs[:3]] + [job("huge", "b", cpus=4, prio=3, at=5)]
+    assert not plan(big, t, Capacity(cpus=4)).preempt
+
+
+def test_over_its_own_quota_a_job_preempts_only_its_own_teams_lower_priority_jobs():
+    t = teams(a=dict(quota=Quota(cpus=2)), b=dict(quota=Quota(cpus=2)))
+    jobs = [job("a-low", "a", cpus=2, prio=0, state="RUNNING", started=1),
+            job("b-low", "b", cpus=1, prio=0, state="RUNNING", started=2),
+            job("a-high", "a", cpus=2, prio=5, at=3)]
+    p = plan(jobs, t, Capacity(cpus=8))
+    assert [v for v, _ in p.preempt] == ["a-low"]
+
+
+def test_never_fits_names_the_limit():
+    team = Team(name="a", quota=Quota(cpus=2, gpus={"A100": 1}))
+    assert admission.never_fits(team, Demand(cpus=4), Capacity(cpus=8)) == \
+        "team a: quota 2 CPUs, this job needs 4"
+    assert "has 8 CPUs" in admission.never_fits(team.model_copy(update={"borrow": True}), Demand(cpus=9),
+                                                Capacity(cpus=8))
+    assert admission.never_fits(team, Demand(cpus=1), Capacity(cpus=8)) is None
+
+
+def _package(files: dict[str, str]):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return buf.getvalue()
+
+
+def test_demand_from_flags_from_the_aidc_config_in_the_package_and_the_default(tmp_path, repo):
+    req = {"entrypoint": "python x.py", "entrypoint_num_cpus": 2, "entrypoint_num_gpus": 1,
+           "entrypoint_resources": {"accelerator_type:A100": 0.001}, "entrypoint_memory": 4 << 30}
+    assert job_demand(req, None) == Demand(cpus=2, gpus=1, gpu_type="A100", memory_gb=4)
+    assert job_demand({"entrypoint": "python x.py"}, None) == Demand(cpus=1)
+    pkg = tmp_path / "_ray_pkg_0123456789abcdef.zip"
+    pkg.write_bytes(_package({REPO_CONFIG: (repo / REPO_CONFIG).read_text()}))
+    ep = f"python -m jobs.train --config {REPO_CONFIG} --set resources.num_workers=3 --set resources.cpus_per_worker=1"
+    assert job_demand({"entrypoint": ep}, pkg) == Demand(cpus=4)  # 3 workers x 1 CPU + one data task
+    assert job_demand({"entrypoint": ep}, pkg, cluster_has_gpus=True) == Demand(cpus=4, gpus=3)  # use_gpu: auto
+    with pytest.raises(ConfigError, match="inside the working dir"):
+        job_demand({"entrypoint": "python -m jobs.train --config ../../etc/passwd"}, pkg)
+    with pytest.raises(ConfigError, match="tune.max_concurrent_trials"):
+        job_demand({"entrypoint": f"python -m jobs.tune --config {REPO_CONFIG}"}, pkg)
+    assert job_demand({"entrypoint": f"python -m jobs.tune --config {REPO_CONFIG} --set tune.max_concurrent_trials=2"},
+                      pkg) == Demand(cpus=2 * 1 + 1)
+    whole = {"entrypoint": "python x.py", "entrypoint_num_gpus": 1, "metadata": {"cpus": "8", "gpus": "2"}}
+    assert job_demand(whole, None) == Demand(cpus=8, gpus=2)  # the driver's GPU is part of the job's two
+    with pytest.raises(ConfigError, match="more than the job's whole declared demand"):
+        job_demand({**whole, "entrypoint_num_gpus": 3}, None)
+    with pytest.raises(ConfigError, match="must be numbers"):
+        job_demand({"entrypoint": "x", "entrypoint_num_cpus": "lots"}, None)
+    with pytest.raises(ConfigError, match="not in the uploaded working dir"):
+        job_demand({"entrypoint": "python -m jobs.train --config nope.yaml"}, pkg)
+    with pytest.raises(ConfigError, match="resources.num_workers"):
+        job_demand({"entrypoint": f"python -m jobs.train --config {REPO_CONFIG} --set resources.num_workers=-1"}, pkg)
+    with pytest.raises(ConfigError, match="without the working dir"):
+        job_demand({"entrypoint": f"python -m jobs.train --config {REPO_CONFIG}"}, None)
+    bad = tmp_path / "_ray_pkg_ffffffffffffffff.zip"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="not a readable zip"):
+        job_demand({"entrypoint": f"python -m jobs.train --config {REPO_CONFIG}"}, bad)
+
+
+def test_entrypoint_parsing_and_the_run_name_that_makes_a_preempted_job_resume():
+    assert parse_entrypoint("python -m jobs.train --config c.yaml --set a=1 --set=b=2") == \
+        ("jobs.train", "c.yaml", ["a=1", "b=2"])
+    assert parse_entrypoint("python train.py") == (None, None, [])
+    ep = "python -m jobs.train --config c.yaml"
+    assert with_run_name(ep, "a-1") == ep + " --set run.name=a-1"
+    assert with_run_name(ep + " --set run.name=mine", "a-1") == ep + " --set run.name=mine"
+    assert with_run_name("python -m jobs.preprocess --config c.yaml", "x") == "python -m jobs.preprocess --config c.yaml"
+    assert with_run_name(ep + " && echo done", "x") == ep + " && echo done"
+    with pytest.raises(ConfigError, match="not a valid shell command"):
+        parse_entrypoint("python -m 'jobs.train")
+
+
+def test_usage_counts_every_attempt_and_the_running_one_up_to_now():
+    j = job("a1", "a", cpus=2, gpus=1, state="RUNNING", started=7200.0)
+    j.runs.append({"ray_id": "a1", "start": 0.0, "end": 3600.0, "status": "STOPPED", "why": "preempted for b1"})
+    rows = usage([j, job("q", "a")], now=9000.0)
+    assert [(r.job, round(r.cpu_h, 3), round(r.gpu_h, 3), r.preemptions) for r in rows] == \
+        [("a1", 2.0 + 2 * 0.5, 1.5, 1), (None, 3.0, 1.5, 1)]
+    assert round(usage([j], since=3000.0, now=9000.0)[0].cpu_h, 3) == round(2 * (600 + 1800) / 3600, 3)
+
+
+def test_teams_and_jobs_files_round_trip_and_bad_files_say_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIDC_TENANCY_DIR", str(tmp_path / "t"))
+    monkeypatch.setenv("AIDC_SECURITY_DIR", str(tmp_path / "sec"))
+    update_teams(lambda t: t.teams.__setitem__("a", Team(name="a", quota=Quota(cpus=2))) or {"team": "a"})
+    assert load_teams().teams["a"].quota.cpus == 2 and load_teams().version == 1
+    save_jobs(Jobs(jobs={"a1": job("a1", "a")}))
+    assert load_jobs().jobs["a1"].demand.cpus == 1
+    (tmp_path / "t" / "jobs.json").write_text("{broken")
+    with pytest.raises(ConfigError, match="not a valid aidc tenancy file"):
+        load_jobs()
+    with pytest.raises(ConfigError, match=r"teams\.vision\.quota\.cpus"):
+        parse_teams_file("teams:\n  vision: {quota: {cpus: -1}}\n", "teams.yaml")
+    with pytest.raises(ConfigError, match="bad team name"):
+        parse_teams_file("teams:\n  Vision!: {}\n", "teams.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping 'teams:'"):
+        parse_teams_file("- a\n", "teams.yaml")
+
+
+def test_key_roles(tmp_path):
+    home = str(tmp_path)
+    _, viewer = keys.create("v", ["viewer"], team="a", home=home)
+    _, dev = keys.create("d", ["developer"], team="a", home=home)
+    _, admin = keys.create("root", ["admin"], home=home)
+    assert viewer.can("read") and not viewer.can("submit")
+    assert dev.can("submit") and not dev.can("admin")
+    assert admin.can("admin") and admin.can("submit")
+    with pytest.raises(ConfigError, match="give the key a team"):
+        keys.create("d", ["developer"], home=home)
+    with pytest.raises(ConfigError, match="bad team name"):
+        keys.create("d", ["developer"], team="Team A", home=home)
+
+
+def test_a_teams_rate_limit_is_shared_by_all_its_inference_keys(tmp_path):
+    from aidc.security.auth import AuthArgs, AuthError, Guard
+
+    home = str(tmp_path)
+    k1, _ = keys.create("svc1", ["infer:*"], team="vision", home=home)
+    k2, _ = keys.create("svc2", ["infer:*"], team="vision", home=home)
+    other, _ = keys.create("svc3", ["infer:*"], team="nlp", home=home)
+    keys.set_team_limit("vision", 0.001, burst=2, home=home)
+    guard = Guard("tensors", AuthArgs(refresh_s=0.01), home)
+    guard.check(f"Bearer {k1}", "m")
+    guard.check(f"Bearer {k2}", "m")
+    with pytest.raises(AuthError, match="team vision is over its rate limit") as exc:
+        guard.check(f"Bearer {k1}", "m")
+    assert exc.value.status == 429
+    for _ in range(3):
+        guard.check(f"Bearer {other}", "m")  # another team's keys are not held back
+    assert keys.load(home)[keys.key_id(k1)].team == "vision"  # the key records survive the limits' rewrite
+    keys.set_team_limit("vision", None, home=home)
+    import time
+
+    time.sleep(0.02)
+    guard.check(f"Bearer {k2}", "m")
+
+
+def test_a_borrower_never_takes_the_room_a_job_within_its_quota_was_preempting_for():
+    t = teams(a=dict(quota=Quota(cpus=2), borrow=True), b=dict(quota=Quota(cpus=2)))
+    jobs = [job("a-1", "a", cpus=2, state="RUNNING", started=0),
+            job("a-2", "a", cpus=2, state="RUNNING", borrowed=True, started=0.5, at=0.5),
+            job("a-3", "a", cpus=2, at=1), job("b-1", "b", cpus=2, at=2)]
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert p.preempt == [("a-2", "preempted for b-1 (team b, priority 0)")] and not p.admit
+    assert p.waiting["a-3"] == "team a: 4 of 2 CPUs in use, this job needs 2; no idle capacity to borrow"
+    jobs[1].state, jobs[1].borrowed = "QUEUED", False  # a-2 stopped and queued again, ahead of b-1 by time
+    p = plan(jobs, t, Capacity(cpus=4))
+    assert p.admit == [("b-1", False)] and not p.preempt  # not a-2 again, which b-1 would preempt again
+
+
+def test_the_simulated_week_benchmark_runs_and_the_queue_serves_the_high_priority_teams_sooner():
+    from benchmarks.tenancy import main
+
+    r = main(["--quick", "--sim-only"])
+    assert r["trace"]["jobs"] > 100
+    fcfs, aidc = r["fcfs"], r["aidc"]
+    for team in ("vision", "nlp"):
+        assert aidc["wait"][team]["mean_min"] <= fcfs["wait"][team]["mean_min"], (team, fcfs, aidc)
+    assert 0 < aidc["gpu_utilisation"] <= 1
+
+
+def test_a_preemptor_over_its_own_quota_waits_for_its_victims_and_takes_no_more():
+    t = teams(a=dict(quota=Quota(cpus=2)))
+    jobs = [job("l1", "a", cpus=1, state="RUNNING", started=1), job("l2", "a", cpus=1, state="RUNNING", started=2),
+            job("h", "a", cpus=1, prio=5, at=3)]
+    p = plan(jobs, t, Capacity(cpus=8))
+    assert p.preempt == [("l2", "preempted for h (team a, priority 5)")]
+    jobs[1].preempting = p.preempt[0][1]  # l2 is stopping: the next round must not stop l1 as well
+    p = plan(jobs, t, Capacity(cpus=8))
+    assert not p.preempt and p.waiting["h"] == "waiting for preempted jobs to stop"
+
+
+def test_preemption_stops_only_the_jobs_that_free_what_is_missing():
+    t = teams(a=dict(quota=Quota(gpus={"*": 4})), b=dict(quota=Quota(), priority=0))
+    cap = Capacity(cpus=4, gpus={"": 4})
+    jobs = [job("cpu-only", "b", cpus=3, state="RUNNING", started=5),  # newest, but frees no GPU
+            job("gpu", "b", cpus=0, gpus=4, state="RUNNING", started=1),
+            job("want", "a", cpus=1, gpus=2, prio=5, at=6)]
+    p = plan(jobs, t, cap)
+    assert [v for v, _ in p.preempt] == ["gpu"]
