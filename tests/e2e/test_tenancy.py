@@ -144,6 +144,20 @@ def test_quota_queue_team_isolation_roles_enforcement_and_a_gateway_killed_mid_q
     r = requests.put(f"{gw.url}/api/serve/applications/", json={"applications": []}, timeout=30,
                      headers={"Authorization": f"Bearer {dev_a}"})
     assert r.status_code == 403 and "may not deploy" in r.text
+    auth = {"Authorization": f"Bearer {dev_a}"}
+    for bad_body, why in (({"entrypoint": "true", "submission_id": "."}, "bad submission id"),
+                          ({"entrypoint": "true", "submission_id": "a-1-a1"}, "attempt names"),
+                          ({"entrypoint": "true", "submission_id": 7}, "bad submission id"),
+                          ({"entrypoint": "true", "runtime_env": "x"}, "must be mappings"),
+                          ({"entrypoint": "true", "entrypoint_num_cpus": "lots"}, "must be numbers"),
+                          ({"entrypoint": "true", "runtime_env": {"working_dir": "gcs://../teams.json"}},
+                           "_ray_pkg_<hash>.zip"),
+                          ({"entrypoint": "true", "runtime_env": {"working_dir": "gcs:///etc/passwd"}},
+                           "_ray_pkg_<hash>.zip")):
+        r = requests.post(f"{gw.url}/api/jobs/", json=bad_body, headers=auth, timeout=30)
+        assert r.status_code == 400 and why in r.text, (bad_body, r.status_code, r.text)
+    r = requests.put(f"{gw.url}/api/packages/gcs/..%2Fteams.json", data=b"x", headers=auth, timeout=30)
+    assert r.status_code in (400, 404) and (gw.tmp / "tenancy" / "teams.json").read_text().startswith("{")
     r = requests.post(f"{gw.url}/api/jobs/", data=b"{not json", headers={"Authorization": f"Bearer {dev_a}"},
                       timeout=30)
     assert r.status_code == 400 and "not JSON" in r.text

@@ -243,9 +243,13 @@ class Gateway:
 
     async def _refresh(self) -> bool:
         changed = False
-        for job in [j for j in self.jobs.jobs.values() if j.state == "RUNNING"]:
+        running = [j for j in self.jobs.jobs.values() if j.state == "RUNNING"]
+        infos = await asyncio.gather(*(self.ray_job(j.ray_id) for j in running), return_exceptions=True)
+        for job, info in zip(running, infos):
             try:
-                changed |= await self._refresh_one(job)
+                if isinstance(info, BaseException):
+                    raise info
+                changed |= await self._refresh_one(job, info)
             except PackageGone as exc:
                 job.state, job.ended_at, job.message = "FAILED", time.time(), exc.message
                 changed = True
@@ -253,8 +257,8 @@ class Gateway:
                 logger.warning("refreshing %s: %s", job.id, exc)
         return changed
 
-    async def _refresh_one(self, job: JobRecord) -> bool:
-        info = await self.ray_job(job.ray_id)
+    async def _refresh_one(self, job: JobRecord, info: dict | None) -> bool:
+        """Apply what Ray says (`info`, None: no such job) about a running job's current attempt."""
         if not isinstance(info, dict):  # saved as running, not in Ray (a crash before the submit, a head restart)
             if job.preempting or job.stopping:
                 info = {"status": "STOPPED", "message": "not found in Ray"}
