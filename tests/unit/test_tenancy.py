@@ -272,3 +272,10 @@ def test_preemption_stops_only_the_jobs_that_free_what_is_missing():
             job("want", "a", cpus=1, gpus=2, prio=5, at=6)]
     p = plan(jobs, t, cap)
     assert [v for v, _ in p.preempt] == ["gpu"]
+
+
+def test_a_job_admitted_as_borrowed_is_not_preempted_as_borrowed_once_its_team_is_back_within_quota():
+    t = teams(a=dict(quota=Quota(cpus=2), borrow=True), b=dict(quota=Quota(cpus=2)))
+    jobs = [job("a-2", "a", cpus=2, state="RUNNING", borrowed=True, started=2),  # a-1 has ended: within quota now
+            job("x", "b", cpus=2, state="RUNNING", started=1), job("b-1", "b", cpus=2, at=3)]
+    assert not plan(jobs, t, Capacity(cpus=4)).preempt

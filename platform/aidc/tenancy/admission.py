@@ -212,10 +212,21 @@ def _victims(job: JobRecord, over_quota: bool, running: list[JobRecord], out: Pl
     """The fewest running jobs (borrowed first, then lowest priority, newest first) whose stopping lets `job` in."""
     taken = {v for v, _ in out.preempt}
     team = teams[job.team]
+
+    def borrowed(r: JobRecord) -> bool:
+        """Still over its team's quota (a job admitted as borrowed may be within it now that others ended)."""
+        if not r.borrowed or r.team not in teams:
+            return r.borrowed
+        others = Held()
+        for o in running:
+            if o.team == r.team and o is not r:
+                others.add(o.demand)
+        return quota_problem(r.team, teams[r.team].quota, others, r.demand) is not None
+
     cands = [r for r in running if not r.preempting and r.id not in taken
-             and (r.priority < job.priority or (r.borrowed and not over_quota and r.team != job.team))
+             and (r.priority < job.priority or (not over_quota and r.team != job.team and borrowed(r)))
              and (not over_quota or r.team == job.team)]
-    cands.sort(key=lambda r: (not r.borrowed, r.priority, -(r.started_at or 0)))
+    cands.sort(key=lambda r: (not borrowed(r), r.priority, -(r.started_at or 0)))
     def fits(victims) -> bool:
         t, h = _minus(total, Held()), _minus(held, Held())
         for r in victims:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 import tempfile
 import zipfile
@@ -77,6 +78,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 def _read_member(package: Path, config: str) -> str:
     """The text of one file of the working-dir zip (only that member; no path outside the working dir)."""
+    config = posixpath.normpath(config)  # ./jobs/configs/x.yaml is jobs/configs/x.yaml
     if config.startswith("/") or ".." in Path(config).parts:
         raise ConfigError(f"--config {config!r}: give a path inside the working dir (e.g. jobs/configs/mnist.yaml)")
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -95,6 +96,7 @@ class Gateway:
         self._strikes: dict[str, int] = {}
         self._stops: dict[str, float] = {}  # job id -> when a stop was last sent to Ray
         self._last_sweep = 0.0
+        self.serve_lock = asyncio.Lock()
         self.ray_info: dict[str, dict] = {}  # job id -> what Ray said last about its running attempt
         self._last_enforce = 0.0
         self._session: aiohttp.ClientSession | None = None
@@ -176,30 +178,51 @@ class Gateway:
                               "(ray job submit --working-dir uploads them)")
         return self.packages / team / name
 
-    async def ensure_packages(self, job: JobRecord) -> None:
-        """Re-upload a job's packages that Ray no longer has (expired pins, a restarted head) from the gateway's."""
+    @staticmethod
+    def ray_package_name(team: str, data: bytes) -> str:
+        """The name a team's package has in Ray's one shared package namespace: from the team and the bytes, so
+        no team can put other bytes under a name another team's jobs run from."""
+        digest = hashlib.sha256(team.encode() + b"\0" + data).hexdigest()
+        return f"_ray_pkg_{digest[:32]}.zip"
+
+    async def ensure_packages(self, job: JobRecord) -> dict[str, str]:
+        """Upload a job's packages to Ray under their team-and-content names where Ray lacks them (expired pins,
+        a restarted head); returns client URI -> the URI Ray runs from."""
+        out = {}
         for uri in job.packages:
             local = self.package_path(job.team, uri)
-            status, _ = await self.ray_call("GET", f"/api/packages/gcs/{local.name}")
+            if not local.is_file():
+                raise PackageGone(f"package {uri} is gone from the gateway's store; submit the job again")
+            data = local.read_bytes()
+            name = self.ray_package_name(job.team, data)
+            out[uri] = f"gcs://{name}"
+            status, _ = await self.ray_call("GET", f"/api/packages/gcs/{name}")
             if status == 200:
                 continue
-            if not local.is_file():
-                raise PackageGone(f"package {uri} is gone from Ray and from the gateway's store; submit the job again")
-            status, body = await self.ray_call("PUT", f"/api/packages/gcs/{local.name}", data=local.read_bytes())
+            status, body = await self.ray_call("PUT", f"/api/packages/gcs/{name}", data=data)
             if status != 200:
-                raise ConnectionError(f"re-uploading {uri} to Ray failed ({status}): {body[:300]!r}")
+                raise ConnectionError(f"uploading {uri} to Ray failed ({status}): {body[:300]!r}")
+        return out
 
     async def submit_to_ray(self, job: JobRecord) -> None:
         """Submit the job's current attempt; idempotent: Ray refuses a submission id twice, and a job already there
         under this id is adopted only if the gateway put it there (its metadata names this job and attempt)."""
-        await self.ensure_packages(job)
+        names = await self.ensure_packages(job)
         mark = {"aidc_job": job.id, "aidc_team": job.team, "aidc_attempt": str(job.attempt)}
+        env = dict(job.request.get("runtime_env") or {})
+        if env.get("working_dir") in names:
+            env["working_dir"] = names[env["working_dir"]]
+        if isinstance(env.get("py_modules"), list):
+            env["py_modules"] = [names.get(m, m) for m in env["py_modules"]]
         body = {**job.request, "submission_id": job.ray_id, "metadata": {**(job.request.get("metadata") or {}), **mark},
-                "entrypoint": with_run_name(job.request["entrypoint"], job.id)}
+                "entrypoint": with_run_name(job.request["entrypoint"], job.id), "runtime_env": env}
         status, raw = await self.ray_call("POST", "/api/jobs/", json=body)
         if status == 200:
             return
-        if status == 400 and b"already exists" in raw:
+        wrapped = re.search(rb"status code (\d{3})", raw)  # the dashboard answers 500 for its job agent's 400
+        if status == 500 and wrapped and wrapped[1].startswith(b"4"):
+            status = int(wrapped[1])
+        if status in (400, 500) and b"already exists" in raw:
             info = await self.ray_job(job.ray_id)
             meta = (info or {}).get("metadata") or {}
             if all(meta.get(k) == v for k, v in mark.items()):
@@ -273,6 +296,7 @@ class Gateway:
         now = time.time()
         self.ray_info.pop(job.id, None)
         self._stops.pop(job.id, None)
+        self._strikes.pop(job.id, None)
         job.runs.append({"ray_id": job.ray_id, "start": job.started_at or now, "end": now,
                          "status": info["status"], "why": job.preempting or info.get("message") or ""})
         held = now - (job.started_at or now)
@@ -362,9 +386,11 @@ class Gateway:
             return False
         teams = self.teams().teams
         plan = admission.plan([j for j in self.jobs.jobs.values() if not j.deleted], teams, await self.capacity())
+        changed = bool(plan.preempt or plan.admit)
         for job_id, why in plan.preempt:
             self.jobs.jobs[job_id].preempting = why
         for job_id, why in plan.waiting.items():
+            changed |= self.jobs.jobs[job_id].message != why
             self.jobs.jobs[job_id].message = why
         if plan.preempt:
             self.save()  # durable before Ray stops anything: a restarted gateway requeues, never loses, the victims
@@ -374,7 +400,7 @@ class Gateway:
                                  details={"team": job.team, "priority": job.priority, "why": why})
             try:
                 await self._send_stop(job)
-            except (aiohttp.ClientError, ConnectionError) as exc:  # re-sent by _refresh until Ray has stopped it
+            except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:  # re-sent until stopped
                 logger.warning("preempting %s: %s", job_id, exc)
         for job_id, borrowed in plan.admit:
             job = self.jobs.jobs[job_id]
@@ -400,7 +426,7 @@ class Gateway:
                 audit.record_quietly("job.admit", target=job.id, actor="gateway",
                                      details={"team": job.team, "demand": job.demand.model_dump(), "borrowed": borrowed,
                                               "attempt": job.attempt, "waited_s": round(waited, 3)})
-        return True
+        return changed
 
     def _sweep_packages(self) -> None:
         """Delete stored packages that no unfinished job names and that are over an hour old (an upload just
@@ -512,8 +538,8 @@ class Gateway:
             return _text(400, exc.message)
         except web.HTTPException:
             raise
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            return _text(503, f"the Ray Jobs API behind the gateway is unreachable ({exc}); retry shortly")
+        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+            return _text(503, f"the Ray Jobs API behind the gateway is unreachable ({exc!r}); retry shortly")
         except Exception as exc:  # noqa: BLE001 - logged with its traceback; the client gets a reason, not a trace
             logger.exception("gateway error on %s %s", request.method, request.path)
             return _text(500, f"aidc gateway error: {type(exc).__name__}: {exc}")
@@ -535,6 +561,13 @@ class Gateway:
                 out = json.dumps(body).encode()
             return web.Response(status=status, body=out, content_type="application/json")
         raw = await request.read()
+        async with self.serve_lock:
+            return await self._serve_change(request, rec, method, raw, owners_path, owners)
+
+    async def _serve_change(self, request, rec: KeyRecord, method: str, raw: bytes, owners_path: Path,
+                            owners: dict) -> web.Response:
+        owners = json.loads(owners_path.read_text()) if owners_path.is_file() else owners  # under the lock
+        me = rec.team or "*admin*"
         if method == "PUT":
             try:
                 config = json.loads(raw)
@@ -543,18 +576,18 @@ class Gateway:
                 return _text(400, "the deploy body is not a Serve config (JSON with applications: [{name: ...}])")
             status, cur = await self.ray_call("GET", "/api/serve/applications/")
             current = (json.loads(cur).get("applications") or {}) if status == 200 else {}
-            others = sorted(n for n in set(current) | set(names)
-                            if owners.get(n) not in (None, rec.team) and not rec.can("admin"))
+            others = sorted(n for n in set(current) | set(names) if owners.get(n, "*unknown*") != me
+                            and (n in owners or n in current) and not rec.can("admin"))
             if others:
                 return _text(403, f"a Serve deploy replaces every app on the cluster, and {others} belong to other "
-                                  f"teams ({', '.join(sorted({owners[n] for n in others}))}); ask an admin to deploy "
-                                  "the combined config")
+                                  f"teams ({', '.join(sorted({owners.get(n, 'unknown') for n in others}))}); ask an "
+                                  "admin to deploy the combined config")
         status, out = await self.ray_call(method, "/api/serve/applications/", data=raw or None,
                                           headers={"Content-Type": request.headers.get("Content-Type",
                                                                                        "application/json")})
         if status < 400:
             if method == "PUT":
-                owners = {n: owners.get(n) or rec.team for n in names}
+                owners = {n: owners.get(n) or me for n in names}
             else:
                 owners = {}
             tmp = owners_path.with_name(f".{owners_path.name}.{os.getpid()}")
@@ -598,8 +631,7 @@ class Gateway:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # the team's own copy; a fresh mtime keeps the sweep off it until it is submitted
-        status, body = await self.ray_call("PUT", f"/api/packages/gcs/{path.name}", data=data)
-        return web.Response(status=status, body=body)
+        return web.Response(status=200)  # Ray gets it at admission, under a name of the team's and the bytes
 
     async def submit(self, request):
         rec = self.caller(request, "submit")
@@ -625,6 +657,8 @@ class Gateway:
         runtime_env = body.get("runtime_env") or {}
         if not isinstance(metadata, dict) or not isinstance(runtime_env, dict):
             return _text(400, "metadata and runtime_env must be mappings (--metadata-json '{\"priority\": \"10\"}')")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            return _text(400, "metadata keys and values must be strings, as in Ray's Jobs API: '{\"gpus\": \"2\"}'")
         priority = team.priority
         if "priority" in metadata:
             try:
@@ -646,9 +680,9 @@ class Gateway:
             else None
         try:
             cap = await self.capacity()
-        except (AidcError, aiohttp.ClientError, KeyError, ValueError):
-            cap = None
-        demand = await asyncio.to_thread(job_demand, body, working, bool(cap and cap.gpu_total()))
+        except (AidcError, aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+            return _text(503, f"cannot read the cluster's resources from Ray ({exc}); retry shortly")
+        demand = await asyncio.to_thread(job_demand, body, working, bool(cap.gpu_total()))
         impossible = admission.never_fits(team, demand, None)  # the cluster may still grow (autoscaling)
         if impossible:
             return _text(400, f"job needs {demand.short()} and can never run: {impossible}")
