@@ -29,11 +29,18 @@ from aidc.security import audit, security_home
 KEYS_FILE = "api_keys.json"
 PREFIX = "aidc_"
 _SCOPE = re.compile(r"^(admin|viewer|developer|deployer|infer:\*|infer:[A-Za-z0-9_.-]+)$")
-ROLES = ("viewer", "developer", "deployer", "admin")
+TEAM_ROLES = ("viewer", "developer", "deployer")  # roles on a team's jobs: the key needs a team
 #: what each role may do with jobs (the gateway's check); admin does everything on every team's jobs
 _ROLE_RIGHTS = {"viewer": {"read"}, "developer": {"read", "submit"}, "deployer": {"read", "deploy"},
                 "admin": {"read", "submit", "deploy", "admin"}}
-TEAM = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+_TEAM = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+def team_problem(name: str) -> str | None:
+    """What is wrong with a team name, or None (keys, rate limits and the tenancy gateway's teams share it)."""
+    if _TEAM.match(name or ""):
+        return None
+    return f"bad team name {name!r}: lowercase letters, digits, - and _, up to 40, e.g. vision"
 _KEY = re.compile(r"^aidc_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{20,})$")
 
 
@@ -135,8 +142,8 @@ def _update(home: str | None, change, limits=None) -> KeyRecord:
 def set_team_limit(team: str, rate_limit: float | None, burst: int | None = None, *, home: str | None = None,
                    actor: str | None = None) -> TeamLimit | None:
     """Set (or with rate_limit None, remove) a team's inference rate limit, shared by all its keys."""
-    if not TEAM.match(team):
-        raise ConfigError(f"bad team name {team!r}: lowercase letters, digits, - and _, up to 40, e.g. vision")
+    if team_problem(team):
+        raise ConfigError(team_problem(team))
 
     def apply(team_limits):
         if rate_limit is None:
@@ -166,9 +173,9 @@ def create(owner: str, scopes: list[str], *, expires_in_s: float | None = None, 
     if not owner.strip():
         raise ConfigError("a key needs an owner: --owner alice (a person, team or service)")
     scopes = validate_scopes(scopes)
-    if team is not None and not TEAM.match(team):
-        raise ConfigError(f"bad team name {team!r}: lowercase letters, digits, - and _, up to 40, e.g. vision")
-    if team is None and any(s in ("viewer", "developer", "deployer") for s in scopes):
+    if team is not None and team_problem(team):
+        raise ConfigError(team_problem(team))
+    if team is None and any(s in TEAM_ROLES for s in scopes):
         raise ConfigError(f"job roles {scopes} act on a team's jobs: give the key a team (--team vision)")
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     key = f"{PREFIX}{key_id}_{secret}"
@@ -184,7 +191,8 @@ def create(owner: str, scopes: list[str], *, expires_in_s: float | None = None, 
 
     _update(home, add)
     audit.record("key.create", target=key_id, actor=actor, home=home,
-                 details={"owner": owner, "scopes": scopes, "team": team, "expires_at": rec.expires_at, "rate_limit": rate_limit})
+                 details={"owner": owner, "scopes": scopes, "team": team, "expires_at": rec.expires_at,
+                          "rate_limit": rate_limit})
     return key, rec
 
 
@@ -235,5 +243,5 @@ def authenticate(records: dict[str, KeyRecord], key: str) -> KeyRecord:
     return rec
 
 
-__all__ = ["ROLES", "TEAM", "KeyRecord", "TeamLimit", "parse_team_limits", "set_team_limit", "KeyRefused", "authenticate", "create", "key_id", "keys_path", "load", "parse_store", "revoke",
-           "validate_scopes"]
+__all__ = ["TEAM_ROLES", "KeyRecord", "KeyRefused", "TeamLimit", "authenticate", "create", "key_id", "keys_path",
+           "load", "parse_store", "parse_team_limits", "revoke", "set_team_limit", "team_problem", "validate_scopes"]

@@ -55,6 +55,9 @@ class Held:
     def gpu_total(self) -> float:
         return sum(self.gpus.values())
 
+    def copy(self) -> "Held":
+        return Held(self.cpus, dict(self.gpus), self.memory_gb, self.jobs)
+
 
 @dataclass
 class Plan:
@@ -201,7 +204,8 @@ def _borrow(job: JobRecord, team: Team, held: Held, total: Held, cap: Capacity, 
 
 
 def _minus(a: Held, b: Held) -> Held:
-    out = Held(a.cpus - b.cpus, dict(a.gpus), a.memory_gb - b.memory_gb, a.jobs - b.jobs)
+    out = a.copy()
+    out.cpus, out.memory_gb, out.jobs = a.cpus - b.cpus, a.memory_gb - b.memory_gb, a.jobs - b.jobs
     for k, v in b.gpus.items():
         out.gpus[k] = out.gpus.get(k, 0.0) - v
     return out
@@ -228,7 +232,7 @@ def _victims(job: JobRecord, over_quota: bool, running: list[JobRecord], out: Pl
              and (not over_quota or r.team == job.team)]
     cands.sort(key=lambda r: (not borrowed(r), r.priority, -(r.started_at or 0)))
     def fits(victims) -> bool:
-        t, h = _minus(total, Held()), _minus(held, Held())
+        t, h = total.copy(), held.copy()
         for r in victims:
             t.add(r.demand, -1)
             if r.team == job.team:

@@ -28,13 +28,15 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aidc import storage
 from aidc.errors import AidcError, ConfigError
 from aidc.security import audit
 from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
 from aidc.tenancy import admission, metrics
 from aidc.tenancy.demand import job_demand, with_run_name
-from aidc.tenancy.model import TERMINAL, JobRecord, Jobs, Teams, load_jobs, save_jobs, tenancy_home
+from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, JobRecord, Jobs, Teams, load_jobs, load_teams, save_jobs,
+                                tenancy_home)
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +108,7 @@ class Gateway:
 
     def teams(self) -> Teams:
         """teams.json, re-read when it changed (aidc teams set takes effect on the next round)."""
-        from aidc.tenancy.model import load_teams
-
-        path = self.home / "teams.json"
+        path = self.home / TEAMS_FILE
         try:
             st = path.stat()
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -299,9 +299,6 @@ class Gateway:
         self._strikes.pop(job.id, None)
         job.runs.append({"ray_id": job.ray_id, "start": job.started_at or now, "end": now,
                          "status": info["status"], "why": job.preempting or info.get("message") or ""})
-        held = now - (job.started_at or now)
-        job.cpu_s += held * job.demand.cpus
-        job.gpu_s += held * job.demand.gpus
         if job.preempting and not job.stopping and info["status"] == "STOPPED":
             audit.record_quietly("job.requeue", target=job.id, actor="gateway",
                                  details={"team": job.team, "why": job.preempting, "attempt": job.attempt + 1})
@@ -590,9 +587,7 @@ class Gateway:
                 owners = {n: owners.get(n) or me for n in names}
             else:
                 owners = {}
-            tmp = owners_path.with_name(f".{owners_path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(owners))
-            os.replace(tmp, owners_path)
+            storage.write_text(str(owners_path), json.dumps(owners))  # atomic: temp file + rename
         audit.record_quietly("serve." + ("deploy" if method == "PUT" else "shutdown"), target="serve",
                              actor=f"key:{rec.id}", outcome="ok" if status < 400 else "failed",
                              details={"team": rec.team, "status": status})

@@ -21,13 +21,15 @@ EVENTS = Counter("aidc_tenancy_events_total", "Preemptions and enforcement stops
 
 def publish(jobs, teams: dict) -> None:
     """Set the gauges from the gateway's jobs and teams (called after every scheduling round)."""
-    used: dict[str, dict[str, float]] = {name: {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0, "jobs": 0.0}
-                                         for name in teams}
+    def zero() -> dict[str, float]:
+        return {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0, "jobs": 0.0}
+
+    used: dict[str, dict[str, float]] = {name: zero() for name in teams}
     queued = {name: 0 for name in teams}
     borrowed = {name: 0 for name in teams}
     for j in jobs:
         if j.state == "RUNNING":
-            u = used.setdefault(j.team, {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0, "jobs": 0.0})
+            u = used.setdefault(j.team, zero())
             u["cpus"] += j.demand.cpus
             u["gpus"] += j.demand.gpus
             u["memory_gb"] += j.demand.memory_gb

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aidc import storage
 from aidc.errors import ConfigError
 from aidc.security import audit
-from aidc.security.keys import TEAM
+from aidc.security.keys import team_problem
 
 TENANCY_ENV = "AIDC_TENANCY_DIR"
 TEAMS_FILE, JOBS_FILE = "teams.json", "jobs.json"
@@ -86,8 +86,9 @@ class Team(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        if not TEAM.match(v):
-            raise ValueError(f"bad team name {v!r}: lowercase letters, digits, - and _, up to 40, e.g. vision")
+        problem = team_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
@@ -125,8 +126,6 @@ class JobRecord(Strict):
     deleted: bool = Field(False, description="Deleted by its team: hidden from the Jobs API, kept for usage.")
     runs: list[dict] = Field(default_factory=list, description="Finished attempts: ray_id, start, end, status, "
                              "why it ended.")
-    cpu_s: float = Field(0.0, description="CPU-seconds held by finished attempts (demand x time).")
-    gpu_s: float = Field(0.0, description="GPU-seconds held by finished attempts.")
     packages: list[str] = Field(default_factory=list, description="Package URIs its runtime_env names.")
 
     @property
