@@ -279,3 +279,17 @@ def test_a_job_admitted_as_borrowed_is_not_preempted_as_borrowed_once_its_team_i
     jobs = [job("a-2", "a", cpus=2, state="RUNNING", borrowed=True, started=2),  # a-1 has ended: within quota now
             job("x", "b", cpus=2, state="RUNNING", started=1), job("b-1", "b", cpus=2, at=3)]
     assert not plan(jobs, t, Capacity(cpus=4)).preempt
+
+
+def test_admins_set_quotas_with_aidc_teams_or_aidc_quotas(tmp_path, monkeypatch, capsys):
+    from aidc.cli.main import main
+
+    monkeypatch.setenv("AIDC_TENANCY_DIR", str(tmp_path / "t"))
+    monkeypatch.setenv("AIDC_SECURITY_DIR", str(tmp_path / "sec"))
+    assert main(["quotas", "set", "vision", "--cpus", "8", "--gpus", "A100=4", "--jobs", "2", "--borrow"]) == 0
+    assert main(["teams", "set", "vision", "--priority", "3"]) == 0  # changes only what it is given
+    capsys.readouterr()
+    assert main(["quotas", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "vision" in out and "priority=3" in out and "cpus=8.0" in out and "'A100': 4.0" in out \
+        and "jobs=2" in out and "borrow=yes" in out

@@ -146,7 +146,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--enforce-interval", type=float, default=5.0, help="seconds between resource-use checks")
     g.set_defaults(fn=gateway_command)
 
-    t = sub.add_parser("teams", help="teams, their quotas and priorities: list, set NAME, delete NAME, apply FILE")
+    t = sub.add_parser("teams", aliases=["quotas"],
+                       help="teams, their quotas and priorities: list, set NAME, delete NAME, apply FILE")
     t.add_argument("action", choices=["list", "set", "delete", "apply"])
     t.add_argument("name", nargs="?", help="team name (set, delete) or a teams YAML file (apply)")
     t.add_argument("--cpus", type=float, help="CPU quota (-1: no limit)")
