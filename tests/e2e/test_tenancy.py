@@ -167,14 +167,26 @@ def test_quota_queue_team_isolation_roles_enforcement_and_a_gateway_killed_mid_q
     script.write_text("import time, ray\nray.init()\n@ray.remote(num_cpus=1)\nclass A:\n    def ping(self):\n"
                       "        return 1\nactors = [A.remote() for _ in range(3)]\nray.get([a.ping.remote() for a in actors])\n"
                       "print('holding 3 CPUs', flush=True)\ntime.sleep(120)\n")
-    gw.ray(dev_b, "submit", "--no-wait", "--submission-id", "greedy", "--working-dir", str(script.parent),
-           "--entrypoint-num-cpus", "1", "--", "python", "greedy.py")
-    info = gw.wait(dev_b, "greedy", ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
-    # (its driver's CPU and two or three actors, whichever the check saw twice in a row)
-    assert info["status"] == "STOPPED" and re.search(r"holds [34] CPUs \(admitted for 1\)", info["message"]), info
+    # and one whose actor takes 2 CPUs of a placement group (Ray lists its share twice: counted once)
+    (tmp_path / "work" / "greedy_pg.py").write_text(
+        "import time, ray\nfrom ray.util.placement_group import placement_group\n"
+        "from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as In\nray.init()\n"
+        "pg = placement_group([{'CPU': 2}])\nray.get(pg.ready())\n@ray.remote(num_cpus=2)\nclass A:\n"
+        "    def ping(self):\n        return 1\n"
+        "a = A.options(scheduling_strategy=In(pg, placement_group_bundle_index=0)).remote()\n"
+        "ray.get(a.ping.remote())\nprint('holding a bundle', flush=True)\ntime.sleep(120)\n")
+    for name in ("greedy", "greedy_pg"):  # one after the other: side by side, either could starve the other
+        gw.ray(dev_b, "submit", "--no-wait", "--submission-id", name, "--working-dir", str(script.parent),
+               "--entrypoint-num-cpus", "1", "--", "python", f"{name}.py")
+        info = gw.wait(dev_b, name, ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
+        if name == "greedy":  # (its driver's CPU and two or three actors, whichever the check saw twice in a row)
+            assert info["status"] == "STOPPED" and re.search(r"holds [34] CPUs \(admitted for 1\)", info["message"]), \
+                info
+    assert info["status"] == "STOPPED" and "holds 3 CPUs (admitted for 1)" in info["message"], info
     metrics = requests.get(f"{gw.url}/metrics", timeout=10).text
     assert 'aidc_tenancy_quota_limit{resource="cpus",team="a"} 2.0' in metrics
-    assert 'aidc_tenancy_events_total{event="enforced",team="b"} 1.0' in metrics
+    assert 'aidc_tenancy_events_total{event="enforced",team="b"} 2.0' in metrics
+    assert 'aidc_tenancy_gpu_energy_kwh_total{team="b"} 0.0' in metrics  # no GPUs here: nothing drawn
 
     # the gateway SIGKILLed with jobs queued: restarted, every job runs exactly once
     gw.aidc("teams", "set", "b", "--cpus", "1")
@@ -195,6 +207,33 @@ def test_quota_queue_team_isolation_roles_enforcement_and_a_gateway_killed_mid_q
     for n in (1, 2, 3):
         lines = gw.ray(dev_b, "logs", f"b-{n}").stdout.splitlines()
         assert lines.count(f"job {n} says hello") == 1  # printed by one run (the entrypoint echo quotes it too)
+
+    # work the gateway did not admit (a job an admin sent to Ray directly, like Serve replicas) holds 3 of the
+    # 4 CPUs: a 2-CPU job waits, saying so, and runs once that work ends
+    hold = tmp_path / "work" / "hold.py"
+    hold.write_text("import time, ray\nray.init()\n@ray.remote(num_cpus=3)\nclass Hold:\n    def ping(self):\n"
+                    "        return 1\nh = Hold.remote()\nray.get(h.ping.remote())\nprint('holding', flush=True)\n"
+                    "time.sleep(300)\n")
+    direct = [BIN / "ray", "job", "--address", gw.dashboard]
+    run_cli([*direct[:2], "submit", *direct[2:], "--no-wait", "--submission-id", "outside", "--working-dir",
+             str(hold.parent), "--", "python", "hold.py"], gw.env)
+    deadline = time.monotonic() + 120
+    while "holding" not in run_cli([*direct[:2], "logs", *direct[2:], "outside"], gw.env):
+        assert time.monotonic() < deadline, "the direct job never held its CPUs"
+        time.sleep(0.5)
+    time.sleep(2.5)  # the gateway's capacity is at most two checks old (--enforce-interval 1)
+    dev_d = gw.key("dina", "developer", "d")
+    gw.ray(dev_d, "submit", "--no-wait", "--submission-id", "d-after", "--entrypoint-num-cpus", "2", "--",
+           *sleeper(4, 1))
+    deadline = time.monotonic() + 60
+    while not (info := gw.job(dev_d, "d-after").json())["message"]:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.3)
+    assert info["status"] == "PENDING" and info["message"].startswith(
+        "cluster: 3 of 4 CPUs in use (3 by work outside the gateway: Serve replicas, detached actors, jobs sent to "
+        "Ray directly), this job needs 2"), info
+    run_cli([*direct[:2], "stop", *direct[2:], "outside"], gw.env)
+    assert gw.wait(dev_d, "d-after", ("SUCCEEDED", "FAILED", "STOPPED"), timeout=120)["status"] == "SUCCEEDED"
 
     # admins see every team's queue and usage
     out = gw.aidc("queue", "--all")
@@ -220,6 +259,7 @@ def test_a_preempted_training_job_resumes_from_its_checkpoint_and_ends_as_if_nev
         assert time.monotonic() < deadline, gw.ray(dev_c, "logs", "c-train").stdout[-3000:]
         assert gw.job(dev_c, "c-train").json()["status"] in ("PENDING", "RUNNING")
         time.sleep(0.5)
+    _gpu_energy_joins_the_dashboards_nodes_to_the_state_apis_actors(gw, "c-train")
     # a priority-5 job of the same team, over the team's 2 CPUs: the priority-0 training job makes room
     gw.ray(dev_c, "submit", "--no-wait", "--submission-id", "c-urgent", "--metadata-json", json.dumps({"priority": "5"}),
            "--entrypoint-num-cpus", "2", "--", *sleeper(9, 3))
@@ -237,3 +277,23 @@ def test_a_preempted_training_job_resumes_from_its_checkpoint_and_ends_as_if_nev
     assert "1" in [line.split()[-1] for line in gw.aidc("usage", "--team", "c").splitlines() if "c-train" in line]
     audit = gw.aidc("audit", "tail", "-n", "200", "--filter", "job.")
     assert "job.preempt" in audit and "job.requeue" in audit
+
+
+def _gpu_energy_joins_the_dashboards_nodes_to_the_state_apis_actors(gw, job_id: str):
+    """The gateway's GPU energy (aidc.tenancy.energy) matches the dashboard's node summary, where NVML readings
+    are, to a job's actors from the state API by (node id, pid): both from this real Ray, a running job's
+    actors. No GPU here, so one reading is added to the actor's real node."""
+    from aidc.tenancy.energy import gpu_watts_by_job
+
+    auth = {"Authorization": f"Bearer {Path(gw.env['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"}
+    ray_job = requests.get(f"{gw.dashboard}/api/jobs/{job_id}", headers=auth, timeout=30).json()["job_id"]
+    actors = requests.get(f"{gw.dashboard}/api/v0/actors?limit=1000&detail=true&filter_keys=job_id&"
+                          f"filter_predicates=%3D&filter_values={ray_job}", headers=auth, timeout=30).json()
+    alive = [a for a in actors["data"]["result"]["result"] if a["state"] == "ALIVE" and a.get("pid")]
+    assert alive, actors
+    summary = requests.get(f"{gw.dashboard}/nodes?view=summary", headers=auth, timeout=30).json()["data"]["summary"]
+    node = next(n for n in summary if n["raylet"]["nodeId"] == alive[0]["node_id"])
+    assert node["gpus"] == []  # the reporter's GPU list, empty on this machine
+    node["gpus"] = [{"index": 0, "powerMw": 120_000, "processesPids": [{"pid": alive[0]["pid"]}]}]
+    procs = {(a["node_id"], int(a["pid"])) for a in alive}
+    assert gpu_watts_by_job(summary, {job_id: procs, "other": {("elsewhere", 1)}}) == {job_id: 120.0}

@@ -132,7 +132,7 @@ def test_demand_from_flags_from_the_aidc_config_in_the_package_and_the_default(t
     with pytest.raises(ConfigError, match="tune.max_concurrent_trials"):
         job_demand({"entrypoint": f"python -m jobs.tune --config {REPO_CONFIG}"}, pkg)
     assert job_demand({"entrypoint": f"python -m jobs.tune --config {REPO_CONFIG} --set tune.max_concurrent_trials=2"},
-                      pkg) == Demand(cpus=2 * 1 + 1)
+                      pkg) == Demand(cpus=(0.2 + 2 * 0.5) * 2 + 1)  # as aidc.tune gives a trial: its process + workers
     whole = {"entrypoint": "python x.py", "entrypoint_num_gpus": 1, "metadata": {"cpus": "8", "gpus": "2"}}
     assert job_demand(whole, None) == Demand(cpus=8, gpus=2)  # the driver's GPU is part of the job's two
     with pytest.raises(ConfigError, match="more than the job's whole declared demand"):
@@ -171,6 +171,82 @@ def test_usage_counts_every_attempt_and_the_running_one_up_to_now():
     assert [(r.job, round(r.cpu_h, 3), round(r.gpu_h, 3), r.preemptions) for r in rows] == \
         [("a1", 2.0 + 2 * 0.5, 1.5, 1), (None, 3.0, 1.5, 1)]
     assert round(usage([j], since=3000.0, now=9000.0)[0].cpu_h, 3) == round(2 * (600 + 1800) / 3600, 3)
+
+
+def test_gpu_energy_is_each_gpus_power_split_among_the_jobs_on_it_and_counted_per_hour():
+    from aidc.tenancy.energy import add_energy, energy_since, gpu_watts_by_job
+    from aidc.tenancy.gateway import held_by
+
+    def gpu(index, mw, *pids):
+        return {"index": index, "uuid": f"GPU-{index}", "powerMw": mw, "processesPids": [{"pid": p} for p in pids]}
+
+    nodes = [  # the dashboard's /nodes?view=summary shape (Ray 2.60 reporter: google-style keys)
+        {"raylet": {"nodeId": "n1"}, "gpus": [gpu(0, 300_000, 11, 12), gpu(1, 200_000, 13), gpu(2, 100_000, 99),
+                                              gpu(3, None, 14), gpu(4, 80_000, 13, 77)]},
+        {"raylet": {"nodeId": "n2"}, "gpus": [gpu(0, 250_000, 11)]},  # pid 11 of another node: someone else
+        {"raylet": {"nodeId": "n3"}},  # no GPUs
+    ]
+    watts = gpu_watts_by_job(nodes, {"x": {("n1", 11), ("n1", 13), ("n1", 14)}, "y": {("n1", 12)}, "z": set()})
+    # a shared GPU split evenly among its processes' owners; another process's share (77: a Serve replica, say)
+    # and a GPU only others use (99) are nobody's here; a GPU without a power reading is skipped
+    assert watts == {"x": 150.0 + 200.0 + 40.0, "y": 150.0}
+    ledger: dict[str, float] = {}
+    add_energy(ledger, 360.0, 3000.0, 4200.0)  # 360 W for 20 minutes, across an hour boundary
+    assert ledger == pytest.approx({"0": 0.06, "3600": 0.06})  # kWh: 360 W x 600 s each side
+    assert energy_since(ledger, 0) == pytest.approx(0.12) and energy_since(ledger, 3600) == pytest.approx(0.06)
+    assert energy_since(ledger, 1800) == pytest.approx(0.03 + 0.06)  # half of the first hour's bucket
+    j = job("e1", "a", gpus=1, state="RUNNING", started=3000.0)
+    j.gpu_kwh = ledger
+    row = usage([j], now=4200.0)[0]
+    assert row.job == "e1" and row.gpu_kwh == pytest.approx(0.12)
+    # what a job holds: its actors' plain resources, a share of a group not listed counted once per actor (Ray
+    # names it twice), and its live placement groups' bundles, which hold resources with or without actors in them
+    share = {"CPU_group_abc123": 0.5, "CPU_group_0_abc123": 0.5, "GPU_group_abc123": 1}
+    assert held_by([{"required_resources": {"CPU": 1.0}}, {"required_resources": share}]) == {
+        "CPU": 1.5, "GPU": 1.0, "memory": 0.0}
+    pgs = [{"placement_group_id": "abc123", "state": "CREATED", "bundles": [
+               {"node_id": "n1", "unit_resources": {"CPU": 2.0}}, {"node_id": "n1", "unit_resources": {"GPU": 1.0}}]},
+           {"placement_group_id": "dead01", "state": "REMOVED", "bundles": [{"unit_resources": {"CPU": 8.0}}]}]
+    assert held_by([{"required_resources": {"CPU": 1.0}}, {"placement_group_id": "abc123", "required_resources": share},
+                    {"state": "DEAD", "required_resources": {"CPU": 4.0}}], pgs) == {
+        "CPU": 3.0, "GPU": 1.0, "memory": 0.0}
+
+
+def test_work_outside_the_gateway_is_not_free_capacity_but_never_makes_a_job_impossible():
+    from aidc.tenancy.gateway import outside_use
+
+    ray_jobs = [{"submission_id": "a-1", "job_id": "01000000", "status": "RUNNING", "metadata": {"aidc_job": "a-1"}},
+                {"submission_id": "direct", "job_id": "02000000", "status": "RUNNING", "metadata": {}},
+                {"submission_id": "a-0", "job_id": "03000000", "status": "SUCCEEDED", "metadata": {"aidc_job": "a-0"}}]
+    actors = [  # the state API's detail shape
+        {"state": "ALIVE", "job_id": "01000000", "name": "", "node_id": "n1", "required_resources": {"CPU": 2.0}},
+        {"state": "ALIVE", "job_id": "99000000", "name": "_ray_internal_job_actor_a-1", "node_id": "n1",
+         "required_resources": {"CPU": 1.0}},  # a-1's supervisor: its entrypoint CPU is in a-1's demand
+        {"state": "ALIVE", "job_id": "02000000", "name": "", "node_id": "n2",
+         "required_resources": {"CPU_group_ff01": 1.0, "CPU_group_0_ff01": 1.0, "GPU_group_ff01": 1.0,
+                                "memory": 2.0 * (1 << 30)}},  # a Serve replica in a placement group, on an A100
+        {"state": "DEAD", "job_id": "02000000", "name": "", "node_id": "n1", "required_resources": {"CPU": 8.0}},
+        {"state": "ALIVE", "job_id": "03000000", "name": "cache", "node_id": "n1",
+         "required_resources": {"CPU": 1.0}},  # a detached actor a finished gateway job left behind
+    ]
+    pgs = [{"placement_group_id": "aa01", "creator_job_id": "01000000", "state": "CREATED",  # a-1's: in its demand
+            "bundles": [{"node_id": "n1", "unit_resources": {"CPU": 4.0}}]},
+           {"placement_group_id": "bb02", "creator_job_id": "02000000", "state": "CREATED",  # reserved, no actor yet
+            "bundles": [{"node_id": "n1", "unit_resources": {"CPU": 1.0}}]}]
+    out = outside_use(actors, [], {"n2": "A100"}, ray_jobs)
+    assert (out.cpus, out.gpus, out.memory_gb) == (2.0, {"A100": 1.0}, 2.0)
+    assert outside_use(actors, pgs, {"n2": "A100"}, ray_jobs).cpus == 3.0
+    gateways_view = {"submission_id": "a-1", "job_id": "01000000", "status": "RUNNING", "metadata": {"aidc_job": "a-1"}}
+    assert outside_use(actors, [], {}, [*ray_jobs[1:], gateways_view]).cpus == 2.0  # a-1 not yet in Ray's list
+    cap = Capacity(cpus=4, gpus={"A100": 1.0}, outside=out)
+    free = Team(name="t", quota=Quota())
+    j = job("g1", "t", cpus=1, gpus=1, gpu_type="A100")
+    p = plan([j], {"t": free}, cap)
+    assert not p.admit and p.waiting["g1"] == (
+        "cluster: 1 of 1 A100 GPUs in use (1 by work outside the gateway: Serve replicas, detached actors, jobs sent "
+        "to Ray directly), this job needs 1")
+    assert admission.never_fits(free, j.demand, cap) is None  # outside work may end: the job is not refused
+    assert plan([j], {"t": free}, Capacity(cpus=4, gpus={"A100": 1.0})).admit == [("g1", False)]
 
 
 def test_teams_and_jobs_files_round_trip_and_bad_files_say_what_is_wrong(tmp_path, monkeypatch):

@@ -132,7 +132,8 @@ def usage_command(args) -> int:
     if args.team:
         rows = [r for r in rows if r.team == args.team]
     label = datetime.fromtimestamp(since).isoformat(timespec="seconds") if since else "the start"
-    print(f"usage since {label} (demand x time held; GPU energy: aidc status on GPU nodes)")
+    print(f"usage since {label} (CPU/GPU-h: admitted demand x time held; GPU-kWh: NVML power of the GPUs its "
+          "processes used, via Ray's agent; 0 without GPUs)")
     print(format_usage(rows))
     return 0
 

@@ -24,18 +24,6 @@ EPS = 1e-9
 
 
 @dataclass
-class Capacity:
-    """What the cluster has for jobs: CPUs, GPUs per accelerator type ('' for GPUs of no known type), memory."""
-
-    cpus: float
-    gpus: dict[str, float] = field(default_factory=dict)
-    memory_gb: float = 0.0
-
-    def gpu_total(self) -> float:
-        return sum(self.gpus.values())
-
-
-@dataclass
 class Held:
     """Resources held by a set of running jobs."""
 
@@ -57,6 +45,21 @@ class Held:
 
     def copy(self) -> "Held":
         return Held(self.cpus, dict(self.gpus), self.memory_gb, self.jobs)
+
+
+@dataclass
+class Capacity:
+    """What the cluster has for jobs: CPUs, GPUs per accelerator type ('' for GPUs of no known type), memory;
+    `outside`: what work the gateway did not admit holds now (Serve replicas, detached actors, jobs sent to Ray
+    directly), not free for the queue while held."""
+
+    cpus: float
+    gpus: dict[str, float] = field(default_factory=dict)
+    memory_gb: float = 0.0
+    outside: Held = field(default_factory=lambda: Held())
+
+    def gpu_total(self) -> float:
+        return sum(self.gpus.values())
 
 
 @dataclass
@@ -93,19 +96,28 @@ def quota_problem(team: str, quota: Quota, held: Held, d: Demand) -> str | None:
 
 
 def cluster_problem(cap: Capacity, held: Held, d: Demand) -> str | None:
-    """Why `d` does not fit on the cluster next to what all running jobs hold, or None."""
-    if held.cpus + d.cpus > cap.cpus + EPS:
-        return f"cluster: {held.cpus:g} of {cap.cpus:g} CPUs in use, this job needs {d.cpus:g}"
-    if d.memory_gb and cap.memory_gb and held.memory_gb + d.memory_gb > cap.memory_gb + EPS:
-        return f"cluster: {held.memory_gb:g} of {cap.memory_gb:g} GiB in use, this job needs {d.memory_gb:g}"
+    """Why `d` does not fit on the cluster next to what all running jobs (and work outside the gateway) hold."""
+    out = cap.outside
+
+    def note(x: float) -> str:
+        return f" ({x:g} by work outside the gateway: Serve replicas, detached actors, jobs sent to Ray directly)" \
+            if x > EPS else ""
+
+    if held.cpus + out.cpus + d.cpus > cap.cpus + EPS:
+        return f"cluster: {held.cpus + out.cpus:g} of {cap.cpus:g} CPUs in use{note(out.cpus)}, this job needs " \
+               f"{d.cpus:g}"
+    if d.memory_gb and cap.memory_gb and held.memory_gb + out.memory_gb + d.memory_gb > cap.memory_gb + EPS:
+        return f"cluster: {held.memory_gb + out.memory_gb:g} of {cap.memory_gb:g} GiB in use{note(out.memory_gb)}, " \
+               f"this job needs {d.memory_gb:g}"
     if d.gpus:
         if d.gpu_type:
-            have, used = cap.gpus.get(d.gpu_type, 0.0), held.gpus.get(d.gpu_type, 0.0)
+            have = cap.gpus.get(d.gpu_type, 0.0)
+            used, other = held.gpus.get(d.gpu_type, 0.0), out.gpus.get(d.gpu_type, 0.0)
         else:
-            have, used = cap.gpu_total(), held.gpu_total()
-        if used + d.gpus > have + EPS:
-            return f"cluster: {used:g} of {have:g} {d.gpu_type or ''} GPUs in use, this job needs {d.gpus:g}" \
-                .replace("  ", " ")
+            have, used, other = cap.gpu_total(), held.gpu_total(), out.gpu_total()
+        if used + other + d.gpus > have + EPS:
+            return f"cluster: {used + other:g} of {have:g} {d.gpu_type or ''} GPUs in use{note(other)}, this job " \
+                   f"needs {d.gpus:g}".replace("  ", " ")
     return None
 
 
@@ -115,8 +127,8 @@ def never_fits(team: Team, d: Demand, cap: Capacity | None) -> str | None:
         problem = quota_problem(team.name, team.quota, Held(), d)
         if problem:
             return problem.replace(" 0 of ", " quota ").replace(" in use", "")
-    if cap is not None:
-        problem = cluster_problem(cap, Held(), d)
+    if cap is not None:  # against the whole cluster: what outside work holds now may be freed later
+        problem = cluster_problem(Capacity(cap.cpus, cap.gpus, cap.memory_gb), Held(), d)
         if problem:
             return problem.replace(" 0 of ", " has ").replace(" in use", "")
     return None

@@ -33,7 +33,7 @@ from aidc.errors import AidcError, ConfigError
 from aidc.security import audit
 from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
-from aidc.tenancy import admission, metrics
+from aidc.tenancy import admission, energy, metrics
 from aidc.tenancy.demand import job_demand, with_run_name
 from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, JobRecord, Jobs, Teams, load_jobs, load_teams, save_jobs,
                                 tenancy_home)
@@ -45,12 +45,69 @@ _SUBMIT_FIELDS = {"entrypoint", "submission_id", "runtime_env", "metadata", "ent
                   "job_id"}
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _ATTEMPT = re.compile(r"-a\d+$")  # <id>-a<n>: the gateway's name for a job's later attempts in Ray
-_GROUP_WILD = {k: re.compile(rf"^{k}_group_[0-9a-f]+$") for k in ("CPU", "GPU")}
-_GROUP_INDEXED = {k: re.compile(rf"^{k}_group_\d+_[0-9a-f]+$") for k in ("CPU", "GPU")}
+_GROUP_WILD = {k: re.compile(rf"^{k}_group_[0-9a-f]+$") for k in ("CPU", "GPU", "memory")}
+_GROUP_INDEXED = {k: re.compile(rf"^{k}_group_\d+_[0-9a-f]+$") for k in ("CPU", "GPU", "memory")}
 PACKAGE_TTL_S = 3600.0
 _PACKAGE = re.compile(r"^_ray_pkg_[0-9a-f]{16,64}\.zip$")
 _RAY_INFO = ("job_id", "driver_info", "error_type", "driver_agent_http_address", "driver_node_id",
              "driver_exit_code", "message", "start_time", "end_time")
+
+
+_HELD = ("CPU", "GPU", "memory")
+_LIVE_PG = ("CREATED", "RESCHEDULING")
+
+
+def _holdings(actors: list[dict], pgs: list[dict]):
+    """(node id, {CPU, GPU, memory}) for each live placement-group bundle and each actor's own share: an actor in
+    one of these groups takes from its bundle (counted there), any other actor counts its plain resources and
+    its share of a group not listed (Ray names it CPU_group_<pg> and CPU_group_<i>_<pg>: the larger, once)."""
+    counted = {pg.get("placement_group_id") for pg in pgs if pg.get("state") in _LIVE_PG}
+    for pg in pgs:
+        if pg.get("state") in _LIVE_PG:
+            for bundle in pg.get("bundles") or []:
+                res = bundle.get("unit_resources") or {}
+                yield bundle.get("node_id"), {k: float(res.get(k, 0.0)) for k in _HELD}
+    for actor in actors:
+        if actor.get("state", "ALIVE") != "ALIVE":
+            continue
+        res = actor.get("required_resources") or {}
+        own = {k: float(res.get(k, 0.0)) for k in _HELD}
+        if actor.get("placement_group_id") not in counted:
+            for k in _HELD:
+                own[k] += max(sum(v for n, v in res.items() if _GROUP_WILD[k].match(n)),
+                              sum(v for n, v in res.items() if _GROUP_INDEXED[k].match(n)))
+        yield actor.get("node_id"), own
+
+
+def held_by(actors: list[dict], pgs: list[dict] = ()) -> dict[str, float]:
+    """CPUs, GPUs and memory (bytes) the live actors and placement groups hold (see _holdings)."""
+    held = dict.fromkeys(_HELD, 0.0)
+    for _, own in _holdings(actors, pgs):
+        for k in _HELD:
+            held[k] += own[k]
+    return held
+
+
+def outside_use(actors: list[dict], pgs: list[dict], gpu_kinds: dict[str, str],
+                ray_jobs: list[dict]) -> admission.Held:
+    """What live actors and placement groups of work the gateway did not admit hold: Serve replicas, detached
+    actors, jobs submitted to Ray directly, and what a gateway job left behind when it ended (a detached actor, a
+    Serve app it started). A running job the gateway submitted carries `aidc_job` in its metadata (`ray_jobs`:
+    Ray's job list, and the gateway's running jobs in its shape); its actors, groups and supervisor (which holds
+    the entrypoint's resources) are in its demand. GPUs count under their node's accelerator type (`gpu_kinds`:
+    node id -> type)."""
+    mine = [j for j in ray_jobs if (j.get("metadata") or {}).get("aidc_job") and j.get("status") not in TERMINAL]
+    ours = {j.get("job_id") for j in mine} - {None}
+    supervisors = {f"_ray_internal_job_actor_{j.get('submission_id')}" for j in mine}
+    theirs = [a for a in actors if a.get("job_id") not in ours and a.get("name") not in supervisors]
+    out = admission.Held()
+    for node_id, own in _holdings(theirs, [pg for pg in pgs if pg.get("creator_job_id") not in ours]):
+        out.cpus += own["CPU"]
+        out.memory_gb += own["memory"] / (1 << 30)
+        if own["GPU"]:
+            kind = gpu_kinds.get(node_id, "")
+            out.gpus[kind] = out.gpus.get(kind, 0.0) + own["GPU"]
+    return out
 
 
 class PackageGone(AidcError):
@@ -95,6 +152,8 @@ class Gateway:
         self._teams: Teams = Teams()
         self._teams_stamp = None
         self._capacity: tuple[float, admission.Capacity] | None = None
+        self._energy_at: float | None = None  # when GPU energy was last counted (monotonic)
+        self._saved_at, self._unsaved_energy = time.monotonic(), False
         self._strikes: dict[str, int] = {}
         self._stops: dict[str, float] = {}  # job id -> when a stop was last sent to Ray
         self._last_sweep = 0.0
@@ -124,6 +183,7 @@ class Gateway:
 
     def save(self) -> None:
         save_jobs(self.jobs, str(self.home))
+        self._saved_at, self._unsaved_energy = time.monotonic(), False
 
     # ---- Ray -----------------------------------------------------------------------------------------------------
 
@@ -147,28 +207,52 @@ class Gateway:
         return json.loads(body)
 
     async def capacity(self) -> admission.Capacity:
-        """Alive nodes' total resources (state API), cached 10 s; or the fixed capacity given at start."""
+        """Alive nodes' total resources and what work outside the gateway holds of them (state API), cached for
+        two resource checks (10 s by default); or the fixed capacity given at start."""
         if self.fixed_capacity is not None:
             return self.fixed_capacity
         now = time.monotonic()
-        if self._capacity and now - self._capacity[0] < 10:
+        if self._capacity and now - self._capacity[0] < 2 * self.enforce_s:
             return self._capacity[1]
-        status, body = await self.ray_call("GET", "/api/v0/nodes?limit=10000&detail=true")
-        if status != 200:
-            raise AidcError(f"Ray state API /api/v0/nodes answered {status}: {body[:200]!r}")
         cap = admission.Capacity(cpus=0.0)
-        for node in json.loads(body)["data"]["result"]["result"]:
+        kinds: dict[str, str] = {}  # node id -> its GPUs' accelerator type
+        for node in await self._state("/api/v0/nodes?limit=10000&detail=true"):
             if node.get("state") != "ALIVE":
                 continue
             res = node.get("resources_total") or {}
             cap.cpus += res.get("CPU", 0.0)
             cap.memory_gb += res.get("memory", 0.0) / (1 << 30)
             if res.get("GPU"):
-                kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
-                kind = kinds[0] if kinds else ""
+                types = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+                kind = kinds[node.get("node_id")] = types[0] if types else ""
                 cap.gpus[kind] = cap.gpus.get(kind, 0.0) + res["GPU"]
+        try:
+            cap.outside = await self._outside(kinds)
+        except Exception as exc:  # noqa: BLE001 - keep the last known outside use rather than stop scheduling
+            logger.warning("work outside the gateway: %s (using the last known)", exc)
+            cap.outside = self._capacity[1].outside if self._capacity else admission.Held()
         self._capacity = (now, cap)
         return cap
+
+    async def _outside(self, kinds: dict[str, str]) -> admission.Held:
+        # actors and groups before the jobs list: an actor exists only once its driver is registered, so the list
+        # read after it names every running job the actors belong to
+        actors, pgs = await asyncio.gather(
+            self._state("/api/v0/actors?limit=10000&detail=true&filter_keys=state&filter_predicates=%3D"
+                        "&filter_values=ALIVE"),
+            self._state("/api/v0/placement_groups?limit=10000&detail=true"))
+        status, body = await self.ray_call("GET", "/api/jobs/")
+        if status != 200:
+            raise AidcError(f"Ray Jobs API /api/jobs/ answered {status}: {body[:200]!r}")
+        mine = [{"submission_id": j.ray_id, "job_id": self.ray_info.get(j.id, {}).get("job_id"), "status": "RUNNING",
+                 "metadata": {"aidc_job": j.id}} for j in self.jobs.jobs.values() if j.state == "RUNNING"]
+        return outside_use(actors, pgs, kinds, json.loads(body) + mine)
+
+    async def _state(self, path: str) -> list[dict]:
+        status, body = await self.ray_call("GET", path)
+        if status != 200:
+            raise AidcError(f"Ray state API {path.split('?')[0]} answered {status}: {body[:200]!r}")
+        return json.loads(body)["data"]["result"]["result"]
 
     def package_path(self, team: str, uri: str) -> Path:
         """Where the gateway keeps a team's working-dir package `gcs://_ray_pkg_<hash>.zip` (each team its own)."""
@@ -257,7 +341,7 @@ class Gateway:
                 self._last_enforce = time.monotonic()
                 changed |= await self._enforce()
             changed |= await self._schedule()
-            if changed:
+            if changed or (self._unsaved_energy and time.monotonic() - self._saved_at >= 60):
                 self.save()
             if time.monotonic() - self._last_sweep >= 60:
                 self._last_sweep = time.monotonic()
@@ -315,18 +399,27 @@ class Gateway:
         return True
 
     async def _enforce(self) -> bool:
-        """Stop running jobs that hold more than they were admitted for (two checks in a row): their actors
-        (placement-group bundles included) plus the driver's reservation, from Ray's state API."""
+        """Stop running jobs that hold more than they were admitted for (two checks in a row): their actors and
+        placement groups plus the driver's reservation, from Ray's state API. The processes found are also what
+        GPU energy is counted for."""
         changed = False
-        for job in [j for j in self.jobs.jobs.values() if j.state == "RUNNING" and not j.stopping]:
-            ray_job_id = self.ray_info.get(job.id, {}).get("job_id")
-            if not ray_job_id:
+        processes: dict[str, set[tuple[str, int]]] = {}
+        for job in [j for j in self.jobs.jobs.values() if j.state == "RUNNING"]:
+            info = self.ray_info.get(job.id, {})
+            if not info.get("job_id"):
                 continue
             try:
-                held = await self._actors_held(ray_job_id)
+                actors, pgs = await self._live_actors(info["job_id"])
             except Exception as exc:  # noqa: BLE001 - the state API unavailable: check next round
                 logger.warning("resource check of %s: %s", job.id, exc)
                 continue
+            processes[job.id] = {(a.get("node_id"), int(a["pid"])) for a in actors if a.get("pid")}
+            driver_pid = (info.get("driver_info") or {}).get("pid")
+            if driver_pid and str(driver_pid).isdigit():
+                processes[job.id].add((info.get("driver_node_id"), int(driver_pid)))
+            if job.stopping:
+                continue
+            held = held_by(actors, pgs)
             cpus = held["CPU"] + float(job.request.get("entrypoint_num_cpus") or 0)
             gpus = held["GPU"] + float(job.request.get("entrypoint_num_gpus") or 0)
             excess = []
@@ -340,7 +433,8 @@ class Gateway:
             self._strikes[job.id] = self._strikes.get(job.id, 0) + 1
             if self._strikes[job.id] < 2:
                 continue
-            why = (f"stopped by the aidc gateway: the job holds {' and '.join(excess)} in its driver and actors; "
+            why = (f"stopped by the aidc gateway: the job holds {' and '.join(excess)} in its driver, actors and "
+                   "placement groups; "
                    "declare what it needs (its config's resources, or --metadata-json '{\"cpus\": \"4\", \"gpus\": "
                    "\"1\"}' for the whole job) and submit again")
             job.stopping, job.message = True, why
@@ -350,26 +444,46 @@ class Gateway:
                                  details={"team": job.team, "excess": excess})
             metrics.count("enforced", job.team)
             changed = True
+        try:
+            await self._count_energy(processes)
+        except Exception as exc:  # noqa: BLE001 - the dashboard unavailable: this interval is not counted
+            logger.warning("GPU energy: %s", exc)
         return changed
 
-    async def _actors_held(self, ray_job_id: str) -> dict[str, float]:
-        """CPUs and GPUs the job's live actors hold. Ray names an actor's placement-group share CPU_group_<pg>
-        (and CPU_group_<i>_<pg> for a bundle index): each actor counts the larger of those forms once."""
-        q = f"/api/v0/actors?limit=10000&detail=true&filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}"
-        status, body = await self.ray_call("GET", q)
-        if status != 200:
-            raise AidcError(f"state API {status}: {body[:200]!r}")
-        held = {"CPU": 0.0, "GPU": 0.0}
-        for actor in json.loads(body)["data"]["result"]["result"]:
-            if actor.get("state") != "ALIVE":
-                continue
-            res = actor.get("required_resources") or {}
-            for kind in held:
-                plain = res.get(kind, 0.0)
-                wild = sum(v for k, v in res.items() if _GROUP_WILD[kind].match(k))
-                indexed = sum(v for k, v in res.items() if _GROUP_INDEXED[kind].match(k))
-                held[kind] += plain + max(wild, indexed)
-        return held
+    async def _count_energy(self, processes: dict[str, set[tuple[str, int]]]) -> None:
+        """Add the GPU energy each running job drew since the last check (aidc.tenancy.energy) to its ledger
+        (saved with the next change, or within a minute); nothing is asked where the cluster has no GPUs."""
+        now = time.monotonic()
+        last, self._energy_at = self._energy_at, now
+        if last is None or not processes or not (await self.capacity()).gpus:
+            return
+        nodes, tasks = await asyncio.gather(
+            self.ray_call("GET", "/nodes?view=summary"),
+            self._state("/api/v0/tasks?limit=10000&detail=true&filter_keys=state&filter_predicates=%3D"
+                        "&filter_values=RUNNING"))
+        if nodes[0] != 200:
+            raise AidcError(f"the dashboard's /nodes answered {nodes[0]}: {nodes[1][:200]!r}")
+        by_ray_job = {self.ray_info.get(j, {}).get("job_id"): j for j in processes}
+        for task in tasks:  # GPU tasks (Ray Data map tasks, remote functions) run in their workers' processes
+            job_id = by_ray_job.get(task.get("job_id"))
+            if job_id and task.get("worker_pid"):
+                processes[job_id].add((task.get("node_id"), int(task["worker_pid"])))
+        watts = energy.gpu_watts_by_job(json.loads(nodes[1]).get("data", {}).get("summary") or [], processes)
+        held_s = min(now - last, 3 * self.enforce_s)  # after a gap (a slow round, a restart) the reading is stale
+        wall = time.time()
+        for job_id, w in watts.items():
+            job = self.jobs.jobs[job_id]
+            energy.add_energy(job.gpu_kwh, w, wall - held_s, wall)
+            metrics.add_energy(job.team, w * held_s / 3.6e6)
+        self._unsaved_energy |= bool(watts)
+
+    async def _live_actors(self, ray_job_id: str) -> tuple[list[dict], list[dict]]:
+        """A Ray job's live actors and placement groups (state API)."""
+        where = f"limit=10000&detail=true&filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}"
+        actors, pgs = await asyncio.gather(
+            self._state(f"/api/v0/actors?{where}"),
+            self._state(f"/api/v0/placement_groups?{where.replace('job_id', 'creator_job_id')}"))
+        return [a for a in actors if a.get("state") == "ALIVE"], pgs
 
     async def _send_stop(self, job: JobRecord) -> None:
         self._stops[job.id] = time.monotonic()

@@ -1,6 +1,6 @@
 """The gateway's Prometheus metrics (served on its own `/metrics`: the gateway is not a Ray process, so Ray's
 metrics agent does not export them): quota used and limit per team and resource, queue length, wait time until
-admission, preemptions and enforcement stops."""
+admission, preemptions and enforcement stops, GPU energy."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ QUEUED = Gauge("aidc_tenancy_queue_length", "Jobs waiting in the queue.", ["team
 BORROWED = Gauge("aidc_tenancy_borrowed_jobs", "Running jobs on borrowed capacity.", ["team"], registry=REGISTRY)
 WAIT = Histogram("aidc_tenancy_wait_seconds", "Seconds from submission (or requeue) to admission.", ["team"],
                  buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600), registry=REGISTRY)
+ENERGY = Counter("aidc_tenancy_gpu_energy_kwh", "GPU energy drawn by a team's jobs (NVML power via Ray's agent).",
+                 ["team"], registry=REGISTRY)
 EVENTS = Counter("aidc_tenancy_events_total", "Preemptions and enforcement stops.", ["team", "event"],
                  registry=REGISTRY)
 
@@ -48,6 +50,7 @@ def publish(jobs, teams: dict) -> None:
                 QUOTA_LIMIT.labels(name, res).set(v)
     for team, n in queued.items():
         QUEUED.labels(team).set(n)
+        ENERGY.labels(team)  # a zero row for every team
     for team, n in borrowed.items():
         BORROWED.labels(team).set(n)
 
@@ -60,8 +63,12 @@ def count(event: str, team: str) -> None:
     EVENTS.labels(team, event).inc()
 
 
+def add_energy(team: str, kwh: float) -> None:
+    ENERGY.labels(team).inc(kwh)
+
+
 def render() -> bytes:
     return generate_latest(REGISTRY)
 
 
-__all__ = ["count", "observe_wait", "publish", "render"]
+__all__ = ["add_energy", "count", "observe_wait", "publish", "render"]
