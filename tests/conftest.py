@@ -59,11 +59,18 @@ def run_cli(args, env, timeout=600) -> str:
     return proc.stdout + proc.stderr
 
 
+class Head(tuple):
+    """(env for CLI calls, dashboard URL, the cluster's temp dir), and `restart()`: the head stopped (every process
+    of it) and started again on the same ports with the same token: a new cluster that knows no job."""
+
+    restart = None
+
+
 @contextlib.contextmanager
 def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray_env: dict | None = None):
     """A head started with `ray start` like `make demo` (token auth on), on free ports; always stopped.
 
-    Yields (env for CLI calls, dashboard URL, the cluster's temp dir). The cluster has its own 0600 token,
+    Yields a Head: (env for CLI calls, dashboard URL, the cluster's temp dir). The cluster has its own 0600 token,
     never the user's ~/.ray/auth_token (absent on a fresh machine), and a short temp dir of its own (socket
     paths must stay under 108 bytes): stopping it ends only this cluster.
     """
@@ -78,12 +85,20 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray
     env["RAY_AUTH_TOKEN_PATH"] = str(token)
     dash, gcs = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    run_cli([BIN / "ray", "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
+    start = [BIN / "ray", "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
              f"--dashboard-agent-listen-port={free_port()}",  # the job agent's port (52365 may be another head's)
-             f"--temp-dir={temp_dir}"], env, timeout)
+             f"--temp-dir={temp_dir}"]
+    run_cli(start, env, timeout)
+    head = Head((env, f"http://127.0.0.1:{dash}", Path(temp_dir)))
+
+    def restart():
+        stop_local_ray(gcs, temp_dir)
+        run_cli(start, env, timeout)
+
+    head.restart = restart
     try:
-        yield env, f"http://127.0.0.1:{dash}", Path(temp_dir)
+        yield head
     finally:
         stop_local_ray(gcs, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

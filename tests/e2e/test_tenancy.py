@@ -83,8 +83,9 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tenancy")
-    with ray_head(tmp_path, num_cpus=4, prefix="aidc-gw-") as (env, dashboard, _):
-        gw = Gateway(env, dashboard, tmp_path)
+    with ray_head(tmp_path, num_cpus=4, prefix="aidc-gw-") as head:
+        gw = Gateway(head[0], head[1], tmp_path)
+        gw.restart_head = head.restart
         gw.aidc("teams", "set", "a", "--cpus", "2", "--priority", "0", "--max-priority", "10")
         gw.aidc("teams", "set", "b", "--cpus", "2")
         gw.aidc("teams", "set", "c", "--cpus", "2", "--max-priority", "5")
@@ -297,3 +298,32 @@ def _gpu_energy_joins_the_dashboards_nodes_to_the_state_apis_actors(gw, job_id: 
     node["gpus"] = [{"index": 0, "powerMw": 120_000, "processesPids": [{"pid": alive[0]["pid"]}]}]
     procs = {(a["node_id"], int(a["pid"])) for a in alive}
     assert gpu_watts_by_job(summary, {job_id: procs, "other": {("elsewhere", 1)}}) == {job_id: 120.0}
+
+
+def test_a_head_restart_loses_no_job_the_running_one_runs_again_and_the_queued_one_once(gateway, tmp_path):
+    """The head stopped and started again (a new cluster: Ray's job table is gone): the gateway, from its own
+    records, submits the running job again (its working dir uploaded again) and then the queued one; each
+    marker file counts the runs."""
+    gw = gateway
+    gw.aidc("teams", "set", "e", "--cpus", "1")
+    dev_e = gw.key("erin", "developer", "e")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "once.py").write_text(  # e-1's first run holds on (until the head goes); any other run ends at once
+        "import os, sys, time\nmarker = sys.argv[2]\nagain = os.path.exists(marker)\nopen(marker, 'a').write('x')\n"
+        "print(('again ' if again else 'first ') + sys.argv[1], flush=True)\n"
+        "time.sleep(0 if again else float(sys.argv[3]))\n")
+    runs = {n: tmp_path / f"e-{n}.runs" for n in (1, 2)}
+    for n, hold in ((1, 300), (2, 0)):
+        gw.ray(dev_e, "submit", "--no-wait", "--submission-id", f"e-{n}", "--working-dir", str(work),
+               "--entrypoint-num-cpus", "1", "--", "python", "once.py", f"e-{n}", str(runs[n]), str(hold))
+    deadline = time.monotonic() + 120
+    while not runs[1].exists():
+        assert time.monotonic() < deadline, gw.job(dev_e, "e-1").json()
+        time.sleep(0.3)
+    assert gw.job(dev_e, "e-2").json()["status"] == "PENDING"
+    gw.restart_head()
+    for n in (1, 2):
+        assert gw.wait(dev_e, f"e-{n}", ("SUCCEEDED", "FAILED", "STOPPED"), timeout=240)["status"] == "SUCCEEDED"
+    assert runs[1].read_text() == "xx" and runs[2].read_text() == "x"  # e-1 again after the restart, e-2 once
+    assert "again e-1" in gw.ray(dev_e, "logs", "e-1").stdout
