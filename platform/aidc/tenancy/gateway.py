@@ -455,7 +455,12 @@ class Gateway:
         (saved with the next change, or within a minute); nothing is asked where the cluster has no GPUs."""
         now = time.monotonic()
         last, self._energy_at = self._energy_at, now
-        if last is None or not processes or not (await self.capacity()).gpus:
+        if last is None or not processes:
+            return
+        # whether the cluster has GPUs: from the capacity scheduling last read (refreshed here once a minute), so
+        # an idle queue does not make every check read the whole cluster's actors and groups
+        cap = self._capacity[1] if self._capacity and now - self._capacity[0] < 60 else await self.capacity()
+        if not cap.gpus:
             return
         nodes, tasks = await asyncio.gather(
             self.ray_call("GET", "/nodes?view=summary"),
