@@ -364,6 +364,7 @@ class ResourcesConfig(Strict):
         return n
 
 
+TRIAL_DRIVER_CPU = 0.2  # the trial process of a multi-worker Tune trial only waits on its Train run
 ELASTIC_MAX_FAILURES = 10  # default run.max_failures of an elastic run: one per node loss it rides out
 
 
@@ -462,6 +463,14 @@ class TuneConfig(Strict):
     register_alias: str = Field(
         "tuned", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Alias the best trial's model gets."
     )
+
+    def trial_cpus(self, res: ResourcesConfig) -> float:
+        """CPUs one trial holds: a multi-worker trial's process (TRIAL_DRIVER_CPU) and its Train workers; a
+        num_workers: 0 trial runs the loop in its process: cpus_per_trial (default resources.cpus_per_worker)."""
+        workers = res.num_workers if isinstance(res.num_workers, int) else res.num_workers[1]
+        if workers:
+            return TRIAL_DRIVER_CPU + workers * res.cpus_per_worker
+        return self.cpus_per_trial or res.cpus_per_worker
 
     @model_validator(mode="after")
     def _search_fits_space(self) -> "TuneConfig":

@@ -104,7 +104,6 @@ def from_config(module: str, config: str, overrides: list[str], package: Path | 
     """Demand of an aidc job from its config inside the working-dir package (a zip)."""
     import aidc.tasks  # noqa: F401 - registers the workloads and datasets a job config is checked against
     from aidc.config import load_config
-    from aidc.tune.sweep import TRIAL_DRIVER_CPU
 
     if package is None:
         raise ConfigError(f"{module} --config {config}: the gateway cannot read the config without the working dir; "
@@ -128,10 +127,7 @@ def from_config(module: str, config: str, overrides: list[str], package: Path | 
         if not trials:
             raise ConfigError("jobs.tune through the gateway needs tune.max_concurrent_trials (how many trials run "
                               "at once is what the sweep holds): add --set tune.max_concurrent_trials=2")
-        # what aidc.tune.sweep gives a trial: its process and its Train workers' CPUs
-        per_trial = TRIAL_DRIVER_CPU + workers * res.cpus_per_worker if workers else (
-            cfg.tune.cpus_per_trial or res.cpus_per_worker)
-        cpus = per_trial * trials + data
+        cpus = cfg.tune.trial_cpus(res) * trials + data  # as aidc.tune.sweep sizes a trial
         return Demand(cpus=cpus, gpus=gpus * trials)
     return Demand(cpus=per_trial_cpus + data, gpus=gpus)
 

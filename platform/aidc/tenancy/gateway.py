@@ -409,7 +409,7 @@ class Gateway:
             if not info.get("job_id"):
                 continue
             try:
-                actors, pgs = await self._live_actors(info["job_id"])
+                actors, pgs = await self._job_holdings(info["job_id"])
             except Exception as exc:  # noqa: BLE001 - the state API unavailable: check next round
                 logger.warning("resource check of %s: %s", job.id, exc)
                 continue
@@ -482,7 +482,7 @@ class Gateway:
             metrics.add_energy(job.team, w * held_s / 3.6e6)
         self._unsaved_energy |= bool(watts)
 
-    async def _live_actors(self, ray_job_id: str) -> tuple[list[dict], list[dict]]:
+    async def _job_holdings(self, ray_job_id: str) -> tuple[list[dict], list[dict]]:
         """A Ray job's live actors and placement groups (state API)."""
         where = f"limit=10000&detail=true&filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}"
         actors, pgs = await asyncio.gather(

@@ -20,13 +20,13 @@ from pathlib import Path
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from aidc import storage
+from aidc.config import TRIAL_DRIVER_CPU
 from aidc.errors import AidcError, ConfigError
 from aidc.tune.space import SweepSpec, tune_space
 
 logger = logging.getLogger(__name__)
 
 TIME_ATTR = "epochs_done"
-TRIAL_DRIVER_CPU = 0.2  # the trial process of a multi-worker trial only waits on its Train run
 RUNGS_FILE = "asha_rungs.json"
 
 
@@ -96,13 +96,13 @@ def trial_resources(spec: SweepSpec, cluster: dict, data_reads: bool = False) ->
     gpus = cluster.get("GPU", 0)
     use_gpu = gpus > 0 if res.use_gpu == "auto" else res.use_gpu
     workers = res.num_workers if isinstance(res.num_workers, int) else res.num_workers[1]
+    cpus = tc.trial_cpus(res)
     if workers == 0:
-        cpu = tc.cpus_per_trial or res.cpus_per_worker
-        per_trial = {"CPU": cpu, **({"GPU": 1} if use_gpu else {}), **res.custom}
-        cpus, gpus_each = cpu, float(use_gpu)
+        per_trial = {"CPU": cpus, **({"GPU": 1} if use_gpu else {}), **res.custom}
+        gpus_each = float(use_gpu)
     else:
         per_trial = {"CPU": TRIAL_DRIVER_CPU}
-        cpus, gpus_each = TRIAL_DRIVER_CPU + workers * res.cpus_per_worker, float(workers if use_gpu else 0)
+        gpus_each = float(workers if use_gpu else 0)
     total = cluster.get("CPU", 1)
     reserve = DATA_CPUS if data_reads or total > 2 else 0.0
     free_cpus = max(total - reserve, cpus)  # at least one trial, even where that leaves Data less than a CPU
