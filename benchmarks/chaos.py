@@ -233,11 +233,9 @@ def run(a) -> dict:
 
 
 def _free_port() -> int:
-    import socket
+    from aidc.testing import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def sweep(root: str, a):

@@ -10,11 +10,20 @@ import socket
 from pathlib import Path
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, and never one this process was given before: the kernel may hand the
+    same ephemeral port to two binds in a row once the first socket is closed, and two Ray components asked to
+    share one port refuse to start (`ray start` failed so in CI: the GCS and the agent both got 46633)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "to be or not to be, that is the question",
              "all the world's a stage, and all the men and women merely players", "hello world"] * 4
