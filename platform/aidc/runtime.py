@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 # Every Ray process reads these when it starts, so they belong in the environment of `ray start` (Makefile,
 # cluster.yaml, tests) and of an embedded ray.init (init_ray below, benchmarks). An already-set value wins.
 DATA_ENV = {"RAY_DATA_USE_DATASOURCE_V2": "0"}
+# The most CPUs this job's Ray Data tasks may hold at once: the aidc gateway sets it from what it admitted the job
+# for (its quota counts running tasks); unset, Ray Data takes what is free, as it does by default.
+DATA_CPUS_ENV = "AIDC_DATA_CPUS"
 RAY_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", **DATA_ENV}
 
 
@@ -64,8 +68,12 @@ def _data_env(runtime_env: dict) -> None:
     missing = {k: v for k, v in DATA_ENV.items() if k not in os.environ}
     os.environ.update(missing)
     # data.encryption's key files: where this driver finds them, its workers look too (the directory, never a key)
-    forwarded = {**missing, **({"AIDC_KEYS_DIR": os.environ["AIDC_KEYS_DIR"]} if os.environ.get("AIDC_KEYS_DIR")
-                               else {})}
+    forwarded = {**missing, **{k: os.environ[k] for k in ("AIDC_KEYS_DIR", DATA_CPUS_ENV) if os.environ.get(k)}}
+    # inside a submitted job, what the job's own runtime env sets reaches its workers already, and Ray refuses to
+    # merge a driver's env_vars that repeat one of its keys ("Failed to merge the Job's runtime env")
+    job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}).get(
+        "env_vars") or {}
+    forwarded = {k: v for k, v in forwarded.items() if k not in job_env}
     if forwarded:
         runtime_env["env_vars"] = forwarded
     if "ray.data" in sys.modules:  # imported before: its context read the variable already
@@ -73,6 +81,31 @@ def _data_env(runtime_env: dict) -> None:
 
         ray.data.DataContext.get_current().use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"].lower() in (
             "1", "true")
+
+
+def data_cpus() -> float | None:
+    """The CPUs this job's Ray Data tasks may hold at once ($AIDC_DATA_CPUS), or None: no bound."""
+    value = os.environ.get(DATA_CPUS_ENV)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        raise ValueError(f"{DATA_CPUS_ENV}={value!r} is not a number of CPUs (the aidc gateway sets it)") from None
+
+
+def bound_data(ctx=None):
+    """Ray Data's resource limits within data_cpus() (this process's DataContext, or `ctx`): the tasks of the
+    job's pipelines, Train's ingest (Ray Train takes the driver's context) included, hold no more CPUs than the
+    gateway admitted for them. Returns the bound (None: none)."""
+    cpus = data_cpus()
+    if cpus is None:
+        return None
+    import ray.data
+
+    ctx = ctx or ray.data.DataContext.get_current()
+    limits = ctx.execution_options.resource_limits
+    if limits.cpu is None or limits.cpu > cpus:
+        ctx.execution_options.resource_limits = limits.copy(cpu=cpus)
+    return cpus
 
 
 def aidc_package_dir() -> str:
@@ -131,6 +164,7 @@ def init_ray(num_cpus: float | None = None) -> None:
     if address:
         logger.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        bound_data()
     else:
         logger.info("RAY_ADDRESS is not set: starting an embedded local Ray")
         # address="local": a new Ray even when another one runs on this host (ray start, a test cluster);

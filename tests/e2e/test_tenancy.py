@@ -176,17 +176,28 @@ def test_quota_queue_team_isolation_roles_enforcement_and_a_gateway_killed_mid_q
         "    def ping(self):\n        return 1\n"
         "a = A.options(scheduling_strategy=In(pg, placement_group_bundle_index=0)).remote()\n"
         "ray.get(a.ping.remote())\nprint('holding a bundle', flush=True)\ntime.sleep(120)\n")
-    for name in ("greedy", "greedy_pg"):  # one after the other: side by side, either could starve the other
+    # and one that declares 1 CPU for the whole job and runs three one-CPU plain tasks
+    (tmp_path / "work" / "greedy_tasks.py").write_text(
+        "import os, time, ray\nray.init()\nprint('data CPUs', os.environ['AIDC_DATA_CPUS'], flush=True)\n"
+        "@ray.remote(num_cpus=1)\ndef hold():\n    time.sleep(120)\n"
+        "ray.get([hold.remote() for _ in range(3)])\n")
+    for name in ("greedy", "greedy_pg", "greedy_tasks"):  # one after the other: side by side, one could starve
+        declared = ["--metadata-json", '{"cpus": "1"}'] if name == "greedy_tasks" else ["--entrypoint-num-cpus", "1"]
         gw.ray(dev_b, "submit", "--no-wait", "--submission-id", name, "--working-dir", str(script.parent),
-               "--entrypoint-num-cpus", "1", "--", "python", f"{name}.py")
+               *declared, "--", "python", f"{name}.py")
         info = gw.wait(dev_b, name, ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
+        assert info["status"] == "STOPPED", info
         if name == "greedy":  # (its driver's CPU and two or three actors, whichever the check saw twice in a row)
-            assert info["status"] == "STOPPED" and re.search(r"holds [34] CPUs \(admitted for 1\)", info["message"]), \
-                info
-    assert info["status"] == "STOPPED" and "holds 3 CPUs (admitted for 1)" in info["message"], info
+            assert re.search(r"holds [34] CPUs \(admitted for 1\)", info["message"]), info
+        elif name == "greedy_pg":
+            assert "holds 3 CPUs (admitted for 1)" in info["message"], info
+    # the tasks counted (the driver holds none: the job's whole demand was declared), and what the job's own Ray
+    # Data pipelines were told to keep within (aidc.runtime.bound_data): the whole 1 CPU
+    assert "holds 3 CPUs (admitted for 1, 3 of them in 3 running tasks)" in info["message"], info
+    assert "data CPUs 1" in gw.ray(dev_b, "logs", "greedy_tasks").stdout
     metrics = requests.get(f"{gw.url}/metrics", timeout=10).text
     assert 'aidc_tenancy_quota_limit{resource="cpus",team="a"} 2.0' in metrics
-    assert 'aidc_tenancy_events_total{event="enforced",team="b"} 2.0' in metrics
+    assert 'aidc_tenancy_events_total{event="enforced",team="b"} 3.0' in metrics
     assert 'aidc_tenancy_gpu_energy_kwh_total{team="b"} 0.0' in metrics  # no GPUs here: nothing drawn
 
     # the gateway SIGKILLed with jobs queued: restarted, every job runs exactly once

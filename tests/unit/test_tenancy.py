@@ -12,7 +12,7 @@ from aidc.errors import ConfigError
 from aidc.security import keys
 from aidc.tenancy import admission
 from aidc.tenancy.admission import Capacity, plan
-from aidc.tenancy.demand import job_demand, parse_entrypoint, with_run_name
+from aidc.tenancy.demand import data_cpus, job_demand, parse_entrypoint, with_run_name
 from aidc.tenancy.model import (Demand, JobRecord, Jobs, Quota, Team, load_jobs, load_teams, parse_teams_file,
                                 save_jobs, update_teams)
 from aidc.tenancy.usage import usage
@@ -125,14 +125,21 @@ def test_demand_from_flags_from_the_aidc_config_in_the_package_and_the_default(t
     pkg = tmp_path / "_ray_pkg_0123456789abcdef.zip"
     pkg.write_bytes(_package({REPO_CONFIG: (repo / REPO_CONFIG).read_text()}))
     ep = f"python -m jobs.train --config {REPO_CONFIG} --set resources.num_workers=3 --set resources.cpus_per_worker=1"
-    assert job_demand({"entrypoint": ep}, pkg) == Demand(cpus=4)  # 3 workers x 1 CPU + one data task
-    assert job_demand({"entrypoint": ep}, pkg, cluster_has_gpus=True) == Demand(cpus=4, gpus=3)  # use_gpu: auto
+    assert job_demand({"entrypoint": ep}, pkg) == Demand(cpus=4, data_cpus=1)  # 3 workers x 1 CPU + one data task
+    assert job_demand({"entrypoint": ep}, pkg, cluster_has_gpus=True) == Demand(cpus=4, gpus=3, data_cpus=1)
+    # what its Ray Data pipelines may hold (AIDC_DATA_CPUS): the data share; other jobs: what the driver leaves
+    assert data_cpus(job_demand({"entrypoint": ep}, pkg), {"entrypoint": ep}) == 1
+    assert data_cpus(Demand(cpus=4), {"entrypoint_num_cpus": 1}) == 3
+    batch = f"python -m jobs.batch_infer --config {REPO_CONFIG} --set batch_infer.actors=3"
+    assert job_demand({"entrypoint": batch}, pkg) == Demand(cpus=3 * 0.5 + 1, data_cpus=2.5)  # pool + reads/writes
+    assert job_demand({"entrypoint": batch}, pkg, cluster_has_gpus=True).gpus == 3
+    assert data_cpus(Demand(cpus=1), {"entrypoint_num_cpus": 1}) is None
     with pytest.raises(ConfigError, match="inside the working dir"):
         job_demand({"entrypoint": "python -m jobs.train --config ../../etc/passwd"}, pkg)
     with pytest.raises(ConfigError, match="tune.max_concurrent_trials"):
         job_demand({"entrypoint": f"python -m jobs.tune --config {REPO_CONFIG}"}, pkg)
     assert job_demand({"entrypoint": f"python -m jobs.tune --config {REPO_CONFIG} --set tune.max_concurrent_trials=2"},
-                      pkg) == Demand(cpus=(0.2 + 2 * 0.5) * 2 + 1)  # as aidc.tune gives a trial: its process + workers
+                      pkg) == Demand(cpus=(0.2 + 2 * 0.5) * 2 + 1, data_cpus=1)  # as aidc.tune sizes a trial
     whole = {"entrypoint": "python x.py", "entrypoint_num_gpus": 1, "metadata": {"cpus": "8", "gpus": "2"}}
     assert job_demand(whole, None) == Demand(cpus=8, gpus=2)  # the driver's GPU is part of the job's two
     with pytest.raises(ConfigError, match="more than the job's whole declared demand"):
@@ -210,6 +217,10 @@ def test_gpu_energy_is_each_gpus_power_split_among_the_jobs_on_it_and_counted_pe
     assert held_by([{"required_resources": {"CPU": 1.0}}, {"placement_group_id": "abc123", "required_resources": share},
                     {"state": "DEAD", "required_resources": {"CPU": 4.0}}], pgs) == {
         "CPU": 3.0, "GPU": 1.0, "memory": 0.0}
+    # running plain tasks count as actors do: their own resources, or nothing beyond a listed group's bundle
+    tasks = [{"state": "RUNNING", "required_resources": {"CPU": 0.5}},
+             {"state": "RUNNING", "placement_group_id": "abc123", "required_resources": share}]
+    assert held_by(tasks, pgs) == {"CPU": 2.5, "GPU": 1.0, "memory": 0.0}  # 0.5 + the 2-CPU bundle
 
 
 def test_work_outside_the_gateway_is_not_free_capacity_but_never_makes_a_job_impossible():
@@ -369,3 +380,34 @@ def test_admins_set_quotas_with_aidc_teams_or_aidc_quotas(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "vision" in out and "priority=3" in out and "cpus=8.0" in out and "'A100': 4.0" in out \
         and "jobs=2" in out and "borrow=yes" in out
+
+
+def test_a_jobs_ray_data_pipelines_stay_within_what_the_gateway_admitted_for_them(monkeypatch):
+    import copy
+
+    import ray.data
+
+    from aidc.runtime import DATA_CPUS_ENV, bound_data
+
+    ctx = copy.deepcopy(ray.data.DataContext.get_current())
+    monkeypatch.delenv(DATA_CPUS_ENV, raising=False)
+    assert bound_data(ctx) is None and ctx.execution_options.resource_limits.cpu == float("inf")  # Ray's default
+    monkeypatch.setenv(DATA_CPUS_ENV, "1.5")
+    assert bound_data(ctx) == 1.5 and ctx.execution_options.resource_limits.cpu == 1.5
+    monkeypatch.setenv(DATA_CPUS_ENV, "4")  # a bound only lowers what the job set itself
+    assert bound_data(ctx) == 4 and ctx.execution_options.resource_limits.cpu == 1.5
+    monkeypatch.setenv(DATA_CPUS_ENV, "lots")
+    with pytest.raises(ValueError, match="not a number of CPUs"):
+        bound_data(ctx)
+    # inside a submitted job the gateway's variable is in the job's runtime env already: the driver does not
+    # pass it again (Ray refuses to merge a driver's env_vars that repeat a key of the job's)
+    from aidc.runtime import _data_env
+
+    monkeypatch.setenv(DATA_CPUS_ENV, "1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"env_vars": {"%s": "1"}}}' % DATA_CPUS_ENV)
+    runtime_env: dict = {}
+    _data_env(runtime_env)
+    assert DATA_CPUS_ENV not in runtime_env.get("env_vars", {})
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # a driver started by hand forwards it to its workers
+    _data_env(runtime_env)
+    assert runtime_env["env_vars"][DATA_CPUS_ENV] == "1"

@@ -5,10 +5,11 @@
 - `--metadata-json '{"cpus": "8", "gpus": "2", "gpu_type": "A100"}'`: the job's whole demand (driver, actors and
   tasks together) where the driver's reservation is not all it holds; the entrypoint flags then reserve only for
   the driver, within it.
-- `python -m jobs.train|jobs.tune --config F [--set a.b=v ...]` with no such flags: the config is read
-  from the uploaded working dir (the package the gateway keeps) and its `resources` section gives the demand:
+- `python -m jobs.train|jobs.tune|jobs.batch_infer --config F [--set a.b=v ...]` with no such flags: the config is
+  read from the uploaded working dir (the package the gateway keeps) and its `resources` section gives the demand:
   workers x (cpus_per_worker, one GPU each when use_gpu, or `auto` on a cluster with GPUs), plus one data task's
-  CPUs for Ray Data; a sweep, that times tune.max_concurrent_trials (required through the gateway).
+  CPUs for Ray Data; a sweep, that times tune.max_concurrent_trials (required through the gateway); batch
+  inference, its `batch_infer` actor pool (actors x cpus_per_actor, GPUs likewise) plus a CPU for reads and writes.
 - Anything else: 1 CPU, and the submitter is told to declare more with `--entrypoint-num-cpus`.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from aidc.errors import ConfigError
 from aidc.tenancy.model import Demand
 
-AIDC_JOBS = ("jobs.train", "jobs.tune")
+AIDC_JOBS = ("jobs.train", "jobs.tune", "jobs.batch_infer")
 GIB = 1 << 30
 
 
@@ -116,6 +117,11 @@ def from_config(module: str, config: str, overrides: list[str], package: Path | 
             cfg = load_config(path, overrides)
         except ConfigError as exc:
             raise ConfigError(f"{module} --config {config}: {exc.message.replace(str(path), config)}") from None
+    if module == "jobs.batch_infer":  # a Ray Data pipeline: the actor pool, and one CPU for its read/write tasks
+        b = cfg.batch_infer
+        use_gpu = b.use_gpu is True or (b.use_gpu == "auto" and cluster_has_gpus)
+        cpus = b.actors * b.cpus_per_actor + 1.0
+        return Demand(cpus=cpus, gpus=b.actors * (b.gpus_per_actor or 1.0) if use_gpu else 0.0, data_cpus=cpus)
     res = cfg.resources
     workers = res.num_workers[1] if isinstance(res.num_workers, tuple) else res.num_workers
     data = res.data_task_cpus or 1.0
@@ -128,8 +134,8 @@ def from_config(module: str, config: str, overrides: list[str], package: Path | 
             raise ConfigError("jobs.tune through the gateway needs tune.max_concurrent_trials (how many trials run "
                               "at once is what the sweep holds): add --set tune.max_concurrent_trials=2")
         cpus = cfg.tune.trial_cpus(res) * trials + data  # as aidc.tune.sweep sizes a trial
-        return Demand(cpus=cpus, gpus=gpus * trials)
-    return Demand(cpus=per_trial_cpus + data, gpus=gpus)
+        return Demand(cpus=cpus, gpus=gpus * trials, data_cpus=data)  # the trials split `data` (aidc.tune.sweep)
+    return Demand(cpus=per_trial_cpus + data, gpus=gpus, data_cpus=data)
 
 
 def from_metadata(metadata: dict) -> Demand | None:
@@ -163,6 +169,16 @@ def job_demand(request: dict, package: Path | None, cluster_has_gpus: bool = Fal
     return Demand(cpus=1.0)
 
 
+def data_cpus(demand: Demand, request: dict) -> float | None:
+    """What the job's Ray Data tasks may hold at once (aidc.runtime's AIDC_DATA_CPUS): an aidc training job's or
+    sweep's data share, else what the driver's reservation leaves of the whole demand; None where it leaves
+    nothing (the job's tasks then count against it as they run)."""
+    if demand.data_cpus is not None:
+        return demand.data_cpus
+    left = demand.cpus - float(request.get("entrypoint_num_cpus") or 0)
+    return left if left > 0 else None
+
+
 def with_run_name(entrypoint: str, run_name: str) -> str:
     """An aidc training entrypoint that names its run, so a preempted job resumes from its checkpoint when run
     again; other entrypoints, and ones that already name the run, are returned as they are."""
@@ -173,4 +189,4 @@ def with_run_name(entrypoint: str, run_name: str) -> str:
     return f"{entrypoint} --set run.name={shlex.quote(run_name)}"
 
 
-__all__ = ["declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]
+__all__ = ["data_cpus", "declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]

@@ -30,11 +30,12 @@ import aiohttp
 from aiohttp import web
 from aidc import storage
 from aidc.errors import AidcError, ConfigError
+from aidc.runtime import DATA_CPUS_ENV
 from aidc.security import audit
 from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
 from aidc.tenancy import admission, energy, metrics
-from aidc.tenancy.demand import job_demand, with_run_name
+from aidc.tenancy.demand import data_cpus, job_demand, with_run_name
 from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, JobRecord, Jobs, Teams, load_jobs, load_teams, save_jobs,
                                 tenancy_home)
 
@@ -67,8 +68,8 @@ def _holdings(actors: list[dict], pgs: list[dict]):
             for bundle in pg.get("bundles") or []:
                 res = bundle.get("unit_resources") or {}
                 yield bundle.get("node_id"), {k: float(res.get(k, 0.0)) for k in _HELD}
-    for actor in actors:
-        if actor.get("state", "ALIVE") != "ALIVE":
+    for actor in actors:  # ... and each running plain task (the state API's tasks have the actors' fields)
+        if actor.get("state", "ALIVE") not in ("ALIVE", "RUNNING"):
             continue
         res = actor.get("required_resources") or {}
         own = {k: float(res.get(k, 0.0)) for k in _HELD}
@@ -298,6 +299,9 @@ class Gateway:
             env["working_dir"] = names[env["working_dir"]]
         if isinstance(env.get("py_modules"), list):
             env["py_modules"] = [names.get(m, m) for m in env["py_modules"]]
+        data = data_cpus(job.demand, job.request)
+        if data is not None:  # aidc's Ray Data pipelines stay within it (aidc.runtime.bound_data); tasks count
+            env["env_vars"] = {**(env.get("env_vars") or {}), DATA_CPUS_ENV: f"{data:g}"}
         body = {**job.request, "submission_id": job.ray_id, "metadata": {**(job.request.get("metadata") or {}), **mark},
                 "entrypoint": with_run_name(job.request["entrypoint"], job.id), "runtime_env": env}
         status, raw = await self.ray_call("POST", "/api/jobs/", json=body)
@@ -399,9 +403,9 @@ class Gateway:
         return True
 
     async def _enforce(self) -> bool:
-        """Stop running jobs that hold more than they were admitted for (two checks in a row): their actors and
-        placement groups plus the driver's reservation, from Ray's state API. The processes found are also what
-        GPU energy is counted for."""
+        """Stop running jobs that hold more than they were admitted for (two checks in a row): their actors,
+        placement groups and running tasks plus the driver's reservation, from Ray's state API. The processes
+        found are also what GPU energy is counted for."""
         changed = False
         processes: dict[str, set[tuple[str, int]]] = {}
         for job in [j for j in self.jobs.jobs.values() if j.state == "RUNNING"]:
@@ -409,32 +413,34 @@ class Gateway:
             if not info.get("job_id"):
                 continue
             try:
-                actors, pgs = await self._job_holdings(info["job_id"])
+                actors, pgs, tasks = await self._job_holdings(info["job_id"])
             except Exception as exc:  # noqa: BLE001 - the state API unavailable: check next round
                 logger.warning("resource check of %s: %s", job.id, exc)
                 continue
-            processes[job.id] = {(a.get("node_id"), int(a["pid"])) for a in actors if a.get("pid")}
+            # GPU tasks (Ray Data map tasks, remote functions) draw in their workers' processes
+            processes[job.id] = {(a.get("node_id"), int(a["pid"])) for a in actors if a.get("pid")} | {
+                (t.get("node_id"), int(t["worker_pid"])) for t in tasks if t.get("worker_pid")}
             driver_pid = (info.get("driver_info") or {}).get("pid")
             if driver_pid and str(driver_pid).isdigit():
                 processes[job.id].add((info.get("driver_node_id"), int(driver_pid)))
             if job.stopping:
                 continue
-            held = held_by(actors, pgs)
+            held, in_tasks = held_by(actors + tasks, pgs), held_by(tasks)
             cpus = held["CPU"] + float(job.request.get("entrypoint_num_cpus") or 0)
             gpus = held["GPU"] + float(job.request.get("entrypoint_num_gpus") or 0)
             excess = []
-            if cpus > job.demand.cpus + admission.EPS:
-                excess.append(f"{cpus:g} CPUs (admitted for {job.demand.cpus:g})")
-            if gpus > job.demand.gpus + admission.EPS:
-                excess.append(f"{gpus:g} GPUs (admitted for {job.demand.gpus:g})")
+            for n, kind, admitted in ((cpus, "CPU", job.demand.cpus), (gpus, "GPU", job.demand.gpus)):
+                if n > admitted + admission.EPS:
+                    part = f", {in_tasks[kind]:g} of them in {len(tasks)} running tasks" if in_tasks[kind] else ""
+                    excess.append(f"{n:g} {kind}s (admitted for {admitted:g}{part})")
             if not excess:
                 self._strikes.pop(job.id, None)
                 continue
             self._strikes[job.id] = self._strikes.get(job.id, 0) + 1
             if self._strikes[job.id] < 2:
                 continue
-            why = (f"stopped by the aidc gateway: the job holds {' and '.join(excess)} in its driver, actors and "
-                   "placement groups; "
+            why = (f"stopped by the aidc gateway: the job holds {' and '.join(excess)} in its driver, actors, tasks "
+                   "and placement groups; "
                    "declare what it needs (its config's resources, or --metadata-json '{\"cpus\": \"4\", \"gpus\": "
                    "\"1\"}' for the whole job) and submit again")
             job.stopping, job.message = True, why
@@ -462,17 +468,9 @@ class Gateway:
         cap = self._capacity[1] if self._capacity and now - self._capacity[0] < 60 else await self.capacity()
         if not cap.gpus:
             return
-        nodes, tasks = await asyncio.gather(
-            self.ray_call("GET", "/nodes?view=summary"),
-            self._state("/api/v0/tasks?limit=10000&detail=true&filter_keys=state&filter_predicates=%3D"
-                        "&filter_values=RUNNING"))
+        nodes = await self.ray_call("GET", "/nodes?view=summary")
         if nodes[0] != 200:
             raise AidcError(f"the dashboard's /nodes answered {nodes[0]}: {nodes[1][:200]!r}")
-        by_ray_job = {self.ray_info.get(j, {}).get("job_id"): j for j in processes}
-        for task in tasks:  # GPU tasks (Ray Data map tasks, remote functions) run in their workers' processes
-            job_id = by_ray_job.get(task.get("job_id"))
-            if job_id and task.get("worker_pid"):
-                processes[job_id].add((task.get("node_id"), int(task["worker_pid"])))
         watts = energy.gpu_watts_by_job(json.loads(nodes[1]).get("data", {}).get("summary") or [], processes)
         held_s = min(now - last, 3 * self.enforce_s)  # after a gap (a slow round, a restart) the reading is stale
         wall = time.time()
@@ -482,13 +480,18 @@ class Gateway:
             metrics.add_energy(job.team, w * held_s / 3.6e6)
         self._unsaved_energy |= bool(watts)
 
-    async def _job_holdings(self, ray_job_id: str) -> tuple[list[dict], list[dict]]:
-        """A Ray job's live actors and placement groups (state API)."""
+    async def _job_holdings(self, ray_job_id: str) -> tuple[list[dict], list[dict], list[dict]]:
+        """A Ray job's live actors, placement groups and running plain tasks (state API). A task blocked in
+        ray.get/ray.wait (RUNNING_IN_RAY_GET...) has lent its CPUs back and is not listed; actor methods hold
+        nothing beyond their actor."""
         where = f"limit=10000&detail=true&filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}"
-        actors, pgs = await asyncio.gather(
+        running = "".join(f"&filter_keys={k}&filter_predicates=%3D&filter_values={v}"
+                          for k, v in (("state", "RUNNING"), ("type", "NORMAL_TASK")))
+        actors, pgs, tasks = await asyncio.gather(
             self._state(f"/api/v0/actors?{where}"),
-            self._state(f"/api/v0/placement_groups?{where.replace('job_id', 'creator_job_id')}"))
-        return [a for a in actors if a.get("state") == "ALIVE"], pgs
+            self._state(f"/api/v0/placement_groups?{where.replace('job_id', 'creator_job_id')}"),
+            self._state(f"/api/v0/tasks?{where}{running}"))
+        return [a for a in actors if a.get("state") == "ALIVE"], pgs, tasks
 
     async def _send_stop(self, job: JobRecord) -> None:
         self._stops[job.id] = time.monotonic()

@@ -47,6 +47,8 @@ class Demand(Strict):
     gpus: float = Field(0.0, ge=0, description="GPUs the job holds.")
     gpu_type: str | None = Field(None, description="Accelerator type of its GPUs (A100, H100...); null: any.")
     memory_gb: float = Field(0.0, ge=0, description="Memory (Ray logical memory) in GiB; 0: not declared.")
+    data_cpus: float | None = Field(None, ge=0, description="Of `cpus`, what an aidc job's Ray Data tasks may hold "
+                                    "at once (its config's data share); null: what its driver's reservation leaves.")
 
     def short(self) -> str:
         gpu = f", {self.gpus:g} {self.gpu_type or ''} GPU".replace("  ", " ") if self.gpus else ""

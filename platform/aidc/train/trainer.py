@@ -11,7 +11,7 @@ from aidc import storage
 from aidc.data.dataset import DatasetVersion, open_dataset
 from aidc.data.split import SPLITS
 from aidc.errors import ConfigError, ResourcesUnavailable
-from aidc.runtime import cluster_has_gpus, describe_resources, start_timeout_s
+from aidc.runtime import bound_data, cluster_has_gpus, describe_resources, start_timeout_s
 from aidc.tasks import get_task
 from aidc.train.telemetry import track_training_run
 from aidc.train import privacy
@@ -55,6 +55,9 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
     data_ctx.enable_progress_bars = False  # epochs are the progress; keep job logs readable
     data_ctx.execution_options.preserve_order = True  # same seed, same batches: resumed runs match uninterrupted ones
     cpus = cfg.resources.data_task_cpus  # None: Ray Data's default (a whole CPU per task)
+    bound = bound_data(data_ctx)  # through the gateway: the CPUs admitted for Ray Data (a trial's share in a sweep)
+    if bound is not None and (cpus or 1.0) > bound:
+        cpus = bound  # a task larger than the bound would never start
     task_cpus = {} if cpus is None else {"num_cpus": cpus}
     datasets = {
         s: dv.read(s, ray_remote_args=task_cpus).map_batches(

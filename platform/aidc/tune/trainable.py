@@ -28,6 +28,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from aidc import storage
 from aidc.config import JobConfig
+from aidc.runtime import DATA_CPUS_ENV
 from aidc.tune.space import apply_params
 
 logger = logging.getLogger(__name__)
@@ -289,6 +290,8 @@ def run_trial(params: dict, sweep: dict) -> None:
     from aidc.train.trainer import build_trainer, prepare_datasets
 
     trial_id = tune.get_context().get_trial_id()
+    if sweep.get("data_cpus"):  # this trial's share of the CPUs the gateway admitted for Ray Data
+        os.environ[DATA_CPUS_ENV] = sweep["data_cpus"]
     cfg = JobConfig.model_validate(apply_params(sweep["job"], params))
     if sweep.get("datasets") is None:  # the space changes preprocessing (data.*): this trial's own version
         from aidc.tasks import preprocess
