@@ -92,6 +92,12 @@ def data_cpus() -> float | None:
         raise ValueError(f"{DATA_CPUS_ENV}={value!r} is not a number of CPUs (the aidc gateway sets it)") from None
 
 
+def floor_cpus(cpus: float) -> float:
+    """`cpus` rounded down to Ray's resource step (0.0001): shares written out never add up to more than the whole
+    (1/6 as 0.1667 six times is 1.0002 CPUs)."""
+    return math.floor(cpus * 1e4 + 1e-9) / 1e4
+
+
 def bound_data(ctx=None):
     """Ray Data's resource limits within data_cpus() (this process's DataContext, or `ctx`): the tasks of the
     job's pipelines, Train's ingest (Ray Train takes the driver's context) included, hold no more CPUs than the

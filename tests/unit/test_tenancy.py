@@ -126,13 +126,14 @@ def test_demand_from_flags_from_the_aidc_config_in_the_package_and_the_default(t
     pkg.write_bytes(_package({REPO_CONFIG: (repo / REPO_CONFIG).read_text()}))
     ep = f"python -m jobs.train --config {REPO_CONFIG} --set resources.num_workers=3 --set resources.cpus_per_worker=1"
     assert job_demand({"entrypoint": ep}, pkg) == Demand(cpus=4, data_cpus=1)  # 3 workers x 1 CPU + one data task
-    assert job_demand({"entrypoint": ep}, pkg, cluster_has_gpus=True) == Demand(cpus=4, gpus=3, data_cpus=1)
+    assert job_demand({"entrypoint": ep}, pkg, cluster_gpus=4) == Demand(cpus=4, gpus=3, data_cpus=1)  # use_gpu: auto
     # what its Ray Data pipelines may hold (AIDC_DATA_CPUS): the data share; other jobs: what the driver leaves
     assert data_cpus(job_demand({"entrypoint": ep}, pkg), {"entrypoint": ep}) == 1
     assert data_cpus(Demand(cpus=4), {"entrypoint_num_cpus": 1}) == 3
     batch = f"python -m jobs.batch_infer --config {REPO_CONFIG} --set batch_infer.actors=3"
     assert job_demand({"entrypoint": batch}, pkg) == Demand(cpus=3 * 0.5 + 1, data_cpus=2.5)  # pool + reads/writes
-    assert job_demand({"entrypoint": batch}, pkg, cluster_has_gpus=True).gpus == 3
+    assert job_demand({"entrypoint": batch}, pkg, cluster_gpus=4).gpus == 3
+    assert job_demand({"entrypoint": batch}, pkg, cluster_gpus=1).gpus == pytest.approx(1)  # 3 actors share it
     assert data_cpus(Demand(cpus=1), {"entrypoint_num_cpus": 1}) is None
     with pytest.raises(ConfigError, match="inside the working dir"):
         job_demand({"entrypoint": "python -m jobs.train --config ../../etc/passwd"}, pkg)
@@ -396,6 +397,9 @@ def test_a_jobs_ray_data_pipelines_stay_within_what_the_gateway_admitted_for_the
     assert bound_data(ctx) == 1.5 and ctx.execution_options.resource_limits.cpu == 1.5
     monkeypatch.setenv(DATA_CPUS_ENV, "4")  # a bound only lowers what the job set itself
     assert bound_data(ctx) == 4 and ctx.execution_options.resource_limits.cpu == 1.5
+    from aidc.runtime import floor_cpus
+
+    assert floor_cpus(1 / 6) * 6 <= 1 and floor_cpus(1 / 6) == 0.1666 and floor_cpus(0.5) == 0.5  # shares never sum over
     monkeypatch.setenv(DATA_CPUS_ENV, "lots")
     with pytest.raises(ValueError, match="not a number of CPUs"):
         bound_data(ctx)

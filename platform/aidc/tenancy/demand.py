@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from aidc.errors import ConfigError
+from aidc.runtime import gpu_share
 from aidc.tenancy.model import Demand
 
 AIDC_JOBS = ("jobs.train", "jobs.tune", "jobs.batch_infer")
@@ -101,7 +102,7 @@ def _read_member(package: Path, config: str) -> str:
 
 
 def from_config(module: str, config: str, overrides: list[str], package: Path | None,
-                cluster_has_gpus: bool = False) -> Demand:
+                cluster_gpus: float = 0) -> Demand:
     """Demand of an aidc job from its config inside the working-dir package (a zip)."""
     import aidc.tasks  # noqa: F401 - registers the workloads and datasets a job config is checked against
     from aidc.config import load_config
@@ -119,14 +120,15 @@ def from_config(module: str, config: str, overrides: list[str], package: Path | 
             raise ConfigError(f"{module} --config {config}: {exc.message.replace(str(path), config)}") from None
     if module == "jobs.batch_infer":  # a Ray Data pipeline: the actor pool, and one CPU for its read/write tasks
         b = cfg.batch_infer
-        use_gpu = b.use_gpu is True or (b.use_gpu == "auto" and cluster_has_gpus)
+        use_gpu = b.use_gpu is True or (b.use_gpu == "auto" and cluster_gpus)
         cpus = b.actors * b.cpus_per_actor + 1.0
-        return Demand(cpus=cpus, gpus=b.actors * (b.gpus_per_actor or 1.0) if use_gpu else 0.0, data_cpus=cpus)
+        each = b.gpus_per_actor or gpu_share(int(cluster_gpus) or 1, b.actors)  # as aidc.batch places them
+        return Demand(cpus=cpus, gpus=b.actors * each if use_gpu else 0.0, data_cpus=cpus)
     res = cfg.resources
     workers = res.num_workers[1] if isinstance(res.num_workers, tuple) else res.num_workers
     data = res.data_task_cpus or 1.0
     per_trial_cpus = max(1.0, workers * res.cpus_per_worker) if workers else 1.0
-    use_gpu = res.use_gpu is True or (res.use_gpu == "auto" and cluster_has_gpus)
+    use_gpu = res.use_gpu is True or (res.use_gpu == "auto" and cluster_gpus > 0)
     gpus = float(max(workers, 1)) if use_gpu else 0.0
     if module == "jobs.tune" and cfg.tune is not None:
         trials = cfg.tune.max_concurrent_trials
@@ -152,7 +154,7 @@ def from_metadata(metadata: dict) -> Demand | None:
                           f"{exc}") from None
 
 
-def job_demand(request: dict, package: Path | None, cluster_has_gpus: bool = False) -> Demand:
+def job_demand(request: dict, package: Path | None, cluster_gpus: float = 0) -> Demand:
     """The demand of a submit request (see the module docstring); ConfigError says what cannot be read."""
     total = from_metadata(request.get("metadata") or {})
     explicit = declared(request)
@@ -165,7 +167,7 @@ def job_demand(request: dict, package: Path | None, cluster_has_gpus: bool = Fal
         return explicit
     module, config, overrides = parse_entrypoint(request.get("entrypoint") or "")
     if module and config:
-        return from_config(module, config, overrides, package, cluster_has_gpus)
+        return from_config(module, config, overrides, package, cluster_gpus)
     return Demand(cpus=1.0)
 
 

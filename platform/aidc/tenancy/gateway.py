@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 from aidc import storage
 from aidc.errors import AidcError, ConfigError
-from aidc.runtime import DATA_CPUS_ENV
+from aidc.runtime import DATA_CPUS_ENV, floor_cpus
 from aidc.security import audit
 from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
@@ -301,7 +301,8 @@ class Gateway:
             env["py_modules"] = [names.get(m, m) for m in env["py_modules"]]
         data = data_cpus(job.demand, job.request)
         if data is not None:  # aidc's Ray Data pipelines stay within it (aidc.runtime.bound_data); tasks count
-            env["env_vars"] = {**(env.get("env_vars") or {}), DATA_CPUS_ENV: f"{data:g}"}
+            env["env_vars"] = {**(env.get("env_vars") or {}), DATA_CPUS_ENV: f"{floor_cpus(data):g}"}
+        job.tasks_counted = job.attempt
         body = {**job.request, "submission_id": job.ray_id, "metadata": {**(job.request.get("metadata") or {}), **mark},
                 "entrypoint": with_run_name(job.request["entrypoint"], job.id), "runtime_env": env}
         status, raw = await self.ray_call("POST", "/api/jobs/", json=body)
@@ -425,7 +426,10 @@ class Gateway:
                 processes[job.id].add((info.get("driver_node_id"), int(driver_pid)))
             if job.stopping:
                 continue
-            held, in_tasks = held_by(actors + tasks, pgs), held_by(tasks)
+            if job.tasks_counted != job.attempt:  # started by a gateway that did not bound its Ray Data
+                tasks = []
+            held, no_tasks = held_by(actors + tasks, pgs), held_by(actors, pgs)
+            in_tasks = {k: held[k] - no_tasks[k] for k in held}  # beyond the groups they run in
             cpus = held["CPU"] + float(job.request.get("entrypoint_num_cpus") or 0)
             gpus = held["GPU"] + float(job.request.get("entrypoint_num_gpus") or 0)
             excess = []
@@ -799,7 +803,7 @@ class Gateway:
             cap = await self.capacity()
         except (AidcError, aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
             return _text(503, f"cannot read the cluster's resources from Ray ({exc}); retry shortly")
-        demand = await asyncio.to_thread(job_demand, body, working, bool(cap.gpu_total()))
+        demand = await asyncio.to_thread(job_demand, body, working, cap.gpu_total())
         impossible = admission.never_fits(team, demand, None)  # the cluster may still grow (autoscaling)
         if impossible:
             return _text(400, f"job needs {demand.short()} and can never run: {impossible}")

@@ -129,6 +129,8 @@ class JobRecord(Strict):
     runs: list[dict] = Field(default_factory=list, description="Finished attempts: ray_id, start, end, status, "
                              "why it ended.")
     packages: list[str] = Field(default_factory=list, description="Package URIs its runtime_env names.")
+    tasks_counted: int | None = Field(None, description="The attempt submitted with AIDC_DATA_CPUS: its running "
+                                      "tasks count in enforcement (an attempt from an older gateway is spared).")
     gpu_kwh: dict[str, float] = Field(default_factory=dict, description="GPU energy it drew, kWh per hour "
                                       "(key: the hour's start, epoch seconds), every attempt; aidc.tenancy.energy.")
 

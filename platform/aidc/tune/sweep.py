@@ -22,7 +22,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from aidc import storage
 from aidc.config import TRIAL_DRIVER_CPU
 from aidc.errors import AidcError, ConfigError
-from aidc.runtime import DATA_CPUS_ENV, data_cpus
+from aidc.runtime import DATA_CPUS_ENV, data_cpus, floor_cpus
 from aidc.tune.space import SweepSpec, tune_space
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def run_sweep(spec: SweepSpec, name: str, resume: bool):
     share = not any(p.startswith("data.") for p in tc.space)
     allowed = data_cpus()
     if allowed is not None:  # through the gateway: the trials running at once split what it admitted for Ray Data
-        os.environ[DATA_CPUS_ENV] = f"{allowed / res.concurrency:.4g}"  # the shared datasets are made with it too
+        os.environ[DATA_CPUS_ENV] = f"{floor_cpus(allowed / res.concurrency):g}"  # the shared datasets' too
     payload = trial_payload(spec, root, name, share_datasets=share)
     payload["data_cpus"] = os.environ.get(DATA_CPUS_ENV)
     payload["keep_checkpoints"] = None if tc.scheduler == "pbt" else KEEP_CHECKPOINTS

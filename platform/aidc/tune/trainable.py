@@ -28,7 +28,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from aidc import storage
 from aidc.config import JobConfig
-from aidc.runtime import DATA_CPUS_ENV
+from aidc.runtime import DATA_CPUS_ENV, bound_data
 from aidc.tune.space import apply_params
 
 logger = logging.getLogger(__name__)
@@ -290,8 +290,9 @@ def run_trial(params: dict, sweep: dict) -> None:
     from aidc.train.trainer import build_trainer, prepare_datasets
 
     trial_id = tune.get_context().get_trial_id()
-    if sweep.get("data_cpus"):  # this trial's share of the CPUs the gateway admitted for Ray Data
-        os.environ[DATA_CPUS_ENV] = sweep["data_cpus"]
+    if sweep.get("data_cpus"):  # this trial's share of the CPUs the gateway admitted for Ray Data: its own
+        os.environ[DATA_CPUS_ENV] = sweep["data_cpus"]  # pipelines', and Train's ingest of the shared datasets
+        bound_data()  # (Train takes this process's DataContext for the ingest)
     cfg = JobConfig.model_validate(apply_params(sweep["job"], params))
     if sweep.get("datasets") is None:  # the space changes preprocessing (data.*): this trial's own version
         from aidc.tasks import preprocess
