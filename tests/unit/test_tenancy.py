@@ -238,13 +238,17 @@ def test_work_outside_the_gateway_is_not_free_capacity_but_never_makes_a_job_imp
          "required_resources": {"CPU_group_ff01": 1.0, "CPU_group_0_ff01": 1.0, "GPU_group_ff01": 1.0,
                                 "memory": 2.0 * (1 << 30)}},  # a Serve replica in a placement group, on an A100
         {"state": "DEAD", "job_id": "02000000", "name": "", "node_id": "n1", "required_resources": {"CPU": 8.0}},
-        {"state": "ALIVE", "job_id": "03000000", "name": "cache", "node_id": "n1",
+        {"state": "ALIVE", "job_id": "03000000", "name": "cache", "node_id": "n1", "is_detached": True,
          "required_resources": {"CPU": 1.0}},  # a detached actor a finished gateway job left behind
+        {"state": "ALIVE", "job_id": "03000000", "name": "", "node_id": "n1", "is_detached": False,
+         "required_resources": {"CPU": 4.0}},  # ... and one Ray is ending with its job: soon free, not counted
     ]
     pgs = [{"placement_group_id": "aa01", "creator_job_id": "01000000", "state": "CREATED",  # a-1's: in its demand
             "bundles": [{"node_id": "n1", "unit_resources": {"CPU": 4.0}}]},
            {"placement_group_id": "bb02", "creator_job_id": "02000000", "state": "CREATED",  # reserved, no actor yet
-            "bundles": [{"node_id": "n1", "unit_resources": {"CPU": 1.0}}]}]
+            "bundles": [{"node_id": "n1", "unit_resources": {"CPU": 1.0}}]},
+           {"placement_group_id": "cc03", "creator_job_id": "03000000", "state": "CREATED",  # removed with its job
+            "is_detached": False, "bundles": [{"node_id": "n1", "unit_resources": {"CPU": 2.0}}]}]
     out = outside_use(actors, [], {"n2": "A100"}, ray_jobs)
     assert (out.cpus, out.gpus, out.memory_gb) == (2.0, {"A100": 1.0}, 2.0)
     assert outside_use(actors, pgs, {"n2": "A100"}, ray_jobs).cpus == 3.0

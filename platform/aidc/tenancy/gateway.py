@@ -100,9 +100,15 @@ def outside_use(actors: list[dict], pgs: list[dict], gpu_kinds: dict[str, str],
     mine = [j for j in ray_jobs if (j.get("metadata") or {}).get("aidc_job") and j.get("status") not in TERMINAL]
     ours = {j.get("job_id") for j in mine} - {None}
     supervisors = {f"_ray_internal_job_actor_{j.get('submission_id')}" for j in mine}
-    theirs = [a for a in actors if a.get("job_id") not in ours and a.get("name") not in supervisors]
+    # an ended job's actors and groups that are not detached are being removed with it: soon free (counting
+    # them made a preemption stop more jobs than the room it needed)
+    ended = {j.get("job_id") for j in ray_jobs if j.get("status") in TERMINAL} - {None} - ours
+
+    def kept(job_id, item) -> bool:
+        return job_id not in ours and (job_id not in ended or bool(item.get("is_detached")))
+    theirs = [a for a in actors if kept(a.get("job_id"), a) and a.get("name") not in supervisors]
     out = admission.Held()
-    for node_id, own in _holdings(theirs, [pg for pg in pgs if pg.get("creator_job_id") not in ours]):
+    for node_id, own in _holdings(theirs, [pg for pg in pgs if kept(pg.get("creator_job_id"), pg)]):
         out.cpus += own["CPU"]
         out.memory_gb += own["memory"] / (1 << 30)
         if own["GPU"]:
@@ -375,6 +381,7 @@ class Gateway:
             if job.preempting or job.stopping:
                 info = {"status": "STOPPED", "message": "not found in Ray"}
             else:
+                self.ray_info.pop(job.id, None)  # the old cluster's job id and pids: not this attempt's
                 await self.submit_to_ray(job)
                 return True
         self.ray_info[job.id] = {k: info.get(k) for k in _RAY_INFO}
@@ -386,8 +393,11 @@ class Gateway:
         self.ray_info.pop(job.id, None)
         self._stops.pop(job.id, None)
         self._strikes.pop(job.id, None)
+        if self._capacity:  # what it held is free (or being freed): the next admission reads the cluster again
+            self._capacity = (float("-inf"), self._capacity[1])  # (its outside use kept should that read fail)
         job.runs.append({"ray_id": job.ray_id, "start": job.started_at or now, "end": now,
-                         "status": info["status"], "why": job.preempting or info.get("message") or ""})
+                         "status": info["status"], "why": job.preempting or info.get("message") or "",
+                         "job_id": info.get("job_id")})
         if job.preempting and not job.stopping and info["status"] == "STOPPED":
             audit.record_quietly("job.requeue", target=job.id, actor="gateway",
                                  details={"team": job.team, "why": job.preempting, "attempt": job.attempt + 1})
@@ -801,7 +811,7 @@ class Gateway:
             else None
         try:
             cap = await self.capacity()
-        except (AidcError, aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+        except (AidcError, aiohttp.ClientError, asyncio.TimeoutError, KeyError, TypeError, ValueError) as exc:
             return _text(503, f"cannot read the cluster's resources from Ray ({exc}); retry shortly")
         demand = await asyncio.to_thread(job_demand, body, working, cap.gpu_total())
         impossible = admission.never_fits(team, demand, None)  # the cluster may still grow (autoscaling)
