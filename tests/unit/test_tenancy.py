@@ -12,7 +12,7 @@ from aidc.errors import ConfigError
 from aidc.security import keys
 from aidc.tenancy import admission
 from aidc.tenancy.admission import Capacity, plan
-from aidc.tenancy.demand import data_cpus, job_demand, parse_entrypoint, with_run_name
+from aidc.tenancy.demand import data_allowance, job_demand, parse_entrypoint, with_run_name
 from aidc.tenancy.model import (Demand, JobRecord, Jobs, Quota, Team, load_jobs, load_teams, parse_teams_file,
                                 save_jobs, update_teams)
 from aidc.tenancy.usage import usage
@@ -128,13 +128,13 @@ def test_demand_from_flags_from_the_aidc_config_in_the_package_and_the_default(t
     assert job_demand({"entrypoint": ep}, pkg) == Demand(cpus=4, data_cpus=1)  # 3 workers x 1 CPU + one data task
     assert job_demand({"entrypoint": ep}, pkg, cluster_gpus=4) == Demand(cpus=4, gpus=3, data_cpus=1)  # use_gpu: auto
     # what its Ray Data pipelines may hold (AIDC_DATA_CPUS): the data share; other jobs: what the driver leaves
-    assert data_cpus(job_demand({"entrypoint": ep}, pkg), {"entrypoint": ep}) == 1
-    assert data_cpus(Demand(cpus=4), {"entrypoint_num_cpus": 1}) == 3
+    assert data_allowance(job_demand({"entrypoint": ep}, pkg), {"entrypoint": ep}) == 1
+    assert data_allowance(Demand(cpus=4), {"entrypoint_num_cpus": 1}) == 3
     batch = f"python -m jobs.batch_infer --config {REPO_CONFIG} --set batch_infer.actors=3"
     assert job_demand({"entrypoint": batch}, pkg) == Demand(cpus=3 * 0.5 + 1, data_cpus=2.5)  # pool + reads/writes
     assert job_demand({"entrypoint": batch}, pkg, cluster_gpus=4).gpus == 3
     assert job_demand({"entrypoint": batch}, pkg, cluster_gpus=1).gpus == pytest.approx(1)  # 3 actors share it
-    assert data_cpus(Demand(cpus=1), {"entrypoint_num_cpus": 1}) is None
+    assert data_allowance(Demand(cpus=1), {"entrypoint_num_cpus": 1}) is None
     with pytest.raises(ConfigError, match="inside the working dir"):
         job_demand({"entrypoint": "python -m jobs.train --config ../../etc/passwd"}, pkg)
     with pytest.raises(ConfigError, match="tune.max_concurrent_trials"):

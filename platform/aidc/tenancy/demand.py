@@ -171,7 +171,7 @@ def job_demand(request: dict, package: Path | None, cluster_gpus: float = 0) -> 
     return Demand(cpus=1.0)
 
 
-def data_cpus(demand: Demand, request: dict) -> float | None:
+def data_allowance(demand: Demand, request: dict) -> float | None:
     """What the job's Ray Data tasks may hold at once (aidc.runtime's AIDC_DATA_CPUS): an aidc training job's or
     sweep's data share, else what the driver's reservation leaves of the whole demand; None where it leaves
     nothing (the job's tasks then count against it as they run)."""
@@ -191,4 +191,4 @@ def with_run_name(entrypoint: str, run_name: str) -> str:
     return f"{entrypoint} --set run.name={shlex.quote(run_name)}"
 
 
-__all__ = ["data_cpus", "declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]
+__all__ = ["data_allowance", "declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]

@@ -35,7 +35,7 @@ from aidc.security import audit
 from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
 from aidc.tenancy import admission, energy, metrics
-from aidc.tenancy.demand import data_cpus, job_demand, with_run_name
+from aidc.tenancy.demand import data_allowance, job_demand, with_run_name
 from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, JobRecord, Jobs, Teams, load_jobs, load_teams, save_jobs,
                                 tenancy_home)
 
@@ -305,7 +305,7 @@ class Gateway:
             env["working_dir"] = names[env["working_dir"]]
         if isinstance(env.get("py_modules"), list):
             env["py_modules"] = [names.get(m, m) for m in env["py_modules"]]
-        data = data_cpus(job.demand, job.request)
+        data = data_allowance(job.demand, job.request)
         if data is not None:  # aidc's Ray Data pipelines stay within it (aidc.runtime.bound_data); tasks count
             env["env_vars"] = {**(env.get("env_vars") or {}), DATA_CPUS_ENV: f"{floor_cpus(data):g}"}
         job.tasks_counted = job.attempt
