@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -64,15 +65,40 @@ class Head(tuple):
     of it) and started again on the same ports with the same token: a new cluster that knows no job."""
 
     restart = None
+    config = gcs_address = None  # an autoscaling head's config file and GCS address
+
+
+FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # Ray's fake multi-node provider names the head so
+
+
+def fake_autoscaling_config(gcs_address: str, head_cpus: int, workers: dict, idle_timeout_minutes: float) -> dict:
+    """An autoscaling config for Ray's own autoscaler (v2) on its fake multi-node provider: worker nodes are raylets
+    on this host that the autoscaler launches and terminates as on a cloud (`workers`: available_node_types)."""
+    return {"cluster_name": "aidc-test", "max_workers": sum(w["max_workers"] for w in workers.values()),
+            "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_minutes,
+            # `type: external`: the fake_multinode type needs an example.yaml the wheel does not ship
+            "provider": {"type": "external", "launch_multiple": True, "gcs_address": gcs_address,
+                         "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                         "head_node_id": FAKE_HEAD_NODE_ID},
+            "auth": {"ssh_user": "ubuntu"}, "head_node_type": "ray.head.default",
+            "available_node_types": {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {},
+                                                          "max_workers": 0},
+                                     **{k: {"node_config": {}, "min_workers": 0, **v} for k, v in workers.items()}},
+            **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+            "file_mounts": {}, "file_mounts_sync_continuously": False}
 
 
 @contextlib.contextmanager
-def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray_env: dict | None = None):
+def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray_env: dict | None = None,
+             autoscale: dict | None = None):
     """A head started with `ray start` like `make demo` (token auth on), on free ports; always stopped.
 
     Yields a Head: (env for CLI calls, dashboard URL, the cluster's temp dir). The cluster has its own 0600 token,
     never the user's ~/.ray/auth_token (absent on a fresh machine), and a short temp dir of its own (socket
-    paths must stay under 108 bytes): stopping it ends only this cluster.
+    paths must stay under 108 bytes): stopping it ends only this cluster. `autoscale` (worker node types): the head
+    runs Ray's autoscaler v2 on the fake multi-node provider (`fake_autoscaling_config`; its path is head.config).
     """
     from aidc.runtime import apply_ray_env, stop_local_ray
 
@@ -89,12 +115,22 @@ def ray_head(tmp_path: Path, num_cpus: int, prefix: str, timeout: int = 600, ray
              f"--dashboard-port={dash}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
              f"--dashboard-agent-listen-port={free_port()}",  # the job agent's port (52365 may be another head's)
              f"--temp-dir={temp_dir}"]
-    run_cli(start, env, timeout)
+    start_env, config, gcs_address = env, None, None
+    if autoscale is not None:
+        from ray._private.services import get_node_ip_address
+
+        config, gcs_address = Path(temp_dir) / "autoscaling.json", f"{get_node_ip_address()}:{gcs}"
+        config.write_text(json.dumps(fake_autoscaling_config(gcs_address, num_cpus, **autoscale)))
+        start.append(f"--autoscaling-config={config}")
+        start_env = {**env, "RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                     "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
+    run_cli(start, start_env, timeout)
     head = Head((env, f"http://127.0.0.1:{dash}", Path(temp_dir)))
+    head.config, head.gcs_address = config, gcs_address
 
     def restart():
         stop_local_ray(gcs, temp_dir)
-        run_cli(start, env, timeout)
+        run_cli(start, start_env, timeout)
 
     head.restart = restart
     try:

@@ -169,5 +169,37 @@ def format_summary(summary: ClusterSummary) -> str:
     return "\n".join(lines)
 
 
+def full_scale(config: dict) -> dict[str, float] | None:
+    """What a cluster can reach as its autoscaler grows it (an autoscaling config: cluster.yaml, or the
+    ~/ray_bootstrap_config.yaml `ray up` leaves on the head): CPUs, `memory` (bytes) and GPUs per accelerator type
+    (`GPU:<type>`; `GPU:` for GPUs of no declared type) of the head plus every worker type at its max_workers,
+    each resource bounded by the cluster's max_workers (the largest nodes first: an upper bound, so a job is never
+    refused that some mix of nodes could hold). None where a node type does not declare its resources (the local
+    provider's, or a cloud's detected at launch): the reach is then unknown."""
+    types = config.get("available_node_types")
+    if not isinstance(types, dict) or not types:
+        return None
+    head, cap = config.get("head_node_type"), int(config.get("max_workers", 10 ** 6))
+    nodes = []  # (resources, how many at most)
+    for name, spec in types.items():
+        res = (spec or {}).get("resources")
+        if not isinstance(res, dict) or "CPU" not in res:
+            return None
+        kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+        kind = kinds[0] if kinds else str(((spec or {}).get("labels") or {}).get("ray.io/accelerator-type", ""))
+        have = {"CPU": float(res["CPU"]), "memory": float(res.get("memory", 0))}
+        if res.get("GPU"):
+            have[f"GPU:{kind}"] = float(res["GPU"])
+        nodes.append((have, 1 if name == head else min(int(spec.get("max_workers", cap)), cap), name == head))
+    out: dict[str, float] = {}
+    for key in {k for have, _, _ in nodes for k in have}:
+        left = cap
+        for have, most, is_head in sorted(nodes, key=lambda n: (not n[2], -n[0].get(key, 0.0))):
+            n = most if is_head else min(most, left)
+            left -= 0 if is_head else n
+            out[key] = out.get(key, 0.0) + n * have.get(key, 0.0)
+    return out
+
+
 def default_cluster_path() -> str:
     return os.environ.get("AIDC_CLUSTER_CONFIG", "cluster.yaml")

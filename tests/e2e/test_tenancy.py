@@ -25,8 +25,8 @@ def sleeper(n: int, s: float) -> list[str]:
 
 
 class Gateway:
-    def __init__(self, env: dict, dashboard: str, tmp: Path):
-        self.port, self.dashboard, self.tmp = free_port(), dashboard, tmp
+    def __init__(self, env: dict, dashboard: str, tmp: Path, args: tuple = ()):
+        self.port, self.dashboard, self.tmp, self.args = free_port(), dashboard, tmp, list(args)
         self.env = {**env, "AIDC_TENANCY_DIR": str(tmp / "tenancy"), "AIDC_SECURITY_DIR": str(tmp / "security")}
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -34,7 +34,7 @@ class Gateway:
     def start(self):
         log = open(self.tmp / "gateway.log", "a")
         self.proc = subprocess.Popen([BIN / "aidc", "gateway", "--ray-address", self.dashboard, "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--interval", "0.3", "--enforce-interval", "1"],
+                                      "--port", str(self.port), "--interval", "0.3", "--enforce-interval", "1", *self.args],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         wait_ready(f"{self.url}/healthz", timeout_s=60, poll_s=0.3)
 
@@ -338,3 +338,63 @@ def test_a_head_restart_loses_no_job_the_running_one_runs_again_and_the_queued_o
         assert gw.wait(dev_e, f"e-{n}", ("SUCCEEDED", "FAILED", "STOPPED"), timeout=240)["status"] == "SUCCEEDED"
     assert runs[1].read_text() == "xx" and runs[2].read_text() == "x"  # e-1 again after the restart, e-2 once
     assert "again e-1" in gw.ray(dev_e, "logs", "e-1").stdout
+
+
+def test_on_an_autoscaling_cluster_a_gpu_job_waits_for_the_node_the_gateway_asks_for_which_goes_when_it_ends(
+        tmp_path):
+    """Ray's own autoscaler (v2) on its fake multi-node provider: the head alone is up (2 CPUs, no GPU) and one T4
+    node may be added. A T4 job through the gateway is queued (not refused, not left waiting forever), the gateway
+    asks the autoscaler for it, the node comes, the job runs on it, and once it ended the request is released and
+    the idle node goes."""
+    t4 = {"resources": {"CPU": 1, "GPU": 1, "accelerator_type:T4": 1}, "max_workers": 1}
+    with ray_head(tmp_path, num_cpus=2, prefix="aidc-as-",
+                  autoscale={"workers": {"t4": t4}, "idle_timeout_minutes": 0.1}) as head:
+        gw = Gateway(head[0], head[1], tmp_path, ("--autoscaling-config", str(head.config),
+                                                  "--gcs-address", head.gcs_address))
+        gw.aidc("teams", "set", "v", "--cpus", "2", "--gpus", "T4=2")  # the cluster is the limit
+        gw.start()
+        try:
+            dev = gw.key("dev-v", "developer", "v")
+
+            def nodes() -> list[dict]:  # dead ones too
+                body = requests.get(f"{head[1]}/api/v0/nodes?detail=true", timeout=30, headers={
+                    "Authorization": f"Bearer {Path(head[0]['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"}).json()
+                return body["data"]["result"]["result"]
+
+            def alive() -> list[dict]:
+                return [n for n in nodes() if n["state"] == "ALIVE"]
+
+            assert [n["resources_total"].get("GPU", 0) for n in alive()] == [0]
+            # more T4s than the cluster has at full scale: refused at once, naming the limit
+            big = gw.ray(dev, "submit", "--no-wait", "--metadata-json", '{"cpus": "1", "gpus": "2", "gpu_type": "T4"}',
+                         "--", "true", check=False)
+            assert big.returncode != 0
+            assert "cluster at full scale (its autoscaling config) has 1 T4 GPUs" in big.stdout + big.stderr
+            task = ("import ray; ray.init(); f = ray.remote(num_gpus=1, accelerator_type='T4')("
+                    "lambda: ray.get_runtime_context().get_node_id()); print('ran on', ray.get(f.remote()))")
+            gw.ray(dev, "submit", "--no-wait", "--submission-id", "t4-job", "--metadata-json",
+                   '{"cpus": "1", "gpus": "1", "gpu_type": "T4"}', "--", "python", "-c", task)
+            asked = gw.wait(dev, "t4-job", ("PENDING", "RUNNING", "SUCCEEDED"), timeout=60)
+            seen = [asked.get("message") or ""]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                info = gw.job(dev, "t4-job").json()
+                seen.append(info.get("message") or "")
+                if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                    break
+                time.sleep(0.5)
+            assert info["status"] == "SUCCEEDED", (info, (tmp_path / "gateway.log").read_text()[-3000:])
+            assert any("more nodes asked of the autoscaler" in m for m in seen), seen
+            gpu_node = [n["node_id"] for n in nodes() if n["resources_total"].get("GPU")]
+            logs = gw.ray(dev, "logs", "t4-job").stdout
+            assert gpu_node and f"ran on {gpu_node[0]}" in logs, (logs, gpu_node)
+            log = (tmp_path / "gateway.log").read_text()
+            assert "asked Ray's autoscaler for 1 bundle (t4-job)" in log  # nothing else runs
+            # ended: the gateway releases its request and the autoscaler ends the idle node (idle timeout 6 s)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len(alive()) > 1:
+                time.sleep(1)
+            assert len(alive()) == 1, alive()
+            assert "released: no job waits for nodes" in (tmp_path / "gateway.log").read_text()
+        finally:
+            gw.stop()

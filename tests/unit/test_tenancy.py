@@ -419,3 +419,51 @@ def test_a_jobs_ray_data_pipelines_stay_within_what_the_gateway_admitted_for_the
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # a driver started by hand forwards it to its workers
     _data_env(runtime_env)
     assert runtime_env["env_vars"][DATA_CPUS_ENV] == "1"
+
+
+def test_an_autoscaling_cluster_grows_for_a_waiting_job_instead_of_preempting_and_within_its_full_scale():
+    t = teams(a=dict(quota=Quota(cpus=20)), b=dict(quota=Quota(cpus=20)))
+    full = Capacity(cpus=10, gpus={"T4": 2})
+    cap = Capacity(cpus=2, full=full)  # the head alone is up; the autoscaler may add T4 nodes
+    low = job("low", "b", cpus=2, prio=0, state="RUNNING", started=1)
+    jobs = [low, job("g1", "a", cpus=1, gpus=1, gpu_type="T4", prio=5, at=1),
+            job("g2", "a", cpus=1, gpus=2, gpu_type="T4", prio=5, at=2), job("c1", "a", cpus=1, at=3)]
+    p = plan(jobs, t, cap)
+    # g1 fits the grown cluster: nodes are asked for, and the lower-priority job keeps running
+    assert p.grow == ["g1", "c1"] and not p.preempt
+    assert p.waiting["g1"] == "cluster: 2 of 2 CPUs in use, this job needs 1; more nodes asked of the autoscaler"
+    # g2 with g1 would need 3 T4s, more than the full cluster: it waits (it cannot preempt its way in either)
+    assert "g2" not in p.grow and p.waiting["g2"].startswith("cluster: 2 of 2 CPUs in use, this job needs 1; 1 job")
+    # without a full scale (a cluster that does not grow) the high-priority job preempts as before
+    p = plan(jobs[:2] + [job("c2", "a", cpus=2, prio=5, at=3)], t, Capacity(cpus=2, gpus={"T4": 2}))
+    assert p.grow == [] and [v for v, _ in p.preempt] == ["low"]
+    # nodes up: admitted in order
+    p = plan(jobs, t, Capacity(cpus=10, gpus={"T4": 2}, full=full))
+    assert ("g1", False) in p.admit and p.grow == []
+    # what even the full cluster cannot hold is refused at submission, naming it
+    assert admission.never_fits(t["a"], Demand(cpus=1, gpus=3, gpu_type="T4"), cap.at_full_scale()) == \
+        "cluster: has 2 T4 GPUs, this job needs 3"
+    assert admission.never_fits(t["a"], Demand(cpus=1, gpus=2, gpu_type="T4"), cap.at_full_scale()) is None
+
+
+def test_the_autoscaler_is_asked_for_bundles_a_node_can_hold_and_the_full_scale_comes_from_the_config(repo):
+    import yaml
+
+    from aidc.cluster import full_scale, load_cluster_yaml
+    from aidc.tenancy.demand import GIB, bundles
+
+    assert bundles(Demand(cpus=8, gpus=2, gpu_type="A100", memory_gb=4)) == 2 * [
+        {"resources": {"CPU": 4.0, "GPU": 1.0, "memory": float(2 * GIB), "accelerator_type:A100": 0.001}}]
+    assert bundles(Demand(cpus=2.5)) == 3 * [{"resources": {"CPU": 0.8333}}]  # never more than the whole
+    assert bundles(Demand(cpus=0.5, gpus=0.5)) == [{"resources": {"CPU": 0.5, "GPU": 0.5}}]
+    assert bundles(Demand()) == []
+    # the project's cluster.yaml: the head, 4 x 8 A100 and 6 x 4 L4 nodes at most
+    reach = full_scale(load_cluster_yaml(repo / "cluster.yaml"))
+    assert reach["CPU"] == 8 + 4 * 96 + 6 * 48 and reach["GPU:A100"] == 32 and reach["GPU:L4"] == 24
+    # the cluster's max_workers bounds each resource, the largest nodes counted first
+    config = yaml.safe_load((repo / "cluster.yaml").read_text())
+    config["max_workers"] = 5
+    reach = full_scale(config)
+    assert reach["GPU:A100"] == 32 and reach["GPU:L4"] == 20 and reach["CPU"] == 8 + 4 * 96 + 1 * 48
+    del config["available_node_types"]["gpu-l4x4"]["resources"]  # detected at launch: the reach is unknown
+    assert full_scale(config) is None

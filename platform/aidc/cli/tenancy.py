@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from datetime import datetime
 
@@ -13,7 +15,14 @@ def gateway_command(args) -> int:
     from aidc.tenancy.gateway import serve
 
     setup_logging()
-    serve(args.ray_address, args.host, args.port, interval_s=args.interval, enforce_s=args.enforce_interval)
+    # a service logs what it does (aidc's CLI is quiet, at WARNING): its address, the autoscaler asks
+    logging.getLogger().setLevel(os.environ.get("AIDC_LOG_LEVEL", "INFO").upper())
+    config = args.autoscaling_config
+    if config is None:  # what `ray up` leaves on the head (cluster.yaml's --autoscaling-config), if there
+        default = os.path.expanduser("~/ray_bootstrap_config.yaml")
+        config = default if os.path.isfile(default) else None
+    serve(args.ray_address, args.host, args.port, interval_s=args.interval, enforce_s=args.enforce_interval,
+          autoscaling_config=config or None, gcs_address=args.gcs_address)
     return 0
 
 
@@ -145,6 +154,12 @@ def add_parsers(sub) -> None:
     g.add_argument("--port", type=int, default=8266, help="port to listen on (teams set RAY_ADDRESS to it)")
     g.add_argument("--interval", type=float, default=1.0, help="seconds between scheduling rounds")
     g.add_argument("--enforce-interval", type=float, default=5.0, help="seconds between resource-use checks")
+    g.add_argument("--autoscaling-config", default=os.environ.get("AIDC_AUTOSCALING_CONFIG"),
+                   help="the autoscaler's cluster config (default: ~/ray_bootstrap_config.yaml where `ray up` left "
+                   "it): jobs the nodes alive cannot hold but the full cluster can wait for nodes the gateway asks "
+                   "Ray's autoscaler for; '' for a cluster that does not grow")
+    g.add_argument("--gcs-address", help="the head's GCS (HOST:PORT) the autoscaler is asked through (default: the "
+                   "Ray head last started on this host)")
     g.set_defaults(fn=gateway_command)
 
     t = sub.add_parser("teams", aliases=["quotas"],

@@ -10,6 +10,9 @@ Rules (Kueue's ClusterQueue ideas, on plain Ray):
   priority (borrowed first, then lowest priority, then the most recently started: least work lost), but only
   if stopping them makes it fit. A job over its own quota may preempt only its own team's lower-priority jobs.
   While its victims stop, the job keeps its place: later, lower-priority jobs cannot take the room it waits for.
+- On a cluster that autoscales (the gateway knows its full scale from the autoscaling config), a job within its
+  quota that the nodes alive cannot hold but the grown cluster can waits for new nodes (the gateway asks Ray's
+  autoscaler for them) instead of preempting anyone; preemption is for what even the full cluster cannot hold.
 - Otherwise the job waits, with a message that names the limit ("team vision: 4 of 4 GPUs in use; 2 jobs
   ahead").
 """
@@ -57,9 +60,18 @@ class Capacity:
     gpus: dict[str, float] = field(default_factory=dict)
     memory_gb: float = 0.0
     outside: Held = field(default_factory=lambda: Held())
+    full: "Capacity | None" = None  # at full scale, by the autoscaling config; None: it does not grow (or unknown)
 
     def gpu_total(self) -> float:
         return sum(self.gpus.values())
+
+    def at_full_scale(self) -> "Capacity":
+        """The cluster grown as far as its autoscaler may: each resource the larger of now and full scale."""
+        f = self.full
+        if f is None:
+            return self
+        gpus = {k: max(self.gpus.get(k, 0.0), f.gpus.get(k, 0.0)) for k in {*self.gpus, *f.gpus}}
+        return Capacity(max(self.cpus, f.cpus), gpus, max(self.memory_gb, f.memory_gb), self.outside)
 
 
 @dataclass
@@ -67,6 +79,7 @@ class Plan:
     admit: list[tuple[str, bool]] = field(default_factory=list)  # (job id, borrowed)
     preempt: list[tuple[str, str]] = field(default_factory=list)  # (job id, why)
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
+    grow: list[str] = field(default_factory=list)  # waiting jobs the cluster can hold once its autoscaler grows it
 
 
 def quota_problem(team: str, quota: Quota, held: Held, d: Demand) -> str | None:
@@ -154,6 +167,7 @@ def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity) -> Plan:
             freeing.add(j.demand)
             freeing_team.setdefault(j.team, Held()).add(j.demand)
     ahead: dict[str, int] = {}
+    asked = Held()  # what the jobs waiting for new nodes need
     deferred: list[JobRecord] = []  # over quota, may borrow: after every job within its quota had its turn
     for job in queued:
         team = teams.get(job.team)
@@ -175,6 +189,15 @@ def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity) -> Plan:
             held.add(job.demand)
             continue
         why = over_quota if over_quota and not team.borrow else no_room
+        if no_room and not over_quota and cap.full is not None \
+                and not cluster_problem(cap.at_full_scale(), _plus(total, asked), job.demand):
+            # the cluster can grow to hold it: ask the autoscaler rather than stop anyone (nothing is reserved of
+            # the nodes alive: smaller jobs behind it may start there meanwhile)
+            asked.add(job.demand)
+            out.grow.append(job.id)
+            out.waiting[job.id] = f"{no_room}; more nodes asked of the autoscaler" + \
+                (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
+            continue
         mine = freeing_team.get(job.team, Held())
         if freeing.jobs and not cluster_problem(cap, _minus(total, freeing), job.demand) \
                 and not quota_problem(job.team, team.quota, _minus(held, mine), job.demand):
@@ -215,12 +238,16 @@ def _borrow(job: JobRecord, team: Team, held: Held, total: Held, cap: Capacity, 
         (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
 
 
-def _minus(a: Held, b: Held) -> Held:
+def _minus(a: Held, b: Held, sign: int = -1) -> Held:
     out = a.copy()
-    out.cpus, out.memory_gb, out.jobs = a.cpus - b.cpus, a.memory_gb - b.memory_gb, a.jobs - b.jobs
+    out.cpus, out.memory_gb, out.jobs = a.cpus + sign * b.cpus, a.memory_gb + sign * b.memory_gb, a.jobs + sign * b.jobs
     for k, v in b.gpus.items():
-        out.gpus[k] = out.gpus.get(k, 0.0) - v
+        out.gpus[k] = out.gpus.get(k, 0.0) + sign * v
     return out
+
+
+def _plus(a: Held, b: Held) -> Held:
+    return _minus(a, b, 1)
 
 
 def _victims(job: JobRecord, over_quota: bool, running: list[JobRecord], out: Plan, teams: dict[str, Team],

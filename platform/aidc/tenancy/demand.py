@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import posixpath
 import shlex
 import tempfile
@@ -22,11 +23,12 @@ import zipfile
 from pathlib import Path
 
 from aidc.errors import ConfigError
-from aidc.runtime import gpu_share
+from aidc.runtime import floor_cpus, gpu_share
 from aidc.tenancy.model import Demand
 
 AIDC_JOBS = ("jobs.train", "jobs.tune", "jobs.batch_infer")
 GIB = 1 << 30
+EPS = 1e-9
 
 
 def parse_entrypoint(entrypoint: str) -> tuple[str | None, str | None, list[str]]:
@@ -181,6 +183,21 @@ def data_allowance(demand: Demand, request: dict) -> float | None:
     return left if left > 0 else None
 
 
+def bundles(demand: Demand) -> list[dict]:
+    """`demand` as resource bundles for Ray's autoscaler (`request_cluster_resources`): one per GPU, or per CPU for a
+    CPU-only job, each an equal share of its CPUs and memory (as aidc's jobs place a worker per GPU; a job's exact
+    shapes are not declared), a GPU type as Ray's `accelerator_type:<type>` resource."""
+    n = math.ceil(demand.gpus - EPS) if demand.gpus else math.ceil(demand.cpus - EPS)
+    if n <= 0:
+        return []
+    one = {"CPU": floor_cpus(demand.cpus / n), "GPU": floor_cpus(demand.gpus / n),
+           "memory": float(int(demand.memory_gb * GIB / n))}
+    if demand.gpus and demand.gpu_type:
+        one[f"accelerator_type:{demand.gpu_type}"] = 0.001
+    one = {k: v for k, v in one.items() if v > 0}
+    return [{"resources": dict(one)} for _ in range(n)] if one else []
+
+
 def with_run_name(entrypoint: str, run_name: str) -> str:
     """An aidc training entrypoint that names its run, so a preempted job resumes from its checkpoint when run
     again; other entrypoints, and ones that already name the run, are returned as they are."""
@@ -191,4 +208,4 @@ def with_run_name(entrypoint: str, run_name: str) -> str:
     return f"{entrypoint} --set run.name={shlex.quote(run_name)}"
 
 
-__all__ = ["data_allowance", "declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]
+__all__ = ["bundles", "data_allowance", "declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]

@@ -10,7 +10,8 @@ have room, and only then submitted to Ray with the cluster token, which teams no
 is a 404, a role without the right a 403. Preempted jobs are stopped in Ray and queued again (an aidc training
 job resumes from its latest checkpoint: the gateway names its run). While jobs run, their actors' resources
 (Ray's state API) are compared with what they were admitted for; a job that holds more is stopped, and the
-message names the excess. Admission, preemption, stops and denials go to the audit log; `/metrics` serves
+message names the excess. On a cluster that autoscales, jobs the nodes alive cannot hold wait for new ones, which
+the gateway asks of Ray's autoscaler (v2) from the autoscaling config's full scale. Admission, preemption, stops and denials go to the audit log; `/metrics` serves
 quota use, queue length and wait times for Prometheus.
 """
 
@@ -29,15 +30,16 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aidc import storage
+from aidc.cluster import full_scale, load_cluster_yaml
 from aidc.errors import AidcError, ConfigError
 from aidc.runtime import DATA_CPUS_ENV, floor_cpus
 from aidc.security import audit
 from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
 from aidc.tenancy import admission, energy, metrics
-from aidc.tenancy.demand import data_allowance, job_demand, with_run_name
-from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, JobRecord, Jobs, Teams, load_jobs, load_teams, save_jobs,
-                                tenancy_home)
+from aidc.tenancy.demand import GIB, bundles, data_allowance, job_demand, with_run_name
+from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, Demand, JobRecord, Jobs, Teams, load_jobs, load_teams,
+                                save_jobs, tenancy_home)
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,8 @@ class Gateway:
 
     def __init__(self, ray_address: str, *, home: str | None = None, security_home: str | None = None,
                  token: str | None = None, interval_s: float = 1.0, enforce_s: float = 5.0,
-                 capacity: admission.Capacity | None = None):
+                 capacity: admission.Capacity | None = None, autoscaling_config: str | None = None,
+                 gcs_address: str | None = None):
         self.ray = ray_address.rstrip("/")
         self.home = tenancy_home(home)
         self.packages = self.home / "packages"
@@ -146,6 +149,14 @@ class Gateway:
         self.token = token if token is not None else cluster_token()
         self.interval_s, self.enforce_s = interval_s, enforce_s
         self.fixed_capacity = capacity
+        # the autoscaler's config (how far the cluster grows) and the GCS the autoscaler is asked through
+        self.autoscaling_config, self.gcs_address = autoscaling_config, gcs_address
+        self._full: tuple[tuple | None, admission.Capacity | None] = (("unread",), None)
+        self._grow: list[str] = []  # jobs waiting for nodes the autoscaler is asked for
+        self._asked: tuple[float, list[dict]] | None = None  # (when, bundles) last asked; None: never asked
+        self._ask_failed_at = float("-inf")
+        if self.token and autoscaling_config:  # Ray's GCS client sends the cluster token only in token mode
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_file = open(self.home / "gateway.lock", "a")
         try:  # one gateway per tenancy home: two would each write jobs.json
@@ -233,6 +244,7 @@ class Gateway:
                 types = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
                 kind = kinds[node.get("node_id")] = types[0] if types else ""
                 cap.gpus[kind] = cap.gpus.get(kind, 0.0) + res["GPU"]
+        cap.full = self.full_scale()
         try:
             cap.outside = await self._outside(kinds)
         except Exception as exc:  # noqa: BLE001 - keep the last known outside use rather than stop scheduling
@@ -240,6 +252,73 @@ class Gateway:
             cap.outside = self._capacity[1].outside if self._capacity else admission.Held()
         self._capacity = (now, cap)
         return cap
+
+    def full_scale(self) -> admission.Capacity | None:
+        """The cluster at full scale by its autoscaling config (read again when the file changes); None where there
+        is none, or its node types do not declare their resources (then jobs wait for the nodes alive)."""
+        if not self.autoscaling_config:
+            return None
+        path = Path(self.autoscaling_config).expanduser()
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp == self._full[0]:
+            return self._full[1]
+        full = None
+        try:
+            reach = full_scale(load_cluster_yaml(path)) if stamp else None
+            if reach is None:
+                logger.warning("autoscaling config %s: %s; jobs wait for the nodes alive", path,
+                               "not found" if stamp is None else "its node types do not all declare `resources`")
+            else:
+                full = admission.Capacity(cpus=reach.get("CPU", 0.0), memory_gb=reach.get("memory", 0.0) / GIB,
+                                          gpus={k[4:]: v for k, v in reach.items() if k.startswith("GPU:")})
+                logger.info("cluster at full scale (%s): %g CPUs, GPUs %s", path, full.cpus, full.gpus or "none")
+        except ConfigError as exc:
+            logger.error("autoscaling config: %s; jobs wait for the nodes alive", exc)
+        self._full = (stamp, full)
+        return full
+
+    async def _autoscale(self) -> None:
+        """Ask Ray's autoscaler for the nodes that jobs waiting for them need. Ray (autoscaler v2, `ray up`'s
+        default) takes one cluster constraint, sized against whole nodes whether used or not, so it is the running
+        jobs', outside work's and the waiting jobs' bundles together; it is released (empty) once no job waits for
+        nodes, so idle nodes time out as usual."""
+        if not self.autoscaling_config or self.fixed_capacity is not None:
+            return
+        want: list[dict] = []
+        if self._grow:
+            jobs = self.jobs.jobs
+            for j in [*(j for j in jobs.values() if j.state == "RUNNING"), *(jobs[i] for i in self._grow)]:
+                want += bundles(j.demand)
+            out = self._capacity[1].outside if self._capacity else admission.Held()
+            want += bundles(Demand(cpus=out.cpus, gpus=out.gpu_total(), memory_gb=out.memory_gb))
+        now = time.monotonic()
+        last = self._asked[1] if self._asked else None
+        if (last is None and not want) or (last == want and (not want or now - self._asked[0] < 60)) \
+                or now - self._ask_failed_at < 10:
+            return  # asked already (again each minute: a restarted head forgets it)
+        try:
+            await asyncio.to_thread(self._request_resources, want)
+        except Exception as exc:  # noqa: BLE001 - GCS down or restarting: the jobs keep waiting; asked again
+            self._ask_failed_at = now
+            logger.warning("asking Ray's autoscaler for %d bundles failed (again in 10 s): %s", len(want), exc)
+            return
+        if want != last:
+            logger.info("asked Ray's autoscaler for %d bundle%s (%s)", len(want), "s" * (len(want) != 1),
+                        ", ".join(self._grow) or "released: no job waits for nodes")
+        self._asked = (now, want)
+
+    def _request_resources(self, want: list[dict]) -> None:
+        from ray._private.services import find_bootstrap_address
+        from ray.autoscaler.v2.sdk import request_cluster_resources
+
+        gcs = self.gcs_address or find_bootstrap_address(None)
+        if not gcs:
+            raise AidcError("no Ray head found on this host; start the gateway with --gcs-address HOST:PORT")
+        request_cluster_resources(gcs, want, timeout=10)
 
     async def _outside(self, kinds: dict[str, str]) -> admission.Held:
         # actors and groups before the jobs list: an actor exists only once its driver is registered, so the list
@@ -352,6 +431,7 @@ class Gateway:
                 self._last_enforce = time.monotonic()
                 changed |= await self._enforce()
             changed |= await self._schedule()
+            await self._autoscale()
             if changed or (self._unsaved_energy and time.monotonic() - self._saved_at >= 60):
                 self.save()
             if time.monotonic() - self._last_sweep >= 60:
@@ -515,11 +595,13 @@ class Gateway:
 
     async def _schedule(self) -> bool:
         queued = [j for j in self.jobs.jobs.values() if j.state == "QUEUED"]
+        self._grow = []
         if not queued:
             return False
         teams = self.teams().teams
         plan = admission.plan([j for j in self.jobs.jobs.values() if not j.deleted], teams, await self.capacity())
         changed = bool(plan.preempt or plan.admit)
+        self._grow = plan.grow
         for job_id, why in plan.preempt:
             self.jobs.jobs[job_id].preempting = why
         for job_id, why in plan.waiting.items():
@@ -814,8 +896,11 @@ class Gateway:
         except (AidcError, aiohttp.ClientError, asyncio.TimeoutError, KeyError, TypeError, ValueError) as exc:
             return _text(503, f"cannot read the cluster's resources from Ray ({exc}); retry shortly")
         demand = await asyncio.to_thread(job_demand, body, working, cap.gpu_total())
-        impossible = admission.never_fits(team, demand, None)  # the cluster may still grow (autoscaling)
+        # against the cluster at full scale where its autoscaling config is known; otherwise it may still grow
+        impossible = admission.never_fits(team, demand, cap.at_full_scale() if cap.full else None)
         if impossible:
+            if cap.full:
+                impossible = impossible.replace("cluster: has", "cluster at full scale (its autoscaling config) has")
             return _text(400, f"job needs {demand.short()} and can never run: {impossible}")
         request_body = {k: v for k, v in body.items() if k not in ("submission_id", "job_id")}
         async with self.lock:
