@@ -172,9 +172,10 @@ def format_summary(summary: ClusterSummary) -> str:
 def full_scale(config: dict) -> dict[str, float] | None:
     """What a cluster can reach as its autoscaler grows it (an autoscaling config: cluster.yaml, or the
     ~/ray_bootstrap_config.yaml `ray up` leaves on the head): CPUs, `memory` (bytes) and GPUs per accelerator type
-    (`GPU:<type>`; `GPU:` for GPUs of no declared type) of the head plus every worker type at its max_workers,
+    (`GPU:<type>` from a node type's `accelerator_type:<type>` resource; `GPU:` for GPUs of no declared type) of the
+    head plus every worker type at its max_workers (none where unset, as Ray's autoscaler v2 counts),
     each resource bounded by the cluster's max_workers (the largest nodes first: an upper bound, so a job is never
-    refused that some mix of nodes could hold). None where a node type does not declare its resources (the local
+    refused that some mix of nodes could hold), and `workers`: how many worker nodes at most. None where a node type does not declare its resources (the local
     provider's, or a cloud's detected at launch): the reach is then unknown."""
     types = config.get("available_node_types")
     if not isinstance(types, dict) or not types:
@@ -186,11 +187,16 @@ def full_scale(config: dict) -> dict[str, float] | None:
         if not isinstance(res, dict) or "CPU" not in res:
             return None
         kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
-        kind = kinds[0] if kinds else str(((spec or {}).get("labels") or {}).get("ray.io/accelerator-type", ""))
-        have = {"CPU": float(res["CPU"]), "memory": float(res.get("memory", 0))}
+        have = {"CPU": float(res["CPU"])}
+        if "memory" in res:
+            have["memory"] = float(res["memory"])
         if res.get("GPU"):
-            have[f"GPU:{kind}"] = float(res["GPU"])
-        nodes.append((have, 1 if name == head else min(int(spec.get("max_workers", cap)), cap), name == head))
+            have[f"GPU:{kinds[0] if kinds else ''}"] = float(res["GPU"])
+        if name == head:
+            nodes.append((have, 1, True))
+        # as Ray's autoscaler v2 counts: a type without max_workers launches none (the head's type may launch
+        # workers too)
+        nodes.append((have, min(int((spec or {}).get("max_workers", 0)), cap), False))
     out: dict[str, float] = {}
     for key in {k for have, _, _ in nodes for k in have}:
         left = cap
@@ -198,6 +204,10 @@ def full_scale(config: dict) -> dict[str, float] | None:
             n = most if is_head else min(most, left)
             left -= 0 if is_head else n
             out[key] = out.get(key, 0.0) + n * have.get(key, 0.0)
+    if any("memory" not in have for have, _, _ in nodes):
+        out.pop("memory", None)  # not declared by every node type: unknown
+    out = {k: v for k, v in out.items() if v or not k.startswith("GPU:")}  # a type that launches none adds none
+    out["workers"] = float(min(cap, sum(most for _, most, is_head in nodes if not is_head)))
     return out
 
 

@@ -347,11 +347,14 @@ def test_on_an_autoscaling_cluster_a_gpu_job_waits_for_the_node_the_gateway_asks
     asks the autoscaler for it, the node comes, the job runs on it, and once it ended the request is released and
     the idle node goes."""
     t4 = {"resources": {"CPU": 1, "GPU": 1, "accelerator_type:T4": 1}, "max_workers": 1}
+    # a node type the provider cannot launch (as a cloud out of capacity): Ray refuses its tiny object store
+    v100 = {"resources": {"CPU": 1, "GPU": 1, "accelerator_type:V100": 1, "object_store_memory": 1000},
+            "max_workers": 1}
     with ray_head(tmp_path, num_cpus=2, prefix="aidc-as-",
-                  autoscale={"workers": {"t4": t4}, "idle_timeout_minutes": 0.1}) as head:
+                  autoscale={"workers": {"t4": t4, "v100": v100}, "idle_timeout_minutes": 0.1}) as head:
         gw = Gateway(head[0], head[1], tmp_path, ("--autoscaling-config", str(head.config),
                                                   "--gcs-address", head.gcs_address))
-        gw.aidc("teams", "set", "v", "--cpus", "2", "--gpus", "T4=2")  # the cluster is the limit
+        gw.aidc("teams", "set", "v", "--cpus", "2", "--gpus", "T4=2", "--gpus", "V100=1")  # the cluster: the limit
         gw.start()
         try:
             dev = gw.key("dev-v", "developer", "v")
@@ -395,6 +398,20 @@ def test_on_an_autoscaling_cluster_a_gpu_job_waits_for_the_node_the_gateway_asks
             while time.monotonic() < deadline and len(alive()) > 1:
                 time.sleep(1)
             assert len(alive()) == 1, alive()
-            assert "released: no job waits for nodes" in (tmp_path / "gateway.log").read_text()
+            log = (tmp_path / "gateway.log").read_text()  # released once no job waits (and at start: a clean slate)
+            assert log.index("for 1 bundle (t4-job)") < log.rindex("for 0 bundles (released: no job waits for nodes)")
+            # a node that cannot be launched: the job waits and its message says why (the autoscaler retries)
+            gw.ray(dev, "submit", "--no-wait", "--submission-id", "v100-job", "--metadata-json",
+                   '{"cpus": "1", "gpus": "1", "gpu_type": "V100"}', "--", "true")
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                info = gw.job(dev, "v100-job").json()
+                if "launching v100 failed" in (info.get("message") or ""):
+                    break
+                time.sleep(1)
+            assert info["status"] == "PENDING" and "launching v100 failed" in info["message"], info
+            assert "the autoscaler retries" in info["message"]
+            gw.ray(dev, "stop", "v100-job")
+            assert gw.wait(dev, "v100-job", ("STOPPED",), timeout=30)
         finally:
             gw.stop()

@@ -452,18 +452,45 @@ def test_the_autoscaler_is_asked_for_bundles_a_node_can_hold_and_the_full_scale_
     from aidc.cluster import full_scale, load_cluster_yaml
     from aidc.tenancy.demand import GIB, bundles
 
-    assert bundles(Demand(cpus=8, gpus=2, gpu_type="A100", memory_gb=4)) == 2 * [
-        {"resources": {"CPU": 4.0, "GPU": 1.0, "memory": float(2 * GIB), "accelerator_type:A100": 0.001}}]
-    assert bundles(Demand(cpus=2.5)) == 3 * [{"resources": {"CPU": 0.8333}}]  # never more than the whole
-    assert bundles(Demand(cpus=0.5, gpus=0.5)) == [{"resources": {"CPU": 0.5, "GPU": 0.5}}]
+    # a GPU and a CPU per bundle, the other CPUs one each: shapes any node of the kind holds (Ray grows nothing
+    # for a constraint with a bundle no node fits); memory left out
+    assert bundles(Demand(cpus=4, gpus=2, gpu_type="A100", memory_gb=4)) == \
+        2 * [{"resources": {"CPU": 1.0, "GPU": 1.0, "accelerator_type:A100": 0.001}}] + 2 * [{"resources": {"CPU": 1.0}}]
+    assert bundles(Demand(cpus=2.5)) == 2 * [{"resources": {"CPU": 1.0}}] + [{"resources": {"CPU": 0.5}}]
+    assert bundles(Demand(cpus=0.5, gpus=2)) == 2 * [{"resources": {"CPU": 0.25, "GPU": 1.0}}]
     assert bundles(Demand()) == []
     # the project's cluster.yaml: the head, 4 x 8 A100 and 6 x 4 L4 nodes at most
     reach = full_scale(load_cluster_yaml(repo / "cluster.yaml"))
     assert reach["CPU"] == 8 + 4 * 96 + 6 * 48 and reach["GPU:A100"] == 32 and reach["GPU:L4"] == 24
+    assert reach["workers"] == 10 and reach["memory"] > 0
     # the cluster's max_workers bounds each resource, the largest nodes counted first
     config = yaml.safe_load((repo / "cluster.yaml").read_text())
     config["max_workers"] = 5
     reach = full_scale(config)
     assert reach["GPU:A100"] == 32 and reach["GPU:L4"] == 20 and reach["CPU"] == 8 + 4 * 96 + 1 * 48
+    # a type without max_workers launches none (Ray's autoscaler v2); memory not declared everywhere is unknown
+    del config["available_node_types"]["gpu-l4x4"]["max_workers"]
+    del config["available_node_types"]["head"]["resources"]["memory"]
+    reach = full_scale(config)
+    assert reach["CPU"] == 8 + 4 * 96 and "GPU:L4" not in reach and "memory" not in reach
     del config["available_node_types"]["gpu-l4x4"]["resources"]  # detected at launch: the reach is unknown
     assert full_scale(config) is None
+
+
+def test_a_job_waits_for_nodes_only_so_long_and_never_grows_past_a_preemption_under_way():
+    t = teams(a=dict(quota=Quota(cpus=20)), b=dict(quota=Quota(cpus=20)))
+    cap = Capacity(cpus=2, full=Capacity(cpus=10, gpus={"": 4}))  # GPU nodes of no declared type: any type
+    low = job("low", "b", cpus=2, prio=0, state="RUNNING", started=1)
+    hi = job("hi", "a", cpus=2, gpus=1, gpu_type="T4", prio=5, at=1)
+    assert plan([low, hi], t, cap, now=100.0).grow == ["hi"]
+    hi.nodes_asked_at = 100.0  # no node came within node_wait_s (a cloud out of them): it preempts as usual
+    p = plan([low, hi], t, Capacity(cpus=2, gpus={"T4": 1}, full=cap.full), node_wait_s=60, now=161.0)
+    assert p.grow == [] and [v for v, _ in p.preempt] == ["low"]
+    # victims stopping: the room is held for the job they were stopped for, nothing asked of the autoscaler
+    low.preempting = "preempted for hi"
+    p = plan([low, hi], t, Capacity(cpus=2, gpus={"T4": 1}, full=cap.full), now=200.0)
+    assert p.grow == [] and p.waiting["hi"] == "waiting for preempted jobs to stop"
+    # untyped GPUs at full scale may be of the type a job asks for: not refused; memory not declared: not checked
+    assert admission.never_fits(t["a"], Demand(cpus=1, gpus=4, gpu_type="T4", memory_gb=500), cap.at_full_scale()) \
+        is None
+    assert "has 4 T4 GPUs" in admission.never_fits(t["a"], Demand(gpus=5, gpu_type="T4"), cap.at_full_scale())

@@ -22,7 +22,7 @@ def gateway_command(args) -> int:
         default = os.path.expanduser("~/ray_bootstrap_config.yaml")
         config = default if os.path.isfile(default) else None
     serve(args.ray_address, args.host, args.port, interval_s=args.interval, enforce_s=args.enforce_interval,
-          autoscaling_config=config or None, gcs_address=args.gcs_address)
+          autoscaling_config=config or None, gcs_address=args.gcs_address, node_wait_s=args.node_wait)
     return 0
 
 
@@ -160,6 +160,8 @@ def add_parsers(sub) -> None:
                    "Ray's autoscaler for; '' for a cluster that does not grow")
     g.add_argument("--gcs-address", help="the head's GCS (HOST:PORT) the autoscaler is asked through (default: the "
                    "Ray head last started on this host)")
+    g.add_argument("--node-wait", type=float, default=600.0, help="seconds a job waits for nodes asked of the "
+                   "autoscaler before it may preempt lower-priority or borrowed jobs (the cloud may have none)")
     g.set_defaults(fn=gateway_command)
 
     t = sub.add_parser("teams", aliases=["quotas"],

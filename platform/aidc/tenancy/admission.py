@@ -12,13 +12,15 @@ Rules (Kueue's ClusterQueue ideas, on plain Ray):
   While its victims stop, the job keeps its place: later, lower-priority jobs cannot take the room it waits for.
 - On a cluster that autoscales (the gateway knows its full scale from the autoscaling config), a job within its
   quota that the nodes alive cannot hold but the grown cluster can waits for new nodes (the gateway asks Ray's
-  autoscaler for them) instead of preempting anyone; preemption is for what even the full cluster cannot hold.
+  autoscaler for them) instead of preempting anyone, for up to `node_wait_s` (then it preempts as on a cluster that
+  does not grow: the cloud may be out of such nodes).
 - Otherwise the job waits, with a message that names the limit ("team vision: 4 of 4 GPUs in use; 2 jobs
   ahead").
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from aidc.tenancy.model import Demand, JobRecord, Quota, Team
@@ -34,6 +36,7 @@ class Held:
     gpus: dict[str, float] = field(default_factory=dict)
     memory_gb: float = 0.0
     jobs: int = 0
+    per_node: list[dict] = field(default_factory=list)  # work outside the gateway: its resources on each node
 
     def add(self, d: Demand, sign: int = 1) -> None:
         self.cpus += sign * d.cpus
@@ -66,12 +69,16 @@ class Capacity:
         return sum(self.gpus.values())
 
     def at_full_scale(self) -> "Capacity":
-        """The cluster grown as far as its autoscaler may: each resource the larger of now and full scale."""
+        """The cluster grown as far as its autoscaler may: each resource the larger of now and full scale (an upper
+        bound). GPUs of node types that declare no accelerator type could be of any: kept as `*`, which a job of
+        any type may count; memory not declared by every node type is not checked."""
         f = self.full
         if f is None:
             return self
-        gpus = {k: max(self.gpus.get(k, 0.0), f.gpus.get(k, 0.0)) for k in {*self.gpus, *f.gpus}}
-        return Capacity(max(self.cpus, f.cpus), gpus, max(self.memory_gb, f.memory_gb), self.outside)
+        full = {("*" if k == "" else k): v for k, v in f.gpus.items()}
+        gpus = {k: max(self.gpus.get(k, 0.0), full.get(k, 0.0)) for k in {*self.gpus, *full}}
+        return Capacity(max(self.cpus, f.cpus), gpus, max(self.memory_gb, f.memory_gb) if f.memory_gb else 0.0,
+                        self.outside)
 
 
 @dataclass
@@ -123,8 +130,8 @@ def cluster_problem(cap: Capacity, held: Held, d: Demand) -> str | None:
         return f"cluster: {held.memory_gb + out.memory_gb:g} of {cap.memory_gb:g} GiB in use{note(out.memory_gb)}, " \
                f"this job needs {d.memory_gb:g}"
     if d.gpus:
-        if d.gpu_type:
-            have = cap.gpus.get(d.gpu_type, 0.0)
+        if d.gpu_type:  # `*`: GPUs a grown cluster may add of a type its config does not name
+            have = cap.gpus.get(d.gpu_type, 0.0) + cap.gpus.get("*", 0.0)
             used, other = held.gpus.get(d.gpu_type, 0.0), out.gpus.get(d.gpu_type, 0.0)
         else:
             have, used, other = cap.gpu_total(), held.gpu_total(), out.gpu_total()
@@ -151,9 +158,12 @@ def order(jobs: list[JobRecord]) -> list[JobRecord]:
     return sorted(jobs, key=lambda j: (-j.priority, j.submitted_at, j.id))
 
 
-def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity) -> Plan:
-    """Decide one scheduling round over every job the gateway holds."""
+def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity, node_wait_s: float = 600.0,
+         now: float | None = None) -> Plan:
+    """Decide one scheduling round over every job the gateway holds (`node_wait_s`: how long a job waits for nodes
+    asked of the autoscaler before it may preempt)."""
     out = Plan()
+    now = time.time() if now is None else now
     running = [j for j in jobs if j.state == "RUNNING"]
     queued = order([j for j in jobs if j.state == "QUEUED"])
     total, by_team = Held(), {}
@@ -189,15 +199,6 @@ def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity) -> Plan:
             held.add(job.demand)
             continue
         why = over_quota if over_quota and not team.borrow else no_room
-        if no_room and not over_quota and cap.full is not None \
-                and not cluster_problem(cap.at_full_scale(), _plus(total, asked), job.demand):
-            # the cluster can grow to hold it: ask the autoscaler rather than stop anyone (nothing is reserved of
-            # the nodes alive: smaller jobs behind it may start there meanwhile)
-            asked.add(job.demand)
-            out.grow.append(job.id)
-            out.waiting[job.id] = f"{no_room}; more nodes asked of the autoscaler" + \
-                (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
-            continue
         mine = freeing_team.get(job.team, Held())
         if freeing.jobs and not cluster_problem(cap, _minus(total, freeing), job.demand) \
                 and not quota_problem(job.team, team.quota, _minus(held, mine), job.demand):
@@ -206,6 +207,17 @@ def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity) -> Plan:
             held.add(job.demand)
             freeing, freeing_team = Held(), {}
             out.waiting[job.id] = "waiting for preempted jobs to stop"
+            continue
+        waited = now - job.nodes_asked_at if job.nodes_asked_at else 0.0
+        if no_room and not over_quota and cap.full is not None and waited < node_wait_s \
+                and not cluster_problem(cap.at_full_scale(), _plus(total, asked), job.demand):
+            # the cluster can grow to hold it: ask the autoscaler rather than stop anyone (nothing is reserved of
+            # the nodes alive: smaller jobs behind it may start there meanwhile); past node_wait_s without the
+            # nodes (a cloud out of capacity) it preempts as on a cluster that does not grow
+            asked.add(job.demand)
+            out.grow.append(job.id)
+            out.waiting[job.id] = f"{no_room}; more nodes asked of the autoscaler" + \
+                (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
             continue
         victims = _victims(job, over_quota is not None, running, out, teams, cap, total, held)
         if victims:

@@ -184,18 +184,24 @@ def data_allowance(demand: Demand, request: dict) -> float | None:
 
 
 def bundles(demand: Demand) -> list[dict]:
-    """`demand` as resource bundles for Ray's autoscaler (`request_cluster_resources`): one per GPU, or per CPU for a
-    CPU-only job, each an equal share of its CPUs and memory (as aidc's jobs place a worker per GPU; a job's exact
-    shapes are not declared), a GPU type as Ray's `accelerator_type:<type>` resource."""
-    n = math.ceil(demand.gpus - EPS) if demand.gpus else math.ceil(demand.cpus - EPS)
-    if n <= 0:
-        return []
-    one = {"CPU": floor_cpus(demand.cpus / n), "GPU": floor_cpus(demand.gpus / n),
-           "memory": float(int(demand.memory_gb * GIB / n))}
-    if demand.gpus and demand.gpu_type:
-        one[f"accelerator_type:{demand.gpu_type}"] = 0.001
-    one = {k: v for k, v in one.items() if v > 0}
-    return [{"resources": dict(one)} for _ in range(n)] if one else []
+    """`demand` as resource bundles for Ray's autoscaler (`request_cluster_resources`, which packs them onto whole
+    nodes and grows nothing if any bundle fits no node): one per GPU with a CPU (its type as Ray's
+    `accelerator_type:<type>` resource), the other CPUs one per bundle. Small shapes any node of the kind holds, so
+    the ask is never infeasible for its shape; where a job's processes land is Ray's to decide when it runs.
+    Memory is left out (node types need not declare it)."""
+    gpus, cpus = demand.gpus, demand.cpus
+    out = []
+    n = math.ceil(gpus - EPS) if gpus > EPS else 0
+    for _ in range(n):
+        one = {"CPU": floor_cpus(min(1.0, cpus / n)), "GPU": floor_cpus(gpus / n)}
+        if demand.gpu_type:
+            one[f"accelerator_type:{demand.gpu_type}"] = 0.001
+        out.append({"resources": {k: v for k, v in one.items() if v > 0}})
+    left = cpus - (n * floor_cpus(min(1.0, cpus / n)) if n else 0.0)
+    while left > EPS:
+        out.append({"resources": {"CPU": floor_cpus(min(1.0, left))}})
+        left -= 1.0
+    return [b for b in out if b["resources"]]
 
 
 def with_run_name(entrypoint: str, run_name: str) -> str:

@@ -38,8 +38,8 @@ from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
 from aidc.tenancy import admission, energy, metrics
 from aidc.tenancy.demand import GIB, bundles, data_allowance, job_demand, with_run_name
-from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, Demand, JobRecord, Jobs, Teams, load_jobs, load_teams,
-                                save_jobs, tenancy_home)
+from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, JobRecord, Jobs, Teams, load_jobs, load_teams, save_jobs,
+                                tenancy_home)
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,14 @@ def outside_use(actors: list[dict], pgs: list[dict], gpu_kinds: dict[str, str],
     for node_id, own in _holdings(theirs, [pg for pg in pgs if kept(pg.get("creator_job_id"), pg)]):
         out.cpus += own["CPU"]
         out.memory_gb += own["memory"] / (1 << 30)
+        kind = gpu_kinds.get(node_id, "") if own["GPU"] else ""
         if own["GPU"]:
-            kind = gpu_kinds.get(node_id, "")
             out.gpus[kind] = out.gpus.get(kind, 0.0) + own["GPU"]
+        shape = {"CPU": floor_cpus(own["CPU"]), "GPU": floor_cpus(own["GPU"])}
+        if kind:
+            shape[f"accelerator_type:{kind}"] = 0.001
+        if shape["CPU"] or shape["GPU"]:  # as a bundle for the autoscaler: it fits the node it is on
+            out.per_node.append({"resources": {k: v for k, v in shape.items() if v}})
     return out
 
 
@@ -141,7 +146,7 @@ class Gateway:
     def __init__(self, ray_address: str, *, home: str | None = None, security_home: str | None = None,
                  token: str | None = None, interval_s: float = 1.0, enforce_s: float = 5.0,
                  capacity: admission.Capacity | None = None, autoscaling_config: str | None = None,
-                 gcs_address: str | None = None):
+                 gcs_address: str | None = None, node_wait_s: float = 600.0):
         self.ray = ray_address.rstrip("/")
         self.home = tenancy_home(home)
         self.packages = self.home / "packages"
@@ -150,11 +155,13 @@ class Gateway:
         self.interval_s, self.enforce_s = interval_s, enforce_s
         self.fixed_capacity = capacity
         # the autoscaler's config (how far the cluster grows) and the GCS the autoscaler is asked through
-        self.autoscaling_config, self.gcs_address = autoscaling_config, gcs_address
+        self.autoscaling_config, self.gcs_address, self.node_wait_s = autoscaling_config, gcs_address, node_wait_s
         self._full: tuple[tuple | None, admission.Capacity | None] = (("unread",), None)
+        self._max_workers = 0  # worker nodes the autoscaling config allows at most
         self._grow: list[str] = []  # jobs waiting for nodes the autoscaler is asked for
         self._asked: tuple[float, list[dict]] | None = None  # (when, bundles) last asked; None: never asked
         self._ask_failed_at = float("-inf")
+        self._news, self._news_at = "", float("-inf")  # what the autoscaler does about it, when last read
         if self.token and autoscaling_config:  # Ray's GCS client sends the cluster token only in token mode
             os.environ.setdefault("RAY_AUTH_MODE", "token")
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -234,9 +241,11 @@ class Gateway:
             return self._capacity[1]
         cap = admission.Capacity(cpus=0.0)
         kinds: dict[str, str] = {}  # node id -> its GPUs' accelerator type
+        workers = 0
         for node in await self._state("/api/v0/nodes?limit=10000&detail=true"):
             if node.get("state") != "ALIVE":
                 continue
+            workers += not node.get("is_head_node")
             res = node.get("resources_total") or {}
             cap.cpus += res.get("CPU", 0.0)
             cap.memory_gb += res.get("memory", 0.0) / (1 << 30)
@@ -245,6 +254,8 @@ class Gateway:
                 kind = kinds[node.get("node_id")] = types[0] if types else ""
                 cap.gpus[kind] = cap.gpus.get(kind, 0.0) + res["GPU"]
         cap.full = self.full_scale()
+        if cap.full is not None and workers >= self._max_workers:
+            cap.full = None  # as many worker nodes as the config allows: the cluster cannot grow now
         try:
             cap.outside = await self._outside(kinds)
         except Exception as exc:  # noqa: BLE001 - keep the last known outside use rather than stop scheduling
@@ -275,6 +286,7 @@ class Gateway:
             else:
                 full = admission.Capacity(cpus=reach.get("CPU", 0.0), memory_gb=reach.get("memory", 0.0) / GIB,
                                           gpus={k[4:]: v for k, v in reach.items() if k.startswith("GPU:")})
+                self._max_workers = int(reach["workers"])
                 logger.info("cluster at full scale (%s): %g CPUs, GPUs %s", path, full.cpus, full.gpus or "none")
         except ConfigError as exc:
             logger.error("autoscaling config: %s; jobs wait for the nodes alive", exc)
@@ -285,7 +297,8 @@ class Gateway:
         """Ask Ray's autoscaler for the nodes that jobs waiting for them need. Ray (autoscaler v2, `ray up`'s
         default) takes one cluster constraint, sized against whole nodes whether used or not, so it is the running
         jobs', outside work's and the waiting jobs' bundles together; it is released (empty) once no job waits for
-        nodes, so idle nodes time out as usual."""
+        nodes, so idle nodes time out as usual. While jobs wait, what the autoscaler does about it (nodes launching,
+        a launch that failed) goes into their message."""
         if not self.autoscaling_config or self.fixed_capacity is not None:
             return
         want: list[dict] = []
@@ -293,32 +306,63 @@ class Gateway:
             jobs = self.jobs.jobs
             for j in [*(j for j in jobs.values() if j.state == "RUNNING"), *(jobs[i] for i in self._grow)]:
                 want += bundles(j.demand)
-            out = self._capacity[1].outside if self._capacity else admission.Held()
-            want += bundles(Demand(cpus=out.cpus, gpus=out.gpu_total(), memory_gb=out.memory_gb))
+            want += self._capacity[1].outside.per_node if self._capacity else []
         now = time.monotonic()
         last = self._asked[1] if self._asked else None
-        if (last is None and not want) or (last == want and (not want or now - self._asked[0] < 60)) \
-                or now - self._ask_failed_at < 10:
-            return  # asked already (again each minute: a restarted head forgets it)
-        try:
-            await asyncio.to_thread(self._request_resources, want)
-        except Exception as exc:  # noqa: BLE001 - GCS down or restarting: the jobs keep waiting; asked again
-            self._ask_failed_at = now
-            logger.warning("asking Ray's autoscaler for %d bundles failed (again in 10 s): %s", len(want), exc)
-            return
-        if want != last:
-            logger.info("asked Ray's autoscaler for %d bundle%s (%s)", len(want), "s" * (len(want) != 1),
-                        ", ".join(self._grow) or "released: no job waits for nodes")
-        self._asked = (now, want)
+        # asked already (again each minute: a new head forgets), or failed lately; asked once at start even when
+        # nothing waits: a constraint an earlier gateway left must not keep nodes up
+        if not ((last == want and (not want or now - self._asked[0] < 60)) or now - self._ask_failed_at < 10):
+            try:
+                await asyncio.to_thread(self._request_resources, want)
+            except Exception as exc:  # noqa: BLE001 - GCS down or restarting: the jobs keep waiting; asked again
+                self._ask_failed_at = now
+                logger.warning("asking Ray's autoscaler for %d bundles failed (again in 10 s): %s", len(want), exc)
+                return
+            if want != last:
+                logger.info("asked Ray's autoscaler for %d bundle%s (%s)", len(want), "s" * (len(want) != 1),
+                            ", ".join(self._grow) or "released: no job waits for nodes")
+            self._asked = (now, want)
+        if not self._grow:
+            self._news = ""
+        elif now - self._news_at >= 5:
+            self._news_at = now
+            try:
+                self._news = await asyncio.to_thread(self._autoscaler_news)
+            except Exception as exc:  # noqa: BLE001 - only the message's detail
+                logger.debug("the autoscaler's status: %s", exc)
 
-    def _request_resources(self, want: list[dict]) -> None:
+    def _gcs(self) -> str:
         from ray._private.services import find_bootstrap_address
-        from ray.autoscaler.v2.sdk import request_cluster_resources
 
         gcs = self.gcs_address or find_bootstrap_address(None)
         if not gcs:
             raise AidcError("no Ray head found on this host; start the gateway with --gcs-address HOST:PORT")
-        request_cluster_resources(gcs, want, timeout=10)
+        return gcs
+
+    def _request_resources(self, want: list[dict]) -> None:
+        from ray.autoscaler.v2.sdk import request_cluster_resources
+
+        request_cluster_resources(self._gcs(), want, timeout=10)
+
+    def _autoscaler_news(self) -> str:
+        """What Ray's autoscaler is doing: nodes launching or starting, the latest launch that failed (10 min)."""
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(self._gcs(), timeout=5)
+        coming: dict[str, int] = {}
+        for launch in status.pending_launches:
+            coming[launch.ray_node_type_name] = coming.get(launch.ray_node_type_name, 0) + launch.count
+        for node in status.pending_nodes:
+            coming[node.ray_node_type_name] = coming.get(node.ray_node_type_name, 0) + 1
+        parts = [f"{n} {kind} node{'s' * (n != 1)} starting" for kind, n in sorted(coming.items())]
+        now = time.time()
+        failed = [f for f in status.failed_launches if now - (f.failed_ts_s or f.request_ts_s) < 600]
+        if failed:
+            f = max(failed, key=lambda f: f.failed_ts_s or f.request_ts_s)
+            ago = int(now - (f.failed_ts_s or f.request_ts_s))
+            parts.append(f"launching {f.ray_node_type_name} failed {ago} s ago ({(f.details or 'no reason given')[:200]})"
+                         "; the autoscaler retries")
+        return ", ".join(parts)
 
     async def _outside(self, kinds: dict[str, str]) -> admission.Held:
         # actors and groups before the jobs list: an actor exists only once its driver is registered, so the list
@@ -431,13 +475,13 @@ class Gateway:
                 self._last_enforce = time.monotonic()
                 changed |= await self._enforce()
             changed |= await self._schedule()
-            await self._autoscale()
             if changed or (self._unsaved_energy and time.monotonic() - self._saved_at >= 60):
                 self.save()
             if time.monotonic() - self._last_sweep >= 60:
                 self._last_sweep = time.monotonic()
                 self._sweep_packages()
             metrics.publish(self.jobs.jobs.values(), self.teams().teams)
+        await self._autoscale()  # out of the lock: a slow GCS must not hold up submissions
 
     async def _refresh(self) -> bool:
         changed = False
@@ -599,12 +643,21 @@ class Gateway:
         if not queued:
             return False
         teams = self.teams().teams
-        plan = admission.plan([j for j in self.jobs.jobs.values() if not j.deleted], teams, await self.capacity())
+        plan = admission.plan([j for j in self.jobs.jobs.values() if not j.deleted], teams, await self.capacity(),
+                              self.node_wait_s)
         changed = bool(plan.preempt or plan.admit)
         self._grow = plan.grow
+        now = time.time()
+        for job in queued:  # since when each waits for nodes (past node_wait_s it may preempt instead)
+            if job.id in plan.grow and not job.nodes_asked_at:
+                job.nodes_asked_at, changed = now, True
+            elif job.id not in plan.grow and job.nodes_asked_at and now - job.nodes_asked_at < self.node_wait_s:
+                job.nodes_asked_at, changed = None, True  # admitted, or waiting for something else now
         for job_id, why in plan.preempt:
             self.jobs.jobs[job_id].preempting = why
         for job_id, why in plan.waiting.items():
+            if job_id in plan.grow and self._news:
+                why = f"{why} ({self._news})"
             changed |= self.jobs.jobs[job_id].message != why
             self.jobs.jobs[job_id].message = why
         if plan.preempt:
@@ -620,7 +673,7 @@ class Gateway:
         for job_id, borrowed in plan.admit:
             job = self.jobs.jobs[job_id]
             now = time.time()
-            job.state, job.borrowed, job.started_at = "RUNNING", borrowed, now
+            job.state, job.borrowed, job.started_at, job.nodes_asked_at = "RUNNING", borrowed, now, None
             job.first_started_at = job.first_started_at or now
             job.message = "admitted" + (" on borrowed capacity" if borrowed else "")
             self.save()  # durable before Ray sees it: a crash now resubmits the same id, never a second copy

@@ -125,6 +125,8 @@ class JobRecord(Strict):
     ended_at: float | None = None
     first_started_at: float | None = None
     requeued_at: float | None = Field(None, description="When it last went back in the queue (preempted).")
+    nodes_asked_at: float | None = Field(None, description="Since when it waits for nodes asked of the autoscaler "
+                                         "(unset once admitted; after the gateway's --node-wait it may preempt).")
     deleted: bool = Field(False, description="Deleted by its team: hidden from the Jobs API, kept for usage.")
     runs: list[dict] = Field(default_factory=list, description="Finished attempts: ray_id, start, end, status, "
                              "why it ended.")
