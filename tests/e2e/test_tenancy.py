@@ -411,6 +411,7 @@ def test_on_an_autoscaling_cluster_a_gpu_job_waits_for_the_node_the_gateway_asks
                 time.sleep(1)
             assert info["status"] == "PENDING" and "launching v100 failed" in info["message"], info
             assert "the autoscaler retries" in info["message"]
+            assert 'aidc_tenancy_waiting_for_nodes{team="v"} 1.0' in requests.get(f"{gw.url}/metrics", timeout=30).text
             gw.ray(dev, "stop", "v100-job")
             assert gw.wait(dev, "v100-job", ("STOPPED",), timeout=30)
         finally:

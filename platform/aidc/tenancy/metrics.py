@@ -1,6 +1,6 @@
 """The gateway's Prometheus metrics (served on its own `/metrics`: the gateway is not a Ray process, so Ray's
 metrics agent does not export them): quota used and limit per team and resource, queue length, wait time until
-admission, preemptions and enforcement stops, GPU energy."""
+admission, jobs waiting for nodes from the autoscaler, preemptions and enforcement stops, GPU energy."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ QUOTA_USED = Gauge("aidc_tenancy_quota_used", "Resources held by a team's runnin
 QUOTA_LIMIT = Gauge("aidc_tenancy_quota_limit", "A team's quota (absent: no limit).", ["team", "resource"],
                     registry=REGISTRY)
 QUEUED = Gauge("aidc_tenancy_queue_length", "Jobs waiting in the queue.", ["team"], registry=REGISTRY)
+NODES = Gauge("aidc_tenancy_waiting_for_nodes", "Queued jobs waiting for nodes asked of Ray's autoscaler.", ["team"],
+              registry=REGISTRY)
 BORROWED = Gauge("aidc_tenancy_borrowed_jobs", "Running jobs on borrowed capacity.", ["team"], registry=REGISTRY)
 WAIT = Histogram("aidc_tenancy_wait_seconds", "Seconds from submission (or requeue) to admission.", ["team"],
                  buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600), registry=REGISTRY)
@@ -29,6 +31,7 @@ def publish(jobs, teams: dict) -> None:
     used: dict[str, dict[str, float]] = {name: zero() for name in teams}
     queued = {name: 0 for name in teams}
     borrowed = {name: 0 for name in teams}
+    nodes = {name: 0 for name in teams}
     for j in jobs:
         if j.state == "RUNNING":
             u = used.setdefault(j.team, zero())
@@ -39,6 +42,7 @@ def publish(jobs, teams: dict) -> None:
             borrowed[j.team] = borrowed.get(j.team, 0) + int(j.borrowed)
         elif j.state == "QUEUED":
             queued[j.team] = queued.get(j.team, 0) + 1
+            nodes[j.team] = nodes.get(j.team, 0) + bool(j.nodes_asked_at)
     for team, u in used.items():
         for res, v in u.items():
             QUOTA_USED.labels(team, res).set(v)
@@ -51,6 +55,8 @@ def publish(jobs, teams: dict) -> None:
     for team, n in queued.items():
         QUEUED.labels(team).set(n)
         ENERGY.labels(team)  # a zero row for every team
+    for team, n in nodes.items():
+        NODES.labels(team).set(n)
     for team, n in borrowed.items():
         BORROWED.labels(team).set(n)
 
