@@ -155,3 +155,44 @@ def _no_leaking_storage(monkeypatch, tmp_path_factory):
 
 
 sys.path.insert(0, str(REPO / "platform"))
+
+
+# ---- where the suite's time goes: busy CPU-seconds (the whole host, from /proc/stat) and wall seconds per test
+# module, printed after the run (issue #29: `make test` is CPU-bound on 2 cores, so CPU-seconds are what to cut;
+# package- and module-scoped fixtures count in the module whose test set them up or tore them down)
+
+_SPENT: dict[str, list[float]] = {}  # module -> [tests, wall s, busy CPU-s]
+
+
+def _busy_seconds() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import time
+
+    t0, c0 = time.monotonic(), _busy_seconds()
+    yield
+    c1 = _busy_seconds()
+    row = _SPENT.setdefault(item.nodeid.split("::")[0], [0, 0.0, 0.0])
+    row[0] += 1
+    row[1] += time.monotonic() - t0
+    row[2] += (c1 - c0) if c0 is not None and c1 is not None else 0.0
+
+
+def pytest_terminal_summary(terminalreporter):
+    if len(_SPENT) < 2:
+        return
+    wall, busy = sum(r[1] for r in _SPENT.values()), sum(r[2] for r in _SPENT.values())
+    cores = os.cpu_count() or 1
+    tr = terminalreporter
+    tr.write_sep("=", f"time per module: {wall:.0f} s wall, {busy:.0f} busy CPU-s of {wall * cores:.0f} ({cores} cores)")
+    tr.write_line(f"{'module':<48} {'tests':>5} {'wall s':>7} {'CPU-s':>7} {'busy':>5}")
+    for mod, (n, w, c) in sorted(_SPENT.items(), key=lambda kv: -kv[1][2]):
+        tr.write_line(f"{mod:<48} {n:>5} {w:>7.0f} {c:>7.0f} {c / max(w * cores, 1e-9):>5.0%}")
