@@ -11,16 +11,22 @@ from aidc.cli.security import duration
 
 
 def gateway_command(args) -> int:
+    config = args.autoscaling_config
+    if config is None:  # what `ray up` leaves on the head (cluster.yaml's --autoscaling-config), if there
+        default = os.path.expanduser("~/ray_bootstrap_config.yaml")
+        config = default if os.path.isfile(default) else None
+    if config and "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))):
+        # the autoscaler is asked through Ray's GCS client, which sends the cluster token only in token mode, read
+        # once when Ray is first imported: before that
+        os.environ["RAY_AUTH_MODE"] = "token"
     from aidc.telemetry import setup_logging
     from aidc.tenancy.gateway import serve
 
     setup_logging()
     # a service logs what it does (aidc's CLI is quiet, at WARNING): its address, the autoscaler asks
     logging.getLogger().setLevel(os.environ.get("AIDC_LOG_LEVEL", "INFO").upper())
-    config = args.autoscaling_config
-    if config is None:  # what `ray up` leaves on the head (cluster.yaml's --autoscaling-config), if there
-        default = os.path.expanduser("~/ray_bootstrap_config.yaml")
-        config = default if os.path.isfile(default) else None
     serve(args.ray_address, args.host, args.port, interval_s=args.interval, enforce_s=args.enforce_interval,
           autoscaling_config=config or None, gcs_address=args.gcs_address, node_wait_s=args.node_wait)
     return 0

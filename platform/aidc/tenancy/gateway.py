@@ -162,8 +162,6 @@ class Gateway:
         self._asked: tuple[float, list[dict]] | None = None  # (when, bundles) last asked; None: never asked
         self._ask_failed_at = float("-inf")
         self._news, self._news_at = "", float("-inf")  # what the autoscaler does about it, when last read
-        if self.token and autoscaling_config:  # Ray's GCS client sends the cluster token only in token mode
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_file = open(self.home / "gateway.lock", "a")
         try:  # one gateway per tenancy home: two would each write jobs.json
