@@ -7,7 +7,10 @@
    Reported: GPU utilisation, wait time per team (p50 / p90 / mean), preemptions and GPU-hours lost to them.
    No public cluster trace can be downloaded here (no internet); the trace is synthetic and seeded, shaped
    like the Philly/Helios traces (many small short jobs, a few large long ones), and is printed so the
-   figures can be reproduced.
+   figures can be reproduced. Third, `aidc-autoscaled`: the same admission on a cluster that starts with no GPU
+   node and grows to the same 32 GPUs (4 nodes of 8) as the gateway asks Ray's autoscaler for them (a node ready
+   `--boot-min` after the ask; one with no job for `--idle-min` ended, as Ray's idle timeout does): GPU-hours
+   provisioned (what is paid for) against the fixed cluster's, and the wait that costs.
 2. Real overhead (`ray start` head, the gateway as `aidc gateway`): p50 of a job submission through the gateway
    against directly to the Jobs API (JobSubmissionClient.submit_job), and the admission latency after quota frees
    (a one-job team: time from the first job's end in Ray to the second's start in Ray).
@@ -43,14 +46,14 @@ TEAMS = {  # name: (quota GPUs, priority, borrow, jobs per day, mean GPUs scale)
 }
 
 
-def trace(days: float, seed: int) -> list[dict]:
+def trace(days: float, seed: int, load: float = 1.0) -> list[dict]:
     rng = random.Random(seed)
     jobs = []
     for team, (_, _, _, per_day, scale) in TEAMS.items():
         t = 0.0
         while True:
             hour = (t / 3600) % 24
-            rate = per_day / 86400 * (1.6 if 9 <= hour < 19 else 0.4)  # office hours
+            rate = load * per_day / 86400 * (1.6 if 9 <= hour < 19 else 0.4)  # office hours
             t += rng.expovariate(rate)
             if t >= days * 86400:
                 break
@@ -63,10 +66,23 @@ def trace(days: float, seed: int) -> list[dict]:
     return jobs
 
 
-def simulate(jobs: list[dict], policy: str, horizon_s: float) -> dict:
-    """Run the trace under `aidc` (admission.plan) or `fcfs` (arrival order, start when the head fits)."""
+NODE_GPUS = 8
+
+
+def simulate(jobs: list[dict], policy: str, horizon_s: float, boot_s: float = 300.0, idle_s: float = 600.0) -> dict:
+    """Run the trace under `aidc` (admission.plan), `fcfs` (arrival order, start when the head fits) or
+    `aidc-autoscaled` (admission.plan on a cluster of 0 to CLUSTER_GPUS / NODE_GPUS nodes, grown for the jobs
+    plan() says wait for nodes, each ready `boot_s` after it was asked for; the nodes beyond what running jobs
+    use ended once so for `idle_s`)."""
     teams = {n: Team(name=n, quota=Quota(gpus={"*": q}), priority=p, borrow=b) for n, (q, p, b, _, _) in TEAMS.items()}
-    cap = Capacity(cpus=1e9, gpus={"": CLUSTER_GPUS})
+    grows = policy == "aidc-autoscaled"
+    max_nodes = CLUSTER_GPUS // NODE_GPUS
+    nodes, boots, spare_since, tick = (0 if grows else max_nodes), [], None, 0.0
+    provisioned_gpu_s = 0.0
+
+    def capacity() -> Capacity:
+        full = Capacity(cpus=1e9, gpus={"": CLUSTER_GPUS}) if grows and nodes < max_nodes else None
+        return Capacity(cpus=1e9, gpus={"": nodes * NODE_GPUS}, full=full)
     recs, todo, done_work, start_of = {}, {}, {}, {}
     pending = sorted(jobs, key=lambda j: j["at"])
     k = 0
@@ -75,13 +91,20 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float) -> dict:
     waits: dict[str, list[float]] = {t: [] for t in TEAMS}
     first_start: dict[str, float] = {}
     last = 0.0
-    while k < len(pending) or events or any(r.state == "QUEUED" for r in recs.values()):
-        nxt = min(events[0][0] if events else math.inf, pending[k]["at"] if k < len(pending) else math.inf)
+    while k < len(pending) or events or boots or any(r.state == "QUEUED" for r in recs.values()):
+        nxt = min(events[0][0] if events else math.inf, pending[k]["at"] if k < len(pending) else math.inf,
+                  boots[0] if boots else math.inf, tick if grows and nodes else math.inf)
         if nxt == math.inf:
             break
         running = [r for r in recs.values() if r.state == "RUNNING"]
         busy_gpu_s += sum(r.demand.gpus for r in running) * (min(nxt, horizon_s) - min(last, horizon_s))
+        provisioned_gpu_s += (nodes + len(boots)) * NODE_GPUS * (min(nxt, horizon_s) - min(last, horizon_s))
         now = last = nxt
+        while boots and boots[0] <= now:  # nodes launched (billed from the ask) are up
+            boots.pop(0)
+            nodes += 1
+        if tick <= now:
+            tick = now + 60.0
         while events and events[0][0] <= now:
             _, jid = events.pop(0)
             r = recs[jid]
@@ -95,8 +118,8 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float) -> dict:
                                       submitted_at=j["at"])
             todo[j["id"]], done_work[j["id"]] = j["run_s"], 0.0
         for _ in range(100):  # rounds until nothing changes at this instant (preempted jobs stop at once here)
-            if policy == "aidc":
-                p = plan(list(recs.values()), teams, cap)
+            if policy != "fcfs":
+                p = plan(list(recs.values()), teams, capacity(), now=now)
                 admits, preempts = p.admit, p.preempt
             else:
                 admits, preempts, free = [], [], CLUSTER_GPUS - sum(r.demand.gpus for r in recs.values()
@@ -125,6 +148,19 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float) -> dict:
             events.sort()
             if not admits and not preempts:
                 break
+        if grows:  # the gateway's ask, as Ray's autoscaler meets it: nodes for running and waiting jobs' GPUs
+            used = sum(r.demand.gpus for r in recs.values() if r.state == "RUNNING")
+            asked = sum(recs[j].demand.gpus for j in p.grow)
+            want = min(max_nodes, math.ceil((used + asked) / NODE_GPUS)) if asked else 0
+            boots += [now + boot_s] * max(0, want - nodes - len(boots))
+            boots.sort()
+            keep = max(math.ceil(used / NODE_GPUS), want)
+            if nodes > keep and not boots:
+                spare_since = now if spare_since is None else spare_since
+                if now - spare_since >= idle_s:
+                    nodes, spare_since = keep, None
+            else:
+                spare_since = None
     horizon = min(horizon_s, last)
 
     def stats(xs):
@@ -134,9 +170,13 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float) -> dict:
         return {"n": len(xs), "p50_min": round(xs[len(xs) // 2] / 60, 1),
                 "p90_min": round(xs[int(len(xs) * 0.9)] / 60, 1), "mean_min": round(sum(xs) / len(xs) / 60, 1)}
 
-    return {"policy": policy, "gpu_utilisation": round(busy_gpu_s / (CLUSTER_GPUS * horizon), 4),
-            "preemptions": preemptions, "gpu_hours_lost": round(lost_gpu_s / 3600, 1),
-            "wait": {t: stats(w) for t, w in waits.items()}}
+    out = {"policy": policy, "gpu_utilisation": round(busy_gpu_s / (CLUSTER_GPUS * horizon), 4),
+           "preemptions": preemptions, "gpu_hours_lost": round(lost_gpu_s / 3600, 1),
+           "gpu_hours_provisioned": round(provisioned_gpu_s / 3600 if grows else CLUSTER_GPUS * horizon / 3600, 1),
+           "wait": {t: stats(w) for t, w in waits.items()}}
+    if grows:
+        out["gpu_utilisation_of_provisioned"] = round(busy_gpu_s / max(provisioned_gpu_s, 1e-9), 4)
+    return out
 
 
 # ---- real overhead ------------------------------------------------------------------------------------------
@@ -234,15 +274,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sim-only", action="store_true", help="only the simulated week (no Ray)")
     p.add_argument("--days", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load", type=float, default=1.0, help="scales every team's submissions per day")
+    p.add_argument("--boot-min", type=float, default=5.0, help="minutes from the ask to a GPU node's being up")
+    p.add_argument("--idle-min", type=float, default=10.0, help="Ray's idle timeout (cluster.yaml: 10 minutes)")
     a = p.parse_args(argv)
     days = 1.0 if a.quick else a.days
-    jobs = trace(days, a.seed)
-    out = {"trace": {"days": days, "seed": a.seed, "jobs": len(jobs),
+    jobs = trace(days, a.seed, a.load)
+    out = {"trace": {"days": days, "seed": a.seed, "load": a.load, "jobs": len(jobs),
                      "gpu_hours_asked": round(sum(j["gpus"] * j["run_s"] for j in jobs) / 3600, 1),
                      "per_team": {t: sum(1 for j in jobs if j["team"] == t) for t in TEAMS}}}
     print("trace", json.dumps(out["trace"]), flush=True)
-    for policy in ("fcfs", "aidc"):
-        out[policy] = simulate(jobs, policy, days * 86400)
+    for policy in ("fcfs", "aidc", "aidc-autoscaled"):
+        out[policy] = simulate(jobs, policy, days * 86400, a.boot_min * 60, a.idle_min * 60)
         print(policy, json.dumps(out[policy]), flush=True)
     if not a.sim_only:
         out["overhead"] = overhead(3 if a.quick else 30)

@@ -343,6 +343,11 @@ def test_the_simulated_week_benchmark_runs_and_the_queue_serves_the_high_priorit
     for team in ("vision", "nlp"):
         assert aidc["wait"][team]["mean_min"] <= fcfs["wait"][team]["mean_min"], (team, fcfs, aidc)
     assert 0 < aidc["gpu_utilisation"] <= 1
+    # grown for what waits and shrunk when idle: every job runs, on fewer GPU-hours than the fixed cluster's
+    grown = r["aidc-autoscaled"]
+    assert {t: w["n"] for t, w in grown["wait"].items()} == {t: w["n"] for t, w in aidc["wait"].items()}
+    assert grown["gpu_hours_provisioned"] < aidc["gpu_hours_provisioned"]
+    assert aidc["gpu_utilisation"] < grown["gpu_utilisation_of_provisioned"] <= 1
 
 
 def test_a_preemptor_over_its_own_quota_waits_for_its_victims_and_takes_no_more():
