@@ -73,7 +73,8 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float, boot_s: float = 30
     """Run the trace under `aidc` (admission.plan), `fcfs` (arrival order, start when the head fits) or
     `aidc-autoscaled` (admission.plan on a cluster of 0 to CLUSTER_GPUS / NODE_GPUS nodes, grown for the jobs
     plan() says wait for nodes, each ready `boot_s` after it was asked for; the nodes beyond what running jobs
-    use ended once so for `idle_s`)."""
+    use ended once so for `idle_s`: GPUs are a pool, as if running jobs packed onto the fewest nodes, which Ray
+    does not do, so the GPU-hours it provisions are a lower bound)."""
     teams = {n: Team(name=n, quota=Quota(gpus={"*": q}), priority=p, borrow=b) for n, (q, p, b, _, _) in TEAMS.items()}
     grows = policy == "aidc-autoscaled"
     max_nodes = CLUSTER_GPUS // NODE_GPUS
@@ -121,6 +122,8 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float, boot_s: float = 30
             if policy != "fcfs":
                 p = plan(list(recs.values()), teams, capacity(), now=now)
                 admits, preempts = p.admit, p.preempt
+                for jid in p.grow:  # as the gateway keeps it: since when each waits for nodes
+                    recs[jid].nodes_asked_at = recs[jid].nodes_asked_at or now
             else:
                 admits, preempts, free = [], [], CLUSTER_GPUS - sum(r.demand.gpus for r in recs.values()
                                                                     if r.state == "RUNNING")
@@ -139,7 +142,7 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float, boot_s: float = 30
                 preemptions += 1
             for jid, borrowed in admits:
                 r = recs[jid]
-                r.state, r.borrowed, start_of[jid] = "RUNNING", borrowed, now
+                r.state, r.borrowed, start_of[jid], r.nodes_asked_at = "RUNNING", borrowed, now, None
                 r.started_at = now
                 if jid not in first_start:
                     first_start[jid] = now
@@ -278,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--boot-min", type=float, default=5.0, help="minutes from the ask to a GPU node's being up")
     p.add_argument("--idle-min", type=float, default=10.0, help="Ray's idle timeout (cluster.yaml: 10 minutes)")
     a = p.parse_args(argv)
+    if a.load <= 0:
+        p.error("--load must be > 0")
     days = 1.0 if a.quick else a.days
     jobs = trace(days, a.seed, a.load)
     out = {"trace": {"days": days, "seed": a.seed, "load": a.load, "jobs": len(jobs),

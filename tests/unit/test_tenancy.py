@@ -491,6 +491,8 @@ def test_a_job_waits_for_nodes_only_so_long_and_never_grows_past_a_preemption_un
     hi.nodes_asked_at = 100.0  # no node came within node_wait_s (a cloud out of them): it preempts as usual
     p = plan([low, hi], t, Capacity(cpus=2, gpus={"T4": 1}, full=cap.full), node_wait_s=60, now=161.0)
     assert p.grow == [] and [v for v, _ in p.preempt] == ["low"]
+    # past the deadline with nothing to preempt: the nodes are still the way in (it never waits unasked)
+    assert plan([hi], t, Capacity(cpus=2, full=cap.full), node_wait_s=60, now=161.0).grow == ["hi"]
     # victims stopping: the room is held for the job they were stopped for, nothing asked of the autoscaler
     low.preempting = "preempted for hi"
     p = plan([low, hi], t, Capacity(cpus=2, gpus={"T4": 1}, full=cap.full), now=200.0)
@@ -499,3 +501,29 @@ def test_a_job_waits_for_nodes_only_so_long_and_never_grows_past_a_preemption_un
     assert admission.never_fits(t["a"], Demand(cpus=1, gpus=4, gpu_type="T4", memory_gb=500), cap.at_full_scale()) \
         is None
     assert "has 4 T4 GPUs" in admission.never_fits(t["a"], Demand(gpus=5, gpu_type="T4"), cap.at_full_scale())
+
+
+def test_the_gateway_asks_for_a_gpu_type_only_where_its_autoscaling_config_declares_it(tmp_path, monkeypatch):
+    """Ray builds new nodes from the config's resources: a bundle naming a type no node type declares would make the
+    whole (all-or-nothing) constraint infeasible, so it is asked for as GPUs of any type."""
+    import asyncio
+    import json
+
+    from aidc.tenancy.gateway import Gateway
+
+    config = tmp_path / "autoscaling.json"
+    config.write_text(json.dumps({"max_workers": 2, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 2}}, "gpu": {"resources": {"CPU": 8, "GPU": 4}, "max_workers": 2}}}))
+    gw = Gateway("http://127.0.0.1:9", home=str(tmp_path / "t"), security_home=str(tmp_path / "s"), token="x",
+                 autoscaling_config=str(config))
+    asks = []
+    monkeypatch.setattr(gw, "_request_resources", asks.append)
+    monkeypatch.setattr(gw, "_autoscaler_news", lambda: "")
+    assert gw.full_scale().gpus == {"": 8.0}
+    gw.jobs.jobs["j"] = job("j", "a", cpus=2, gpus=2, gpu_type="A100")
+    gw._grow = ["j"]
+    asyncio.run(gw._autoscale())
+    assert asks == [2 * [{"resources": {"CPU": 1.0, "GPU": 1.0}}]]
+    gw._grow = []
+    asyncio.run(gw._autoscale())  # nothing waits: released
+    assert asks[-1] == []

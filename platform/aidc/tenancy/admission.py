@@ -209,15 +209,20 @@ def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity, node_wait
             out.waiting[job.id] = "waiting for preempted jobs to stop"
             continue
         waited = now - job.nodes_asked_at if job.nodes_asked_at else 0.0
-        if no_room and not over_quota and cap.full is not None and waited < node_wait_s \
-                and not cluster_problem(cap.at_full_scale(), _plus(total, asked), job.demand):
-            # the cluster can grow to hold it: ask the autoscaler rather than stop anyone (nothing is reserved of
-            # the nodes alive: smaller jobs behind it may start there meanwhile); past node_wait_s without the
-            # nodes (a cloud out of capacity) it preempts as on a cluster that does not grow
+        grows = bool(no_room) and not over_quota and cap.full is not None \
+            and not cluster_problem(cap.at_full_scale(), _plus(total, asked), job.demand)
+
+        def grow() -> None:
             asked.add(job.demand)
             out.grow.append(job.id)
             out.waiting[job.id] = f"{no_room}; more nodes asked of the autoscaler" + \
                 (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
+
+        if grows and waited < node_wait_s:
+            # the cluster can grow to hold it: ask the autoscaler rather than stop anyone (nothing is reserved of
+            # the nodes alive: smaller jobs behind it may start there meanwhile); past node_wait_s without the
+            # nodes (a cloud out of capacity) it preempts as on a cluster that does not grow, if anything can go
+            grow()
             continue
         victims = _victims(job, over_quota is not None, running, out, teams, cap, total, held)
         if victims:
@@ -226,6 +231,9 @@ def plan(jobs: list[JobRecord], teams: dict[str, Team], cap: Capacity, node_wait
             total.add(job.demand)  # reserve: nothing of lower priority starts in the room being made
             held.add(job.demand)
             out.waiting[job.id] = f"preempting {', '.join(v.id for v in victims)} to make room"
+            continue
+        if grows:  # nothing to preempt: the nodes are still the way in
+            grow()
             continue
         out.waiting[job.id] = why + (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
     waiting_borrowers: dict[str, int] = {}

@@ -305,6 +305,12 @@ class Gateway:
             for j in [*(j for j in jobs.values() if j.state == "RUNNING"), *(jobs[i] for i in self._grow)]:
                 want += bundles(j.demand)
             want += self._capacity[1].outside.per_node if self._capacity else []
+            # a GPU type no node type of the config declares would make the whole constraint infeasible (Ray
+            # builds new nodes from the config's resources): asked for as GPUs of any type
+            kinds = set(self._full[1].gpus) if self._full[1] else set()
+            want = [{"resources": {k: v for k, v in b["resources"].items()
+                                   if not k.startswith("accelerator_type:") or k.split(":", 1)[1] in kinds}}
+                    for b in want]
         now = time.monotonic()
         last = self._asked[1] if self._asked else None
         # asked already (again each minute: a new head forgets), or failed lately; asked once at start even when
@@ -314,7 +320,11 @@ class Gateway:
                 await asyncio.to_thread(self._request_resources, want)
             except Exception as exc:  # noqa: BLE001 - GCS down or restarting: the jobs keep waiting; asked again
                 self._ask_failed_at = now
-                logger.warning("asking Ray's autoscaler for %d bundles failed (again in 10 s): %s", len(want), exc)
+                if want:
+                    logger.warning("asking Ray's autoscaler for %d bundles failed (again in 10 s): %s", len(want), exc)
+                else:  # releasing at start, no GCS found (no autoscaler to release): not again until jobs wait
+                    logger.warning("releasing the autoscaler's constraint failed: %s", exc)
+                    self._asked = (now, want)
                 return
             if want != last:
                 logger.info("asked Ray's autoscaler for %d bundle%s (%s)", len(want), "s" * (len(want) != 1),
@@ -357,8 +367,8 @@ class Gateway:
         failed = [f for f in status.failed_launches if now - (f.failed_ts_s or f.request_ts_s) < 600]
         if failed:
             f = max(failed, key=lambda f: f.failed_ts_s or f.request_ts_s)
-            ago = int(now - (f.failed_ts_s or f.request_ts_s))
-            parts.append(f"launching {f.ray_node_type_name} failed {ago} s ago ({(f.details or 'no reason given')[:200]})"
+            at = time.strftime("%H:%M:%S", time.localtime(f.failed_ts_s or f.request_ts_s))  # stable: saved once
+            parts.append(f"launching {f.ray_node_type_name} failed at {at} ({(f.details or 'no reason given')[:200]})"
                          "; the autoscaler retries")
         return ", ".join(parts)
 
