@@ -169,14 +169,19 @@ def format_summary(summary: ClusterSummary) -> str:
     return "\n".join(lines)
 
 
+def accelerator_types(resources: dict) -> list[str]:
+    """The GPU types a Ray resource mapping names (`accelerator_type:A100` -> A100)."""
+    return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+
+
 def full_scale(config: dict) -> dict[str, float] | None:
     """What a cluster can reach as its autoscaler grows it (an autoscaling config: cluster.yaml, or the
     ~/ray_bootstrap_config.yaml `ray up` leaves on the head): CPUs, `memory` (bytes) and GPUs per accelerator type
     (`GPU:<type>` from a node type's `accelerator_type:<type>` resource; `GPU:` for GPUs of no declared type) of the
-    head plus every worker type at its max_workers (none where unset, as Ray's autoscaler v2 counts),
-    each resource bounded by the cluster's max_workers (the largest nodes first: an upper bound, so a job is never
-    refused that some mix of nodes could hold), and `workers`: how many worker nodes at most. None where a node type does not declare its resources (the local
-    provider's, or a cloud's detected at launch): the reach is then unknown."""
+    head plus every worker type at its max_workers (none where unset, as Ray's autoscaler v2 counts), each resource
+    bounded by the cluster's max_workers (the largest nodes first: an upper bound, so a job is never refused that
+    some mix of nodes could hold), and `workers`: how many worker nodes at most. None where a node type does not
+    declare its resources (the local provider's, or a cloud's detected at launch): the reach is then unknown."""
     types = config.get("available_node_types")
     if not isinstance(types, dict) or not types:
         return None
@@ -186,7 +191,7 @@ def full_scale(config: dict) -> dict[str, float] | None:
         res = (spec or {}).get("resources")
         if not isinstance(res, dict) or "CPU" not in res:
             return None
-        kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+        kinds = accelerator_types(res)
         have = {"CPU": float(res["CPU"])}
         if "memory" in res:
             have["memory"] = float(res["memory"])

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aidc.tasks  # noqa: F401 - registers the workloads (configs are validated here)
+from aidc.cluster import accelerator_types
 from aidc.errors import ConfigError
 
 GIB = 2**30
@@ -418,7 +419,7 @@ def running_cluster_devices(cfg) -> list[Device]:
 
     total = ray.cluster_resources()
     if total.get("GPU", 0) > 0 and cfg.resources.use_gpu is not False:
-        kinds = [k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:")]
+        kinds = accelerator_types(total)
         if not kinds:
             return [local_device(planned_workers(cfg), cfg.resources.cpus_per_worker)] if _local_cuda() else []
         out = []

@@ -48,6 +48,16 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+def file_stamp(path: str | Path) -> tuple[int, int, int] | None:
+    """A local file's (inode, mtime ns, size): changes when it is rewritten or replaced (atomic renames included);
+    None when it is missing. For re-reading a config only when it changed."""
+    try:
+        st = os.stat(Path(path).expanduser())
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def read_text(path: str) -> str:
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as f:

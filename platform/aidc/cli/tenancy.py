@@ -15,14 +15,13 @@ def gateway_command(args) -> int:
     if config is None:  # what `ray up` leaves on the head (cluster.yaml's --autoscaling-config), if there
         default = os.path.expanduser("~/ray_bootstrap_config.yaml")
         config = default if os.path.isfile(default) else None
-    if config and "RAY_AUTH_MODE" not in os.environ and (
-            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-            or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))):
+    from aidc.telemetry import setup_logging
+    from aidc.tenancy.gateway import cluster_token, serve  # (neither imports Ray)
+
+    if config and "RAY_AUTH_MODE" not in os.environ and cluster_token():
         # the autoscaler is asked through Ray's GCS client, which sends the cluster token only in token mode, read
         # once when Ray is first imported: before that
         os.environ["RAY_AUTH_MODE"] = "token"
-    from aidc.telemetry import setup_logging
-    from aidc.tenancy.gateway import serve
 
     setup_logging()
     # a service logs what it does (aidc's CLI is quiet, at WARNING): its address, the autoscaler asks

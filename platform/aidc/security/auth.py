@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -100,8 +99,7 @@ class Guard:
                 return self._records
             path = keys.keys_path(self.home)
             try:
-                st = None if storage.is_uri(path) else os.stat(path)
-                stamp = st and (st.st_ino, st.st_mtime_ns, st.st_size)  # the store is replaced atomically
+                stamp = None if storage.is_uri(path) else storage.file_stamp(path)  # replaced atomically
                 if stamp is None or stamp != self._stamp:
                     text = storage.read_text(path)
                     self._records, self._team_limits = keys.parse_store(text), keys.parse_team_limits(text)

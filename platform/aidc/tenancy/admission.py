@@ -258,7 +258,8 @@ def _borrow(job: JobRecord, team: Team, held: Held, total: Held, cap: Capacity, 
         (f"; {n_ahead} job{'s' * (n_ahead != 1)} ahead" if n_ahead else "")
 
 
-def _minus(a: Held, b: Held, sign: int = -1) -> Held:
+def _shift(a: Held, b: Held, sign: int) -> Held:
+    """`a` plus `sign` times `b` (a new Held)."""
     out = a.copy()
     out.cpus, out.memory_gb, out.jobs = a.cpus + sign * b.cpus, a.memory_gb + sign * b.memory_gb, a.jobs + sign * b.jobs
     for k, v in b.gpus.items():
@@ -266,8 +267,12 @@ def _minus(a: Held, b: Held, sign: int = -1) -> Held:
     return out
 
 
+def _minus(a: Held, b: Held) -> Held:
+    return _shift(a, b, -1)
+
+
 def _plus(a: Held, b: Held) -> Held:
-    return _minus(a, b, 1)
+    return _shift(a, b, 1)
 
 
 def _victims(job: JobRecord, over_quota: bool, running: list[JobRecord], out: Plan, teams: dict[str, Team],

@@ -22,6 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from aidc.cluster import accelerator_types
 from aidc.errors import ConfigError
 from aidc.runtime import floor_cpus, gpu_share
 from aidc.tenancy.model import Demand
@@ -67,7 +68,7 @@ def declared(request: dict) -> Demand | None:
         return None
     if not isinstance(resources, dict):
         raise ConfigError("entrypoint_resources must be a mapping of resource name to amount")
-    kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+    kinds = accelerator_types(resources)
     if len(kinds) > 1:
         raise ConfigError(f"entrypoint_resources names several accelerator types {kinds}: ask for one")
     try:
@@ -183,6 +184,15 @@ def data_allowance(demand: Demand, request: dict) -> float | None:
     return left if left > 0 else None
 
 
+def bundle(cpus: float, gpus: float = 0.0, gpu_type: str | None = None) -> dict:
+    """One resource bundle for Ray's autoscaler: CPUs and GPUs rounded down to Ray's step, a GPU type as Ray's
+    `accelerator_type:<type>` resource; empty resources where it holds nothing."""
+    one = {"CPU": floor_cpus(cpus), "GPU": floor_cpus(gpus)}
+    if gpus and gpu_type:
+        one[f"accelerator_type:{gpu_type}"] = 0.001
+    return {"resources": {k: v for k, v in one.items() if v > 0}}
+
+
 def bundles(demand: Demand) -> list[dict]:
     """`demand` as resource bundles for Ray's autoscaler (`request_cluster_resources`, which packs them onto whole
     nodes and grows nothing if any bundle fits no node): one per GPU with a CPU (its type as Ray's
@@ -193,13 +203,10 @@ def bundles(demand: Demand) -> list[dict]:
     out = []
     n = math.ceil(gpus - EPS) if gpus > EPS else 0
     for _ in range(n):
-        one = {"CPU": floor_cpus(min(1.0, cpus / n)), "GPU": floor_cpus(gpus / n)}
-        if demand.gpu_type:
-            one[f"accelerator_type:{demand.gpu_type}"] = 0.001
-        out.append({"resources": {k: v for k, v in one.items() if v > 0}})
+        out.append(bundle(min(1.0, cpus / n), gpus / n, demand.gpu_type))
     left = cpus - (n * floor_cpus(min(1.0, cpus / n)) if n else 0.0)
     while left > EPS:
-        out.append({"resources": {"CPU": floor_cpus(min(1.0, left))}})
+        out.append(bundle(min(1.0, left)))
         left -= 1.0
     return [b for b in out if b["resources"]]
 
@@ -214,4 +221,4 @@ def with_run_name(entrypoint: str, run_name: str) -> str:
     return f"{entrypoint} --set run.name={shlex.quote(run_name)}"
 
 
-__all__ = ["bundles", "data_allowance", "declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]
+__all__ = ["bundle", "bundles", "data_allowance", "declared", "from_config", "job_demand", "parse_entrypoint", "with_run_name"]

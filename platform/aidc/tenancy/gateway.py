@@ -11,8 +11,8 @@ is a 404, a role without the right a 403. Preempted jobs are stopped in Ray and 
 job resumes from its latest checkpoint: the gateway names its run). While jobs run, their actors' resources
 (Ray's state API) are compared with what they were admitted for; a job that holds more is stopped, and the
 message names the excess. On a cluster that autoscales, jobs the nodes alive cannot hold wait for new ones, which
-the gateway asks of Ray's autoscaler (v2) from the autoscaling config's full scale. Admission, preemption, stops and denials go to the audit log; `/metrics` serves
-quota use, queue length and wait times for Prometheus.
+the gateway asks of Ray's autoscaler (v2) from the autoscaling config's full scale. Admission, preemption, stops
+and denials go to the audit log; `/metrics` serves quota use, queue length and wait times for Prometheus.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from aidc import storage
-from aidc.cluster import full_scale, load_cluster_yaml
+from aidc.cluster import accelerator_types, full_scale, load_cluster_yaml
 from aidc.errors import AidcError, ConfigError
 from aidc.runtime import DATA_CPUS_ENV, floor_cpus
 from aidc.security import audit
 from aidc.security.auth import AuthArgs, AuthError, Guard
 from aidc.security.keys import KeyRecord
 from aidc.tenancy import admission, energy, metrics
-from aidc.tenancy.demand import GIB, bundles, data_allowance, job_demand, with_run_name
+from aidc.tenancy.demand import GIB, bundle, bundles, data_allowance, job_demand, with_run_name
 from aidc.tenancy.model import (TEAMS_FILE, TERMINAL, JobRecord, Jobs, Teams, load_jobs, load_teams, save_jobs,
                                 tenancy_home)
 
@@ -116,11 +117,9 @@ def outside_use(actors: list[dict], pgs: list[dict], gpu_kinds: dict[str, str],
         kind = gpu_kinds.get(node_id, "") if own["GPU"] else ""
         if own["GPU"]:
             out.gpus[kind] = out.gpus.get(kind, 0.0) + own["GPU"]
-        shape = {"CPU": floor_cpus(own["CPU"]), "GPU": floor_cpus(own["GPU"])}
-        if kind:
-            shape[f"accelerator_type:{kind}"] = 0.001
-        if shape["CPU"] or shape["GPU"]:  # as a bundle for the autoscaler: it fits the node it is on
-            out.per_node.append({"resources": {k: v for k, v in shape.items() if v}})
+        shape = bundle(own["CPU"], own["GPU"], kind)
+        if shape["resources"]:  # as a bundle for the autoscaler: it fits the node it is on
+            out.per_node.append(shape)
     return out
 
 
@@ -191,11 +190,7 @@ class Gateway:
     def teams(self) -> Teams:
         """teams.json, re-read when it changed (aidc teams set takes effect on the next round)."""
         path = self.home / TEAMS_FILE
-        try:
-            st = path.stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
+        stamp = storage.file_stamp(path)
         if stamp != self._teams_stamp:
             try:
                 self._teams = load_teams(str(self.home)) if stamp else Teams()
@@ -248,7 +243,7 @@ class Gateway:
             cap.cpus += res.get("CPU", 0.0)
             cap.memory_gb += res.get("memory", 0.0) / (1 << 30)
             if res.get("GPU"):
-                types = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+                types = accelerator_types(res)
                 kind = kinds[node.get("node_id")] = types[0] if types else ""
                 cap.gpus[kind] = cap.gpus.get(kind, 0.0) + res["GPU"]
         cap.full = self.full_scale()
@@ -268,11 +263,7 @@ class Gateway:
         if not self.autoscaling_config:
             return None
         path = Path(self.autoscaling_config).expanduser()
-        try:
-            st = path.stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None
+        stamp = storage.file_stamp(path)
         if stamp == self._full[0]:
             return self._full[1]
         full = None
@@ -357,11 +348,9 @@ class Gateway:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         status = get_cluster_status(self._gcs(), timeout=5)
-        coming: dict[str, int] = {}
+        coming = Counter(node.ray_node_type_name for node in status.pending_nodes)
         for launch in status.pending_launches:
-            coming[launch.ray_node_type_name] = coming.get(launch.ray_node_type_name, 0) + launch.count
-        for node in status.pending_nodes:
-            coming[node.ray_node_type_name] = coming.get(node.ray_node_type_name, 0) + 1
+            coming[launch.ray_node_type_name] += launch.count
         parts = [f"{n} {kind} node{'s' * (n != 1)} starting" for kind, n in sorted(coming.items())]
         now = time.time()
         failed = [f for f in status.failed_launches if now - (f.failed_ts_s or f.request_ts_s) < 600]
