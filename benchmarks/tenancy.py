@@ -175,7 +175,7 @@ def simulate(jobs: list[dict], policy: str, horizon_s: float, boot_s: float = 30
 
     out = {"policy": policy, "gpu_utilisation": round(busy_gpu_s / (CLUSTER_GPUS * horizon), 4),
            "preemptions": preemptions, "gpu_hours_lost": round(lost_gpu_s / 3600, 1),
-           "gpu_hours_provisioned": round(provisioned_gpu_s / 3600 if grows else CLUSTER_GPUS * horizon / 3600, 1),
+           "gpu_hours_provisioned": round(provisioned_gpu_s / 3600, 1),  # (a fixed cluster: every GPU, always)
            "wait": {t: stats(w) for t, w in waits.items()}}
     if grows:
         out["gpu_utilisation_of_provisioned"] = round(busy_gpu_s / max(provisioned_gpu_s, 1e-9), 4)
