@@ -157,11 +157,30 @@ def _no_leaking_storage(monkeypatch, tmp_path_factory):
 sys.path.insert(0, str(REPO / "platform"))
 
 
+# ---- two streams: `make test` runs two pytest workers (pytest-xdist, `-n 2 --dist loadgroup`) because on 2 cores
+# one stream left a quarter of the CPU idle (72 % busy: Ray and Serve start-ups, jobs and gateways polling, nodes
+# coming and going). Each stream has a Ray of its own: the integration tier's `ray_session` is package-scoped, so
+# a stream that runs integration modules starts its own; every other Ray here is on free ports and stopped by
+# its test. Stream "b": unit, cluster and e2e tiers and the integration modules below (the CPU-seconds of the two
+# streams near even, by the per-module table this file prints); stream "a": the rest of the integration tier.
+STREAM_B = ("tests/unit/", "tests/cluster/", "tests/e2e/", "tests/integration/test_training.py",
+            "tests/integration/test_datasets.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stream = "b" if item.nodeid.startswith(STREAM_B) else "a"
+        item.add_marker(pytest.mark.xdist_group(stream))
+
+
 # ---- where the suite's time goes: busy CPU-seconds (the whole host, from /proc/stat) and wall seconds per test
 # module, printed after the run (issue #29: `make test` is CPU-bound on 2 cores, so CPU-seconds are what to cut;
-# package- and module-scoped fixtures count in the module whose test set them up or tore them down)
+# package- and module-scoped fixtures count in the module whose test set them up or tore them down). With two
+# streams a module's CPU-seconds are the host's while its tests ran (the other stream's work included).
 
 _SPENT: dict[str, list[float]] = {}  # module -> [tests, wall s, busy CPU-s]
+_SESSION: list[float] = []  # the controller's monotonic time and busy CPU-s at the session's start
 
 
 def _busy_seconds() -> float | None:
@@ -173,23 +192,47 @@ def _busy_seconds() -> float | None:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
+def pytest_sessionstart(session):
+    import time
+
+    _SESSION[:] = [time.monotonic(), _busy_seconds() or 0.0]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     import time
 
-    t0, c0 = time.monotonic(), _busy_seconds()
+    item._aidc_spent_from = (time.monotonic(), _busy_seconds())
     yield
-    c1 = _busy_seconds()
-    row = _SPENT.setdefault(item.nodeid.split("::")[0], [0, 0.0, 0.0])
-    row[0] += 1
-    row[1] += time.monotonic() - t0
-    row[2] += (c1 - c0) if c0 is not None and c1 is not None else 0.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    import time
+
+    outcome = yield
+    t0, c0 = getattr(item, "_aidc_spent_from", (None, None))
+    if call.when == "teardown" and t0 is not None:  # the figures travel with the report (from an xdist worker too)
+        c1 = _busy_seconds()
+        busy = (c1 - c0) if c0 is not None and c1 is not None else 0.0
+        outcome.get_result().user_properties.append(("aidc_spent", (time.monotonic() - t0, busy)))
+
+
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == "aidc_spent":
+            row = _SPENT.setdefault(report.nodeid.split("::")[0], [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += value[0]
+            row[2] += value[1]
 
 
 def pytest_terminal_summary(terminalreporter):
-    if len(_SPENT) < 2:
+    import time
+
+    if len(_SPENT) < 2 or not _SESSION:
         return
-    wall, busy = sum(r[1] for r in _SPENT.values()), sum(r[2] for r in _SPENT.values())
+    wall, busy = time.monotonic() - _SESSION[0], (_busy_seconds() or 0.0) - _SESSION[1]
     cores = os.cpu_count() or 1
     tr = terminalreporter
     tr.write_sep("=", f"time per module: {wall:.0f} s wall, {busy:.0f} busy CPU-s of {wall * cores:.0f} ({cores} cores)")
