@@ -174,19 +174,14 @@ def accelerator_types(resources: dict) -> list[str]:
     return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
 
 
-def full_scale(config: dict) -> dict[str, float] | None:
-    """What a cluster can reach as its autoscaler grows it (an autoscaling config: cluster.yaml, or the
-    ~/ray_bootstrap_config.yaml `ray up` leaves on the head): CPUs, `memory` (bytes) and GPUs per accelerator type
-    (`GPU:<type>` from a node type's `accelerator_type:<type>` resource; `GPU:` for GPUs of no declared type) of the
-    head plus every worker type at its max_workers (none where unset, as Ray's autoscaler v2 counts), each resource
-    bounded by the cluster's max_workers (the largest nodes first: an upper bound, so a job is never refused that
-    some mix of nodes could hold), and `workers`: how many worker nodes at most. None where a node type does not
-    declare its resources (the local provider's, or a cloud's detected at launch): the reach is then unknown."""
+def _node_kinds(config: dict) -> tuple[list[tuple[str, dict, int, bool]], int] | None:
+    """An autoscaling config's node kinds as (type name, resources in full_scale's terms, how many at most, is the
+    head) and the cluster's max_workers; None where a node type does not declare its resources."""
     types = config.get("available_node_types")
     if not isinstance(types, dict) or not types:
         return None
     head, cap = config.get("head_node_type"), int(config.get("max_workers", 10 ** 6))
-    nodes = []  # (resources, how many at most)
+    nodes = []
     for name, spec in types.items():
         res = (spec or {}).get("resources")
         if not isinstance(res, dict) or "CPU" not in res:
@@ -198,22 +193,62 @@ def full_scale(config: dict) -> dict[str, float] | None:
         if res.get("GPU"):
             have[f"GPU:{kinds[0] if kinds else ''}"] = float(res["GPU"])
         if name == head:
-            nodes.append((have, 1, True))
+            nodes.append((name, have, 1, True))
         # as Ray's autoscaler v2 counts: a type without max_workers launches none (the head's type may launch
         # workers too)
-        nodes.append((have, min(int((spec or {}).get("max_workers", 0)), cap), False))
+        nodes.append((name, have, min(int((spec or {}).get("max_workers", 0)), cap), False))
+    return nodes, cap
+
+
+def _reach(nodes: list[tuple[str, dict, int, bool]], cap: int) -> dict[str, float]:
+    """Each resource of `nodes` (each kind up to its count; the head always), with at most `cap` worker nodes (the
+    largest first per resource: an upper bound), and `workers`: how many worker nodes."""
     out: dict[str, float] = {}
-    for key in {k for have, _, _ in nodes for k in have}:
+    for key in {k for _, have, _, _ in nodes for k in have}:
         left = cap
-        for have, most, is_head in sorted(nodes, key=lambda n: (not n[2], -n[0].get(key, 0.0))):
-            n = most if is_head else min(most, left)
+        for _, have, most, is_head in sorted(nodes, key=lambda n: (not n[3], -n[1].get(key, 0.0))):
+            n = most if is_head else max(0, min(most, left))
             left -= 0 if is_head else n
             out[key] = out.get(key, 0.0) + n * have.get(key, 0.0)
-    if any("memory" not in have for have, _, _ in nodes):
+    if any("memory" not in have for _, have, _, _ in nodes):
         out.pop("memory", None)  # not declared by every node type: unknown
     out = {k: v for k, v in out.items() if v or not k.startswith("GPU:")}  # a type that launches none adds none
-    out["workers"] = float(min(cap, sum(most for _, most, is_head in nodes if not is_head)))
+    out["workers"] = float(max(0, min(cap, sum(most for _, _, most, is_head in nodes if not is_head))))
     return out
+
+
+def full_scale(config: dict) -> dict[str, float] | None:
+    """What a cluster can reach as its autoscaler grows it (an autoscaling config: cluster.yaml, or the
+    ~/ray_bootstrap_config.yaml `ray up` leaves on the head): CPUs, `memory` (bytes) and GPUs per accelerator type
+    (`GPU:<type>` from a node type's `accelerator_type:<type>` resource; `GPU:` for GPUs of no declared type) of the
+    head plus every worker type at its max_workers (none where unset, as Ray's autoscaler v2 counts), each resource
+    bounded by the cluster's max_workers (the largest nodes first: an upper bound, so a job is never refused that
+    some mix of nodes could hold), and `workers`: how many worker nodes at most. None where a node type does not
+    declare its resources (the local provider's, or a cloud's detected at launch): the reach is then unknown."""
+    kinds = _node_kinds(config)
+    return None if kinds is None else _reach(*kinds)
+
+
+def growth_room(config: dict, alive_workers: list[dict]) -> dict[str, float] | None:
+    """What the autoscaler can still add to the nodes alive (`alive_workers`: each alive worker node's Ray
+    resources), in full_scale's terms: every worker type up to its max_workers less its nodes alive, at most the
+    cluster's max_workers less every worker alive (`workers`: how many nodes it can still launch; 0: none, and a
+    job waiting for a type whose nodes are all up waits for no node). A node alive counts for the type whose
+    declared resources it has (of several alike, the one with the most room left); one of no declared type only
+    against max_workers. None where the reach is unknown."""
+    kinds = _node_kinds(config)
+    if kinds is None:
+        return None
+    types = {name: ((config["available_node_types"][name] or {})["resources"], most)
+             for name, _, most, is_head in kinds[0] if not is_head}
+    alive = dict.fromkeys(types, 0)
+    for res in alive_workers:
+        like = [name for name, (want, _) in types.items()
+                if all(k == "memory" or abs(float(res.get(k, 0.0)) - float(v)) < 1e-6 for k, v in want.items())]
+        if like:
+            alive[max(like, key=lambda name: types[name][1] - alive[name])] += 1
+    room = [(name, have, most - alive[name], False) for name, have, most, is_head in kinds[0] if not is_head]
+    return _reach(room, kinds[1] - len(alive_workers))
 
 
 def default_cluster_path() -> str:

@@ -482,6 +482,38 @@ def test_the_autoscaler_is_asked_for_bundles_a_node_can_hold_and_the_full_scale_
     assert full_scale(config) is None
 
 
+def test_a_node_type_whose_nodes_are_all_up_adds_nothing_so_its_jobs_preempt_instead_of_waiting(repo, tmp_path):
+    """cluster.yaml allows 4 A100 nodes and 10 workers: with the 4 A100 nodes up, an A100 job the cluster cannot
+    hold waits for no node (it preempts at once, not after --node-wait), while an L4 job still may."""
+    from aidc.cluster import growth_room, load_cluster_yaml
+    from aidc.tenancy.gateway import Gateway
+
+    config = load_cluster_yaml(repo / "cluster.yaml")
+    a100 = {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 1.0, "memory": 9e11, "node:10.0.0.2": 1.0}
+    l4 = {"CPU": 48.0, "GPU": 4.0, "accelerator_type:L4": 1.0}
+    room = growth_room(config, 4 * [a100])
+    assert "GPU:A100" not in room and room["GPU:L4"] == 24 and room["workers"] == 6 and room["CPU"] == 6 * 48
+    assert growth_room(config, [])["GPU:A100"] == 32  # none up: the whole config less the head
+    assert growth_room(config, 4 * [a100] + 6 * [l4])["workers"] == 0
+    # a node of no declared type counts against max_workers only
+    assert growth_room(config, 9 * [{"CPU": 4.0}])["workers"] == 1
+
+    gw = Gateway("http://127.0.0.1:9", home=str(tmp_path / "t"), security_home=str(tmp_path / "s"), token="x",
+                 autoscaling_config=str(repo / "cluster.yaml"))
+    alive = Capacity(cpus=8 + 4 * 96, gpus={"A100": 32})
+    grown = gw._grown(alive, 4 * [a100])
+    assert grown.gpus == {"A100": 32, "L4": 24} and grown.cpus == 8 + 4 * 96 + 6 * 48
+    assert gw._grown(alive, 4 * [a100] + 6 * [l4]) is None  # every worker the config allows is up
+    t = teams(a=dict(quota=Quota(cpus=500, gpus={"A100": 32, "L4": 24})), b=dict(quota=Quota(cpus=500, gpus={})))
+    low = job("low", "a", cpus=8, gpus=8, gpu_type="A100", prio=0, state="RUNNING", started=1)
+    others = [job(f"o{i}", "a", cpus=8, gpus=8, gpu_type="A100", prio=9, state="RUNNING", started=1) for i in range(3)]
+    hi = job("hi", "a", cpus=8, gpus=8, gpu_type="A100", prio=5, at=2)
+    l4_job = job("l4", "a", cpus=8, gpus=4, gpu_type="L4", prio=5, at=3)
+    p = plan([low, *others, hi, l4_job], t, Capacity(cpus=alive.cpus, gpus=alive.gpus, full=grown), now=100.0)
+    assert [v for v, _ in p.preempt] == ["low"] and p.grow == ["l4"]
+    assert gw.full_scale().gpus == {"A100": 32, "L4": 24}  # what a submission is checked against: unchanged
+
+
 def test_a_job_waits_for_nodes_only_so_long_and_never_grows_past_a_preemption_under_way():
     t = teams(a=dict(quota=Quota(cpus=20)), b=dict(quota=Quota(cpus=20)))
     cap = Capacity(cpus=2, full=Capacity(cpus=10, gpus={"": 4}))  # GPU nodes of no declared type: any type

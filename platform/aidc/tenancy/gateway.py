@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aidc import storage
-from aidc.cluster import accelerator_types, full_scale, load_cluster_yaml
+from aidc.cluster import accelerator_types, full_scale, growth_room, load_cluster_yaml
 from aidc.errors import AidcError, ConfigError
 from aidc.runtime import DATA_CPUS_ENV, floor_cpus
 from aidc.security import audit
@@ -155,8 +155,8 @@ class Gateway:
         self.fixed_capacity = capacity
         # the autoscaler's config (how far the cluster grows) and the GCS the autoscaler is asked through
         self.autoscaling_config, self.gcs_address, self.node_wait_s = autoscaling_config, gcs_address, node_wait_s
-        self._full: tuple[tuple | None, admission.Capacity | None] = (("unread",), None)
-        self._max_workers = 0  # worker nodes the autoscaling config allows at most
+        # the autoscaling config's file stamp, the cluster at full scale by it, and the config itself
+        self._full: tuple[tuple | None, admission.Capacity | None, dict] = (("unread",), None, {})
         self._grow: list[str] = []  # jobs waiting for nodes the autoscaler is asked for
         self._asked: tuple[float, list[dict]] | None = None  # (when, bundles) last asked; None: never asked
         self._ask_failed_at = float("-inf")
@@ -234,21 +234,20 @@ class Gateway:
             return self._capacity[1]
         cap = admission.Capacity(cpus=0.0)
         kinds: dict[str, str] = {}  # node id -> its GPUs' accelerator type
-        workers = 0
+        workers: list[dict] = []  # alive worker nodes' resources
         for node in await self._state("/api/v0/nodes?limit=10000&detail=true"):
             if node.get("state") != "ALIVE":
                 continue
-            workers += not node.get("is_head_node")
             res = node.get("resources_total") or {}
+            if not node.get("is_head_node"):
+                workers.append(res)
             cap.cpus += res.get("CPU", 0.0)
             cap.memory_gb += res.get("memory", 0.0) / (1 << 30)
             if res.get("GPU"):
                 types = accelerator_types(res)
                 kind = kinds[node.get("node_id")] = types[0] if types else ""
                 cap.gpus[kind] = cap.gpus.get(kind, 0.0) + res["GPU"]
-        cap.full = self.full_scale()
-        if cap.full is not None and workers >= self._max_workers:
-            cap.full = None  # as many worker nodes as the config allows: the cluster cannot grow now
+        cap.full = self._grown(cap, workers)
         try:
             cap.outside = await self._outside(kinds)
         except Exception as exc:  # noqa: BLE001 - keep the last known outside use rather than stop scheduling
@@ -266,21 +265,35 @@ class Gateway:
         stamp = storage.file_stamp(path)
         if stamp == self._full[0]:
             return self._full[1]
-        full = None
+        full, config = None, {}
         try:
-            reach = full_scale(load_cluster_yaml(path)) if stamp else None
+            config = load_cluster_yaml(path) if stamp else {}
+            reach = full_scale(config) if stamp else None
             if reach is None:
                 logger.warning("autoscaling config %s: %s; jobs wait for the nodes alive", path,
                                "not found" if stamp is None else "its node types do not all declare `resources`")
             else:
                 full = admission.Capacity(cpus=reach.get("CPU", 0.0), memory_gb=reach.get("memory", 0.0) / GIB,
                                           gpus={k[4:]: v for k, v in reach.items() if k.startswith("GPU:")})
-                self._max_workers = int(reach["workers"])
                 logger.info("cluster at full scale (%s): %g CPUs, GPUs %s", path, full.cpus, full.gpus or "none")
         except ConfigError as exc:
             logger.error("autoscaling config: %s; jobs wait for the nodes alive", exc)
-        self._full = (stamp, full)
+        self._full = (stamp, full, config)
         return full
+
+    def _grown(self, cap: admission.Capacity, workers: list[dict]) -> admission.Capacity | None:
+        """The cluster as far as its autoscaler can still grow it from the nodes alive (`workers`: the alive worker
+        nodes' resources), per node type (a type whose nodes are all up adds nothing); None where it cannot grow
+        (or its reach is unknown): a job the nodes alive cannot hold then preempts, as on a fixed cluster."""
+        if self.full_scale() is None:
+            return None
+        room = growth_room(self._full[2], workers)
+        if not room or not room["workers"]:
+            return None
+        gpus = {k[4:]: v for k, v in room.items() if k.startswith("GPU:")}
+        return admission.Capacity(cpus=cap.cpus + room.get("CPU", 0.0),
+                                  gpus={k: cap.gpus.get(k, 0.0) + gpus.get(k, 0.0) for k in {*cap.gpus, *gpus}},
+                                  memory_gb=cap.memory_gb + room["memory"] / GIB if "memory" in room else 0.0)
 
     async def _autoscale(self) -> None:
         """Ask Ray's autoscaler for the nodes that jobs waiting for them need. Ray (autoscaler v2, `ray up`'s
@@ -947,9 +960,11 @@ class Gateway:
             return _text(503, f"cannot read the cluster's resources from Ray ({exc}); retry shortly")
         demand = await asyncio.to_thread(job_demand, body, working, cap.gpu_total())
         # against the cluster at full scale where its autoscaling config is known; otherwise it may still grow
-        impossible = admission.never_fits(team, demand, cap.at_full_scale() if cap.full else None)
+        full = self.full_scale()
+        whole = admission.Capacity(cap.cpus, cap.gpus, cap.memory_gb, full=full).at_full_scale() if full else None
+        impossible = admission.never_fits(team, demand, whole)
         if impossible:
-            if cap.full:
+            if full:
                 impossible = impossible.replace("cluster: has", "cluster at full scale (its autoscaling config) has")
             return _text(400, f"job needs {demand.short()} and can never run: {impossible}")
         request_body = {k: v for k, v in body.items() if k not in ("submission_id", "job_id")}
