@@ -13,6 +13,8 @@ VLLM_VERSION ?= 0.29.0
 export AIDC_STORAGE ?= $(CURDIR)/.aidc
 DASHBOARD_PORT ?= 8265
 DASHBOARD := http://127.0.0.1:$(DASHBOARD_PORT)
+# The head's job agent (Ray's default port; another Ray on the host, as a test run's embedded one, may hold it)
+DASHBOARD_AGENT_PORT ?= 52365
 METRICS_PORT ?= 8080
 # The demo head's GCS port: `make stop` ends the processes of this cluster only (never another Ray on the host)
 DEMO_GCS_PORT ?= 6379
@@ -83,9 +85,9 @@ head: setup
 	@if curl -s -o /dev/null $(DASHBOARD)/api/version; then echo "a Ray head is already on $(DASHBOARD): reusing it"; \
 	else $(BIN)/python -c "from aidc.runtime import print_token_status; print_token_status()" && \
 	  $(RAY_ENV) $(BIN)/ray start --head --port=$(DEMO_GCS_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
-	  --metrics-export-port=$(METRICS_PORT) --disable-usage-stats >/dev/null && echo "started" || { \
+	  --dashboard-agent-listen-port=$(DASHBOARD_AGENT_PORT) --metrics-export-port=$(METRICS_PORT) --disable-usage-stats >/dev/null && echo "started" || { \
 	  echo "step 1 failed: the Ray head did not start. Its logs: /tmp/ray/session_latest/logs (raylet.err, gcs_server.err);" \
-	    "is another Ray on port $(DEMO_GCS_PORT) or $(DASHBOARD_PORT)? ray status; make stop"; exit 1; }; fi
+	    "is another Ray on port $(DEMO_GCS_PORT), $(DASHBOARD_PORT) or $(DASHBOARD_AGENT_PORT)? ray status; make stop"; exit 1; }; fi
 
 demo: head
 	@read t0 n < $(STEP_FILE); $(MAKE) --no-print-directory demo-steps || { read t n < $(STEP_FILE); \

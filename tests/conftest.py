@@ -41,13 +41,22 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
 # creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
 # ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).
-if not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN"):
+# Each of make test's two streams (xdist workers) makes its own, as it makes its own cache below: the controller's
+# would be shared by both, and two first Rays could write one file at once. (What the user set is kept.)
+_MADE = "_AIDC_TEST_MADE"  # what this file made ("token cache"): an xdist worker inherits it and makes its own
+_OWN = os.environ.get(_MADE, "").split() if os.environ.get("PYTEST_XDIST_WORKER") else []
+_made = []
+if "token" in _OWN or (not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN")):
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(tempfile.mkdtemp(prefix="aidc-test-token-")) / "auth_token")
+    _made.append("token")
 
 # Nor ~/.cache/aidc: the per-test fixture below sets AIDC_CACHE for each test, but a Ray started by a
 # session- or package-scoped fixture keeps the environment it started with, and its Ray Data workers made
 # ~/.cache/aidc/datasets/<name> folders in the real home (found after a full run on a fresh machine).
-os.environ.setdefault("AIDC_CACHE", tempfile.mkdtemp(prefix="aidc-test-cache-"))
+if "cache" in _OWN or "AIDC_CACHE" not in os.environ:
+    os.environ["AIDC_CACHE"] = tempfile.mkdtemp(prefix="aidc-test-cache-")
+    _made.append("cache")
+os.environ[_MADE] = " ".join(_made)
 
 
 BIN = Path(sys.executable).parent

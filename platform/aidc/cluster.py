@@ -243,11 +243,13 @@ def growth_room(config: dict, alive_workers: list[dict]) -> dict[str, float] | N
              for name, _, most, is_head in kinds[0] if not is_head}
     alive = dict.fromkeys(types, 0)
     for res in alive_workers:
+        # what a type declares, and its GPUs and GPU type whether declared or not (a CPU type is not a GPU node)
         like = [name for name, (want, _) in types.items()
-                if all(k == "memory" or abs(float(res.get(k, 0.0)) - float(v)) < 1e-6 for k, v in want.items())]
+                if all(abs(float(res.get(k, 0.0)) - float(want.get(k, 0.0))) < 1e-6
+                       for k in {*want, "GPU", *(k for k in res if k.startswith("accelerator_type:"))} - {"memory"})]
         if like:
             alive[max(like, key=lambda name: types[name][1] - alive[name])] += 1
-    room = [(name, have, most - alive[name], False) for name, have, most, is_head in kinds[0] if not is_head]
+    room = [(name, have, max(0, most - alive[name]), False) for name, have, most, is_head in kinds[0] if not is_head]
     return _reach(room, kinds[1] - len(alive_workers))
 
 

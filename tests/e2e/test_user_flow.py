@@ -135,8 +135,9 @@ def test_make_demo_head_on_a_machine_that_never_ran_ray(tmp_path):
     real_pip = [p for p in (Path.home() / ".config/pip/pip.conf", Path.home() / ".pip/pip.conf") if p.is_file()]
     env.update(HOME=str(home), AIDC_STORAGE=str(tmp_path / "storage"),
                **({"PIP_CONFIG_FILE": str(real_pip[0])} if real_pip else {}))  # the machine's package index
-    dash, gcs, metrics = free_port(), free_port(), free_port()
-    ports = [f"DASHBOARD_PORT={dash}", f"DEMO_GCS_PORT={gcs}", f"METRICS_PORT={metrics}"]
+    dash, gcs, metrics, agent = free_port(), free_port(), free_port(), free_port()
+    # the job agent's port too: another Ray on this host (the suite's other stream) may hold Ray's default
+    ports = [f"DASHBOARD_PORT={dash}", f"DEMO_GCS_PORT={gcs}", f"METRICS_PORT={metrics}", f"DASHBOARD_AGENT_PORT={agent}"]
     token = home / ".ray" / "auth_token"
     try:
         out = _run(["make", "--no-print-directory", "head", *ports], env, timeout=300)

@@ -110,20 +110,24 @@ def test_every_ray_start_carries_the_platform_environment():
 
 def test_stopping_a_local_ray_ends_only_the_processes_of_its_gcs_port():
     """`make stop` and the tests' heads end one cluster by its GCS port (never `ray stop`, which kills every Ray
-    on the host). Real processes carrying Ray's command-line shapes: only those of port 47613, with their
-    children, are ended; a neighbour on 147613 or 476130 lives on."""
+    on the host). Real processes carrying Ray's command-line shapes: only those of one port, with their children,
+    are ended; a neighbour on 1<port> or <port>0 lives on. The port is a free one: another stream of the suite
+    runs a Ray on this host."""
     import subprocess
     import sys
 
     from aidc.runtime import stop_local_ray
+    from aidc.testing import free_port
+
+    port = free_port()
 
     sleep = "import subprocess, sys, time; {} time.sleep(120)"
     child = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']);"
     procs = {
-        "gcs": [sys.executable, "-c", sleep.format(""), "--gcs_server_port=47613"],
-        "raylet with a worker": [sys.executable, "-c", sleep.format(child), "--gcs-address=10.0.0.1:47613"],
-        "other port": [sys.executable, "-c", sleep.format(""), "--gcs-address=10.0.0.1:147613"],
-        "longer port": [sys.executable, "-c", sleep.format(""), "--gcs_server_port=476130"],
+        "gcs": [sys.executable, "-c", sleep.format(""), f"--gcs_server_port={port}"],
+        "raylet with a worker": [sys.executable, "-c", sleep.format(child), f"--gcs-address=10.0.0.1:{port}"],
+        "other port": [sys.executable, "-c", sleep.format(""), f"--gcs-address=10.0.0.1:1{port}"],
+        "longer port": [sys.executable, "-c", sleep.format(""), f"--gcs_server_port={port}0"],
     }
     started = {name: subprocess.Popen(cmd) for name, cmd in procs.items()}
     try:
@@ -134,7 +138,7 @@ def test_stopping_a_local_ray_ends_only_the_processes_of_its_gcs_port():
         deadline = time.time() + 10
         while not psutil.Process(started["raylet with a worker"].pid).children() and time.time() < deadline:
             time.sleep(0.05)
-        assert stop_local_ray(47613) == 3  # gcs, raylet and the raylet's child
+        assert stop_local_ray(port) == 3  # gcs, raylet and the raylet's child
         for name in ("gcs", "raylet with a worker"):
             assert started[name].wait(timeout=20) is not None
         assert started["other port"].poll() is None and started["longer port"].poll() is None

@@ -497,6 +497,14 @@ def test_a_node_type_whose_nodes_are_all_up_adds_nothing_so_its_jobs_preempt_ins
     assert growth_room(config, 4 * [a100] + 6 * [l4])["workers"] == 0
     # a node of no declared type counts against max_workers only
     assert growth_room(config, 9 * [{"CPU": 4.0}])["workers"] == 1
+    # a type declaring only CPUs is not a GPU node's; more nodes of a type alive than its max_workers (the config
+    # lowered while they run) leave the other types their room
+    config["available_node_types"]["cpu-only"] = {"resources": {"CPU": 96}, "max_workers": 4}
+    assert "GPU:A100" not in growth_room(config, 4 * [a100]) and growth_room(config, 4 * [a100])["workers"] == 6
+    config["available_node_types"]["gpu-a100x8"]["max_workers"] = 2
+    assert growth_room(config, 4 * [a100])["GPU:L4"] == 24
+    del config["available_node_types"]["cpu-only"]
+    config["available_node_types"]["gpu-a100x8"]["max_workers"] = 4
 
     gw = Gateway("http://127.0.0.1:9", home=str(tmp_path / "t"), security_home=str(tmp_path / "s"), token="x",
                  autoscaling_config=str(repo / "cluster.yaml"))

@@ -75,8 +75,8 @@ class Capacity:
         f = self.full
         if f is None:
             return self
-        full = {("*" if k == "" else k): v for k, v in f.gpus.items()}
-        gpus = {k: max(self.gpus.get(k, 0.0), full.get(k, 0.0)) for k in {*self.gpus, *full}}
+        now, full = ({("*" if k == "" else k): v for k, v in g.items()} for g in (self.gpus, f.gpus))
+        gpus = {k: max(now.get(k, 0.0), full.get(k, 0.0)) for k in {*now, *full}}
         return Capacity(max(self.cpus, f.cpus), gpus, max(self.memory_gb, f.memory_gb) if f.memory_gb else 0.0,
                         self.outside)
 

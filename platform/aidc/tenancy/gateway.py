@@ -293,7 +293,7 @@ class Gateway:
         gpus = {k[4:]: v for k, v in room.items() if k.startswith("GPU:")}
         return admission.Capacity(cpus=cap.cpus + room.get("CPU", 0.0),
                                   gpus={k: cap.gpus.get(k, 0.0) + gpus.get(k, 0.0) for k in {*cap.gpus, *gpus}},
-                                  memory_gb=cap.memory_gb + room["memory"] / GIB if "memory" in room else 0.0)
+                                  memory_gb=(cap.memory_gb + room["memory"] / GIB) if "memory" in room else 0.0)
 
     async def _autoscale(self) -> None:
         """Ask Ray's autoscaler for the nodes that jobs waiting for them need. Ray (autoscaler v2, `ray up`'s
