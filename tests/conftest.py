@@ -59,6 +59,15 @@ if "cache" in _OWN or "AIDC_CACHE" not in os.environ:
 os.environ[_MADE] = " ".join(_made)
 
 
+# Serve's HAProxy ingress binds two host ports of its own besides http_options' (its Prometheus frontend, 9101,
+# and its stats page, 8404): one stream's Serve would keep the other's from starting ("cannot bind socket"), so
+# the second stream moves both (every Ray a test starts inherits this environment).
+_N = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+if _N:
+    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(9101 + 100 * _N)
+    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(8404 + 100 * _N)
+
+
 BIN = Path(sys.executable).parent
 
 
