@@ -175,21 +175,28 @@ def _no_leaking_storage(monkeypatch, tmp_path_factory):
 sys.path.insert(0, str(REPO / "platform"))
 
 
-# ---- two streams: `make test` runs two pytest workers (pytest-xdist, `-n 2 --dist loadgroup`) because on 2 cores
-# one stream left a quarter of the CPU idle (72 % busy: Ray and Serve start-ups, jobs and gateways polling, nodes
-# coming and going). Each stream has a Ray of its own: the integration tier's `ray_session` is package-scoped, so
-# a stream that runs integration modules starts its own; every other Ray here is on free ports and stopped by
-# its test. Stream "b": unit, cluster and e2e tiers and the integration modules below (the CPU-seconds of the two
-# streams near even, by the per-module table this file prints); stream "a": the rest of the integration tier.
+# ---- two streams: `make test` runs two pytest workers (pytest-xdist, `-n 2`) because on 2 cores one stream left a
+# quarter of the CPU idle (72 % busy: Ray and Serve start-ups, jobs and gateways polling, nodes coming and going).
+# Each stream has a Ray of its own: the integration tier's `ray_session` is package-scoped, so a stream that runs
+# integration modules starts its own; every other Ray here is on free ports and stopped by its test. Stream "b":
+# unit, cluster and e2e tiers and the integration modules below (the CPU-seconds of the two streams near even, by
+# the per-module table this file prints); stream "a": the rest of the integration tier. Each stream runs its tests
+# in the order pytest collected them (a module's, a package's fixtures are set up once).
 STREAM_B = ("tests/unit/", "tests/cluster/", "tests/e2e/", "tests/integration/test_training.py",
             "tests/integration/test_datasets.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        stream = "b" if item.nodeid.startswith(STREAM_B) else "a"
-        item.add_marker(pytest.mark.xdist_group(stream))
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: absent when it is not installed or `-p no:xdist`
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's --dist loadgroup would do it from xdist_group marks, but it renames node ids through an attribute
+    # pytest 9 no longer reads (every test became a group of its own); its scope scheduler takes a grouping
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoStreams(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "b" if nodeid.startswith(STREAM_B) else "a"
+
+    return TwoStreams(config, log)
 
 
 # ---- where the suite's time goes: busy CPU-seconds (the whole host, from /proc/stat) and wall seconds per test
