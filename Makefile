@@ -162,9 +162,8 @@ demo-steps:
 	@echo "OIP v2:     curl -s $(SERVE_URL)/v2/models/digits-cnn -H \"Authorization: Bearer \$$AIDC_API_KEY\"   (tritonclient / KServe clients)"
 	@echo "Stop it:    make stop"
 
-# Two streams (pytest-xdist workers, each with its own Ray; which tests run in which: tests/conftest.py STREAM_B)
 test: setup
-	$(BIN)/python -m pytest -n 2 tests/unit tests/integration tests/cluster tests/e2e --durations=25
+	$(BIN)/python -m pytest tests/unit tests/integration tests/cluster tests/e2e --durations=25
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit

@@ -41,31 +41,13 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
 # creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
 # ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).
-# Each of make test's two streams (xdist workers) makes its own, as it makes its own cache below: the controller's
-# would be shared by both, and two first Rays could write one file at once. (What the user set is kept.)
-_MADE = "_AIDC_TEST_MADE"  # what this file made ("token cache"): an xdist worker inherits it and makes its own
-_OWN = os.environ.get(_MADE, "").split() if os.environ.get("PYTEST_XDIST_WORKER") else []
-_made = []
-if "token" in _OWN or (not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN")):
+if not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN"):
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(tempfile.mkdtemp(prefix="aidc-test-token-")) / "auth_token")
-    _made.append("token")
 
 # Nor ~/.cache/aidc: the per-test fixture below sets AIDC_CACHE for each test, but a Ray started by a
 # session- or package-scoped fixture keeps the environment it started with, and its Ray Data workers made
 # ~/.cache/aidc/datasets/<name> folders in the real home (found after a full run on a fresh machine).
-if "cache" in _OWN or "AIDC_CACHE" not in os.environ:
-    os.environ["AIDC_CACHE"] = tempfile.mkdtemp(prefix="aidc-test-cache-")
-    _made.append("cache")
-os.environ[_MADE] = " ".join(_made)
-
-
-# Serve's HAProxy ingress binds two host ports of its own besides http_options' (its Prometheus frontend, 9101,
-# and its stats page, 8404): one stream's Serve would keep the other's from starting ("cannot bind socket"), so
-# the second stream moves both (every Ray a test starts inherits this environment).
-_N = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-if _N:
-    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(9101 + 100 * _N)
-    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(8404 + 100 * _N)
+os.environ.setdefault("AIDC_CACHE", tempfile.mkdtemp(prefix="aidc-test-cache-"))
 
 
 BIN = Path(sys.executable).parent
@@ -175,37 +157,11 @@ def _no_leaking_storage(monkeypatch, tmp_path_factory):
 sys.path.insert(0, str(REPO / "platform"))
 
 
-# ---- two streams: `make test` runs two pytest workers (pytest-xdist, `-n 2`) because on 2 cores one stream left a
-# quarter of the CPU idle (72 % busy: Ray and Serve start-ups, jobs and gateways polling, nodes coming and going).
-# Each stream has a Ray of its own: the integration tier's `ray_session` is package-scoped, so a stream that runs
-# integration modules starts its own; every other Ray here is on free ports and stopped by its test. Stream "b":
-# unit, cluster and e2e tiers and the integration modules below (the CPU-seconds of the two streams near even, by
-# the per-module table this file prints); stream "a": the rest of the integration tier. Each stream runs its tests
-# in the order pytest collected them (a module's, a package's fixtures are set up once).
-STREAM_B = ("tests/unit/", "tests/cluster/", "tests/e2e/", "tests/integration/test_training.py",
-            "tests/integration/test_datasets.py")
-
-
-@pytest.hookimpl(optionalhook=True)  # xdist's hook: absent when it is not installed or `-p no:xdist`
-def pytest_xdist_make_scheduler(config, log):
-    # xdist's --dist loadgroup would do it from xdist_group marks, but it renames node ids through an attribute
-    # pytest 9 no longer reads (every test became a group of its own); its scope scheduler takes a grouping
-    from xdist.scheduler import LoadScopeScheduling
-
-    class TwoStreams(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "b" if nodeid.startswith(STREAM_B) else "a"
-
-    return TwoStreams(config, log)
-
-
 # ---- where the suite's time goes: busy CPU-seconds (the whole host, from /proc/stat) and wall seconds per test
 # module, printed after the run (issue #29: `make test` is CPU-bound on 2 cores, so CPU-seconds are what to cut;
-# package- and module-scoped fixtures count in the module whose test set them up or tore them down). With two
-# streams a module's CPU-seconds are the host's while its tests ran (the other stream's work included).
+# package- and module-scoped fixtures count in the module whose test set them up or tore them down)
 
 _SPENT: dict[str, list[float]] = {}  # module -> [tests, wall s, busy CPU-s]
-_SESSION: list[float] = []  # the controller's monotonic time and busy CPU-s at the session's start
 
 
 def _busy_seconds() -> float | None:
@@ -217,47 +173,23 @@ def _busy_seconds() -> float | None:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-def pytest_sessionstart(session):
-    import time
-
-    _SESSION[:] = [time.monotonic(), _busy_seconds() or 0.0]
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     import time
 
-    item._aidc_spent_from = (time.monotonic(), _busy_seconds())
+    t0, c0 = time.monotonic(), _busy_seconds()
     yield
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    import time
-
-    outcome = yield
-    t0, c0 = getattr(item, "_aidc_spent_from", (None, None))
-    if call.when == "teardown" and t0 is not None:  # the figures travel with the report (from an xdist worker too)
-        c1 = _busy_seconds()
-        busy = (c1 - c0) if c0 is not None and c1 is not None else 0.0
-        outcome.get_result().user_properties.append(("aidc_spent", (time.monotonic() - t0, busy)))
-
-
-def pytest_runtest_logreport(report):
-    for key, value in report.user_properties:
-        if key == "aidc_spent":
-            row = _SPENT.setdefault(report.nodeid.split("::")[0], [0, 0.0, 0.0])
-            row[0] += 1
-            row[1] += value[0]
-            row[2] += value[1]
+    c1 = _busy_seconds()
+    row = _SPENT.setdefault(item.nodeid.split("::")[0], [0, 0.0, 0.0])
+    row[0] += 1
+    row[1] += time.monotonic() - t0
+    row[2] += (c1 - c0) if c0 is not None and c1 is not None else 0.0
 
 
 def pytest_terminal_summary(terminalreporter):
-    import time
-
-    if len(_SPENT) < 2 or not _SESSION:
+    if len(_SPENT) < 2:
         return
-    wall, busy = time.monotonic() - _SESSION[0], (_busy_seconds() or 0.0) - _SESSION[1]
+    wall, busy = sum(r[1] for r in _SPENT.values()), sum(r[2] for r in _SPENT.values())
     cores = os.cpu_count() or 1
     tr = terminalreporter
     tr.write_sep("=", f"time per module: {wall:.0f} s wall, {busy:.0f} busy CPU-s of {wall * cores:.0f} ({cores} cores)")

@@ -1,8 +1,7 @@
 """A 3-node Ray cluster on this machine (head + 2 worker nodes, ray.cluster_utils.Cluster) for node-loss tests.
 
-Its own package and its own Ray: `make test` runs it in one of two streams (tests/conftest.py STREAM_B) beside the
-other stream's integration modules and their embedded single-node Ray (every port of either is Ray's pick, its
-job agent's too: ray.cluster_utils picks one for worker nodes, and the head's HTTP agent is not used here).
+Its own package, so it never overlaps the integration tier's embedded single-node Ray (`ray_session` is
+package-scoped in tests/integration: pytest stops it when that package ends, before this one starts).
 One module-scoped cluster serves every fault test of a module; `local_cluster` stops every node process
 it started at the end, also when a test fails.
 

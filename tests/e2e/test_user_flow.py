@@ -136,7 +136,7 @@ def test_make_demo_head_on_a_machine_that_never_ran_ray(tmp_path):
     env.update(HOME=str(home), AIDC_STORAGE=str(tmp_path / "storage"),
                **({"PIP_CONFIG_FILE": str(real_pip[0])} if real_pip else {}))  # the machine's package index
     dash, gcs, metrics, agent = free_port(), free_port(), free_port(), free_port()
-    # the job agent's port too: another Ray on this host (the suite's other stream) may hold Ray's default
+    # the job agent's port too: another Ray on this host may hold Ray's default (52365)
     ports = [f"DASHBOARD_PORT={dash}", f"DEMO_GCS_PORT={gcs}", f"METRICS_PORT={metrics}", f"DASHBOARD_AGENT_PORT={agent}"]
     token = home / ".ray" / "auth_token"
     try:

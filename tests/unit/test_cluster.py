@@ -111,8 +111,8 @@ def test_every_ray_start_carries_the_platform_environment():
 def test_stopping_a_local_ray_ends_only_the_processes_of_its_gcs_port():
     """`make stop` and the tests' heads end one cluster by its GCS port (never `ray stop`, which kills every Ray
     on the host). Real processes carrying Ray's command-line shapes: only those of one port, with their children,
-    are ended; a neighbour on 1<port> or <port>0 lives on. The port is a free one: another stream of the suite
-    runs a Ray on this host."""
+    are ended; a neighbour on 1<port> or <port>0 lives on. The port is a free one: another Ray may run on this
+    host (a fixed one could be its GCS port)."""
     import subprocess
     import sys
 
