@@ -263,11 +263,11 @@ def test_the_state_api_warning_is_filtered_and_nothing_else():
     log = logging.getLogger(CLEANER_LOGGER)
     assert len(log.filters) == 1
 
-    class Kept(logging.Handler):  # on the logger itself: whether Ray's "ray" logger propagates to the root varies
-        records: list = []
+    records: list[str] = []
 
+    class Kept(logging.Handler):  # on the logger itself: whether Ray's "ray" logger propagates to the root varies
         def emit(self, record):
-            self.records.append(record.getMessage())
+            records.append(record.getMessage())
 
     kept, level = Kept(), log.level
     log.addHandler(kept)
@@ -279,7 +279,7 @@ def test_the_state_api_warning_is_filtered_and_nothing_else():
     finally:
         log.removeHandler(kept)
         log.setLevel(level)
-    assert kept.records == ["Detected that the Ray Train controller actor (x) is dead."]
+    assert records == ["Detected that the Ray Train controller actor (x) is dead."]
 
 
 def test_gpu_energy_is_absent_cleanly_without_a_gpu():

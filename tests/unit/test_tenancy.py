@@ -503,8 +503,6 @@ def test_a_node_type_whose_nodes_are_all_up_adds_nothing_so_its_jobs_preempt_ins
     assert "GPU:A100" not in growth_room(config, 4 * [a100]) and growth_room(config, 4 * [a100])["workers"] == 6
     config["available_node_types"]["gpu-a100x8"]["max_workers"] = 2
     assert growth_room(config, 4 * [a100])["GPU:L4"] == 24
-    del config["available_node_types"]["cpu-only"]
-    config["available_node_types"]["gpu-a100x8"]["max_workers"] = 4
 
     gw = Gateway("http://127.0.0.1:9", home=str(tmp_path / "t"), security_home=str(tmp_path / "s"), token="x",
                  autoscaling_config=str(repo / "cluster.yaml"))
@@ -512,7 +510,7 @@ def test_a_node_type_whose_nodes_are_all_up_adds_nothing_so_its_jobs_preempt_ins
     grown = gw._grown(alive, 4 * [a100])
     assert grown.gpus == {"A100": 32, "L4": 24} and grown.cpus == 8 + 4 * 96 + 6 * 48
     assert gw._grown(alive, 4 * [a100] + 6 * [l4]) is None  # every worker the config allows is up
-    t = teams(a=dict(quota=Quota(cpus=500, gpus={"A100": 32, "L4": 24})), b=dict(quota=Quota(cpus=500, gpus={})))
+    t = teams(a=dict(quota=Quota(cpus=500, gpus={"A100": 32, "L4": 24})))
     low = job("low", "a", cpus=8, gpus=8, gpu_type="A100", prio=0, state="RUNNING", started=1)
     others = [job(f"o{i}", "a", cpus=8, gpus=8, gpu_type="A100", prio=9, state="RUNNING", started=1) for i in range(3)]
     hi = job("hi", "a", cpus=8, gpus=8, gpu_type="A100", prio=5, at=2)

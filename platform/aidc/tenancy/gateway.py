@@ -92,6 +92,13 @@ def held_by(actors: list[dict], pgs: list[dict] = ()) -> dict[str, float]:
     return held
 
 
+def _as_capacity(reach: dict[str, float]) -> admission.Capacity:
+    """aidc.cluster's full_scale / growth_room terms (`GPU:<type>` keys, memory in bytes) as a Capacity; memory 0
+    (not checked) where the config does not declare it."""
+    return admission.Capacity(cpus=reach.get("CPU", 0.0), memory_gb=reach.get("memory", 0.0) / GIB,
+                              gpus={k[4:]: v for k, v in reach.items() if k.startswith("GPU:")})
+
+
 def outside_use(actors: list[dict], pgs: list[dict], gpu_kinds: dict[str, str],
                 ray_jobs: list[dict]) -> admission.Held:
     """What live actors and placement groups of work the gateway did not admit hold: Serve replicas, detached
@@ -273,8 +280,7 @@ class Gateway:
                 logger.warning("autoscaling config %s: %s; jobs wait for the nodes alive", path,
                                "not found" if stamp is None else "its node types do not all declare `resources`")
             else:
-                full = admission.Capacity(cpus=reach.get("CPU", 0.0), memory_gb=reach.get("memory", 0.0) / GIB,
-                                          gpus={k[4:]: v for k, v in reach.items() if k.startswith("GPU:")})
+                full = _as_capacity(reach)
                 logger.info("cluster at full scale (%s): %g CPUs, GPUs %s", path, full.cpus, full.gpus or "none")
         except ConfigError as exc:
             logger.error("autoscaling config: %s; jobs wait for the nodes alive", exc)
@@ -290,10 +296,10 @@ class Gateway:
         room = growth_room(self._full[2], workers)
         if not room or not room["workers"]:
             return None
-        gpus = {k[4:]: v for k, v in room.items() if k.startswith("GPU:")}
-        return admission.Capacity(cpus=cap.cpus + room.get("CPU", 0.0),
-                                  gpus={k: cap.gpus.get(k, 0.0) + gpus.get(k, 0.0) for k in {*cap.gpus, *gpus}},
-                                  memory_gb=(cap.memory_gb + room["memory"] / GIB) if "memory" in room else 0.0)
+        add = _as_capacity(room)
+        return admission.Capacity(cpus=cap.cpus + add.cpus,
+                                  gpus={k: cap.gpus.get(k, 0.0) + add.gpus.get(k, 0.0) for k in {*cap.gpus, *add.gpus}},
+                                  memory_gb=(cap.memory_gb + add.memory_gb) if "memory" in room else 0.0)
 
     async def _autoscale(self) -> None:
         """Ask Ray's autoscaler for the nodes that jobs waiting for them need. Ray (autoscaler v2, `ray up`'s
