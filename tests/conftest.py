@@ -38,6 +38,13 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 # default (tests/cluster/conftest.py).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
+# Ray Train starts a PreemptionWatcher actor with every worker group (a process of its own, ~2.5 CPU-s, then a
+# GCS poll every 5 s) that logs node drains (spot reclaims) for ray.train.get_preemption_info, which aidc does
+# not read: its node-loss handling is Ray Train's worker-group restart from the last checkpoint. Off here
+# (Ray's documented switch), the suite starts ~70 fewer processes; the node-loss tier keeps Ray's default
+# (tests/cluster/conftest.py), where nodes do go away.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 # The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
 # creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
 # ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).

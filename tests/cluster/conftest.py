@@ -20,10 +20,12 @@ SLOT = "slot"
 def cluster(tmp_path_factory):
     from benchmarks.local_cluster import local_cluster
 
-    # Ray's default poll interval (the other tiers run 0.25 s, tests/conftest.py): the node-loss tests' run
-    # lengths (EPOCHS) are set so that a run is still going when a lost node is back, at this pace.
+    # Ray's default poll interval and preemption watcher (the other tiers: 0.25 s and off, tests/conftest.py):
+    # the node-loss tests' run lengths (EPOCHS) are set so that a run is still going when a lost node is back,
+    # at this pace.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+        mp.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # Ray's default, where nodes are lost
         with local_cluster(str(tmp_path_factory.mktemp("cluster-storage")), workers=2, head_cpus=2, worker_cpus=1,
                            worker_resources={SLOT: 1}) as c:
             yield c

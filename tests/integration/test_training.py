@@ -97,10 +97,19 @@ def _stopped_then_resumed(cfg, step: int, tmp_path, monkeypatch):
     return run_training(cfg)
 
 
+def _split_coordinators() -> int:
+    """Ray Data SplitCoordinator actors this Ray has started (Ray Train's, one per split it shards), dead or alive."""
+    import ray
+
+    return sum(a["ActorClassName"] == "SplitCoordinator" for a in ray._private.state.actors().values())
+
+
 def test_resume_after_a_stop_matches_an_uninterrupted_run(root, tmp_path, monkeypatch):
     base = ["train.epochs=4", "resources.num_workers=1", "model.channels=[8]", "model.hidden=16",
             "model.dropout=0.2", "run.max_failures=0"]
+    before = _split_coordinators()
     full = run_training(_cfg("digits", root, *base, "run.name=resume-a"))
+    assert _split_coordinators() == before  # one worker reads its splits whole (trainer.splits_to_shard)
 
     resumed = _stopped_then_resumed(_cfg("digits", root, *base, "run.name=resume-b"), 2 * full.history[0]["step"] + 1,
                                     tmp_path, monkeypatch)  # stopped at the first step of epoch 3
@@ -165,7 +174,9 @@ def test_dp_sgd_on_two_workers_spends_the_target_epsilon_as_the_accountant_count
     cfg = _cfg("digits", root, "train.epochs=3", "resources.num_workers=2", "model.channels=[8]",
                "model.hidden=32", "model.norm=group", "train.batch_size=16", "train.lr=0.01",
                "train.privacy.epsilon=8", "train.privacy.delta=1e-4", "run.name=dp-digits")
+    before = _split_coordinators()
     out = run_training(cfg)
+    assert _split_coordinators() == before + 3  # two workers share out train, val and test
     eps = [h["epsilon"] for h in out.history]
     assert eps == sorted(eps) and eps[0] > 0  # spent as it trains, never given back
     sigma = out.history[-1]["noise_multiplier"]

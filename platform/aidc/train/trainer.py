@@ -132,6 +132,7 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config(cfg, manifest), **(loop_extras or {})},
+        dataset_config=ray.train.DataConfig(datasets_to_split=splits_to_shard(res.num_workers)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
             elastic_resize_monitor_interval_s=res.elastic_resize_interval_s,
@@ -153,6 +154,16 @@ def build_trainer(cfg, manifest: dict, datasets: dict, *, run_name: str, storage
         ),
         datasets=datasets,
     )
+
+
+def splits_to_shard(num_workers) -> list[str] | str:
+    """The splits Ray Train deals out in parts to the workers (its DataConfig.datasets_to_split).
+
+    Ray Train starts a SplitCoordinator actor for each split it shards, in every run, also for a single worker
+    (streaming_split(1)): a process of its own (~2.4 CPU-s here) that every epoch's first batch waits on. One
+    worker reads the splits whole instead; more (or an elastic group, whose size changes) share them out.
+    """
+    return [] if num_workers in (0, 1) else "all"
 
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # ray.train.v2._internal.constants
