@@ -36,8 +36,6 @@ def default_run_name(job_name: str) -> str:
 
 def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVersion, dict, dict]:
     """The dataset version, its manifest and the transformed Ray Datasets of every split (cached when small)."""
-    import ray.data
-
     dv = dv or open_dataset(storage.storage_root(cfg.run.storage), cfg.name, cfg.data.version)
     manifest = dv.manifest()
     wanted = set(cfg.data.privacy.scrub)
@@ -51,9 +49,7 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
                           "encrypted; preprocess again with this config or pin an encrypted version with data.version")
     task = get_task(cfg.task)
     state = manifest["transform"]
-    data_ctx = ray.data.DataContext.get_current()
-    data_ctx.enable_progress_bars = False  # epochs are the progress; keep job logs readable
-    data_ctx.execution_options.preserve_order = True  # same seed, same batches: resumed runs match uninterrupted ones
+    data_ctx = ingest_context()
     cpus = cfg.resources.data_task_cpus  # None: Ray Data's default (a whole CPU per task)
     bound = bound_data(data_ctx)  # through the gateway: the CPUs admitted for Ray Data (a trial's share in a sweep)
     if bound is not None and (cpus or 1.0) > bound:
@@ -68,6 +64,17 @@ def prepare_datasets(cfg, dv: DatasetVersion | None = None) -> tuple[DatasetVers
     if caches(cfg, dv):  # read + transform once (train-time augmentation stays per epoch); epochs then stream
         datasets = {s: ds if s == "train" and augments(manifest) else ds.materialize() for s, ds in datasets.items()}
     return dv, manifest, datasets
+
+
+def ingest_context():
+    """This process's Ray Data context, set for training ingest. Ray Train copies the context of the process that
+    builds the trainer into its ingest (a Tune trial given the sweep's shared datasets sets it here too)."""
+    import ray.data
+
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False  # epochs are the progress; keep job logs readable
+    data_ctx.execution_options.preserve_order = True  # same seed, same batches: resumed runs match uninterrupted ones
+    return data_ctx
 
 
 def caches(cfg, dv: DatasetVersion) -> bool:

@@ -287,7 +287,7 @@ def run_trial(params: dict, sweep: dict) -> None:
     """Tune function trainable. `sweep`: the base job config dict, the train-runs path, shared datasets."""
     from ray import tune
 
-    from aidc.train.trainer import build_trainer, prepare_datasets
+    from aidc.train.trainer import build_trainer, ingest_context, prepare_datasets
 
     trial_id = tune.get_context().get_trial_id()
     if sweep.get("data_cpus"):  # this trial's share of the CPUs the gateway admitted for Ray Data: its own
@@ -300,6 +300,7 @@ def run_trial(params: dict, sweep: dict) -> None:
         dv, _ = preprocess(cfg)
         _, manifest, datasets = prepare_datasets(cfg, dv)
     else:
+        ingest_context()  # the ingest's order as in jobs.train (prepare_datasets set it in the sweep's driver)
         manifest, datasets = sweep["manifest"], sweep["datasets"]
 
     # test hook as in jobs.train, from the sweep driver's environment: <file>:<step> kills this trial once
