@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -48,13 +49,29 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
 # creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
 # ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).
+def _session_temp_dir(prefix: str, under: str | None = None) -> str:
+    """A temp dir for this test session, removed when the session's process exits (each run left two behind in
+    /tmp: 119 caches of up to 3 MB and 106 token dirs after a few weeks of runs on one machine)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=under)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 if not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN"):
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(tempfile.mkdtemp(prefix="aidc-test-token-")) / "auth_token")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(_session_temp_dir("aidc-test-token-")) / "auth_token")
 
 # Nor ~/.cache/aidc: the per-test fixture below sets AIDC_CACHE for each test, but a Ray started by a
 # session- or package-scoped fixture keeps the environment it started with, and its Ray Data workers made
 # ~/.cache/aidc/datasets/<name> folders in the real home (found after a full run on a fresh machine).
-os.environ.setdefault("AIDC_CACHE", tempfile.mkdtemp(prefix="aidc-test-cache-"))
+if not os.environ.get("AIDC_CACHE"):
+    os.environ["AIDC_CACHE"] = _session_temp_dir("aidc-test-cache-")
+
+# vLLM's engine processes talk over ZMQ IPC sockets it names /tmp/<uuid4>; one that is killed (a replica shut
+# down, the dead-engine tests) leaves its sockets behind: ~600 in /tmp after a few weeks of runs. This session's
+# sockets go in its own dir (inherited by every Ray it starts), removed with it; under /tmp whatever TMPDIR says,
+# as a socket path must stay under 108 bytes (this one: 64).
+if not os.environ.get("VLLM_RPC_BASE_PATH"):
+    os.environ["VLLM_RPC_BASE_PATH"] = _session_temp_dir("aidc-test-ipc-", under="/tmp")
 
 
 BIN = Path(sys.executable).parent

@@ -7,6 +7,7 @@ the model through aidc.models and refuses files whose hashes do not match (no pi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -220,3 +221,12 @@ def fetch(ref: str, uri: str, dst: str | None = None) -> tuple[object, Path]:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst or tempfile.mkdtemp()))
     verify_or_refuse(local, f"{mv.name}/{mv.version}", then=verify_manifest)  # signature, then sha256 manifest
     return mv, local
+
+
+@contextlib.contextmanager
+def fetched(ref: str, uri: str):
+    """fetch() into a temp dir removed on exit, for whatever reads the files into memory and keeps nothing on
+    disk: a bare fetch() left every download in /tmp (each tensors-app load of a multiplexed model, evicted and
+    loaded again, left another copy; ~1,900 in /tmp after a few weeks of test runs)."""
+    with tempfile.TemporaryDirectory(prefix="aidc-model-", ignore_cleanup_errors=True) as tmp:
+        yield fetch(ref, uri, dst=tmp)

@@ -160,10 +160,12 @@ def _tiny_model_dir(path: Path) -> Path:
                             config_yaml="x: 1\n") and path
 
 
-def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_path, capsys):
+def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_path, capsys, monkeypatch):
+    import tempfile
+
     from safetensors.torch import load_file, save_file
 
-    from aidc.registry import WEIGHTS, fetch, read_spec, register_model_dir, tracking_uri, write_manifest
+    from aidc.registry import WEIGHTS, fetch, fetched, read_spec, register_model_dir, tracking_uri, write_manifest
     from aidc.security import signing
 
     uri = tracking_uri()
@@ -175,6 +177,14 @@ def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_pat
     # what a version is, read without downloading its weights (the llm app routes adapters so)
     assert read_spec("sig-test@champion", uri)[1] == json.loads((local / "model.json").read_text())
     assert aidc_main(["model", "verify", "sig-test/1"]) == 0 and "signature OK" in capsys.readouterr().out
+    # a verified download that is read and dropped leaves nothing in the temp dir (a bare fetch() kept each one)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with monkeypatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(scratch))
+        with fetched("sig-test/1", uri) as (_, files):
+            assert (files / WEIGHTS).exists() and (files / signing.SIGNATURE).exists()
+        assert aidc_main(["model", "verify", "sig-test/1"]) == 0 and not list(scratch.iterdir())
 
     def stored(version) -> Path:  # the version's files in the artifact store
         return Path(fetch(f"sig-test/{version.version}", uri)[0].source.removeprefix("file://"))
@@ -188,6 +198,11 @@ def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_pat
     changed = r"sig-test/2 was modified after it was signed \(changed: MANIFEST.sha256.json, model.safetensors\)"
     with pytest.raises(IntegrityError, match=changed):
         fetch("sig-test/2", uri)
+    with monkeypatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(scratch))
+        with pytest.raises(IntegrityError, match=changed), fetched("sig-test/2", uri):
+            pass
+        assert not list(scratch.iterdir())  # a refused download is not left behind either
     # 3: unsigned (the signature deleted)
     (stored(versions[2]) / signing.SIGNATURE).unlink()
     with pytest.raises(IntegrityError, match="sig-test/3 is not signed"):
@@ -207,6 +222,7 @@ def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_pat
     finally:
         del os.environ["AIDC_TRUSTED_KEYS"]
     refused = [r for r in audit.tail(0, action="model.refused")]
-    assert [r["details"]["reason"] for r in refused] == ["modified", "unsigned", "untrusted", "untrusted", "untrusted"]
+    assert [r["details"]["reason"] for r in refused] == ["modified", "modified", "unsigned", "untrusted", "untrusted",
+                                                         "untrusted"]
     assert [r["target"] for r in audit.tail(0, action="model.register")] == [f"sig-test/{i}" for i in range(1, 5)]
     assert audit.verify()[1] == []

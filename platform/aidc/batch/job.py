@@ -22,7 +22,7 @@ from aidc.errors import ConfigError, DataError
 from aidc.provenance import code_version, now_iso
 from aidc.tasks import get_task
 from aidc.registry import MANIFEST as MODEL_MANIFEST
-from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
+from aidc.registry import SPEC, WEIGHTS, fetched, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     b = cfg.batch_infer
     root = storage.storage_root(cfg.run.storage)
     uri = tracking_uri(cfg.run.tracking_uri, root)
-    mv, directory = fetch(model_ref(cfg), uri)  # verified here too: fail before any actor starts
-    spec = json.loads((directory / SPEC).read_text())
+    with fetched(model_ref(cfg), uri) as (mv, directory):  # verified here too: fail before any actor starts
+        spec = json.loads((directory / SPEC).read_text())
+        weights_sha256 = json.loads((directory / MODEL_MANIFEST).read_text())[WEIGHTS]
     if not get_task(spec["task"]).batch_outputs:
         raise ConfigError(f"{mv.name}/{mv.version} is a {spec['task']} model, which batch inference does not score")
     pinned = f"{mv.name}/{mv.version}"
@@ -199,7 +200,7 @@ def run_batch_inference(cfg, run_id: str | None = None) -> dict:
     assert counts["rows_in"] == predicted + sum(by_reason.values()), "accounting must balance"
     manifest = {"run_id": run_id, "created_at": now_iso(), "code_version": code_version(),
                 "model": {"name": mv.name, "version": str(mv.version), "ref": model_ref(cfg), "task": spec["task"],
-                          "weights_sha256": json.loads((directory / MODEL_MANIFEST).read_text())[WEIGHTS]},
+                          "weights_sha256": weights_sha256},
                 "input": source, "key": b.key, "counts": counts, "output": out,
                 **({"encryption": enc} if enc else {}),
                 "settings": b.model_dump(mode="json")}

@@ -80,12 +80,12 @@ def audit_command(args) -> int:
 
 
 def model_verify(args) -> int:
-    from aidc.registry import fetch, tracking_uri
+    from aidc.registry import fetched, tracking_uri
     from aidc.security.signing import verify_model_dir
 
-    mv, local = fetch(args.path, tracking_uri(args.tracking_uri, args.storage))  # signature + manifest, or refused
-    key = verify_model_dir(local, f"{mv.name}/{mv.version}")
-    files = sorted(p.name for p in local.iterdir() if p.is_file())
+    with fetched(args.path, tracking_uri(args.tracking_uri, args.storage)) as (mv, local):  # signature + manifest
+        key = verify_model_dir(local, f"{mv.name}/{mv.version}")
+        files = sorted(p.name for p in local.iterdir() if p.is_file())
     print(f"{mv.name} version {mv.version}: signature OK (trusted key {key}), {len(files)} files verified")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -86,11 +87,12 @@ def figures(loaded, directory: Path, rows: dict) -> dict:
 
 def compare(refs: list[str], uri: str, root: str) -> list[dict]:
     """Figures of each version, with CPU latency p50 at batch 1 and 32 measured side by side."""
-    from aidc.tasks.loaded import load_on_cpu
+    from aidc.tasks.loaded import loaded_on_cpu
 
-    loaded = [load_on_cpu(ref, uri) for ref in refs]
-    rows = [test_rows(m.spec, root) for m, _ in loaded]
-    out = [figures(m, d, r) for (m, d), r in zip(loaded, rows)]
+    with contextlib.ExitStack() as stack:
+        loaded = [stack.enter_context(loaded_on_cpu(ref, uri)) for ref in refs]
+        rows = [test_rows(m.spec, root) for m, _ in loaded]
+        out = [figures(m, d, r) for (m, d), r in zip(loaded, rows)]  # (reads each folder's sizes)
     for bs in (1, 32):
         for f, ms in zip(out, latency_p50_ms([m for m, _ in loaded], rows, bs)):
             f[f"latency_p50_ms_b{bs}"] = ms

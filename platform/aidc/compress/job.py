@@ -27,13 +27,10 @@ def source_ref(cfg) -> str:
 
 
 def _source(cfg, uri: str):
-    from aidc.registry import fetch
-    from aidc.tasks.loaded import LoadedModel
+    """(LoadedModel on the CPU, its verified folder) of the version to compress; the folder goes on exit."""
+    from aidc.tasks.loaded import loaded_on_cpu
 
-    mv, directory = fetch(source_ref(cfg), uri)  # signature + manifest checks
-    loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
-    loaded.model.cpu()
-    return loaded, directory
+    return loaded_on_cpu(source_ref(cfg), uri)  # signature + manifest checks
 
 
 def _job_for(cfg, spec: dict, model: dict | None):
@@ -98,40 +95,40 @@ def compress(cfg):
         raise ConfigError("this config has no compress section; add e.g. compress: {method: int8}")
     root = storage.storage_root(cfg.run.storage)
     uri = tracking_uri(cfg.run.tracking_uri, root)
-    loaded, directory = _source(cfg, uri)
-    alias = c.alias or COMPRESSED_ALIAS[c.method]
-    if cfg.registry.model_name != loaded.name:
-        cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": loaded.name})})
-    if c.method == "int8":
-        return _int8(cfg, loaded, directory, uri, root, alias)
-    if loaded.spec.get("quantization"):
-        raise ConfigError(f"{source_ref(cfg)} is an int8 version; {c.method} starts from a float version "
-                          "(set compress.source to it)")
-    if cfg.train.parallelism == "fsdp":
-        raise ConfigError("compress runs with train.parallelism: ddp (masks and teachers are per-parameter)")
-    if cfg.train.privacy is not None:
-        raise ConfigError(f"train.privacy (DP-SGD) does not retrain for compress.method {c.method}: its starting "
-                          "model or teacher spent privacy this run would not account for. int8 of a private model "
-                          "stays private (compress.method: int8), or drop train.privacy")
-    source = f"{loaded.name}/{loaded.version}"
-    info = {"method": c.method, "source": source, "source_metrics": loaded.spec.get("metrics", {})}
-    if c.method == "prune":
-        state, masks = prune_masks(loaded.model, c.sparsity)
-        job = _job_for(cfg, loaded.spec, loaded.spec["model"])
-        extras = {"init_state": state, "masks": masks}
-        info["sparsity"] = c.sparsity
-    else:
-        from safetensors.torch import load_file
+    with _source(cfg, uri) as (loaded, directory):  # files read here; training needs none of them
+        alias = c.alias or COMPRESSED_ALIAS[c.method]
+        if cfg.registry.model_name != loaded.name:
+            cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": loaded.name})})
+        if c.method == "int8":
+            return _int8(cfg, loaded, directory, uri, root, alias)
+        if loaded.spec.get("quantization"):
+            raise ConfigError(f"{source_ref(cfg)} is an int8 version; {c.method} starts from a float version "
+                              "(set compress.source to it)")
+        if cfg.train.parallelism == "fsdp":
+            raise ConfigError("compress runs with train.parallelism: ddp (masks and teachers are per-parameter)")
+        if cfg.train.privacy is not None:
+            raise ConfigError(f"train.privacy (DP-SGD) does not retrain for compress.method {c.method}: its starting "
+                              "model or teacher spent privacy this run would not account for. int8 of a private model "
+                              "stays private (compress.method: int8), or drop train.privacy")
+        source = f"{loaded.name}/{loaded.version}"
+        info = {"method": c.method, "source": source, "source_metrics": loaded.spec.get("metrics", {})}
+        if c.method == "prune":
+            state, masks = prune_masks(loaded.model, c.sparsity)
+            job = _job_for(cfg, loaded.spec, loaded.spec["model"])
+            extras = {"init_state": state, "masks": masks}
+            info["sparsity"] = c.sparsity
+        else:
+            from safetensors.torch import load_file
 
-        from aidc.registry import SPEC, WEIGHTS
+            from aidc.registry import SPEC, WEIGHTS
 
-        job = _job_for(cfg, loaded.spec, None)
-        extras = {"teacher": {"model": loaded.spec["model"], "features": loaded.spec["features"],
-                              "spec": json.loads((directory / SPEC).read_text()),
-                              "state": load_file(str(directory / WEIGHTS))},
-                  "temperature": c.temperature, "alpha": c.alpha}
-        info.update(temperature=c.temperature, alpha=c.alpha,
-                    teacher_parameters=sum(p.numel() for p in loaded.model.parameters()))
+            job = _job_for(cfg, loaded.spec, None)
+            extras = {"teacher": {"model": loaded.spec["model"], "features": loaded.spec["features"],
+                                  "spec": json.loads((directory / SPEC).read_text()),
+                                  "state": load_file(str(directory / WEIGHTS))},
+                      "temperature": c.temperature, "alpha": c.alpha}
+            info.update(temperature=c.temperature, alpha=c.alpha,
+                        teacher_parameters=sum(p.numel() for p in loaded.model.parameters()))
     extras.setdefault("temperature", c.temperature)
     extras.setdefault("alpha", c.alpha)
     outcome = run_training(job, loop_extras={"compress": extras})

@@ -18,16 +18,16 @@ def export_model(ref: str, fmt: str, out: str | Path, uri: str | None = None, ro
     from aidc import storage
     from aidc.compress.compare import test_rows
     from aidc.registry import MANIFEST, WEIGHTS, tracking_uri
-    from aidc.tasks.loaded import load_on_cpu
+    from aidc.tasks.loaded import loaded_on_cpu
 
     if fmt not in FORMATS:
         raise RegistryError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     root = storage.storage_root(root)
     uri = tracking_uri(uri, root)
-    loaded, directory = load_on_cpu(ref, uri)  # registry fetch: signature and manifest checks
+    with loaded_on_cpu(ref, uri) as (loaded, directory):  # registry fetch: signature and manifest checks
+        weights_sha256 = json.loads((directory / MANIFEST).read_text())[WEIGHTS]
     out = Path(out)
-    source = {"ref": ref, "name": loaded.name, "version": loaded.version,
-              "weights_sha256": json.loads((directory / MANIFEST).read_text())[WEIGHTS]}
+    source = {"ref": ref, "name": loaded.name, "version": loaded.version, "weights_sha256": weights_sha256}
     if fmt == "hf":
         from aidc.hf.gpt2 import export_hf
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 
 from aidc.ops.metrics import model_load
 from aidc.models.quantize import load_weights
-from aidc.registry import SPEC, WEIGHTS, fetch, tracking_uri
+from aidc.registry import SPEC, WEIGHTS, fetched, tracking_uri
 from aidc.runtime import torch_device
 from aidc.tasks import Task, get_task
 
@@ -82,19 +83,19 @@ class LoadedModel:
 def load_model(ref: str, uri: str | None = None) -> LoadedModel:
     """Load `name@alias` (or `name/version`) from the registry, verifying every file's sha256."""
     uri = tracking_uri(uri)
-    with model_load(ref):  # counts loads and integrity failures (aidc.ops.metrics)
-        mv, directory = fetch(ref, uri)
-        loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
+    with model_load(ref), fetched(ref, uri) as (mv, directory):  # counts loads and integrity failures (ops.metrics)
+        loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))  # all in memory: the files can go
     logger.info("loaded %s version %s on %s", mv.name, mv.version, loaded.device)
     return loaded
 
 
-def load_on_cpu(ref: str, uri: str) -> tuple[LoadedModel, Path]:
-    """A registered version through the registry (signature + manifest checks), on the CPU, and its folder
-    (compression figures and exports read both)."""
-    mv, directory = fetch(ref, uri)
-    loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
-    if loaded.device.type != "cpu":
-        loaded.model.cpu()
-        loaded.device = torch.device("cpu")
-    return loaded, directory
+@contextlib.contextmanager
+def loaded_on_cpu(ref: str, uri: str):
+    """(LoadedModel, its folder): a registered version through the registry (signature + manifest checks), on the
+    CPU (compression, its figures and exports read both); the downloaded folder is removed on exit."""
+    with fetched(ref, uri) as (mv, directory):
+        loaded = LoadedModel.from_dir(directory, mv.name, str(mv.version))
+        if loaded.device.type != "cpu":
+            loaded.model.cpu()
+            loaded.device = torch.device("cpu")
+        yield loaded, directory

@@ -307,7 +307,9 @@ def run_trial(params: dict, sweep: dict) -> None:
     extras: dict = {"fault_marker": sweep.get("fault_marker")}
     origin = None
     start = usable_checkpoint(tune.get_checkpoint())
-    workdir = tempfile.mkdtemp(prefix="aidc-trial-")
+    # only a trial that starts from a checkpoint needs a local copy of it: a trial Tune stops early can end
+    # without reaching `finally`, and the empty dir made for every trial was left in /tmp (22 after a week)
+    workdir = tempfile.mkdtemp(prefix="aidc-trial-") if start is not None else None
     try:
         if start is not None:  # restored/retried trial, or a PBT exploit: continue from this state
             local = start.to_directory(str(Path(workdir, "start")))
@@ -334,7 +336,8 @@ def run_trial(params: dict, sweep: dict) -> None:
             waiting = waiting_file(where, trial_id) if where and not storage.is_uri(where) else None
             _fit_multi_worker(make_trainer, reporter, cfg, waiting)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def trial_payload(spec, root: str, sweep_name: str, share_datasets: bool) -> dict:

@@ -393,6 +393,7 @@ def adapter_loader(adapters: dict, tracking_uri: Optional[str]):
     from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
     ids = itertools.count(1)
+    copies: dict[str, str] = {}  # adapter id -> its verified folder: one per replica, a reload (LRU) reuses it
 
     class RegistryAdapters(LoraModelLoader):
         async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
@@ -402,8 +403,10 @@ def adapter_loader(adapters: dict, tracking_uri: Optional[str]):
 
             if lora_model_id not in adapters:
                 raise ValueError(f"no adapter {lora_model_id!r} on this base; it serves {sorted(adapters)}")
-            _, files = await asyncio.to_thread(fetch, adapters[lora_model_id], resolve_uri(tracking_uri))
-            return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=str(files),
+            if lora_model_id not in copies:
+                _, files = await asyncio.to_thread(fetch, adapters[lora_model_id], resolve_uri(tracking_uri))
+                copies[lora_model_id] = str(files)
+            return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=copies[lora_model_id],
                                        lora_assigned_int_id=next(ids))
 
     return RegistryAdapters
@@ -506,9 +509,7 @@ def split_adapters(args: "LLMArgs") -> tuple[list, list]:
     """The app's models, its LoRA adapter versions taken out (each fetched and verified here; a model's weights
     are not downloaded here, only its model.json: its replicas fetch and verify it); a base that is not listed
     itself is added with its adapter's settings."""
-    import shutil
-
-    from aidc.registry import fetch, read_spec, tracking_uri
+    from aidc.registry import fetched, read_spec, tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     models, adapters, bases, listed = [], [], {}, set()
@@ -518,12 +519,10 @@ def split_adapters(args: "LLMArgs") -> tuple[list, list]:
             models.append(m)
             listed.add(f"{mv.name}/{mv.version}")
             continue
-        mv, files = fetch(f"{mv.name}/{mv.version}", uri)  # signature + manifest: a tampered adapter fails here
-        try:
+        # signature + manifest: a tampered adapter fails here
+        with fetched(f"{mv.name}/{mv.version}", uri) as (mv, files):
             spec = json.loads((files / "model.json").read_text())
             rank = int(json.loads((files / "adapter_config.json").read_text())["r"])
-        finally:
-            shutil.rmtree(files, ignore_errors=True)
         base = spec["base"].get("ref")
         if not base:
             raise AidcError(f"{mv.name}/{mv.version} is a LoRA adapter on a folder ({spec['base'].get('path')}), "
