@@ -8,7 +8,7 @@ import pytest
 from aidc.errors import AidcError
 from aidc.hf.gpt2 import DEFAULT_TEMPLATE, tokenizer_config
 from aidc.hf.folder import check_head_dim
-from aidc.serving.llm.app import LLMArgs, ModelArgs, llm_config
+from aidc.serving.llm.app import LLMArgs, LocalFolderInit, ModelArgs, llm_config, node_init_needed
 
 
 def test_defaults_apply_to_every_model_and_a_model_may_override_them():
@@ -38,6 +38,22 @@ def test_llm_config_on_cpu_and_on_gpu():
     assert "enable_chunked_prefill" not in gpu.engine_kwargs
     assert gpu.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
     assert gpu.engine_kwargs["max_model_len"] == 64 and gpu.engine_kwargs["tensor_parallel_size"] == 2
+
+
+def test_ray_node_initialization_runs_only_where_there_is_something_to_download(tmp_path):
+    """Ray Serve LLM downloads a model to every node of the engine's placement group in a task of its own; an
+    engine whose folder is on this node (how aidc serves registry versions) skips that task."""
+    from ray.llm._internal.serve.core.configs.llm_config import CloudMirrorConfig
+
+    folder = str(tmp_path)
+    assert not node_init_needed(folder, None, {"n1"}, "n1")  # the folder is here, the engine too
+    assert not node_init_needed(folder, None, set(), "n1")
+    assert node_init_needed(folder, None, {"n1", "n2"}, "n1")  # a bundle on another node: Ray's way
+    assert node_init_needed(str(tmp_path / "absent"), None, {"n1"}, "n1")  # not a folder here
+    assert node_init_needed("org/model", None, {"n1"}, "n1")  # a hub id
+    assert node_init_needed(folder, CloudMirrorConfig(bucket_uri="s3://b/m"), {"n1"}, "n1")  # a mirror to fetch
+    cfg = llm_config(ModelArgs(ref="m"), "m", folder, 128, metrics=False)
+    assert cfg.callback_config.callback_class == f"{LocalFolderInit.__module__}.LocalFolderInit"
 
 
 def test_a_head_size_vllm_cannot_run_on_cpu_is_refused_naming_the_fix():
