@@ -168,6 +168,8 @@ def test_registered_versions_are_signed_and_every_refusal_is_clear(home, tmp_pat
     from aidc.registry import WEIGHTS, fetch, fetched, read_spec, register_model_dir, tracking_uri, write_manifest
     from aidc.security import signing
 
+    (tmp_path / "downloads").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "downloads"))  # where this test's bare fetch()es go
     uri = tracking_uri()
     versions = [register_model_dir(_tiny_model_dir(tmp_path / f"m{i}"), "sig-test", "champion") for i in range(4)]
     key = home / "signing" / "private.pem"
