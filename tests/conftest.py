@@ -46,9 +46,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # (tests/cluster/conftest.py), where nodes do go away.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
-# The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
-# creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
-# ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).
 def _session_temp_dir(prefix: str, under: str | None = None) -> str:
     """A temp dir for this test session, removed when the session's process exits (each run left two behind in
     /tmp: 119 caches of up to 3 MB and 106 token dirs after a few weeks of runs on one machine)."""
@@ -57,6 +54,9 @@ def _session_temp_dir(prefix: str, under: str | None = None) -> str:
     return path
 
 
+# The suite never reads or writes the user's ~/.ray: every embedded Ray of this session (aidc.runtime.init_ray
+# creates the token 0600 where it is missing) and every client uses a token of its own. A token left in
+# ~/.ray by test runs is how `make demo` came to fail for new users while the suite passed (issue #23).
 if not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN"):
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(_session_temp_dir("aidc-test-token-")) / "auth_token")
 

@@ -63,10 +63,10 @@ def prune_masks(model, sparsity: float) -> tuple[dict, dict]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, masks
 
 
-def _int8(cfg, loaded, directory: Path, uri: str, root: str, alias: str):
+def _int8(cfg, loaded, config_yaml: str, uri: str, root: str, alias: str):
     from aidc.compress.compare import test_metrics, test_rows
     from aidc.models.quantize import quantize
-    from aidc.registry import CONFIG, export_model_dir, register_model_dir
+    from aidc.registry import export_model_dir, register_model_dir
 
     quantized, state, qspec = quantize(loaded.model)
     scored = copy.copy(loaded)
@@ -77,7 +77,7 @@ def _int8(cfg, loaded, directory: Path, uri: str, root: str, alias: str):
             "compression": {"method": "int8", "source": source, "source_metrics": loaded.spec.get("metrics", {})}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp, "model")
-        export_model_dir(model_dir, state_dict=state, spec=spec, config_yaml=(directory / CONFIG).read_text())
+        export_model_dir(model_dir, state_dict=state, spec=spec, config_yaml=config_yaml)
         return register_model_dir(model_dir, loaded.name, alias, uri=uri, root=root, experiment=cfg.run.experiment,
                                   run_name=f"int8-{loaded.name}-{loaded.version}", description=f"aidc {spec['task']} model",
                                   tags={"compression": "int8", "source_version": source,
@@ -86,7 +86,9 @@ def _int8(cfg, loaded, directory: Path, uri: str, root: str, alias: str):
 
 def compress(cfg):
     """Make and register the compressed version; returns the RegisteredVersion."""
-    from aidc.registry import COMPRESSED_ALIAS, tracking_uri
+    from safetensors.torch import load_file
+
+    from aidc.registry import COMPRESSED_ALIAS, CONFIG, SPEC, WEIGHTS, tracking_uri
     from aidc.train.register import register
     from aidc.train.trainer import run_training
 
@@ -95,40 +97,37 @@ def compress(cfg):
         raise ConfigError("this config has no compress section; add e.g. compress: {method: int8}")
     root = storage.storage_root(cfg.run.storage)
     uri = tracking_uri(cfg.run.tracking_uri, root)
-    with _source(cfg, uri) as (loaded, directory):  # files read here; training needs none of them
-        alias = c.alias or COMPRESSED_ALIAS[c.method]
-        if cfg.registry.model_name != loaded.name:
-            cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": loaded.name})})
-        if c.method == "int8":
-            return _int8(cfg, loaded, directory, uri, root, alias)
-        if loaded.spec.get("quantization"):
-            raise ConfigError(f"{source_ref(cfg)} is an int8 version; {c.method} starts from a float version "
-                              "(set compress.source to it)")
-        if cfg.train.parallelism == "fsdp":
-            raise ConfigError("compress runs with train.parallelism: ddp (masks and teachers are per-parameter)")
-        if cfg.train.privacy is not None:
-            raise ConfigError(f"train.privacy (DP-SGD) does not retrain for compress.method {c.method}: its starting "
-                              "model or teacher spent privacy this run would not account for. int8 of a private model "
-                              "stays private (compress.method: int8), or drop train.privacy")
-        source = f"{loaded.name}/{loaded.version}"
-        info = {"method": c.method, "source": source, "source_metrics": loaded.spec.get("metrics", {})}
-        if c.method == "prune":
-            state, masks = prune_masks(loaded.model, c.sparsity)
-            job = _job_for(cfg, loaded.spec, loaded.spec["model"])
-            extras = {"init_state": state, "masks": masks}
-            info["sparsity"] = c.sparsity
-        else:
-            from safetensors.torch import load_file
-
-            from aidc.registry import SPEC, WEIGHTS
-
-            job = _job_for(cfg, loaded.spec, None)
-            extras = {"teacher": {"model": loaded.spec["model"], "features": loaded.spec["features"],
-                                  "spec": json.loads((directory / SPEC).read_text()),
-                                  "state": load_file(str(directory / WEIGHTS))},
-                      "temperature": c.temperature, "alpha": c.alpha}
-            info.update(temperature=c.temperature, alpha=c.alpha,
-                        teacher_parameters=sum(p.numel() for p in loaded.model.parameters()))
+    with _source(cfg, uri) as (loaded, directory):  # what compression reads of the files, read before they go
+        config_yaml = (directory / CONFIG).read_text()
+        teacher = ({"spec": json.loads((directory / SPEC).read_text()), "state": load_file(str(directory / WEIGHTS))}
+                   if c.method == "distill" else None)
+    alias = c.alias or COMPRESSED_ALIAS[c.method]
+    if cfg.registry.model_name != loaded.name:
+        cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": loaded.name})})
+    if c.method == "int8":
+        return _int8(cfg, loaded, config_yaml, uri, root, alias)
+    if loaded.spec.get("quantization"):
+        raise ConfigError(f"{source_ref(cfg)} is an int8 version; {c.method} starts from a float version "
+                          "(set compress.source to it)")
+    if cfg.train.parallelism == "fsdp":
+        raise ConfigError("compress runs with train.parallelism: ddp (masks and teachers are per-parameter)")
+    if cfg.train.privacy is not None:
+        raise ConfigError(f"train.privacy (DP-SGD) does not retrain for compress.method {c.method}: its starting "
+                          "model or teacher spent privacy this run would not account for. int8 of a private model "
+                          "stays private (compress.method: int8), or drop train.privacy")
+    source = f"{loaded.name}/{loaded.version}"
+    info = {"method": c.method, "source": source, "source_metrics": loaded.spec.get("metrics", {})}
+    if c.method == "prune":
+        state, masks = prune_masks(loaded.model, c.sparsity)
+        job = _job_for(cfg, loaded.spec, loaded.spec["model"])
+        extras = {"init_state": state, "masks": masks}
+        info["sparsity"] = c.sparsity
+    else:
+        job = _job_for(cfg, loaded.spec, None)
+        extras = {"teacher": {"model": loaded.spec["model"], "features": loaded.spec["features"], **teacher},
+                  "temperature": c.temperature, "alpha": c.alpha}
+        info.update(temperature=c.temperature, alpha=c.alpha,
+                    teacher_parameters=sum(p.numel() for p in loaded.model.parameters()))
     extras.setdefault("temperature", c.temperature)
     extras.setdefault("alpha", c.alpha)
     outcome = run_training(job, loop_extras={"compress": extras})
