@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
             from ray import serve
 
             from serve_apps.tensors import app_builder
-            from aidc.testing import free_port
+            from aidc.testing import free_port, serve_shutdown, serve_start
 
             port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve_start(http_options={"host": "127.0.0.1", "port": port})
             try:
                 for setting in ("on", "off"):
                     args = {"tracking_uri": uri, "auth": {"enabled": setting == "on"}, "models": [{
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                         result[f"{setting}_c{c}"] = drive(url, c, seconds)
                         print(setting, c, json.dumps(result[f"{setting}_c{c}"]), flush=True)
             finally:
-                serve.shutdown()
+                serve_shutdown()
     f = {"note": "closed-loop client on the same (shared, loaded) 2-core machine; compare ratios"}
     for c in levels:
         on, off = result[f"on_c{c}"], result[f"off_c{c}"]

@@ -52,9 +52,10 @@ def deploy(root: str, ref: str, port: int) -> str:
 
     from aidc.registry import tracking_uri
     from aidc.serving.retry import wait_ready
+    from aidc.testing import serve_start
     from serve_apps.predictor import Predictor
 
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
+    serve_start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"enable_access_log": False, "log_level": "WARNING"})
     app = Predictor.options(num_replicas=2, max_replicas_per_node=1, health_check_period_s=1,
                             health_check_timeout_s=5,
@@ -224,9 +225,9 @@ def run(a) -> dict:
         if swept:
             result["sweep_trials"] = {r.trial_id: r.status for r in swept.records}
             result["checkpoints_lost"] += sweep_lost_checkpoints(swept)
-        from ray import serve
+        from aidc.testing import serve_shutdown
 
-        serve.shutdown()
+        serve_shutdown()
     p99_ratio = result["p99_ms_chaos"] / result["p99_ms_before"] if result["p99_ms_before"] else float("nan")
     result["p99_chaos_over_before"] = round(p99_ratio, 2)
     return result

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -147,15 +146,14 @@ def main(argv=None) -> dict:
     from ray import serve
 
     from aidc.registry import tracking_uri
+    from aidc.testing import free_port, serve_shutdown, serve_start
 
     results: dict = {"concurrency": args.concurrency, "d_model": args.d_model, "layers": args.layers}
     gpu = {"num_gpus": args.num_gpus} if args.num_gpus else {}
     with tempfile.TemporaryDirectory() as root, local_ray(num_cpus=4):
         uri = tracking_uri(None, root)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        port = free_port()
+        serve_start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
         try:
             if "throughput" in args.parts or "json" in args.parts:
@@ -197,7 +195,7 @@ def main(argv=None) -> dict:
                 results["prefix_ttft_p50_off_over_on"] = round(off["ttft_p50_ms"] / on["ttft_p50_ms"], 2)
                 results["prefix_tokens_per_s_on_over_off"] = round(on["tokens_per_s"] / off["tokens_per_s"], 2)
         finally:
-            serve.shutdown()
+            serve_shutdown()
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
     return results
 

@@ -177,10 +177,10 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
     from ray import serve
 
     from serve_apps.tensors import app_builder
-    from aidc.testing import free_port
+    from aidc.testing import free_port, serve_shutdown, serve_start
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_start(http_options={"host": "127.0.0.1", "port": port})
     out = {}
     try:
         for label, batch, replicas, placement in setups:
@@ -193,7 +193,7 @@ def serve_sweep(uri: str, root: Path, levels: list[int], seconds: float,
             out["cold_start"] = cold_start(uri, root, port)
             print("cold_start", json.dumps(out["cold_start"]), flush=True)
     finally:
-        serve.shutdown()
+        serve_shutdown()
     return out
 
 

@@ -1,5 +1,6 @@
-"""Helpers that tests and benchmarks share (as torch.testing): a free local port, and tiny randomly initialised
-Hugging Face model folders made locally (nothing is downloaded from a model hub).
+"""Helpers that tests and benchmarks share (as torch.testing): a free local port, a Serve instance started and
+shut down completely, and tiny randomly initialised Hugging Face model folders made locally (nothing is
+downloaded from a model hub).
 
 Nothing in the platform imports this module.
 """
@@ -7,6 +8,7 @@ Nothing in the platform imports this module.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 
@@ -24,6 +26,46 @@ def free_port() -> int:
         if port not in _GIVEN:
             _GIVEN.add(port)
             return port
+
+
+def serve_start(**options) -> None:
+    """`serve.start(**options)` on a Ray where no Serve instance is left, so that the options apply.
+
+    `serve.start` attaches to a Serve controller that is still running and ignores new options, and
+    `serve.shutdown` returns after 30 s while the controller may still be stopping its replicas (a module's
+    apps on a loaded 2-core machine). In CI a module's serve.start so attached to the previous module's
+    controller: its apps were served on the old ports (the new one refused connections) and its HAProxy, given
+    the old gRPC port again, could not bind it."""
+    serve_shutdown()
+    from ray import serve
+
+    serve.start(**options)
+
+
+def serve_shutdown(timeout_s: float = 300.0) -> None:
+    """`serve.shutdown()`, then wait until the Serve controller is gone (it is once it has stopped every app,
+    proxy and replica)."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    def controller_alive() -> bool:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+            return True
+        except ValueError:
+            return False
+
+    if not ray.is_initialized() or not controller_alive():
+        return
+    serve.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while controller_alive():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve's controller is still running {timeout_s:.0f} s after serve.shutdown(): "
+                               "see its log (logs/serve/controller_*.log in the Ray session dir)")
+        time.sleep(0.5)
+
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "to be or not to be, that is the question",
              "all the world's a stage, and all the men and women merely players", "hello world"] * 4

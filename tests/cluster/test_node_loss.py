@@ -263,12 +263,12 @@ def served(cluster, trained):
     from aidc.registry import tracking_uri
     from aidc.serving.retry import wait_ready
     from serve_apps.predictor import Predictor
-    from aidc.testing import free_port
+    from aidc.testing import free_port, serve_shutdown, serve_start
     from tests.security_helpers import make_key
 
     _, _, version = trained
     port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    serve_start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     spare = cluster.add_worker()
     try:
         args = {"model": version.ref, "tracking_uri": tracking_uri(None, cluster.storage)}
@@ -281,7 +281,7 @@ def served(cluster, trained):
         key = make_key("infer:*", owner="node-loss-tests")
         yield {"url": f"http://127.0.0.1:{port}/digits/predict", "headers": {"Authorization": f"Bearer {key}"}}
     finally:
-        serve.shutdown()
+        serve_shutdown()
         if spare in cluster.workers and len(cluster.workers) > 2:
             cluster.remove(spare)
 

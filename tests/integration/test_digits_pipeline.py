@@ -11,6 +11,7 @@ from aidc.tasks import preprocess
 from aidc.registry import CONFIG, fetch, tracking_uri
 from aidc.train.register import register
 from aidc.train.trainer import run_training
+from aidc.testing import serve_shutdown, serve_start
 from tests.conftest import CONFIGS, free_port
 from tests.security_helpers import bearer, make_key
 
@@ -87,7 +88,7 @@ def test_serve_predicts_over_http_and_rejects_bad_requests(trained, cfg, root, d
 
     _, version = trained
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app_builder({"model": version.ref, "tracking_uri": tracking_uri(None, root), "max_batch_size": 64}),
                   name="digits", route_prefix="/digits")
@@ -119,4 +120,4 @@ def test_serve_predicts_over_http_and_rejects_bad_requests(trained, cfg, root, d
         r = requests.post(f"{url}/predict", data=b"not json", headers=auth, timeout=30)
         assert r.status_code == 400
     finally:
-        serve.shutdown()
+        serve_shutdown()

@@ -16,6 +16,7 @@ from aidc.tasks import preprocess
 from aidc.registry import fetch, tracking_uri
 from aidc.train.register import register
 from aidc.train.trainer import run_training
+from aidc.testing import serve_shutdown, serve_start
 from tests.conftest import CONFIGS, free_port
 from aidc.testing import make_tiny_gpt2, make_tiny_llama
 from tests.security_helpers import make_key
@@ -124,7 +125,7 @@ def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_pe
     assert want["chat-lora"][1] != want["chat-lora-b"][1]  # two different adapters
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app_builder({"models": [{"ref": v.ref, "max_model_len": 64, "num_cpus": 0.5} for v in (
             lora_a, lora_b)], "tracking_uri": uri}), name="llm-ft", route_prefix="/ft")
@@ -141,7 +142,7 @@ def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_pe
         chat = client.chat.completions.create(model="chat-lora", messages=messages, max_tokens=12, temperature=0)
         assert chat.choices[0].message.content == want["chat-lora"][0]  # the chat template it trained with
     finally:
-        serve.shutdown()
+        serve_shutdown()
 
 
 def test_a_gpt_in_aidcs_own_format_is_a_base(root, tmp_path):

@@ -20,7 +20,7 @@ from aidc.tasks import preprocess
 from aidc.registry import tracking_uri
 from aidc.train.register import register
 from aidc.train.trainer import run_training
-from aidc.testing import free_port
+from aidc.testing import free_port, serve_shutdown, serve_start
 from tests.integration.conftest import metrics_text, workload_config
 from aidc.testing import make_tiny_gpt2, make_tiny_llama
 from tests.security_helpers import make_key, requests_send_key
@@ -72,7 +72,7 @@ def server(root, char_gpt, hf_gpt2, hf_llama):
     from serve_apps.llm import app_builder
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_start(http_options={"host": "127.0.0.1", "port": port})
     uri = tracking_uri(None, root)
     try:
         # both apps at once (run_many waits for both): their three engines start side by side
@@ -86,7 +86,7 @@ def server(root, char_gpt, hf_gpt2, hf_llama):
                             name="llm-hf", route_prefix="/hf")])
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        serve_shutdown()
 
 
 @pytest.fixture(scope="module", autouse=True)

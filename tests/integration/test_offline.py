@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from aidc.train.register import register
 from aidc.runtime import cluster_has_gpus
 from aidc.tasks.loaded import load_model
 from aidc.train.trainer import run_training
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS
 from tests.integration.conftest import edge_venv, workload_config
 
 pytestmark = pytest.mark.integration
@@ -95,7 +94,7 @@ def test_batch_inference_scores_a_split_and_accounts_for_every_bad_row(models, t
     from aidc.batch import run_batch_inference
 
     ref = models["refs"]["digits"]  # trained on first use
-    root, cfg = models["root"], models["cfgs"]["digits"]
+    cfg = models["cfgs"]["digits"]
     loaded = load_model(ref, models["uri"])
     test = _rows(models, "digits")
     split = run_batch_inference(cfg, "split")  # the dataset's test split, already validated

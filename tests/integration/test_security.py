@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import grpc
-import numpy as np
 import openai
 import pytest
 import requests
@@ -16,7 +15,7 @@ import requests
 from aidc.cli import main as aidc_main
 from aidc.registry import register_model_dir, tracking_uri
 from aidc.security import audit, keys
-from aidc.testing import free_port
+from aidc.testing import free_port, serve_shutdown, serve_start
 from aidc.testing import make_tiny_gpt2
 from tests.security_helpers import bearer, make_key
 
@@ -64,7 +63,7 @@ def server(models, root):
     from serve_apps.tensors import app_builder as tensors
 
     http, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http},
+    serve_start(http_options={"host": "127.0.0.1", "port": http},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
     uri = tracking_uri(None, root)
     try:
@@ -78,7 +77,7 @@ def server(models, root):
                                  "defaults": {"max_num_seqs": 4, "num_cpus": 0.5}}), name="llm", route_prefix="/")])
         yield {"url": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}", "uri": uri}
     finally:
-        serve.shutdown()
+        serve_shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from aidc.registry import tracking_uri
 from aidc.train.register import register
 from aidc.tasks.loaded import load_model
 from aidc.train.trainer import run_training
+from aidc.testing import serve_shutdown, serve_start
 from tests.conftest import REPO, SHARED_DATA, free_port
 from tests.integration.conftest import metric_total, metrics_text, workload_config
 from tests.security_helpers import make_key, requests_send_key, triton_bearer
@@ -110,7 +110,7 @@ def server(models, root):
     from serve_apps.tensors import app_builder
 
     http, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http},
+    serve_start(http_options={"host": "127.0.0.1", "port": http},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
     args = {"tracking_uri": tracking_uri(None, root), "storage": root, "canary_seed": 0, "models": [
         _model_args(name="digits-cnn", versions=[models["digits-v2"].version]),
@@ -132,7 +132,7 @@ def server(models, root):
         yield {"url": f"http://127.0.0.1:{http}/v2", "http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}",
                "args": args}
     finally:
-        serve.shutdown()
+        serve_shutdown()
 
 
 def _infer(url, model, inputs, version=None, **extra):

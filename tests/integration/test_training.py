@@ -65,13 +65,13 @@ def _served_with_scrub_sees_placeholders(version, loaded, root):
     from ray import serve
 
     from serve_apps.predictor import app_builder
-    from tests.conftest import free_port
+    from aidc.testing import free_port, serve_shutdown, serve_start
     from tests.security_helpers import bearer, make_key
 
     texts = ["WIN! mail claims@prize-win.com or call +44 20 7946 0958 now", "ok see u at 5"]
     placeholders = ["WIN! mail <EMAIL> or call <PHONE> now", "ok see u at 5"]
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app_builder({"model": version.ref, "tracking_uri": tracking_uri(None, root),
                                "scrub": ["email", "phone"]}), name="sms", route_prefix="/sms")
@@ -82,7 +82,7 @@ def _served_with_scrub_sees_placeholders(version, loaded, root):
         assert served == loaded.predict(np.array(placeholders, dtype=object))
         assert served[0] != loaded.predict(np.array(texts, dtype=object))[0]  # the raw text reads otherwise
     finally:
-        serve.shutdown()
+        serve_shutdown()
 
 
 def _stopped_then_resumed(cfg, step: int, tmp_path, monkeypatch):

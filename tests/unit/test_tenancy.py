@@ -455,7 +455,7 @@ def test_the_autoscaler_is_asked_for_bundles_a_node_can_hold_and_the_full_scale_
     import yaml
 
     from aidc.cluster import full_scale, load_cluster_yaml
-    from aidc.tenancy.demand import GIB, bundles
+    from aidc.tenancy.demand import bundles
 
     # a GPU and a CPU per bundle, the other CPUs one each: shapes any node of the kind holds (Ray grows nothing
     # for a constraint with a bundle no node fits); memory left out

@@ -68,9 +68,9 @@ def _holdings(actors: list[dict], pgs: list[dict]):
     counted = {pg.get("placement_group_id") for pg in pgs if pg.get("state") in _LIVE_PG}
     for pg in pgs:
         if pg.get("state") in _LIVE_PG:
-            for bundle in pg.get("bundles") or []:
-                res = bundle.get("unit_resources") or {}
-                yield bundle.get("node_id"), {k: float(res.get(k, 0.0)) for k in _HELD}
+            for held in pg.get("bundles") or []:
+                res = held.get("unit_resources") or {}
+                yield held.get("node_id"), {k: float(res.get(k, 0.0)) for k in _HELD}
     for actor in actors:  # ... and each running plain task (the state API's tasks have the actors' fields)
         if actor.get("state", "ALIVE") not in ("ALIVE", "RUNNING"):
             continue
