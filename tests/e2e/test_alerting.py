@@ -82,7 +82,7 @@ def _register_tiny_models(storage: Path, monkeypatch) -> Path:
     import torch
 
     from aidc.models import SmallCNN
-    from aidc.registry import WEIGHTS, export_model_dir, fetch, register_model_dir, tracking_uri
+    from aidc.registry import WEIGHTS, export_model_dir, register_model_dir, resolve, tracking_uri
 
     monkeypatch.setenv("AIDC_STORAGE", str(storage))
     spec = {"task": "image_classification", "model": {"arch": "cnn", "channels": [8], "hidden": 16, "dropout": 0.1},
@@ -94,7 +94,7 @@ def _register_tiny_models(storage: Path, monkeypatch) -> Path:
         export_model_dir(d, state_dict=SmallCNN(image_size=8, channels=[8], hidden=16).state_dict(), spec=spec,
                          config_yaml=f"name: {name}\n")
         register_model_dir(d, name, "champion")
-    mv, _ = fetch("tampered@champion", tracking_uri())
+    mv = resolve("tampered@champion", tracking_uri())
     weights = Path(mv.source.removeprefix("file://")) / WEIGHTS
     assert weights.is_file(), mv.source
     return weights

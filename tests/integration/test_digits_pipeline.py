@@ -8,7 +8,7 @@ import requests
 
 from aidc.config import load_config
 from aidc.tasks import preprocess
-from aidc.registry import CONFIG, fetch, tracking_uri
+from aidc.registry import CONFIG, fetched, tracking_uri
 from aidc.train.register import register
 from aidc.train.trainer import run_training
 from aidc.testing import serve_shutdown, serve_start
@@ -76,9 +76,9 @@ def test_training_reaches_target_accuracy_and_registers_the_model(trained, cfg, 
     assert [row["epoch"] for row in outcome.history] == list(range(5))
     assert outcome.metrics["test_accuracy"] >= 0.97
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
-    mv, files = fetch(version.ref, tracking_uri(None, root))
-    assert str(mv.version) == version.version
-    assert "epochs: 5" in (files / CONFIG).read_text()  # the resolved config travels with the model
+    with fetched(version.ref, tracking_uri(None, root)) as (mv, files):
+        assert str(mv.version) == version.version
+        assert "epochs: 5" in (files / CONFIG).read_text()  # the resolved config travels with the model
 
 
 def test_serve_predicts_over_http_and_rejects_bad_requests(trained, cfg, root, dataset):

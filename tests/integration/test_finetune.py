@@ -7,6 +7,7 @@ a GPT that aidc holds in its own format is a base too. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,18 +46,24 @@ def finetune(root, init_from, name, *overrides):
     return cfg, outcome, register(cfg, outcome)
 
 
+def _download(ref: str, uri: str, into: Path) -> Path:
+    """A registered version's verified files, in a folder of the test's own (a bare fetch() leaves one in /tmp)."""
+    into.mkdir()
+    return fetch(ref, uri, dst=str(into))[1]
+
+
 @pytest.fixture(scope="module")
 def full(root, llama):
     return finetune(root, llama, "chat-full", *LEARN)
 
 
-def test_full_finetune_learns_the_held_out_task(full, root):
+def test_full_finetune_learns_the_held_out_task(full, root, tmp_path):
     cfg, outcome, version = full
     m = outcome.metrics
     assert m["base_test_exact_match"] <= 0.05  # a random model does not reverse letters
     assert m["test_exact_match"] >= 0.6, m
     assert m["test_loss"] < m["base_test_loss"] / 3
-    _, files = fetch(version.ref, tracking_uri(None, root))
+    files = _download(version.ref, tracking_uri(None, root), tmp_path / "full")
     spec = json.loads((files / "model.json").read_text())
     assert spec["format"] == "huggingface" and spec["model"]["model_type"] == "llama"
     assert spec["source"]["base"] == {"path": str(cfg.model.init_from)} and spec["metrics"]["test_exact_match"] == m[
@@ -91,7 +98,7 @@ def _peft_answer(base_folder, adapter_files, prompt: str, max_tokens: int):
             [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, new)])
 
 
-def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_peft(full, root):
+def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_peft(full, root, tmp_path):
     """LoRA on the fully fine-tuned version (a registry reference as the base), FSDP over 2 workers, saved as
     adapters in PEFT's format; the llm app serves both on one vLLM engine of their base (multi-LoRA: the request's
     model picks the adapter), each with PEFT's greedy answer and logprobs."""
@@ -110,7 +117,7 @@ def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_pe
                             "resources.num_workers=1")
     assert outcome.metrics["world_size"] == 2
     uri = tracking_uri(None, root)
-    _, files = fetch(lora_a.ref, uri)
+    files = _download(lora_a.ref, uri, tmp_path / "a")
     names = {p.name for p in files.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
     spec = json.loads((files / "model.json").read_text())
@@ -121,7 +128,8 @@ def test_lora_adapters_trained_with_fsdp_are_served_together_on_one_base_like_pe
     messages = [{"role": "user", "content": "reverse: a c e g"}]
     prompt = AutoTokenizer.from_pretrained(str(files)).apply_chat_template(messages, tokenize=False,
                                                                            add_generation_prompt=True)
-    want = {v.name: _peft_answer(base.folder, fetch(v.ref, uri)[1], prompt, 12) for v in (lora_a, lora_b)}
+    adapters = {lora_a.name: files, lora_b.name: _download(lora_b.ref, uri, tmp_path / "b")}
+    want = {name: _peft_answer(base.folder, adapter, prompt, 12) for name, adapter in adapters.items()}
     assert want["chat-lora"][1] != want["chat-lora-b"][1]  # two different adapters
 
     port = free_port()
@@ -154,7 +162,7 @@ def test_a_gpt_in_aidcs_own_format_is_a_base(root, tmp_path):
     _, outcome, version = finetune(root, imported.ref, "chat-gpt", "train.epochs=1", "train.max_steps_per_epoch=10",
                                    "data.chat.examples=200", "data.chat.eval_examples=4", "data.chat.max_length=48")
     assert outcome.metrics["test_loss"] < outcome.metrics["base_test_loss"]
-    _, files = fetch(version.ref, tracking_uri(None, root))
+    files = _download(version.ref, tracking_uri(None, root), tmp_path / "chat-gpt")
     spec = json.loads((files / "model.json").read_text())
     assert spec["model"]["model_type"] == "gpt2" and spec["source"]["base"]["ref"] == f"aidc-gpt/{imported.version}"
 
