@@ -59,6 +59,8 @@ def serve_shutdown(timeout_s: float = 300.0) -> None:
     if not ray.is_initialized() or not controller_alive():
         return
     serve.shutdown()
+    if controller_alive():  # still stopping, or serve.shutdown's 5 s ping of it timed out and it never asked
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE).graceful_shutdown.remote(wait=False)
     deadline = time.monotonic() + timeout_s
     while controller_alive():
         if time.monotonic() > deadline:

@@ -16,10 +16,9 @@ from aidc.config import load_config
 from aidc.tasks import preprocess
 from aidc.registry import fetch, tracking_uri
 from aidc.train.register import register
+from aidc.testing import make_tiny_gpt2, make_tiny_llama, serve_shutdown, serve_start
 from aidc.train.trainer import run_training
-from aidc.testing import serve_shutdown, serve_start
 from tests.conftest import CONFIGS, free_port
-from aidc.testing import make_tiny_gpt2, make_tiny_llama
 from tests.security_helpers import make_key
 
 pytestmark = pytest.mark.integration

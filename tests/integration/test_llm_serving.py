@@ -18,11 +18,10 @@ import requests
 from aidc.cli import main as aidc_main
 from aidc.tasks import preprocess
 from aidc.registry import tracking_uri
+from aidc.testing import free_port, make_tiny_gpt2, make_tiny_llama, serve_shutdown, serve_start
 from aidc.train.register import register
 from aidc.train.trainer import run_training
-from aidc.testing import free_port, serve_shutdown, serve_start
 from tests.integration.conftest import metrics_text, workload_config
-from aidc.testing import make_tiny_gpt2, make_tiny_llama
 from tests.security_helpers import make_key, requests_send_key
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,7 @@ import requests
 from aidc.cli import main as aidc_main
 from aidc.registry import register_model_dir, tracking_uri
 from aidc.security import audit, keys
-from aidc.testing import free_port, serve_shutdown, serve_start
-from aidc.testing import make_tiny_gpt2
+from aidc.testing import free_port, make_tiny_gpt2, serve_shutdown, serve_start
 from tests.security_helpers import bearer, make_key
 
 pytestmark = pytest.mark.integration
