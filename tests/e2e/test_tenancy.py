@@ -192,8 +192,10 @@ def test_quota_queue_team_isolation_roles_enforcement_and_a_gateway_killed_mid_q
         elif name == "greedy_pg":
             assert "holds 3 CPUs (admitted for 1)" in info["message"], info
     # the tasks counted (the driver holds none: the job's whole demand was declared), and what the job's own Ray
-    # Data pipelines were told to keep within (aidc.runtime.bound_data): the whole 1 CPU
-    assert "holds 3 CPUs (admitted for 1, 3 of them in 3 running tasks)" in info["message"], info
+    # Data pipelines were told to keep within (aidc.runtime.bound_data): the whole 1 CPU. Two or three tasks,
+    # whichever the check saw running twice in a row: both are over 1 (a fresh-clone run stopped it at 2, the
+    # third task not yet started)
+    assert re.search(r"holds ([23]) CPUs \(admitted for 1, \1 of them in \1 running tasks\)", info["message"]), info
     assert "data CPUs 1" in gw.ray(dev_b, "logs", "greedy_tasks").stdout
     metrics = requests.get(f"{gw.url}/metrics", timeout=10).text
     assert 'aidc_tenancy_quota_limit{resource="cpus",team="a"} 2.0' in metrics
