@@ -19,6 +19,8 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -111,12 +113,15 @@ class AidcLLMServer(LLMServer):
 
     async def __init__(self, llm_config, *, ref: str, tracking_uri: Optional[str] = None, gpu: bool = False,
                        adapters: Optional[dict] = None):
-        from aidc.hf.folder import materialize
+        from aidc.hf.folder import cache_root, materialize
 
         self._hf = materialize(ref, tracking_uri, gpu)  # on this node, from freshly verified files
+        # this replica's adapter downloads, beside the base's folder; removed with it
+        self._adapters = tempfile.mkdtemp(prefix=f"{self._hf.folder.name}-adapters-", dir=cache_root())
         llm_config.model_loading_config.model_source = str(self._hf.folder)
         llm_config._engine_config = None  # derived (and cached) from the deploy-time folder: derive it again
-        await super().__init__(llm_config, model_downloader=adapter_loader(adapters or {}, tracking_uri))
+        await super().__init__(llm_config, model_downloader=adapter_loader(adapters or {}, tracking_uri,
+                                                                          self._adapters))
         engine = self.engine
         if getattr(engine, "_oai_serving_tokenization", None) is None and engine._app_state is not None:
             engine._oai_serving_tokenization = getattr(engine._app_state, "serving_tokenization", None)
@@ -139,6 +144,8 @@ class AidcLLMServer(LLMServer):
 
         if getattr(self, "_hf", None) is not None:
             remove(self._hf)
+        if getattr(self, "_adapters", None) is not None:
+            shutil.rmtree(self._adapters, ignore_errors=True)
         await super().__del__()
 
 
@@ -414,10 +421,10 @@ class LocalFolderInit(CallbackBase):
                         self.llm_config.model_loading_config.model_source)
 
 
-def adapter_loader(adapters: dict, tracking_uri: Optional[str]):
+def adapter_loader(adapters: dict, tracking_uri: Optional[str], directory: str):
     """Ray Serve LLM's LoRA loader class for one base: an adapter named by a request (Serve's multiplexed model id,
-    its registered name) is fetched from the registry and verified (signature, sha256 manifest) on this replica,
-    then vLLM loads it (its PEFT files) beside the others on the one base."""
+    its registered name) is fetched from the registry into `directory` and verified (signature, sha256 manifest)
+    on this replica, then vLLM loads it (its PEFT files) beside the others on the one base."""
     import itertools
 
     from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
@@ -435,7 +442,8 @@ def adapter_loader(adapters: dict, tracking_uri: Optional[str]):
             if lora_model_id not in adapters:
                 raise ValueError(f"no adapter {lora_model_id!r} on this base; it serves {sorted(adapters)}")
             if lora_model_id not in copies:
-                _, files = await asyncio.to_thread(fetch, adapters[lora_model_id], resolve_uri(tracking_uri))
+                dst = tempfile.mkdtemp(dir=directory)  # its own folder: an adapter's name is not a safe path
+                _, files = await asyncio.to_thread(fetch, adapters[lora_model_id], resolve_uri(tracking_uri), dst)
                 copies[lora_model_id] = str(files)
             return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=copies[lora_model_id],
                                        lora_assigned_int_id=next(ids))
