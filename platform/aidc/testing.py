@@ -49,20 +49,19 @@ def serve_shutdown(timeout_s: float = 300.0) -> None:
     from ray import serve
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    def controller_alive() -> bool:
+    def controller():
         try:
-            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-            return True
+            return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
         except ValueError:
-            return False
+            return None
 
-    if not ray.is_initialized() or not controller_alive():
+    if not ray.is_initialized() or controller() is None:
         return
     serve.shutdown()
-    if controller_alive():  # still stopping, or serve.shutdown's 5 s ping of it timed out and it never asked
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE).graceful_shutdown.remote(wait=False)
+    if (left := controller()) is not None:  # still stopping, or serve.shutdown's 5 s ping of it timed out: ask
+        left.graceful_shutdown.remote(wait=False)
     deadline = time.monotonic() + timeout_s
-    while controller_alive():
+    while controller() is not None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve's controller is still running {timeout_s:.0f} s after serve.shutdown(): "
                                "see its log (logs/serve/controller_*.log in the Ray session dir)")
